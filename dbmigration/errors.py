@@ -1,0 +1,47 @@
+"""The engine's exceptions: one small class per kind of failure.
+
+Commands turn them into ``CommandError(str(exc), returncode=exc.returncode)``.
+Messages name the cause and the fix, and never hold a password.
+"""
+
+
+class MigrationError(Exception):
+    """Base class: something the operator must fix before the step can run."""
+
+    returncode = 1
+
+
+class SourceError(MigrationError):
+    """The SQLite source is missing, not SQLite, corrupt, locked or out of date."""
+
+    returncode = 2
+
+
+class TargetError(MigrationError):
+    """The PostgreSQL target is unreachable, refuses us, or holds foreign data."""
+
+    returncode = 3
+
+
+class BackupError(MigrationError):
+    """A backup could not be written or did not verify."""
+
+    returncode = 4
+
+
+class DataError(MigrationError):
+    """Rows that cannot arrive exactly; the report lists each one."""
+
+    returncode = 5
+
+
+class VerificationError(MigrationError):
+    """Counts or checksums differ between source and target."""
+
+    returncode = 6
+
+
+class PhaseError(MigrationError):
+    """A command was run out of order (see state.py)."""
+
+    returncode = 7

@@ -1,0 +1,149 @@
+"""The migration state file: which phase the runbook is in and which backend is active.
+
+One small JSON file under ``database/``, written atomically (temp file, fsync,
+rename) with a history of transitions.  Settings read the active backend from it,
+so this module must not import Django.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import json
+import os
+import socket
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+BACKENDS = ("sqlite", "postgresql")
+PHASES = ("nothing", "prepared", "data_migrated", "switched", "rolled_back")
+
+# phase -> phases it may move to; rollback is possible from every phase.
+TRANSITIONS: dict[str, tuple[str, ...]] = {
+    "nothing": ("prepared", "rolled_back"),
+    "prepared": ("prepared", "data_migrated", "rolled_back"),
+    "data_migrated": ("prepared", "data_migrated", "switched", "rolled_back"),
+    "switched": ("switched", "rolled_back"),
+    "rolled_back": ("prepared", "data_migrated", "rolled_back"),
+}
+
+# what an operator runs to reach each phase
+COMMAND_FOR_PHASE = {
+    "prepared": "migration_prepare",
+    "data_migrated": "migrate_data",
+    "switched": "switch_to_postgresql",
+    "rolled_back": "rollback_to_sqlite",
+}
+
+
+class StateError(Exception):
+    """The state file forbids the requested step, or cannot be read."""
+
+
+@dataclasses.dataclass
+class MigrationState:
+    phase: str = "nothing"
+    active_backend: str = "sqlite"
+    # facts about the SQLite source when it was prepared / copied (sha256, data_version, ...)
+    source_fingerprint: dict = dataclasses.field(default_factory=dict)
+    last_report: str | None = None
+    last_backup: str | None = None
+    extra: dict = dataclasses.field(default_factory=dict)
+    history: list[dict] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MigrationState:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def read_state(path: Path) -> MigrationState:
+    """Read the state file; a missing file means nothing has happened yet."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return MigrationState()
+    except (OSError, ValueError) as exc:
+        raise StateError(
+            f"State file {path} is unreadable ({exc}); restore it from git "
+            "history or a backup, or delete it to start over."
+        ) from exc
+    state = MigrationState.from_dict(data)
+    if state.phase not in PHASES or state.active_backend not in BACKENDS:
+        raise StateError(
+            f"State file {path} holds an unknown phase or backend: "
+            f"{state.phase!r}/{state.active_backend!r}."
+        )
+    return state
+
+
+def read_active_backend(path: Path, *, environ: dict | None = None) -> str:
+    """Return the active backend: DATABASE_ACTIVE overrides the state file."""
+    environ = os.environ if environ is None else environ
+    override = environ.get("DATABASE_ACTIVE")
+    if override:
+        if override not in BACKENDS:
+            raise StateError(f"DATABASE_ACTIVE={override!r}; expected one of {BACKENDS}.")
+        return override
+    return read_state(path).active_backend
+
+
+def write_state(path: Path, state: MigrationState) -> None:
+    """Write the state file atomically: readers see the old or the new file, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def require_phase(state: MigrationState, target: str) -> None:
+    """Raise StateError saying what to run first unless state may move to target."""
+    if target in TRANSITIONS[state.phase]:
+        return
+    needed = [p for p, nexts in TRANSITIONS.items() if target in nexts and p != target]
+    first = " or ".join(COMMAND_FOR_PHASE.get(p, p) for p in needed if p in COMMAND_FOR_PHASE)
+    raise StateError(
+        f"Cannot run {COMMAND_FOR_PHASE.get(target, target)} now: the migration is in phase "
+        f"'{state.phase}'. Run {first or 'the earlier steps'} first."
+    )
+
+
+def transition(
+    path: Path, target: str, *, note: str = "", active_backend: str | None = None, **fields
+) -> MigrationState:
+    """Move the state file to target (checked), record who/when, and return the new state."""
+    state = read_state(path)
+    require_phase(state, target)
+    before = state.phase
+    state.phase = target
+    if active_backend is not None:
+        state.active_backend = active_backend
+    for name, value in fields.items():
+        setattr(state, name, value)
+    state.history.append(
+        {
+            "from": before,
+            "to": target,
+            "at": datetime.now(UTC).isoformat(),
+            "by": f"{getpass.getuser()}@{socket.gethostname()}",
+            "active_backend": state.active_backend,
+            "note": note,
+        }
+    )
+    write_state(path, state)
+    return state

@@ -1,0 +1,33 @@
+"""Per-environment profiles: the one place their numbers live."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    name: str
+    debug: bool
+    pool_min: int
+    pool_max: int
+    pool_timeout: float  # seconds a request waits for a pooled connection
+    log_level: str
+    needs_secrets: bool  # refuse to start without SECRET_KEY / passwords from the environment
+
+
+PROFILES = {
+    "dev": Profile("dev", True, 1, 10, 10.0, "DEBUG", False),
+    "staging": Profile("staging", False, 2, 25, 10.0, "INFO", True),
+    "prod": Profile("prod", False, 5, 100, 5.0, "WARNING", True),
+}
+
+
+def get_profile(name: str) -> Profile:
+    """Return the profile for PROPCORE_ENV, refusing unknown names."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(
+            f"PROPCORE_ENV={name!r} is not a profile; use one of {', '.join(PROFILES)}."
+        ) from None
