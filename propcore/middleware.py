@@ -1,0 +1,185 @@
+"""Cutover safety in every application process: the write freeze and the active-backend reload.
+
+``CutoverMiddleware`` (first in MIDDLEWARE after SecurityMiddleware) does two cheap things
+per request, one ``os.stat`` each:
+
+1. Reload: when the state file changed and names another active backend, it re-points
+   ``DATABASES['default']`` (process-wide) and, in each thread at its next request, closes
+   that thread's connections and drops its ``default`` wrapper, so the next query opens the
+   new backend.  Re-pointing only at request start (outside any transaction) is what makes
+   it safe: no request ever sees two backends.  SIGHUP forces the same re-read.
+2. Write freeze: while ``write_freeze.json`` is set, POST/PUT/PATCH/DELETE answer 503 with
+   Retry-After; reads go on, and a read that tries to write (a session save, an audit
+   entry) is refused at the SQL level and answered 503 too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.db import DatabaseError, connections
+from django.http import HttpResponse
+
+from dbmigration.freeze import Freeze, freeze_path_for, read_freeze
+from dbmigration.state import StateError, read_active_backend
+
+logger = logging.getLogger("propcore.cutover")
+
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+WRITE_SQL = ("INSERT", "UPDATE", "DELETE", "REPLACE", "CREATE", "DROP", "ALTER", "TRUNCATE")
+
+
+class WritesFrozen(DatabaseError):
+    """A statement that would write was refused: the write freeze is on."""
+
+
+def _stat_key(path: Path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+class BackendWatcher:
+    """Which backend this process uses, kept in step with the state file."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._key: tuple | None = ("unread",)
+        self._force = False
+        self.generation = 0
+        self.backend: str = settings.ACTIVE_BACKEND
+        self.error: str | None = None  # set when the state file cannot be read
+        self.reloads = 0
+
+    def request_reload(self) -> None:
+        """Force a re-read at the next request (safe to call from a signal handler)."""
+        self._force = True
+
+    def poll(self) -> str:
+        """Re-read the state file if it changed; re-point 'default' when the backend moved."""
+        path = Path(settings.STATE_FILE)
+        key = _stat_key(path)
+        if key == self._key and not self._force:
+            return self.backend
+        with self._lock:
+            self._force = False
+            self._key = key
+            try:
+                wanted = read_active_backend(path)
+            except StateError as exc:
+                self.error = str(exc)  # keep the backend we have; writes are refused
+                return self.backend
+            self.error = None
+            if wanted != self.backend:
+                self._repoint(wanted)
+        return self.backend
+
+    def _repoint(self, backend: str) -> None:
+        default = connections.settings["default"]
+        new = dict(connections.settings[backend])
+        new["TEST"] = {**default.get("TEST", {}), "MIRROR": backend}
+        default.clear()
+        default.update(new)  # in place: settings.DATABASES and connections share this dict
+        logger.warning("active backend changed: %s -> %s", self.backend, backend)
+        self.backend = backend
+        settings.ACTIVE_BACKEND = backend
+        self.generation += 1
+        self.reloads += 1
+
+    def refresh_thread(self) -> bool:
+        """Give this thread fresh connections if the backend moved since its last request."""
+        if getattr(self._local, "generation", 0) == self.generation:
+            return False
+        opened = connections.all(initialized_only=True)
+        if any(conn.in_atomic_block for conn in opened):
+            return False  # never inside a transaction; retried at the next request
+        for conn in opened:
+            conn.close()
+        with contextlib.suppress(AttributeError):
+            del connections["default"]
+        self._local.generation = self.generation
+        return True
+
+    def thread_backend(self) -> str:
+        """The backend this thread's 'default' connection points at now."""
+        vendor = connections["default"].vendor
+        return "postgresql" if vendor == "postgresql" else "sqlite"
+
+
+watcher = BackendWatcher()
+_signal_installed = False
+
+
+def install_sighup() -> bool:
+    """Make SIGHUP force a state re-read (main thread only; chains an earlier handler)."""
+    global _signal_installed
+    if _signal_installed or threading.current_thread() is not threading.main_thread():
+        return _signal_installed
+    previous = signal.getsignal(signal.SIGHUP)
+
+    def _on_hup(signum, frame):
+        watcher.request_reload()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGHUP, _on_hup)
+    _signal_installed = True
+    return True
+
+
+def _frozen_response(freeze: Freeze, what: str) -> HttpResponse:
+    body = {
+        "error": "write_freeze",
+        "detail": f"{what} refused: the database is being switched ({freeze.reason}). "
+        "Reads still work; retry shortly.",
+        "since": freeze.started_iso,
+    }
+    response = HttpResponse(json.dumps(body), status=503, content_type="application/json")
+    response["Retry-After"] = str(freeze.retry_after())
+    return response
+
+
+class CutoverMiddleware:
+    """Reload the active backend when the state file changes; honour the write freeze."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+        install_sighup()
+
+    def __call__(self, request):
+        watcher.poll()
+        watcher.refresh_thread()
+        freeze = read_freeze(freeze_path_for(settings.STATE_FILE))
+        if freeze is None and watcher.error is None:
+            return self.get_response(request)
+        if freeze is None:  # unreadable state file: we cannot know where writes belong
+            now = time.time()
+            freeze = Freeze("state file unreadable", now, now + 60, "", "")
+        if request.method in WRITE_METHODS:
+            return _frozen_response(freeze, f"{request.method} request")
+        refused: list[str] = []
+
+        def refuse_writes(execute, sql, params, many, context):
+            if sql.lstrip()[:8].upper().startswith(WRITE_SQL):
+                refused.append(sql[:60])
+                raise WritesFrozen("writes are frozen during the database switch")
+            return execute(sql, params, many, context)
+
+        with contextlib.ExitStack() as stack:
+            for alias in connections:
+                stack.enter_context(connections[alias].execute_wrapper(refuse_writes))
+            response = self.get_response(request)
+        if refused:
+            return _frozen_response(freeze, "a write during a read request")
+        return response
