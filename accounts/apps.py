@@ -7,3 +7,6 @@ class AccountsConfig(AppConfig):
 
     def ready(self) -> None:
         from accounts import audit  # noqa: F401  (registers models with auditlog)
+        from propcore.routers import connect_after_auditlog
+
+        connect_after_auditlog()

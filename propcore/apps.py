@@ -7,6 +7,8 @@ class PropcoreConfig(AppConfig):
     verbose_name = "propcore"
 
     def ready(self) -> None:
-        from propcore import query_timing
+        from propcore import query_timing, routers
+
+        routers.connect_before_auditlog()
 
         connection_created.connect(query_timing.install, dispatch_uid="propcore.slow_query")

@@ -79,6 +79,8 @@ DATABASES = {
 ACTIVE_BACKEND = read_active_backend(STATE_FILE)
 DATABASES["default"] = {**DATABASES[ACTIVE_BACKEND], "TEST": {"MIRROR": ACTIVE_BACKEND}}
 
+DATABASE_ROUTERS = ["propcore.routers.AuditRouter"]
+
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 AUTH_USER_MODEL = "accounts.User"
 

@@ -1,0 +1,63 @@
+"""Finding PostgreSQL: POSTGRES_URL, then 127.0.0.1:5432, then a private cluster."""
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from propcore import pgserver
+
+
+def test_postgres_url_wins(tmp_path):
+    url = "postgres://app:pw@db.internal:6432/prop?sslmode=require"
+    assert (
+        pgserver.resolve_postgres_url(environ={"POSTGRES_URL": url}, private_root=tmp_path) == url
+    )
+
+
+def test_the_local_server_is_used_when_it_answers(tmp_path):
+    # The machine's server must be up for the test suite at all: a missing one fails here.
+    assert pgserver.port_answers("127.0.0.1", 5432), "PostgreSQL must answer on 127.0.0.1:5432"
+    url = pgserver.resolve_postgres_url(environ={}, private_root=tmp_path)
+    assert url == "postgres://postgres@127.0.0.1:5432/propcore"
+    assert not (tmp_path / "data").exists()
+
+
+def test_passwords_are_redacted():
+    url = "postgres://app:s3cr3t@db:5432/prop?sslmode=require"
+    assert pgserver.redact_url(url) == "postgres://app:***@db:5432/prop?sslmode=require"
+    assert "s3cr3t" not in pgserver.redact_url(url)
+
+
+@pytest.fixture
+def private_root():
+    # postgres (the server's user) must reach the directory: pytest's tmp_path is root-only.
+    root = Path(tempfile.mkdtemp(prefix="propcore-pg-", dir="/tmp"))
+    root.chmod(0o755)
+    yield root / "cluster"
+    pg_ctl = pgserver.find_pg_bin("pg_ctl")
+    if (root / "cluster" / "data").exists():
+        subprocess.run(
+            pgserver._as_postgres_user([pg_ctl, "-D", str(root / "cluster" / "data"), "stop"]),
+            capture_output=True,
+        )
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_private_cluster_starts_when_no_server_answers(private_root):
+    url = pgserver.start_private_cluster(private_root)
+    assert pgserver.ensure_database(url) is True
+    assert pgserver.ensure_database(url) is False  # idempotent
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT current_database()").fetchone() == ("propcore",)
+    # a second call reuses the running cluster
+    assert pgserver.start_private_cluster(private_root) == url
+
+
+def test_no_binaries_gives_a_message_that_names_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(pgserver, "find_pg_bin", lambda name: None)
+    with pytest.raises(pgserver.PostgresUnavailable, match="apt-get install postgresql"):
+        pgserver.start_private_cluster(tmp_path)
