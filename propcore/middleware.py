@@ -49,6 +49,15 @@ def _stat_key(path: Path) -> tuple | None:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
+def _close_default_pool() -> None:
+    """Close the pool 'default' used on PostgreSQL; checked-out connections close on return."""
+    from django.db.backends.postgresql.base import DatabaseWrapper
+
+    pool = DatabaseWrapper._connection_pools.pop("default", None)
+    if pool is not None:
+        pool.close(timeout=0)
+
+
 class BackendWatcher:
     """Which backend this process uses, kept in step with the state file."""
 
@@ -91,6 +100,8 @@ class BackendWatcher:
         new["TEST"] = {**default.get("TEST", {}), "MIRROR": backend}
         default.clear()
         default.update(new)  # in place: settings.DATABASES and connections share this dict
+        if self.backend == "postgresql":
+            _close_default_pool()
         logger.warning("active backend changed: %s -> %s", self.backend, backend)
         self.backend = backend
         settings.ACTIVE_BACKEND = backend
