@@ -1,0 +1,412 @@
+"""One table: Django internal type -> how a raw SQLite value travels to PostgreSQL COPY.
+
+The reference path is Django's own: the SQLite backend's converters (and ``from_db_value``)
+give the Python value, the PostgreSQL backend's ``get_db_prep_save`` prepares it, and
+psycopg dumps it as COPY text.  It works for every field, custom ones included.  The fast
+paths in ``FAST_PATHS`` give the same text for the common types (tests/test_casts.py
+proves it with hypothesis) and hand anything not in canonical form to the reference path.
+Every conversion returns the exact value or raises ``Rejection`` with a reason; nothing is
+silently changed, except by a repair rule the operator named (recorded by the caller).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import decimal
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.db import connections
+from psycopg.adapt import PyFormat, Transformer
+
+from dbmigration.plan import PlannedColumn, value_field
+
+REPAIR_RULES = {"strip-nul": "remove NUL (0x00) characters from text"}
+
+INT_RANGES = {
+    "int2": (-32768, 32767),
+    "int4": (-2147483648, 2147483647),
+    "int8": (-9223372036854775808, 9223372036854775807),
+}
+# Django internal type -> PostgreSQL type name, when the target catalog is not available
+_DJANGO_PG_INT = {
+    "SmallAutoField": "int2",
+    "SmallIntegerField": "int2",
+    "PositiveSmallIntegerField": "int2",
+    "AutoField": "int4",
+    "IntegerField": "int4",
+    "PositiveIntegerField": "int4",
+    "BigAutoField": "int8",
+    "BigIntegerField": "int8",
+    "PositiveBigIntegerField": "int8",
+}
+
+
+class Rejection(Exception):
+    """A value that cannot arrive exactly in PostgreSQL."""
+
+    def __init__(self, code: str, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetColumn:
+    """What PostgreSQL's catalog says about a column (or Django's guess without a catalog)."""
+
+    name: str
+    type_name: str  # pg_type.typname: int4, varchar, jsonb, user_status, ...
+    not_null: bool
+    max_length: int | None = None
+    enum_labels: frozenset[str] | None = None
+
+
+CATALOG_SQL = """
+SELECT a.attname, t.typname, a.attnotnull,
+       CASE WHEN t.typname IN ('varchar', 'bpchar') AND a.atttypmod > 4
+            THEN a.atttypmod - 4 END,
+       CASE WHEN t.typtype = 'e' THEN
+            ARRAY(SELECT e.enumlabel::text FROM pg_enum e WHERE e.enumtypid = t.oid) END
+  FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+ WHERE a.attrelid = to_regclass(quote_ident(%s)) AND a.attnum > 0 AND NOT a.attisdropped
+"""
+
+
+def target_columns(cursor, db_table: str) -> dict[str, TargetColumn]:
+    """Read the target table's column types from PostgreSQL's catalog."""
+    cursor.execute(CATALOG_SQL, [db_table])
+    return {
+        name: TargetColumn(
+            name=name,
+            type_name=typname,
+            not_null=notnull,
+            max_length=maxlen,
+            enum_labels=frozenset(labels) if labels is not None else None,
+        )
+        for name, typname, notnull, maxlen, labels in cursor.fetchall()
+    }
+
+
+def guessed_target(column: PlannedColumn) -> TargetColumn:
+    """Describe the PostgreSQL column from Django's field when no catalog is at hand."""
+    field = column.field
+    max_length = getattr(value_field(field), "max_length", None)
+    if column.internal_type not in ("CharField", "SlugField", "EmailField", "URLField"):
+        max_length = None
+    return TargetColumn(
+        name=column.name,
+        type_name=_DJANGO_PG_INT.get(column.internal_type, column.internal_type),
+        not_null=not field.null,
+        max_length=max_length,
+    )
+
+
+def excerpt(value: Any, *, limit: int = 80) -> str:
+    """Return a short printable excerpt of a raw value for reports."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclasses.dataclass
+class RepairLog:
+    """Repair rules the operator allowed, and what they changed in the current row."""
+
+    rules: frozenset[str] = frozenset()
+    applied: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (column, rule)
+
+
+Converter = Callable[[Any], Any]
+
+
+# --- the reference path -----------------------------------------------------------------
+
+
+# Django registers only loaders (and a Range dumper) per connection, so psycopg's global
+# adapters dump exactly what a Django save would send.
+_TRANSFORMER = Transformer()
+
+
+def _dump_text(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)  # COPY's bytea dumper escapes raw bytes itself
+    if isinstance(value, str):
+        return value
+    return bytes(_TRANSFORMER.get_dumper(value, PyFormat.TEXT).dump(value)).decode()
+
+
+_MALFORMED_CODE = {
+    "DateTimeField": "datetime",
+    "DateField": "date",
+    "TimeField": "time",
+    "JSONField": "json",
+    "UUIDField": "uuid",
+    "DecimalField": "decimal",
+    "BooleanField": "bool",
+    "GenericIPAddressField": "ip",
+}
+
+
+def reference_converter(column: PlannedColumn) -> Converter:
+    """Django's path: SQLite converters -> Python value -> PostgreSQL get_db_prep_save -> text."""
+    field = column.field
+    lite, pg = connections["sqlite"], connections["postgresql"]
+    expression = field.get_col(field.model._meta.db_table)
+    steps = lite.ops.get_db_converters(expression) + expression.get_db_converters(lite)
+    code = _MALFORMED_CODE.get(column.internal_type, "malformed")
+    integer = column.internal_type in _DJANGO_PG_INT
+    json_field = column.internal_type == "JSONField"
+
+    def convert(value: Any) -> Any:
+        if json_field:
+            value = _strict_json(value)[1]  # Django would keep malformed JSON as a string
+        try:
+            raw = value
+            for step in steps:
+                value = step(value, expression, lite)
+            if value is None and raw is not None:  # e.g. parse_date() gives None for junk
+                raise Rejection(code, f"malformed {column.internal_type} value {excerpt(raw)}")
+            if integer and not isinstance(value, int):
+                raise Rejection("kind", f"{type(value).__name__} value in an integer column")
+            prepared = field.get_db_prep_save(value, connection=pg)
+        except Rejection:
+            raise
+        except (
+            ValueError,
+            TypeError,
+            ValidationError,
+            decimal.DecimalException,
+            AttributeError,
+            OverflowError,
+        ) as exc:
+            raise Rejection(code, f"malformed {column.internal_type} value: {exc}") from None
+        return _dump_text(prepared)
+
+    return convert
+
+
+# --- the fast paths ----------------------------------------------------------------------
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON for PostgreSQL")
+
+
+def _strict_json(value: Any) -> tuple[Any, str]:
+    """Parse JSON text strictly; return (parsed, text) or raise Rejection."""
+    if not isinstance(value, str):
+        raise Rejection("json", f"{type(value).__name__} value in a JSON column")
+    try:
+        return json.loads(value, parse_constant=_reject_constant), value
+    except ValueError as exc:
+        raise Rejection("json", f"malformed JSON: {exc}") from None
+
+
+def fast_json(column: PlannedColumn, reference: Converter) -> Converter:
+    field = value_field(column.field)
+    if field.decoder is not None or field.encoder is not None:
+        return reference  # custom encoders are Django's business
+
+    def convert(value: Any) -> str:
+        return json.dumps(_strict_json(value)[0])
+
+    return convert
+
+
+def fast_datetime(column: PlannedColumn, reference: Converter) -> Converter:
+    parse = dt.datetime.fromisoformat
+
+    def convert(value: Any) -> str:
+        # Django writes naive UTC "YYYY-MM-DD HH:MM:SS[.ffffff]"; anything else takes Django's path
+        if isinstance(value, str) and len(value) in (19, 26):
+            try:
+                if str(parse(value)) == value:
+                    return value + "+00:00"
+            except ValueError:
+                pass
+        return reference(value)
+
+    return convert
+
+
+def fast_date(column: PlannedColumn, reference: Converter) -> Converter:
+    parse = dt.date.fromisoformat
+
+    def convert(value: Any) -> str:
+        if isinstance(value, str) and len(value) == 10:
+            try:
+                if parse(value).isoformat() == value:
+                    return value
+            except ValueError:
+                pass
+        return reference(value)
+
+    return convert
+
+
+_HEX32 = re.compile(r"[0-9a-f]{32}\Z")
+
+
+def fast_uuid(column: PlannedColumn, reference: Converter) -> Converter:
+    match = _HEX32.match
+
+    def convert(value: Any) -> str:
+        if isinstance(value, str) and match(value):
+            return value  # psycopg dumps a UUID as its 32 lowercase hex digits too
+        return reference(value)
+
+    return convert
+
+
+def fast_bool(column: PlannedColumn, reference: Converter) -> Converter:
+    def convert(value: Any) -> str:
+        return "t" if value else "f"  # build_converter let only int 0/1 through
+
+    return convert
+
+
+def fast_int(column: PlannedColumn, reference: Converter) -> Converter:
+    def convert(value: Any) -> str:
+        if type(value) is int:
+            return str(value)
+        raise Rejection("kind", f"{type(value).__name__} value in an integer column")
+
+    return convert
+
+
+def fast_text(column: PlannedColumn, reference: Converter) -> Converter:
+    def convert(value: Any) -> str:
+        if type(value) is str:
+            return value
+        return reference(value)
+
+    return convert
+
+
+def fast_decimal(column: PlannedColumn, reference: Converter) -> Converter:
+    field = value_field(column.field)
+    if field.decimal_places is None:
+        return reference
+    # the same arithmetic as Django's SQLite decimal converter, minus its call overhead
+    create = decimal.Context(prec=15).create_decimal_from_float
+    quantum = decimal.Decimal(1).scaleb(-field.decimal_places)
+    context = field.context
+
+    def convert(value: Any) -> str:
+        if type(value) is float or type(value) is int:
+            try:
+                return str(create(value).quantize(quantum, context=context))
+            except decimal.DecimalException as exc:
+                raise Rejection(
+                    "decimal", f"{value!r} does not fit max_digits={field.max_digits}: {exc!r}"
+                ) from None
+        return reference(value)
+
+    return convert
+
+
+# Django internal type -> fast path builder (everything else: the reference path)
+FAST_PATHS: dict[str, Callable[[PlannedColumn, Converter], Converter]] = {
+    "UUIDField": fast_uuid,
+    "DateTimeField": fast_datetime,
+    "DateField": fast_date,
+    "JSONField": fast_json,
+    "BooleanField": fast_bool,
+    "DecimalField": fast_decimal,
+    "CharField": fast_text,
+    "TextField": fast_text,
+    "EmailField": fast_text,
+    "SlugField": fast_text,
+    "URLField": fast_text,
+    **dict.fromkeys(_DJANGO_PG_INT, fast_int),
+}
+
+
+# --- checks every path shares ------------------------------------------------------------
+
+
+def build_converter(
+    column: PlannedColumn,
+    target: TargetColumn | None = None,
+    *,
+    fast: bool = True,
+    repairs: RepairLog | None = None,
+) -> Converter:
+    """Return raw SQLite value -> COPY value (str, bytes or None), or raise Rejection."""
+    target = target or guessed_target(column)
+    reference = reference_converter(column)
+    core = (
+        FAST_PATHS[column.internal_type](column, reference)
+        if (fast and column.internal_type in FAST_PATHS)
+        else reference
+    )
+    binary = column.internal_type == "BinaryField"
+    strip_nul = repairs is not None and "strip-nul" in repairs.rules
+    not_null = target.not_null
+    max_length = target.max_length
+    labels = target.enum_labels
+    int_range = INT_RANGES.get(target.type_name)
+    name = column.name
+    boolean = column.internal_type == "BooleanField"
+
+    def convert(value: Any) -> Any:
+        if value is None:
+            if not_null:
+                raise Rejection("null", "NULL in a NOT NULL column")
+            return None
+        if boolean and not (type(value) is int and (value == 0 or value == 1)):
+            # Django would also read 't'/'True'/'1' text as true: a silent change, so refuse
+            raise Rejection("bool", f"boolean column holds {excerpt(value)}, not 0 or 1")
+        if type(value) is bytes and not binary:
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise Rejection(
+                    "utf8",
+                    f"invalid UTF-8 at byte {exc.start}: {value[exc.start : exc.start + 8]!r}",
+                ) from None
+            if "\x00" in value:
+                if not strip_nul:
+                    raise Rejection(
+                        "nul",
+                        f"NUL byte at character {value.index(chr(0))} (PostgreSQL rejects it)",
+                    )
+                value = value.replace("\x00", "")
+                repairs.applied.append((name, "strip-nul"))
+        out = core(value)
+        if out is None:
+            if not_null:
+                raise Rejection("null", "NULL in a NOT NULL column")
+            return None
+        if int_range is not None:
+            number = int(out)
+            if not int_range[0] <= number <= int_range[1]:
+                raise Rejection(
+                    "range", f"{number} is out of range for PostgreSQL {target.type_name}"
+                )
+        elif type(out) is str:
+            if max_length is not None and len(out) > max_length:
+                raise Rejection("length", f"{len(out)} characters, max_length is {max_length}")
+            if labels is not None and out not in labels:
+                raise Rejection("enum", f"{out!r} is not a value of PostgreSQL {target.type_name}")
+            if "\x00" in out or "\\u0000" in out:
+                raise Rejection("nul", "NUL character (PostgreSQL rejects it)")
+            if column.internal_type == "JSONField" and ("Infinity" in out or "NaN" in out):
+                _check_json_finite(out)
+        return out
+
+    return convert
+
+
+def _check_json_finite(text: str) -> None:
+    # json.dumps writes inf/nan as bare words, which PostgreSQL's jsonb refuses
+    try:
+        json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:
+        raise Rejection("json", f"JSON number PostgreSQL cannot hold: {exc}") from None
