@@ -48,3 +48,85 @@ def data_version_and_schema(conn: sqlite3.Connection) -> dict:
         "schema_version": conn.execute("PRAGMA schema_version").fetchone()[0],
         "page_count": conn.execute("PRAGMA page_count").fetchone()[0],
     }
+
+
+# --- added for prepare/backup (issue 3) --------------------------------------------
+
+
+def translate_sqlite_error(path: Path, exc: sqlite3.Error) -> SourceError:
+    """Turn a sqlite3 error on the source into a SourceError that names cause and fix."""
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return SourceError(
+            f"SQLite database {path} is locked by another writer ({text}). Wait for it to "
+            "finish or stop the process holding the lock, then run the command again."
+        )
+    if "not a database" in text or "malformed" in text or "corrupt" in text:
+        return SourceError(
+            f"SQLite database {path} is corrupt ({text}). Restore it from a backup "
+            "(db_restore) or repair it with the sqlite3 '.recover' command first."
+        )
+    return SourceError(f"SQLite database {path} cannot be read ({text}).")
+
+
+def list_tables(conn: sqlite3.Connection) -> list[str]:
+    """Return the user tables of the database, sorted (no sqlite_* internals)."""
+    rows = conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+        "ORDER BY name"
+    ).fetchall()
+    return [r[0] if isinstance(r[0], str) else r[0].decode() for r in rows]
+
+
+def quote_ident(name: str) -> str:
+    """Quote an identifier for SQLite."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def row_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """Return {table: row count} for every user table."""
+    return {
+        t: conn.execute(f"SELECT count(*) FROM {quote_ident(t)}").fetchone()[0]
+        for t in list_tables(conn)
+    }
+
+
+def applied_migrations(conn: sqlite3.Connection) -> list[str]:
+    """Return the applied Django migrations as sorted 'app.name' strings ([] if none)."""
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'django_migrations'"
+    ).fetchone()
+    if not exists:
+        return []
+    rows = conn.execute("SELECT app, name FROM django_migrations").fetchall()
+    return sorted(f"{_s(a)}.{_s(n)}" for a, n in rows)
+
+
+def _s(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def source_fingerprint(path: Path, *, timeout: float = 5.0) -> dict:
+    """Facts that change whenever the source changes: file and WAL hashes, schema, counts."""
+    path = Path(path)
+    conn = open_readonly(path, timeout=timeout)
+    try:
+        facts = data_version_and_schema(conn)
+        counts = row_counts(conn)
+    except sqlite3.Error as exc:
+        raise translate_sqlite_error(path, exc) from exc
+    finally:
+        conn.close()
+    wal = path.with_name(path.name + "-wal")
+    wal_size = wal.stat().st_size if wal.exists() else 0
+    return {
+        "path": str(path.resolve()),
+        "sha256": file_sha256(path),
+        "size": path.stat().st_size,
+        # commits not yet checkpointed live only in the -wal file
+        "wal_sha256": file_sha256(wal) if wal_size else None,
+        "wal_size": wal_size,
+        **facts,
+        "row_counts": counts,
+        "rows_total": sum(counts.values()),
+    }

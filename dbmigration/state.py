@@ -147,3 +147,26 @@ def transition(
     )
     write_state(path, state)
     return state
+
+
+# --- added for prepare (issue 3) -----------------------------------------------------
+
+# the fingerprint keys that must be equal for a prepare to still hold
+FINGERPRINT_KEYS = ("sha256", "size", "wal_sha256", "schema_version", "row_counts")
+
+
+def stale_reasons(state: MigrationState, current: dict) -> list[str]:
+    """Return why the prepared source differs from current (empty list: still fresh)."""
+    prepared = state.source_fingerprint or {}
+    if not prepared:
+        return ["no source fingerprint recorded; run migration_prepare"]
+    return [
+        f"{key} changed since migration_prepare"
+        for key in FINGERPRINT_KEYS
+        if key in prepared and prepared.get(key) != current.get(key)
+    ]
+
+
+def is_prepare_stale(state: MigrationState, current: dict) -> bool:
+    """Return True when the source changed since migration_prepare recorded its fingerprint."""
+    return bool(stale_reasons(state, current))

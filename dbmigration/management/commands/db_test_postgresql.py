@@ -1,0 +1,44 @@
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from dbmigration.preflight import check_postgresql, conninfo_from_settings, conninfo_from_url
+
+
+class Command(BaseCommand):
+    help = (
+        "Check the PostgreSQL target: version, latency, SSL, UTF8 encoding, privileges, "
+        "extensions, max_connections against the pool. Exit 0 only when all are fine."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--url",
+            help="Test this postgres:// URL instead of the 'postgresql' alias (never printed "
+            "with its password).",
+        )
+        parser.add_argument(
+            "--pool-max",
+            type=int,
+            help="Pool size to check max_connections against (default: the profile's).",
+        )
+
+    def handle(self, *args, **opts):
+        conninfo = (
+            conninfo_from_url(opts["url"])
+            if opts["url"]
+            else conninfo_from_settings(settings.DATABASES["postgresql"])
+        )
+        report = check_postgresql(
+            conninfo=conninfo, pool_max=opts["pool_max"] or settings.PROFILE.pool_max
+        )
+        self.stdout.write(f"PostgreSQL target {report.target}")
+        for check in report.checks:
+            style = self.style.SUCCESS if check.ok and not check.warning else self.style.WARNING
+            self.stdout.write(style(f"  {check.line()}") if check.ok else f"  {check.line()}")
+        if not report.ok:
+            raise CommandError(
+                f"{len(report.failed)} check(s) failed: "
+                + "; ".join(c.name for c in report.failed),
+                returncode=3,
+            )
+        self.stdout.write(self.style.SUCCESS("All checks passed."))

@@ -1,0 +1,32 @@
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from dbmigration.errors import MigrationError
+from dbmigration.status import migration_status
+
+
+class Command(BaseCommand):
+    help = "Show the migration phase, the last report, the last verified backup and what next."
+
+    def handle(self, *args, **opts):
+        try:
+            s = migration_status(
+                state_file=settings.STATE_FILE,
+                backup_dir=settings.BACKUP_DIR,
+                sqlite_path=settings.SQLITE_PATH,
+                report_dir=settings.REPORT_DIR,
+            )
+        except MigrationError as exc:
+            raise CommandError(str(exc), returncode=exc.returncode) from exc
+        self.stdout.write(f"Phase:          {s.phase} (active backend: {s.active_backend})")
+        report = f"{s.last_report} ({s.last_report_status})" if s.last_report else "none"
+        self.stdout.write(f"Last report:    {report}")
+        b = s.last_backup
+        self.stdout.write(
+            f"Last backup:    {b.path} ({b.kind}, {b.created_at}, verified)"
+            if b
+            else "Last backup:    none verified yet (run db_backup)"
+        )
+        for reason in s.stale:
+            self.stdout.write(self.style.WARNING(f"Stale prepare:  {reason}"))
+        self.stdout.write(self.style.SUCCESS(f"Next:           {s.next_step}"))
