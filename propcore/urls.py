@@ -1,10 +1,9 @@
 from django.contrib import admin
 from django.urls import path
-from health_check.views import HealthCheckView
 
-from propcore.health import HEALTH_CHECKS
+from propcore.health import HealthView
 
 urlpatterns = [
     path("admin/", admin.site.urls),
-    path("health/", HealthCheckView.as_view(checks=HEALTH_CHECKS), name="health"),
+    path("health/", HealthView.as_view(), name="health"),
 ]

@@ -65,7 +65,7 @@ def test_context_manager_lifts_freeze_on_error(flag):
     assert not flag.exists()
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(databases="__all__")
 @pytest.mark.parametrize("method", ["post", "put", "patch", "delete"])
 def test_writes_answer_503_with_retry_after(client, flag, method):
     fz.freeze_on(flag, reason="switching")
@@ -75,7 +75,7 @@ def test_writes_answer_503_with_retry_after(client, flag, method):
     assert "switching" in response.json()["detail"]
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(databases="__all__")
 def test_reads_go_on_and_writes_resume_after(client, flag):
     held = fz.freeze_on(flag, reason="switching")
     assert client.get("/admin/login/").status_code == 200
@@ -85,7 +85,7 @@ def test_reads_go_on_and_writes_resume_after(client, flag):
 
 
 @pytest.mark.urls(__name__)
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db(databases="__all__", transaction=True)
 def test_a_read_that_writes_is_refused(client, flag):
     client.raise_request_exception = False  # as in production: the view's error becomes a response
     fz.freeze_on(flag, reason="switching")

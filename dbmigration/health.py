@@ -1,0 +1,328 @@
+"""The one set of health checks behind both ``db_health_check`` and ``/health/``.
+
+Each check returns a ``CheckResult`` with status ok, degraded or down.  The command
+maps the worst status to its exit code (0, 1, 2); ``propcore.health`` wraps each check
+as a django-health-check check (down -> ServiceUnavailable, degraded -> ServiceWarning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from django.conf import settings
+from django.db import connections
+
+from dbmigration.freeze import FREEZE_FILENAME, freeze_path_for, read_freeze
+from dbmigration.state import StateError, read_active_backend, read_state
+
+OK, DEGRADED, DOWN = "ok", "degraded", "down"
+SEVERITY = {OK: 0, DEGRADED: 1, DOWN: 2}  # also the command's exit status
+
+
+@dataclasses.dataclass
+class CheckResult:
+    name: str
+    status: str
+    message: str
+    details: dict = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class HealthReport:
+    checks: list[CheckResult]
+
+    @property
+    def status(self) -> str:
+        return max((c.status for c in self.checks), key=SEVERITY.__getitem__, default=OK)
+
+    @property
+    def exit_code(self) -> int:
+        return SEVERITY[self.status]
+
+    def to_dict(self) -> dict:
+        return {
+            "status": self.status,
+            "checked_at": datetime.now(UTC).isoformat(),
+            "checks": [dataclasses.asdict(c) for c in self.checks],
+        }
+
+
+def _limit(name: str, default: float) -> float:
+    """A threshold from settings (HEALTH_<NAME>), so operators tune them per profile."""
+    return float(getattr(settings, f"HEALTH_{name}", default))
+
+
+def process_backend() -> str:
+    """The backend this process sends 'default' queries to (follows reloads)."""
+    from propcore.middleware import watcher
+
+    return watcher.backend
+
+
+def _pg_connect(alias: str = "postgresql", *, timeout: int = 3):
+    """A direct, short-timeout connection (not from the pool: a probe must not queue)."""
+    import psycopg
+
+    cfg = connections.settings[alias]
+    params = {"dbname": cfg["NAME"], "connect_timeout": timeout, "autocommit": True}
+    for key, name in (("USER", "user"), ("PASSWORD", "password"), ("HOST", "host")):
+        if cfg.get(key):
+            params[name] = cfg[key]
+    if cfg.get("PORT"):
+        params["port"] = int(cfg["PORT"])
+    return psycopg.connect(**params)
+
+
+def _probe(alias: str) -> float:
+    """Run a trivial query on alias; return milliseconds.  Raises on failure."""
+    start = time.perf_counter()
+    if connections.settings[alias]["ENGINE"].endswith("sqlite3"):
+        from dbmigration.sqlite_source import open_readonly
+
+        conn = open_readonly(Path(connections.settings[alias]["NAME"]), timeout=3)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            conn.close()
+    else:
+        with _pg_connect(alias) as conn:
+            conn.execute("SELECT 1").fetchone()
+    return round((time.perf_counter() - start) * 1000, 2)
+
+
+def _error_text(exc: Exception) -> str:
+    # first line only: psycopg messages carry DETAIL/HINT lines, never the password
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def check_active_backend() -> CheckResult:
+    """The backend the state file names answers a query."""
+    try:
+        backend = read_active_backend(settings.STATE_FILE)
+    except StateError as exc:
+        return CheckResult("active_backend", DOWN, str(exc))
+    try:
+        ms = _probe(backend)
+    except Exception as exc:  # any failure to answer is 'down'; say which and why
+        return CheckResult(
+            "active_backend",
+            DOWN,
+            f"{backend} does not answer: {_error_text(exc)}",
+            {"backend": backend},
+        )
+    return CheckResult(
+        "active_backend", OK, f"{backend} answers in {ms} ms", {"backend": backend, "ms": ms}
+    )
+
+
+def check_process_backend() -> CheckResult:
+    """This process uses the backend the state file names (not stale)."""
+    try:
+        wanted = read_active_backend(settings.STATE_FILE)
+        on_file = read_state(settings.STATE_FILE).active_backend
+    except StateError as exc:
+        return CheckResult("process_backend", DOWN, str(exc))
+    using = process_backend()
+    details = {"process": using, "state_file": on_file, "wanted": wanted, "stale": using != wanted}
+    if using != wanted:
+        return CheckResult(
+            "process_backend",
+            DOWN,
+            f"stale: this process uses {using} but the state file says {wanted}; send it "
+            "SIGHUP or restart it",
+            details,
+        )
+    if wanted != on_file:
+        return CheckResult(
+            "process_backend",
+            DEGRADED,
+            f"process uses {using} by DATABASE_ACTIVE, overriding the state file ({on_file})",
+            details,
+        )
+    return CheckResult("process_backend", OK, f"process uses {using}; not stale", details)
+
+
+def check_migration_phase() -> CheckResult:
+    """The runbook phase, and whether a write freeze is on."""
+    try:
+        state = read_state(settings.STATE_FILE)
+    except StateError as exc:
+        return CheckResult("migration_phase", DOWN, str(exc))
+    details = {"phase": state.phase, "active_backend": state.active_backend}
+    flag = freeze_path_for(settings.STATE_FILE)
+    freeze = read_freeze(flag)
+    if freeze is not None:
+        details["write_freeze"] = {"reason": freeze.reason, "since": freeze.started_iso}
+        return CheckResult(
+            "migration_phase",
+            DEGRADED,
+            f"phase {state.phase}; writes frozen since {freeze.started_iso} ({freeze.reason})",
+            details,
+        )
+    if flag.exists():
+        return CheckResult(
+            "migration_phase",
+            DEGRADED,
+            f"phase {state.phase}; an expired write freeze was left at {flag} "
+            f"(remove {FREEZE_FILENAME} or run rollback_to_sqlite)",
+            details,
+        )
+    if (state.phase == "switched") != (state.active_backend == "postgresql"):
+        return CheckResult(
+            "migration_phase",
+            DEGRADED,
+            f"phase {state.phase} does not match the active backend {state.active_backend}",
+            details,
+        )
+    return CheckResult(
+        "migration_phase", OK, f"phase {state.phase}, active {state.active_backend}", details
+    )
+
+
+def check_backup_age() -> CheckResult:
+    """The newest verified backup is younger than HEALTH_BACKUP_MAX_AGE_HOURS."""
+    max_hours = _limit("BACKUP_MAX_AGE_HOURS", 26.0)
+    try:
+        from dbmigration.backup import last_verified_backup
+    except ImportError:
+        return CheckResult("backup_age", DEGRADED, "backup module not installed")
+    info = last_verified_backup(Path(settings.BACKUP_DIR))
+    if info is None:
+        return CheckResult(
+            "backup_age", DEGRADED, f"no verified backup under {settings.BACKUP_DIR}; run db_backup"
+        )
+    created = datetime.fromisoformat(info.created_at)
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=UTC)
+    hours = round((datetime.now(UTC) - created).total_seconds() / 3600, 2)
+    details = {"backup": str(info.path), "kind": info.kind, "age_hours": hours}
+    if hours > max_hours:
+        return CheckResult(
+            "backup_age",
+            DEGRADED,
+            f"last verified backup is {hours} h old (limit {max_hours:g} h); run db_backup",
+            details,
+        )
+    return CheckResult("backup_age", OK, f"last verified backup {hours} h old", details)
+
+
+def check_pool() -> CheckResult:
+    """Pooled PostgreSQL connections in this process: usage and waiting requests."""
+    from django.db.backends.postgresql.base import DatabaseWrapper
+
+    warn = _limit("POOL_USAGE_WARN", 0.9)
+    details, worst, notes = {}, OK, []
+    for alias, pool in sorted(DatabaseWrapper._connection_pools.items()):
+        stats = pool.get_stats()
+        used = stats.get("pool_size", 0) - stats.get("pool_available", 0)
+        usage = round(used / pool.max_size, 3) if pool.max_size else 0.0
+        waiting = stats.get("requests_waiting", 0)
+        details[alias] = {"used": used, "max_size": pool.max_size, "usage": usage, **stats}
+        notes.append(f"{alias} {used}/{pool.max_size} in use, {waiting} waiting")
+        if waiting or usage >= warn:
+            worst = DEGRADED
+    if not details:
+        configured = connections.settings["postgresql"]["OPTIONS"].get("pool", {})
+        return CheckResult(
+            "pool",
+            OK,
+            f"no pool open in this process (max_size {configured.get('max_size', '-')})",
+            {"configured": configured},
+        )
+    return CheckResult("pool", worst, "; ".join(notes), details)
+
+
+def check_replication() -> CheckResult:
+    """Replication lag when PostgreSQL has a replica (or is one); 'no replica' otherwise."""
+    max_lag = _limit("REPLICA_LAG_WARN_SECONDS", 30.0)
+    try:
+        with _pg_connect("postgresql") as conn:
+            in_recovery = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+            if in_recovery:
+                lag = conn.execute(
+                    "SELECT EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp())"
+                ).fetchone()[0]
+                rows = [("this server (replica)", "replaying", lag)]
+            else:
+                rows = conn.execute(
+                    "SELECT coalesce(application_name, client_addr::text), state, "
+                    "EXTRACT(EPOCH FROM replay_lag) FROM pg_stat_replication"
+                ).fetchall()
+    except Exception as exc:  # PostgreSQL may legitimately be absent before the migration
+        status = DEGRADED if process_backend() == "postgresql" else OK
+        return CheckResult("replication", status, f"not checked: {_error_text(exc)}")
+    if not rows:
+        return CheckResult("replication", OK, "no replica", {"replicas": []})
+    replicas = [
+        {"name": name, "state": state, "lag_seconds": float(lag) if lag is not None else 0.0}
+        for name, state, lag in rows
+    ]
+    behind = [r for r in replicas if r["lag_seconds"] > max_lag]
+    broken = [r for r in replicas if r["state"] not in ("streaming", "replaying")]
+    worst_lag = max(r["lag_seconds"] for r in replicas)
+    message = f"{len(replicas)} replica(s), max lag {worst_lag:.1f} s"
+    if behind or broken:
+        return CheckResult(
+            "replication",
+            DEGRADED,
+            message + f" (limit {max_lag:g} s; states {[r['state'] for r in replicas]})",
+            {"replicas": replicas},
+        )
+    return CheckResult("replication", OK, message, {"replicas": replicas})
+
+
+def check_slow_queries() -> CheckResult:
+    """Slow queries this process logged in the last HEALTH_SLOW_QUERY_WINDOW_SECONDS."""
+    from propcore.query_timing import slow_queries_since
+
+    window = _limit("SLOW_QUERY_WINDOW_SECONDS", 300.0)
+    warn = int(_limit("SLOW_QUERY_WARN", 10))
+    count = slow_queries_since(window)
+    details = {"count": count, "window_seconds": window, "threshold_ms": settings.SLOW_QUERY_MS}
+    status = DEGRADED if count >= warn else OK
+    return CheckResult(
+        "slow_queries",
+        status,
+        f"{count} slow queries (>= {settings.SLOW_QUERY_MS:g} ms) in the last {window:g} s",
+        details,
+    )
+
+
+CHECKS: dict[str, Callable[[], CheckResult]] = {
+    "active_backend": check_active_backend,
+    "process_backend": check_process_backend,
+    "migration_phase": check_migration_phase,
+    "backup_age": check_backup_age,
+    "pool": check_pool,
+    "replication": check_replication,
+    "slow_queries": check_slow_queries,
+}
+
+
+def run_check(name: str) -> CheckResult:
+    """Run one check; a crash inside a check is reported as 'down', not raised."""
+    start = time.perf_counter()
+    try:
+        result = CHECKS[name]()
+    except Exception as exc:  # a broken check must not hide the others
+        result = CheckResult(name, DOWN, f"check failed: {_error_text(exc)}")
+    result.seconds = round(time.perf_counter() - start, 4)
+    return result
+
+
+def run_checks(
+    names: list[str] | None = None, *, progress: Callable[[CheckResult], None] | None = None
+) -> HealthReport:
+    """Run the named checks (all by default) and return the report."""
+    results = []
+    for name in names or list(CHECKS):
+        result = run_check(name)
+        if progress:
+            progress(result)
+        results.append(result)
+    return HealthReport(results)

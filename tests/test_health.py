@@ -1,0 +1,167 @@
+"""dbmigration.health: the checks, the db_health_check command, and /health/."""
+
+import json
+from datetime import UTC, datetime, timedelta
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.db import connections
+
+from dbmigration import freeze as fz
+from dbmigration import health
+from dbmigration.state import MigrationState, write_state
+from propcore import middleware
+
+pytestmark = pytest.mark.django_db(databases="__all__", transaction=True)
+
+
+@pytest.fixture
+def state_file(settings, tmp_path):
+    settings.STATE_FILE = tmp_path / "state.json"
+    settings.BACKUP_DIR = tmp_path / "backups"
+    return settings.STATE_FILE
+
+
+def set_state(state_file, phase="nothing", backend="sqlite"):
+    write_state(state_file, MigrationState(phase=phase, active_backend=backend))
+
+
+def make_backup(backup_dir, *, age_hours: float, verified=True):
+    """A backup directory as db_backup leaves it (manifest only: the check reads nothing else)."""
+    from dbmigration.backup import MANIFEST, BackupInfo
+
+    created = (datetime.now(UTC) - timedelta(hours=age_hours)).isoformat()
+    path = backup_dir / created.replace(":", "")
+    path.mkdir(parents=True)
+    info = BackupInfo(path=path, kind="sqlite", created_at=created, verified=verified)
+    (path / MANIFEST).write_text(json.dumps(info.to_manifest()))
+    return path
+
+
+@pytest.fixture
+def postgres_down():
+    """Point the postgresql alias at a port nobody listens on, then put it back."""
+    connection = connections["postgresql"]
+    connection.close_pool()
+    cfg = connection.settings_dict  # the same dict as connections.settings["postgresql"]
+    saved = cfg["PORT"], cfg["OPTIONS"]["pool"]
+    cfg["PORT"] = 1
+    cfg["OPTIONS"]["pool"] = {**saved[1], "timeout": 1.0}
+    yield
+    connection.close_pool()
+    cfg["PORT"], cfg["OPTIONS"]["pool"] = saved
+
+
+def test_active_backend_answers_on_each_engine(state_file):
+    set_state(state_file, backend="sqlite")
+    result = health.run_check("active_backend")
+    assert (result.status, result.details["backend"]) == (health.OK, "sqlite")
+    set_state(state_file, "switched", "postgresql")
+    assert health.run_check("active_backend").status == health.OK
+
+
+def test_active_backend_down_names_backend_and_cause(state_file, postgres_down):
+    set_state(state_file, "switched", "postgresql")
+    result = health.run_check("active_backend")
+    assert result.status == health.DOWN
+    assert result.message.startswith("postgresql does not answer")
+
+
+def test_process_backend_stale_is_down(state_file):
+    set_state(state_file, "switched", "postgresql")
+    assert middleware.watcher.backend == "sqlite"
+    result = health.run_check("process_backend")
+    assert result.status == health.DOWN and "stale" in result.message
+    assert result.details["stale"] is True
+
+
+def test_process_backend_override_is_degraded(state_file, monkeypatch):
+    set_state(state_file, "switched", "sqlite")
+    monkeypatch.setenv("DATABASE_ACTIVE", "sqlite")
+    assert health.run_check("process_backend").status == health.OK
+    set_state(state_file, "switched", "postgresql")
+    result = health.run_check("process_backend")
+    assert result.status == health.DEGRADED and "DATABASE_ACTIVE" in result.message
+
+
+def test_phase_reports_write_freeze(state_file):
+    set_state(state_file, "data_migrated")
+    assert health.run_check("migration_phase").status == health.OK
+    fz.freeze_on(fz.freeze_path_for(state_file), reason="switch_to_postgresql")
+    result = health.run_check("migration_phase")
+    assert result.status == health.DEGRADED and "writes frozen" in result.message
+
+
+def test_backup_age(settings, state_file):
+    assert "no verified backup" in health.run_check("backup_age").message
+    make_backup(settings.BACKUP_DIR, age_hours=50)
+    make_backup(settings.BACKUP_DIR, age_hours=1, verified=False)
+    result = health.run_check("backup_age")
+    assert result.status == health.DEGRADED and "old (limit 26 h)" in result.message
+    make_backup(settings.BACKUP_DIR, age_hours=2)
+    result = health.run_check("backup_age")
+    assert result.status == health.OK and 1.9 < result.details["age_hours"] < 2.1
+
+
+def test_pool_usage(settings, state_file):
+    connections["postgresql"].ensure_connection()  # takes one connection from the pool
+    result = health.run_check("pool")
+    assert result.status == health.OK
+    assert result.details["postgresql"]["used"] == 1
+    settings.HEALTH_POOL_USAGE_WARN = 0.05  # 1 of 10 is over 5%
+    assert health.run_check("pool").status == health.DEGRADED
+
+
+def test_replication_without_replica(state_file):
+    result = health.run_check("replication")
+    assert (result.status, result.message) == (health.OK, "no replica")
+
+
+def test_slow_queries_counted(settings, state_file):
+    settings.SLOW_QUERY_MS = 0.0  # every query is slow now
+    settings.HEALTH_SLOW_QUERY_WARN = 5
+    for _ in range(6):
+        connections["sqlite"].cursor().execute("SELECT 1")
+    result = health.run_check("slow_queries")
+    assert result.status == health.DEGRADED and result.details["count"] >= 6
+
+
+def test_command_exit_codes_and_json(settings, state_file, postgres_down):
+    set_state(state_file, "nothing", "sqlite")
+    make_backup(settings.BACKUP_DIR, age_hours=1)
+    out = StringIO()
+    # PostgreSQL unreachable while SQLite is active: not an outage
+    call_command("db_health_check", "--json", stdout=out)
+    body = json.loads(out.getvalue())
+    assert body["status"] == "ok"
+    assert {c["name"] for c in body["checks"]} == set(health.CHECKS)
+    set_state(state_file, "switched", "postgresql")
+    with pytest.raises(CommandError, match="down: active_backend, process_backend") as exc:
+        call_command("db_health_check", stdout=StringIO())
+    assert exc.value.returncode == 2
+
+
+def test_command_degraded_exits_1(state_file):
+    out = StringIO()
+    with pytest.raises(CommandError, match="degraded: backup_age") as exc:
+        call_command("db_health_check", "--check", "backup_age", stdout=out)
+    assert exc.value.returncode == 1
+    assert "no verified backup" in out.getvalue()
+
+
+def test_health_page_degraded_is_200_and_shows_backend(client, state_file):
+    set_state(state_file, "nothing", "sqlite")
+    response = client.get("/health/", {"format": "json"})
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert "Migration(check='process_backend', detail='process uses sqlite; not stale')" in body
+    assert any("backup_age" in k and v.startswith("Warning") for k, v in body.items())
+
+
+def test_health_page_down_is_500(client, state_file, postgres_down):
+    set_state(state_file, "nothing", "sqlite")
+    response = client.get("/health/", {"format": "json"})
+    assert response.status_code == 500
+    failing = [name for name, status in response.json().items() if status.startswith("Unavail")]
+    assert any("postgresql" in name for name in failing), response.json()
