@@ -2,14 +2,17 @@
 
 import os
 import signal
+from io import StringIO
 
 import pytest
+from django.core.management import CommandError, call_command
 from django.db import connections
 from django.http import HttpResponse
 from django.urls import path
 
 from accounts.models import Organisation
-from dbmigration.state import MigrationState, write_state
+from dbmigration import freeze as fz
+from dbmigration.state import MigrationState, read_state, write_state
 from propcore import middleware
 
 
@@ -85,3 +88,62 @@ def test_unreadable_state_file_refuses_writes(client, state_file):
     response = client.post("/count/")
     assert response.status_code == 503
     assert client.get("/count/").status_code == 200
+
+
+def run_switch(*args):
+    out = StringIO()
+    call_command("switch_to_postgresql", *args, stdout=out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("phase", "message"),
+    [
+        ("nothing", "phase 'nothing'; switch_to_postgresql needs 'data_migrated'"),
+        ("prepared", "Run migration_prepare and migrate_data first"),
+        ("data_migrated", "no verified migrate_data run is recorded"),
+    ],
+)
+def test_switch_refuses_before_a_verified_migration(state_file, phase, message):
+    write_state(state_file, MigrationState(phase=phase))
+    with pytest.raises(CommandError, match=message) as exc:
+        run_switch("--noinput")
+    assert exc.value.returncode == 7
+    assert read_state(state_file).active_backend == "sqlite"
+
+
+def test_switch_refuses_when_already_switched(state_file):
+    write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))
+    with pytest.raises(CommandError, match="Already switched"):
+        run_switch("--noinput")
+
+
+def test_dry_run_shows_plan_and_changes_nothing(state_file):
+    state = MigrationState(phase="data_migrated", extra={"migrate_data": {"verified": True}})
+    write_state(state_file, state)
+    before = state_file.read_bytes()
+    out = run_switch("--dry-run")
+    assert "final catch-up: migrate_data --sync" in out and "Dry run" in out
+    assert state_file.read_bytes() == before
+    assert not fz.freeze_path_for(state_file).exists()
+
+
+def test_switch_refuses_while_another_freeze_is_on(state_file):
+    write_state(
+        state_file,
+        MigrationState(phase="data_migrated", extra={"migrate_data": {"verified": True}}),
+    )
+    fz.freeze_on(fz.freeze_path_for(state_file), reason="someone else")
+    with pytest.raises(CommandError, match="already on \\(someone else"):
+        run_switch("--noinput")
+
+
+def test_typed_confirmation_other_than_yes_cancels(state_file, monkeypatch):
+    write_state(
+        state_file,
+        MigrationState(phase="data_migrated", extra={"migrate_data": {"verified": True}}),
+    )
+    monkeypatch.setattr("builtins.input", lambda prompt: "no")
+    with pytest.raises(CommandError, match="Switch cancelled"):
+        run_switch()
+    assert read_state(state_file).phase == "data_migrated"

@@ -1,0 +1,80 @@
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from dbmigration import cutover
+from dbmigration.errors import MigrationError
+from dbmigration.state import StateError
+
+
+class Command(BaseCommand):
+    help = (
+        "Phase 7: switch the application to PostgreSQL. Refuses unless migrate_data finished "
+        "and verified. Puts the application into a write freeze (writes answer 503, reads go "
+        "on), runs the final migrate_data --sync catch-up, verifies, flips the active backend "
+        "in the state file and lifts the freeze. On any failure the freeze is lifted and the "
+        "application stays on SQLite. The report gives the length of the write freeze."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--noinput",
+            "--no-input",
+            action="store_false",
+            dest="interactive",
+            help="Do not ask for the typed confirmation (for scripts).",
+        )
+        parser.add_argument(
+            "--dry-run", action="store_true", help="Check the preconditions, show the plan, stop."
+        )
+        parser.add_argument(
+            "--drain-seconds",
+            type=float,
+            default=2.0,
+            help="Seconds to wait after the freeze starts, so in-flight writes finish (2).",
+        )
+        parser.add_argument(
+            "--freeze-timeout",
+            type=float,
+            default=600.0,
+            help="The freeze lifts itself after this many seconds if this command dies (600).",
+        )
+
+    def handle(self, *args, **options):
+        try:
+            plan = cutover.plan_switch(state_file=settings.STATE_FILE)
+        except StateError as exc:
+            raise CommandError(str(exc), returncode=7) from exc
+        self.stdout.write(f"Phase {plan.phase}, active backend {plan.active_backend}. Plan:")
+        for number, step in enumerate(plan.steps, 1):
+            self.stdout.write(f"  {number}. {step}")
+        if not plan.ready:
+            raise CommandError(" ".join(plan.problems), returncode=7)
+        if options["dry_run"]:
+            self.stdout.write("Dry run: nothing was changed.")
+            return
+        if options["interactive"]:
+            answer = input(
+                "This freezes writes for a few seconds and moves the application to "
+                "PostgreSQL.\n    Type 'yes' to continue, or 'no' to cancel: "
+            )
+            if answer != "yes":
+                raise CommandError("Switch cancelled.")
+        progress = self.stdout.write if options["verbosity"] > 1 else None
+        try:
+            result = cutover.switch_to_postgresql(
+                drain_seconds=options["drain_seconds"],
+                freeze_max_seconds=options["freeze_timeout"],
+                progress=progress,
+            )
+        except (MigrationError, StateError) as exc:
+            raise CommandError(
+                f"{exc}\nThe application stays on SQLite; the write freeze was lifted.",
+                returncode=getattr(exc, "returncode", 7),
+            ) from exc
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"Switched to PostgreSQL in {result.seconds:.2f} s; writes were frozen for "
+                f"{result.freeze_seconds:.2f} s."
+            )
+        )
+        self.stdout.write(f"Report: {result.report_path}")
