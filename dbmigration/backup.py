@@ -221,9 +221,10 @@ def _export_jsonl(snapshot: Path, out_dir: Path, *, progress: Progress) -> dict[
     out_dir.mkdir()
     conn = open_readonly(snapshot, raw_text=True)
     results = {}
+    cur = conn.cursor()
     try:
         for table in list_tables(conn):
-            cur = conn.execute(f"SELECT * FROM {quote_ident(table)}")
+            cur.execute(f"SELECT * FROM {quote_ident(table)}")
             cols = [d[0] for d in cur.description]
             digest, rows = hashlib.sha256(), 0
             with open(out_dir / f"{table}.jsonl", "wb") as fh:
@@ -244,6 +245,8 @@ def _export_jsonl(snapshot: Path, out_dir: Path, *, progress: Progress) -> dict[
             if progress:
                 progress(f"exported {table}: {rows} rows")
     finally:
+        # an unfinished statement would keep the file open after close() (zombie connection)
+        cur.close()
         conn.close()
     return results
 
@@ -310,6 +313,7 @@ def create_sqlite_backup(
     """Snapshot the SQLite source in two formats, verify both, and mark the backup good."""
     sqlite_path, backup_dir = Path(sqlite_path), Path(backup_dir)
     start = time.perf_counter()
+    _check_keep(keep)
     open_readonly(sqlite_path).close()  # missing / not SQLite: fail before creating anything
     with _partial_dir(backup_dir, label=label) as (partial, final):
         snapshot = partial / SNAPSHOT
@@ -340,7 +344,7 @@ def create_sqlite_backup(
         if encrypt_key:
             _encrypt_files(partial, info, encrypt_key)
         _finish(partial, final, info, start)
-    if keep:
+    if keep is not None:
         apply_retention(backup_dir, keep=keep)
     return info
 
@@ -464,10 +468,14 @@ def last_verified_backup(backup_dir: Path) -> BackupInfo | None:
     return backups[-1] if backups else None
 
 
+def _check_keep(keep: int | None) -> None:
+    if keep is not None and keep < 1:
+        raise BackupError("--keep must be at least 1: retention never deletes every backup.")
+
+
 def apply_retention(backup_dir: Path, *, keep: int) -> list[Path]:
     """Delete all but the newest keep verified backups; return what was removed."""
-    if keep < 1:
-        raise BackupError("--keep must be at least 1: retention never deletes every backup.")
+    _check_keep(keep)
     backups = list_backups(backup_dir)
     removed = [b.path for b in backups[:-keep]]
     for path in removed:
@@ -621,6 +629,7 @@ def create_pg_backup(
 
     backup_dir = Path(backup_dir)
     start = time.perf_counter()
+    _check_keep(keep)
     env, args = _pg_env(conninfo), _pg_args(conninfo)
     dbname = conninfo["dbname"]
     try:
@@ -665,7 +674,7 @@ def create_pg_backup(
         if encrypt_key:
             _encrypt_files(partial, info, encrypt_key)
         _finish(partial, final, info, start)
-    if keep:
+    if keep is not None:
         apply_retention(backup_dir, keep=keep)
     return info
 
