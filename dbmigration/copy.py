@@ -1,0 +1,876 @@
+"""Stream every planned table from SQLite into PostgreSQL with COPY, exactly or not at all.
+
+Each table is truncated and loaded in its own transaction, so a half table is never kept.
+Secondary indexes, unique and foreign-key constraints are dropped before the load and
+rebuilt after it (the biggest single win), and the final catalog is compared with the one
+Django's migrations made.  Rows PostgreSQL would refuse are found before COPY sees them:
+value by value through casts.py, foreign keys and duplicates by query on SQLite.
+Done markers live in the state file's ``extra["migrate_data"]``, written only after a
+table's transaction committed; an interrupted table is simply redone from clean.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from django.core.management.color import no_style
+from django.db import connections, transaction
+
+from dbmigration import state as state_mod
+from dbmigration.casts import (
+    REPAIR_RULES,
+    Converter,
+    Rejection,
+    RepairLog,
+    TargetColumn,
+    build_converter,
+    excerpt,
+    target_columns,
+)
+from dbmigration.errors import DataError, SourceError, TargetError
+from dbmigration.plan import Plan, PlannedTable, build_plan
+from dbmigration.sqlite_source import file_sha256, open_readonly
+
+BATCH_ROWS = 5000
+MAX_KEPT_REJECTIONS = 100_000  # beyond this only counted, so memory stays bounded
+STATE_KEY = "migrate_data"
+
+# progress(table, rows_done, rows_total); raising from it aborts the current table cleanly
+Progress = Callable[[str, int, int], None]
+
+
+@dataclasses.dataclass
+class RejectedRow:
+    table: str
+    pk: Any
+    column: str
+    code: str
+    reason: str
+    excerpt: str
+    values: dict | None = None  # the full original row (JSON-safe), for the reject file
+    raw_pk: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in REPORTED}
+
+
+REPORTED = ("table", "pk", "column", "code", "reason", "excerpt", "values")
+
+
+@dataclasses.dataclass
+class RepairedRow:
+    table: str
+    pk: Any
+    column: str
+    rule: str
+
+
+@dataclasses.dataclass
+class ScanResult:
+    rows_scanned: dict[str, int]
+    rejections: list[RejectedRow]
+    rejected_total: int = 0
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class TableResult:
+    table: str
+    label: str
+    status: str = "pending"  # copied | already-done | failed | not-copied
+    rows_read: int = 0
+    rows_written: int = 0
+    rows_rejected: int = 0
+    rows_repaired: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rows_per_second(self) -> float:
+        return round(self.rows_read / self.seconds, 1) if self.seconds else 0.0
+
+
+@dataclasses.dataclass
+class CopyResult:
+    tables: list[TableResult]
+    rejections: list[RejectedRow]
+    repairs: list[RepairedRow]
+    source_sha256: str
+    reject_file: Path | None = None
+    rebuilt: list[str] = dataclasses.field(default_factory=list)  # indexes/constraints
+    schema_problems: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    rejected_total: int = 0
+
+    @property
+    def rows_written(self) -> int:
+        return sum(t.rows_written for t in self.tables)
+
+    @property
+    def rejected_pks(self) -> dict[str, set]:
+        found: dict[str, set] = {}
+        for r in self.rejections:
+            found.setdefault(r.table, set()).add(r.pk)
+        return found
+
+
+# --- reading the source ------------------------------------------------------------------
+
+
+def qi(name: str) -> str:
+    """Quote an identifier (same rule for SQLite and PostgreSQL)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def plain(value: Any) -> Any:
+    """Return a raw SQLite value in a JSON-safe form that loses nothing."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return {"base64": base64.b64encode(value).decode()}
+    if isinstance(value, float) and value != value:
+        return {"float": "nan"}
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return {"float": str(value)}
+    return value
+
+
+def read_rows(conn, table: PlannedTable, *, where: str = "", params=()) -> Iterator[list[tuple]]:
+    """Yield batches of raw rows (text as bytes) in bounded memory."""
+    cols = ", ".join(qi(c) for c in table.column_names)
+    cur = conn.execute(f"SELECT {cols} FROM {qi(table.db_table)} {where}", params)
+    while batch := cur.fetchmany(BATCH_ROWS):
+        yield batch
+
+
+def count_rows(conn, db_table: str) -> int:
+    return conn.execute(f"SELECT count(*) FROM {qi(db_table)}").fetchone()[0]
+
+
+def _row_dict(table: PlannedTable, raw: tuple) -> dict:
+    return {name: plain(v) for name, v in zip(table.column_names, raw, strict=True)}
+
+
+class RowConverter:
+    """Convert one table's raw rows; collect rejections and repairs per row."""
+
+    def __init__(
+        self,
+        table: PlannedTable,
+        targets: dict[str, TargetColumn] | None,
+        *,
+        repairs: frozenset[str] = frozenset(),
+        fast: bool = True,
+    ):
+        self.table = table
+        self.log = RepairLog(rules=repairs)
+        self.converters: list[Converter] = [
+            build_converter(
+                c, (targets or {}).get(c.name), fast=fast, repairs=self.log if repairs else None
+            )
+            for c in table.columns
+        ]
+        self.pk_index = table.pk_index
+
+    def convert(self, raw: tuple) -> list | list[RejectedRow]:
+        """Return the converted row, or raise _RowRejected listing every bad column."""
+        try:
+            if self.log.applied:
+                self.log.applied.clear()
+            return [conv(v) for conv, v in zip(self.converters, raw, strict=True)]
+        except Rejection:
+            pass
+        bad = []
+        for column, conv, value in zip(self.table.columns, self.converters, raw, strict=True):
+            try:
+                conv(value)
+            except Rejection as exc:
+                bad.append(
+                    RejectedRow(
+                        table=self.table.db_table,
+                        pk=plain(raw[self.pk_index]),
+                        raw_pk=raw[self.pk_index],
+                        column=column.name,
+                        code=exc.code,
+                        reason=exc.reason,
+                        excerpt=excerpt(value),
+                        values=_row_dict(self.table, raw),
+                    )
+                )
+        self.log.applied.clear()
+        raise _RowRejected(bad)
+
+
+class _RowRejected(Exception):
+    def __init__(self, rows: list[RejectedRow]):
+        super().__init__(rows[0].reason)
+        self.rows = rows
+
+
+# --- relational checks on SQLite ---------------------------------------------------------
+
+
+def relational_rejections(conn, plan: Plan, *, source_tables: set[str]) -> list[RejectedRow]:
+    """Find foreign keys to missing rows and duplicates of unique keys by query on SQLite."""
+    found: list[RejectedRow] = []
+    for table in plan.tables:
+        pk = qi(table.pk_column)
+        for fk in table.foreign_keys:
+            if fk.to_table not in source_tables:
+                continue
+            rows = conn.execute(
+                f"SELECT c.{pk}, c.{qi(fk.column)} FROM {qi(table.db_table)} c "
+                f"WHERE c.{qi(fk.column)} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM "
+                f"{qi(fk.to_table)} p WHERE p.{qi(fk.to_column)} = c.{qi(fk.column)})"
+            ).fetchall()
+            for pk_value, value in rows:
+                found.append(
+                    RejectedRow(
+                        table=table.db_table,
+                        pk=plain(pk_value),
+                        raw_pk=pk_value,
+                        column=fk.column,
+                        code="fk",
+                        reason=f"points to a missing {fk.to_table}.{fk.to_column}",
+                        excerpt=excerpt(value),
+                    )
+                )
+        for columns in table.unique_sets:
+            cols = ", ".join(f"c.{qi(c)}" for c in columns)
+            present = " AND ".join(f"{qi(c)} IS NOT NULL" for c in columns)
+            groups = ", ".join(qi(c) for c in columns)
+            rows = conn.execute(
+                f"SELECT c.{pk}, {cols} FROM {qi(table.db_table)} c WHERE ({cols}) IN "
+                f"(SELECT {groups} FROM {qi(table.db_table)} WHERE {present} GROUP BY {groups} "
+                f"HAVING count(*) > 1) ORDER BY {cols}, c.{pk}"
+            ).fetchall()
+            first: dict[tuple, Any] = {}
+            for pk_value, *key in rows:
+                key = tuple(key)
+                if key not in first:
+                    first[key] = pk_value  # the oldest row keeps the key
+                    continue
+                found.append(
+                    RejectedRow(
+                        table=table.db_table,
+                        pk=plain(pk_value),
+                        raw_pk=pk_value,
+                        column=",".join(columns),
+                        code="unique",
+                        reason=(
+                            f"duplicate of pk {plain(first[key])!r} on unique "
+                            f"({', '.join(columns)})"
+                        ),
+                        excerpt=excerpt(key if len(key) > 1 else key[0]),
+                    )
+                )
+    return found
+
+
+def cascade_rejections(conn, plan: Plan, rejected: dict[str, set]) -> list[RejectedRow]:
+    """Reject rows pointing at rejected rows, until nothing more falls (quarantine mode).
+
+    ``rejected`` maps a table to the raw (as stored) primary keys already rejected.
+    """
+    added: list[RejectedRow] = []
+    gone = {name: set(pks) for name, pks in rejected.items()}
+    planned = {t.db_table for t in plan.tables}
+    changed = True
+    while changed:
+        changed = False
+        for table in plan.tables:
+            for fk in table.foreign_keys:
+                if not gone.get(fk.to_table) or fk.to_table not in planned:
+                    continue
+                target = plan.table(fk.to_table)
+                values = _column_values(conn, target, fk.to_column, gone[fk.to_table])
+                mine = gone.setdefault(table.db_table, set())
+                for chunk in _chunks([_param(v) for v in values], 500):
+                    marks = ", ".join("?" * len(chunk))
+                    rows = conn.execute(
+                        f"SELECT {qi(table.pk_column)}, {qi(fk.column)} FROM "
+                        f"{qi(table.db_table)} WHERE {qi(fk.column)} IN ({marks})",
+                        chunk,
+                    ).fetchall()
+                    for pk_value, value in rows:
+                        if pk_value in mine:
+                            continue
+                        mine.add(pk_value)
+                        changed = True
+                        added.append(
+                            RejectedRow(
+                                table=table.db_table,
+                                pk=plain(pk_value),
+                                raw_pk=pk_value,
+                                column=fk.column,
+                                code="fk",
+                                reason=f"points to a rejected {fk.to_table} row",
+                                excerpt=excerpt(value),
+                            )
+                        )
+    return added
+
+
+def _param(value: Any) -> Any:
+    # text comes back as bytes (raw_text); bound as bytes it would be a BLOB and match nothing
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+    return value
+
+
+def _column_values(conn, table: PlannedTable, column: str, pks: set) -> set:
+    if column == table.pk_column:
+        return set(pks)
+    values = set()
+    for chunk in _chunks([_param(p) for p in pks], 500):
+        marks = ", ".join("?" * len(chunk))
+        values.update(
+            v
+            for (v,) in conn.execute(
+                f"SELECT {qi(column)} FROM {qi(table.db_table)} "
+                f"WHERE {qi(table.pk_column)} IN ({marks})",
+                chunk,
+            )
+        )
+    return values
+
+
+def fetch_row(conn, table: PlannedTable, raw_pk: Any) -> dict | None:
+    """Return one source row's original values (JSON-safe) by primary key."""
+    cols = ", ".join(qi(c) for c in table.column_names)
+    raw = conn.execute(
+        f"SELECT {cols} FROM {qi(table.db_table)} WHERE {qi(table.pk_column)} = ?",
+        [_param(raw_pk)],
+    ).fetchone()
+    return _row_dict(table, raw) if raw is not None else None
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# --- the dry run ---------------------------------------------------------------------------
+
+
+def _source_tables(conn) -> set[str]:
+    rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    return {r[0].decode() if isinstance(r[0], bytes) else r[0] for r in rows}
+
+
+def _targets_for(plan: Plan, alias: str | None) -> dict[str, dict[str, TargetColumn]]:
+    if alias is None:
+        return {}
+    with connections[alias].cursor() as cur:
+        return {t.db_table: target_columns(cur, t.db_table) for t in plan.tables}
+
+
+def scan_source(
+    *,
+    sqlite_path: Path,
+    progress: Progress | None = None,
+    plan: Plan | None = None,
+    target_alias: str | None = None,
+    repairs: Iterable[str] = (),
+) -> ScanResult:
+    """Convert every source row as the copy would, write nothing, and list every rejection.
+
+    Without ``target_alias`` column limits come from Django's fields (enum labels are then
+    not checked); with it, from the PostgreSQL catalog, as during the copy.
+    """
+    started = time.perf_counter()
+    plan = plan or build_plan()
+    targets = _targets_for(plan, target_alias)
+    conn = open_readonly(sqlite_path, raw_text=True)
+    try:
+        present = _source_tables(conn)
+        missing = [t.db_table for t in plan.tables if t.db_table not in present]
+        if missing:
+            raise SourceError(
+                f"SQLite database {sqlite_path} has no table(s) {', '.join(missing)}; run "
+                "'manage.py migrate --database sqlite' on it (or check SQLITE_PATH)."
+            )
+        rows: dict[str, int] = {}
+        sink = _RejectionSink()
+        for table in plan.tables:
+            rows[table.db_table] = _scan_table(
+                conn, table, targets.get(table.db_table), frozenset(repairs), sink, progress
+            )
+        sink.extend(relational_rejections(conn, plan, source_tables=present))
+    finally:
+        conn.close()
+    return ScanResult(
+        rows_scanned=rows,
+        rejections=sink.rows,
+        rejected_total=sink.total,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+class _RejectionSink:
+    """Keep rejections (bounded) and optionally stream them to a JSON Lines file."""
+
+    def __init__(self, path: Path | None = None):
+        self.rows: list[RejectedRow] = []
+        self.total = 0
+        self.path = path
+        self._fh = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(path, "w", encoding="utf-8")  # noqa: SIM115 closed in close()
+
+    def extend(self, rows: Iterable[RejectedRow]) -> None:
+        for row in rows:
+            self.total += 1
+            if self._fh is not None:
+                self._fh.write(json.dumps(row.as_dict(), default=str) + "\n")
+            if len(self.rows) < MAX_KEPT_REJECTIONS:
+                self.rows.append(row)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _scan_table(conn, table, targets, repairs, sink, progress) -> int:
+    rc = RowConverter(table, targets, repairs=repairs)
+    total = count_rows(conn, table.db_table) if progress else 0
+    done = 0
+    for batch in read_rows(conn, table):
+        for raw in batch:
+            try:
+                rc.convert(raw)
+            except _RowRejected as exc:
+                sink.extend(exc.rows)
+        done += len(batch)
+        if progress:
+            progress(table.db_table, done, total)
+    return done
+
+
+# --- schema: what to drop before the load and rebuild after ------------------------------
+
+INDEXES_SQL = """
+SELECT c.relname, i.relname, pg_get_indexdef(ix.indexrelid),
+       EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = ix.indexrelid
+                                              AND k.conrelid = c.oid)
+  FROM pg_index ix
+  JOIN pg_class i ON i.oid = ix.indexrelid
+  JOIN pg_class c ON c.oid = ix.indrelid
+ WHERE c.relname = ANY(%s) AND pg_table_is_visible(c.oid)
+"""
+CONSTRAINTS_SQL = """
+SELECT c.relname, k.conname, k.contype::text, pg_get_constraintdef(k.oid)
+  FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
+ WHERE c.relname = ANY(%s) AND pg_table_is_visible(c.oid)
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class SchemaObject:
+    table: str
+    kind: str  # index | constraint-p | constraint-u | constraint-f | constraint-c ...
+    name: str
+    definition: str
+
+    @property
+    def create_sql(self) -> str:
+        if self.kind == "index":
+            return self.definition
+        return f"ALTER TABLE {qi(self.table)} ADD CONSTRAINT {qi(self.name)} {self.definition}"
+
+    @property
+    def drop_sql(self) -> str:
+        if self.kind == "index":
+            return f"DROP INDEX IF EXISTS {qi(self.name)}"
+        return f"ALTER TABLE {qi(self.table)} DROP CONSTRAINT IF EXISTS {qi(self.name)}"
+
+
+def schema_snapshot(cursor, tables: Iterable[str]) -> set[SchemaObject]:
+    """Return every index and constraint on the tables, as PostgreSQL's catalog prints them."""
+    names = list(tables)
+    found = set()
+    cursor.execute(INDEXES_SQL, [names])
+    for table, name, definition, _backs in cursor.fetchall():
+        found.add(SchemaObject(table, "index", name, definition))
+    cursor.execute(CONSTRAINTS_SQL, [names])
+    for table, name, contype, definition in cursor.fetchall():
+        found.add(SchemaObject(table, f"constraint-{contype}", name, definition))
+    return found
+
+
+def droppable(snapshot: set[SchemaObject], *, loaded: set[str]) -> list[SchemaObject]:
+    """Pick what slows a bulk load: FKs everywhere, unique constraints and plain indexes on
+    loaded tables.  Primary keys and CHECK constraints stay."""
+    backing = {
+        o.name for o in snapshot if o.kind in ("constraint-p", "constraint-u", "constraint-x")
+    }
+    picked = [
+        obj
+        for obj in snapshot
+        if obj.kind == "constraint-f"
+        or (obj.table in loaded and obj.kind == "constraint-u")
+        or (obj.table in loaded and obj.kind == "index" and obj.name not in backing)
+    ]
+    return sorted(picked, key=lambda o: (o.kind, o.table, o.name))
+
+
+def _rebuild_order(obj: SchemaObject) -> int:
+    # unique keys first: a foreign key may point at one
+    return {"index": 0, "constraint-u": 0, "constraint-f": 1}.get(obj.kind, 2)
+
+
+def rebuild(alias: str, objects: list[SchemaObject], *, workers: int = 2) -> None:
+    """Create indexes and constraints again, two at a time (index builds are CPU-bound)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import psycopg
+
+    params = connections[alias].get_connection_params()
+    for stage in (0, 1, 2):
+        batch = [o for o in objects if _rebuild_order(o) == stage]
+        if not batch:
+            continue
+        lanes = [batch[i::workers] for i in range(workers)]
+
+        def run(lane: list[SchemaObject]) -> None:
+            if not lane:
+                return
+            with psycopg.connect(**params, autocommit=True) as conn:
+                for obj in lane:
+                    conn.execute(obj.create_sql)
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for future in [pool.submit(run, lane) for lane in lanes]:
+                future.result()
+
+
+# --- done markers in the state file -------------------------------------------------------
+
+
+def _read_marks(state_file: Path | None) -> dict:
+    if state_file is None:
+        return {}
+    return dict(state_mod.read_state(state_file).extra.get(STATE_KEY, {}))
+
+
+def _write_marks(state_file: Path | None, marks: dict) -> None:
+    if state_file is None:
+        return
+    state = state_mod.read_state(state_file)
+    state.extra[STATE_KEY] = marks
+    state_mod.write_state(state_file, state)
+
+
+def done_tables(state_file: Path | None, *, source_sha256: str) -> dict[str, int]:
+    """Return {table: rows} copied from this exact source file (other sources don't count)."""
+    marks = _read_marks(state_file)
+    if marks.get("source_sha256") != source_sha256:
+        return {}
+    return dict(marks.get("done", {}))
+
+
+# --- the copy -------------------------------------------------------------------------------
+
+
+def copy_data(
+    *,
+    sqlite_path: Path,
+    alias: str = "postgresql",
+    tables: Iterable[str] | None = None,
+    quarantine: bool = False,
+    repairs: Iterable[str] = (),
+    reject_file: Path | None = None,
+    state_file: Path | None = None,
+    progress: Progress | None = None,
+) -> CopyResult:
+    """Copy the planned tables; raise DataError (nothing of a bad table kept) on rejections."""
+    started = time.perf_counter()
+    repairs = frozenset(repairs)
+    unknown = repairs - set(REPAIR_RULES)
+    if unknown:
+        raise DataError(
+            f"Unknown repair rule(s) {', '.join(sorted(unknown))}; known: "
+            + ", ".join(f"{k} ({v})" for k, v in REPAIR_RULES.items())
+        )
+    plan = build_plan(only=tables)
+    sha = file_sha256(sqlite_path)
+    marks = _read_marks(state_file)
+    done = done_tables(state_file, source_sha256=sha)
+    marks = {"source_sha256": sha, "done": done, "pending_ddl": marks.get("pending_ddl", [])}
+    todo = [t for t in plan.tables if t.db_table not in done]
+    results = {
+        t.db_table: TableResult(
+            table=t.db_table,
+            label=t.label,
+            status="already-done" if t.db_table in done else "pending",
+            rows_written=done.get(t.db_table, 0),
+        )
+        for t in plan.tables
+    }
+    result = CopyResult(tables=list(results.values()), rejections=[], repairs=[], source_sha256=sha)
+    pg = connections[alias]
+    targets = _targets_for(plan, alias)
+    missing = [t.db_table for t in plan.tables if not targets[t.db_table]]
+    if missing:
+        raise TargetError(
+            f"PostgreSQL has no table(s) {', '.join(missing)}; run 'manage.py migrate "
+            f"--database {alias}' (migration_prepare does it) first."
+        )
+    sink = _RejectionSink(reject_file if quarantine else None)
+    conn = open_readonly(sqlite_path, raw_text=True)
+    try:
+        present = _source_tables(conn)
+        absent = [t.db_table for t in plan.tables if t.db_table not in present]
+        if absent:
+            raise SourceError(f"SQLite database {sqlite_path} has no table(s) {', '.join(absent)}.")
+        todo_plan = Plan(tables=todo, deferred_fks=[])
+        skip: dict[str, set] = {}
+        if todo:
+            relational = relational_rejections(conn, todo_plan, source_tables=present)
+            if quarantine:
+                skip = _quarantine_scan(conn, todo_plan, targets, repairs, relational, sink)
+            elif relational:
+                sink.extend(relational)
+                for table in todo:
+                    _scan_table(conn, table, targets[table.db_table], repairs, sink, progress)
+                    results[table.db_table].status = "not-copied"
+                _fail(result, sink)
+        if todo:
+            _load(
+                conn,
+                pg,
+                plan,
+                todo,
+                targets,
+                repairs,
+                skip,
+                sink,
+                results,
+                result,
+                marks,
+                state_file,
+                progress,
+                quarantine,
+            )
+        result.rejections, result.rejected_total = sink.rows, sink.total
+        for table in plan.tables:
+            results[table.db_table].rows_rejected = len(skip.get(table.db_table, ()))
+    finally:
+        conn.close()
+        sink.close()
+    result.reject_file = reject_file if quarantine and sink.total else None
+    result.seconds = round(time.perf_counter() - started, 3)
+    return result
+
+
+def _fail(result: CopyResult, sink: _RejectionSink) -> None:
+    result.rejections, result.rejected_total = sink.rows, sink.total
+    raise RowsRejected(result)
+
+
+class RowsRejected(DataError):
+    """Rows PostgreSQL would refuse or change; result.rejections lists each one."""
+
+    def __init__(self, result: CopyResult):
+        self.result = result
+        first = result.rejections[:5]
+        lines = "\n".join(
+            f"  {r.table} pk={r.pk!r} column {r.column}: {r.reason} ({r.excerpt})" for r in first
+        )
+        more = result.rejected_total - len(first)
+        super().__init__(
+            f"{result.rejected_total} source row(s) cannot be copied exactly; nothing of their "
+            f"tables was kept and the phase did not advance:\n{lines}"
+            + (f"\n  ... and {more} more (see the report)" if more > 0 else "")
+            + "\nFix them in SQLite, or run again with --quarantine (set them aside in a "
+            "reject file) or --repair RULE (e.g. strip-nul)."
+        )
+
+
+def _quarantine_scan(conn, plan, targets, repairs, relational, sink) -> dict[str, set]:
+    """Find every row to set aside (bad values, broken keys, and rows pointing at them)."""
+    rejected: list[RejectedRow] = []
+    collector = _RejectionSink()
+    for table in plan.tables:
+        _scan_table(conn, table, targets[table.db_table], repairs, collector, None)
+    rejected = collector.rows + relational
+    by_table: dict[str, set] = {}
+    for row in rejected:
+        by_table.setdefault(row.table, set()).add(row.raw_pk)
+    rejected += cascade_rejections(conn, plan, by_table)
+    skip: dict[str, set] = {}
+    for row in rejected:
+        skip.setdefault(row.table, set()).add(row.raw_pk)
+        if row.values is None:
+            row.values = fetch_row(conn, plan.table(row.table), row.raw_pk)
+    sink.extend(rejected)
+    return skip
+
+
+def _load(
+    conn,
+    pg,
+    plan,
+    todo,
+    targets,
+    repairs,
+    skip,
+    sink,
+    results,
+    result,
+    marks,
+    state_file,
+    progress,
+    quarantine,
+) -> None:
+    """Drop what slows the load, copy each table in its own transaction, rebuild, check."""
+    names = [t.db_table for t in plan.tables]
+    with pg.cursor() as cur:
+        current = schema_snapshot(cur, names)
+    pending = {SchemaObject(**o) for o in marks["pending_ddl"]}
+    before = current | {p for p in pending if p.table in names}
+    drop = droppable(before, loaded={t.db_table for t in todo})
+    # remember before dropping: an interrupted run must still rebuild them
+    marks["pending_ddl"] = [dataclasses.asdict(o) for o in sorted(set(drop) | pending, key=str)]
+    _write_marks(state_file, marks)
+    with pg.cursor() as cur:
+        for obj in drop:
+            if obj in current:
+                cur.execute(obj.drop_sql)
+    failed = False
+    for table in todo:
+        if failed:  # keep reporting every bad row, but write nothing more
+            _scan_table(conn, table, targets[table.db_table], repairs, sink, progress)
+            results[table.db_table].status = "not-copied"
+            continue
+        try:
+            _copy_table(
+                conn,
+                pg,
+                table,
+                targets[table.db_table],
+                repairs,
+                skip.get(table.db_table),
+                sink,
+                results[table.db_table],
+                result,
+                progress,
+            )
+        except _TableRejected:
+            failed = True
+            results[table.db_table].status = "failed"
+            continue
+        marks["done"][table.db_table] = results[table.db_table].rows_written
+        _write_marks(state_file, marks)
+    if failed:
+        _restore(pg, marks, state_file, drop, before, plan, quarantine)
+        _fail(result, sink)
+    _restore(pg, marks, state_file, drop, before, plan, quarantine)
+    with pg.cursor() as cur:
+        after = schema_snapshot(cur, names)
+    result.rebuilt = [f"{o.table}.{o.name}" for o in drop]
+    result.schema_problems = sorted(
+        [f"missing after the load: {o.table} {o.kind} {o.name}" for o in before - after]
+        + [f"not made by migrations: {o.table} {o.kind} {o.name}" for o in after - before]
+    )
+    if result.schema_problems:
+        raise TargetError(
+            "The schema after the load differs from the one Django's migrations made:\n  "
+            + "\n  ".join(result.schema_problems)
+        )
+
+
+def _restore(pg, marks, state_file, drop, before, plan, quarantine) -> None:
+    """Rebuild dropped indexes/constraints, reset sequences, refresh materialized views."""
+    with pg.cursor() as cur:
+        present = schema_snapshot(cur, {o.table for o in drop})
+    missing = [o for o in drop if o not in present]
+    try:
+        rebuild(pg.alias, missing)
+    except Exception as exc:
+        raise TargetError(
+            f"Rebuilding indexes/constraints after the load failed: {exc}. The data that "
+            "breaks them is named above; fix it (or use --quarantine) and run again."
+        ) from exc
+    marks["pending_ddl"] = []
+    _write_marks(state_file, marks)
+    with pg.cursor() as cur:
+        for statement in pg.ops.sequence_reset_sql(no_style(), plan.models):
+            cur.execute(statement)
+        # views built over empty tables by migrate would keep showing nothing
+        cur.execute("SELECT schemaname, matviewname FROM pg_matviews WHERE ispopulated")
+        for schema, view in cur.fetchall():
+            cur.execute(f"REFRESH MATERIALIZED VIEW {qi(schema)}.{qi(view)}")
+
+
+class _TableRejected(Exception):
+    pass
+
+
+def _copy_table(conn, pg, table, targets, repairs, skip, sink, out, result, progress) -> None:
+    """Truncate and load one table in one transaction; roll it back on any rejection."""
+    started = time.perf_counter()
+    rc = RowConverter(table, targets, repairs=repairs)
+    total = count_rows(conn, table.db_table)
+    pk_index = table.pk_index
+    cols = ", ".join(qi(c) for c in table.column_names)
+    rejected_here = False
+    repaired: list[RepairedRow] = []
+    read = written = 0
+    try:
+        with transaction.atomic(using=pg.alias), pg.cursor() as cur:
+            cur.execute(f"TRUNCATE {qi(table.db_table)}")
+            with cur.cursor.copy(f"COPY {qi(table.db_table)} ({cols}) FROM STDIN") as cp:
+                write = cp.write_row
+                for batch in read_rows(conn, table):
+                    for raw in batch:
+                        if skip is not None and raw[pk_index] in skip:
+                            continue
+                        try:
+                            row = rc.convert(raw)
+                        except _RowRejected as exc:
+                            sink.extend(exc.rows)
+                            rejected_here = True
+                            continue
+                        if rc.log.applied:
+                            repaired.extend(
+                                RepairedRow(table.db_table, plain(raw[pk_index]), column, rule)
+                                for column, rule in rc.log.applied
+                            )
+                        if not rejected_here:
+                            write(row)
+                            written += 1
+                    read += len(batch)
+                    if progress:
+                        progress(table.db_table, read, total)
+                if rejected_here:
+                    raise _TableRejected(table.db_table)
+    except _TableRejected:
+        out.rows_read, out.seconds = read, round(time.perf_counter() - started, 3)
+        raise
+    except Exception as exc:
+        if isinstance(exc, DataError | TargetError | KeyboardInterrupt):
+            raise
+        import psycopg
+
+        if isinstance(exc, psycopg.Error):
+            raise TargetError(
+                f"PostgreSQL refused {table.db_table}: {exc}. Nothing of this table was kept."
+            ) from exc
+        raise
+    out.status = "copied"
+    out.rows_read, out.rows_written = read, written
+    out.rows_repaired = len({r.pk for r in repaired})
+    out.seconds = round(time.perf_counter() - started, 3)
+    result.repairs.extend(repaired)
