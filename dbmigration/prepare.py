@@ -150,7 +150,7 @@ def run_prepare(
                     f"{len(result.schema_problems)} schema differences on PostgreSQL, first: "
                     f"{result.schema_problems[0]}. Fix: drop the target database and prepare again."
                 )
-            _dry_run(sqlite_path, result, step, note)
+            _dry_run(sqlite_path, result, step, note, pg_alias=pg_alias)
             if result.rejections:
                 raise DataError(
                     f"{len(result.rejections)} source rows would be rejected by the copy, "
@@ -326,31 +326,32 @@ def compare_schema(pg_alias: str) -> list[str]:
     return problems
 
 
-def _dry_run(sqlite_path: Path, result: PrepareResult, step, note) -> None:
+def _dry_run(sqlite_path: Path, result: PrepareResult, step, note, *, pg_alias: str) -> None:
     """Run the copy's own conversion over every source row without writing anything."""
     from dbmigration.copy import scan_source
 
     t0 = time.perf_counter()
-    scan = scan_source(sqlite_path=sqlite_path, progress=None)
+    # with the target alias the column limits (enum labels, lengths) come from PostgreSQL
+    scan = scan_source(sqlite_path=sqlite_path, target_alias=pg_alias)
     seconds = max(time.perf_counter() - t0, 1e-6)
-    rows = _rows_scanned(scan)
-    result.rows_scanned = sum(rows.values())
+    result.rows_scanned = sum(scan.rows_scanned.values())
     result.rejections = [
         Rejection(
-            table=str(_get(r, "table")),
-            pk=str(_get(r, "pk")),
-            column=str(_get(r, "column")),
-            reason=str(_get(r, "reason")),
-            excerpt=str(_get(r, "excerpt"))[:200],
+            table=r.table,
+            pk=str(r.pk),
+            column=r.column,
+            reason=r.reason,
+            excerpt=str(r.excerpt)[:200],
         )
-        for r in (getattr(scan, "rejections", None) or [])
+        for r in scan.rejections
     ]
     result.conversion_rows_per_s = round(result.rows_scanned / seconds, 1)
     result.estimated_copy_seconds = round(seconds * (1 + WRITE_OVERHEAD), 2)
     step.details.update(
         {
-            "rows_scanned": rows,
+            "rows_scanned": scan.rows_scanned,
             "rows_scanned_total": result.rows_scanned,
+            "rejected_total": max(scan.rejected_total, len(scan.rejections)),
             "conversion_seconds": round(seconds, 3),
             "conversion_rows_per_s": result.conversion_rows_per_s,
             "estimated_copy_seconds": result.estimated_copy_seconds,
@@ -364,18 +365,6 @@ def _dry_run(sqlite_path: Path, result: PrepareResult, step, note) -> None:
         f"phase 5: {result.rows_scanned} rows converted in {seconds:.2f}s, "
         f"{len(result.rejections)} would be rejected"
     )
-
-
-def _rows_scanned(scan) -> dict[str, int]:
-    rows = getattr(scan, "rows_scanned", None)
-    if isinstance(rows, dict):
-        return {str(k): int(v) for k, v in rows.items()}
-    tables = getattr(scan, "tables", None) or []
-    return {str(_get(t, "table")): int(_get(t, "rows_scanned") or 0) for t in tables}
-
-
-def _get(obj, name):
-    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
 
 
 def _describe_rejection(r: Rejection) -> str:
