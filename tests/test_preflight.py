@@ -1,0 +1,244 @@
+"""PostgreSQL and SQLite preflight checks, against real servers and files.
+
+The shared server trusts every local connection (pg_hba 'trust'), so a wrong password
+cannot fail there: those tests start a private cluster with scram-sha-256 auth.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+from io import StringIO
+from pathlib import Path
+
+import psycopg
+import pytest
+from django.core.management import CommandError, call_command
+from django.db import connections
+
+from dbmigration.errors import SourceError, TargetError
+from dbmigration.preflight import (
+    check_postgresql,
+    check_sqlite_source,
+    check_target_is_ours,
+    code_migrations,
+    conninfo_from_settings,
+    conninfo_from_url,
+    required_extensions,
+)
+from propcore.pgserver import _free_port, find_pg_bin
+from tests.test_backup import make_source
+
+ADMIN_PW = "admin-pw-9f2"
+GOOD_PW = "right-horse-battery"
+NOPRIV_PW = "nopriv-pw-71"
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@pytest.fixture(scope="module")
+def scram_cluster():
+    """A private PostgreSQL with password auth on 127.0.0.1, with two roles and a database."""
+    # pytest's tmp dirs are private to root; the server runs as postgres
+    root = Path(tempfile.mkdtemp(prefix="propcore_scram_"))
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+    data, pwfile = root / "data", root / "pw"
+    pwfile.write_text(ADMIN_PW)
+    os.chmod(pwfile, 0o644)
+    initdb, pg_ctl = find_pg_bin("initdb"), find_pg_bin("pg_ctl")
+    subprocess.run(
+        _as_postgres(
+            [
+                initdb,
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--pwfile",
+                str(pwfile),
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "-E",
+                "UTF8",
+            ]
+        ),
+        check=True,
+        capture_output=True,
+    )
+    port = _free_port()
+    subprocess.run(
+        _as_postgres(
+            [
+                pg_ctl,
+                "-D",
+                str(data),
+                "-l",
+                str(root / "log"),
+                "-w",
+                "-o",
+                f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=20",
+                "start",
+            ]
+        ),
+        check=True,
+        capture_output=True,
+    )
+    admin = {"host": "127.0.0.1", "port": port, "user": "postgres", "password": ADMIN_PW}
+    with psycopg.connect(**admin, dbname="postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE migrator LOGIN PASSWORD '{GOOD_PW}'")
+        conn.execute(f"CREATE ROLE nopriv LOGIN PASSWORD '{NOPRIV_PW}'")
+        conn.execute("CREATE DATABASE target OWNER migrator ENCODING 'UTF8' TEMPLATE template0")
+    yield {"port": port, "admin": admin}
+    subprocess.run(
+        _as_postgres([pg_ctl, "-D", str(data), "-m", "immediate", "stop"]),
+        check=False,
+        capture_output=True,
+    )
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _url(user: str, password: str, port: int, db: str = "target") -> str:
+    return f"postgres://{user}:{password}@127.0.0.1:{port}/{db}"
+
+
+def _run_test_command(*args) -> tuple[str, CommandError | None]:
+    out = StringIO()
+    try:
+        call_command("db_test_postgresql", *args, stdout=out)
+    except CommandError as exc:
+        return out.getvalue(), exc
+    return out.getvalue(), None
+
+
+def test_all_checks_pass_for_the_owner(scram_cluster):
+    url = _url("migrator", GOOD_PW, scram_cluster["port"])
+    out, err = _run_test_command("--url", url, "--pool-max", "5")
+    assert err is None, out
+    for name in (
+        "connect",
+        "server_version",
+        "ssl",
+        "encoding",
+        "privileges",
+        "extensions",
+        "max_connections",
+    ):
+        assert f"{name}: ok" in out
+    assert "All checks passed" in out and GOOD_PW not in out
+
+
+def test_wrong_password_fails_with_a_fix(scram_cluster):
+    out, err = _run_test_command("--url", _url("migrator", "wrong-pw", scram_cluster["port"]))
+    assert err is not None and err.returncode == TargetError.returncode
+    assert "refused the password for role 'migrator'" in out
+    assert "Fix: put the right password in POSTGRES_URL" in out
+    assert "wrong-pw" not in out and "wrong-pw" not in str(err)
+
+
+def test_role_without_privileges_names_each_missing_grant(scram_cluster):
+    out, err = _run_test_command("--url", _url("nopriv", NOPRIV_PW, scram_cluster["port"]))
+    assert err is not None and "privileges" in str(err)
+    line = next(x for x in out.splitlines() if x.strip().startswith("privileges"))
+    assert "FAILED" in line and "role 'nopriv' lacks CREATE on schema public" in line
+    assert 'GRANT CREATE ON SCHEMA public TO "nopriv"' in line
+    assert NOPRIV_PW not in out
+
+
+def test_unreachable_server_is_one_clear_line():
+    port = _free_port()  # nothing listens there
+    out, err = _run_test_command("--url", f"postgres://postgres:pw@127.0.0.1:{port}/x")
+    assert err is not None and err.returncode == TargetError.returncode
+    failed = [x for x in out.splitlines() if "FAILED" in x]
+    assert len(failed) == 1 and "is not reachable" in failed[0]
+    assert "start the server or correct POSTGRES_URL" in failed[0]
+    assert ":pw@" not in out
+
+
+def test_missing_database_is_fine_when_the_role_can_create_it(scram_cluster):
+    report = check_postgresql(
+        conninfo=conninfo_from_url(_url("postgres", ADMIN_PW, scram_cluster["port"], db="not_yet")),
+        pool_max=5,
+    )
+    assert report.ok, [c.line() for c in report.checks]
+    assert "will create it" in next(c.detail for c in report.checks if c.name == "database")
+
+
+def test_pool_larger_than_max_connections_fails(scram_cluster):
+    report = check_postgresql(
+        conninfo=conninfo_from_url(_url("migrator", GOOD_PW, scram_cluster["port"])),
+        pool_max=50,
+    )
+    assert [c.name for c in report.failed] == ["max_connections"]
+    assert "lower the profile's pool_max" in report.failed[0].line()
+
+
+def test_required_extensions_come_from_migrations(scram_cluster):
+    assert required_extensions() == []  # our migrations create none today
+    report = check_postgresql(
+        conninfo=conninfo_from_url(_url("migrator", GOOD_PW, scram_cluster["port"])),
+        pool_max=5,
+        extensions=["pg_trgm", "no_such_extension"],
+    )
+    ext = next(c for c in report.checks if c.name == "extensions")
+    assert not ext.ok and "not available on the server: no_such_extension" in ext.detail
+
+
+@pytest.mark.django_db(databases="__all__", transaction=True)
+def test_shared_test_database_passes_and_target_is_ours():
+    conninfo = conninfo_from_settings(connections["postgresql"].settings_dict)
+    report = check_postgresql(conninfo=conninfo, pool_max=10)
+    assert report.ok, [c.line() for c in report.checks]
+    assert report.facts["encoding"] == "UTF8" and report.facts["latency_ms"] > 0
+    assert check_target_is_ours(conninfo=conninfo).ok
+
+
+@pytest.mark.django_db(databases="__all__", transaction=True)
+def test_foreign_table_in_target_is_refused():
+    conninfo = conninfo_from_settings(connections["postgresql"].settings_dict)
+    with connections["postgresql"].cursor() as cur:
+        cur.execute("CREATE TABLE legacy_crm_contacts (id int)")
+    try:
+        check = check_target_is_ours(conninfo=conninfo)
+    finally:
+        with connections["postgresql"].cursor() as cur:
+            cur.execute("DROP TABLE legacy_crm_contacts")
+    assert not check.ok and "legacy_crm_contacts" in check.detail
+    assert "never overwrite foreign data" in check.line()
+
+
+def test_sqlite_checks_find_fk_violations_and_unapplied_migrations(tmp_path):
+    path = make_source(tmp_path / "s.sqlite3", migrations=code_migrations()[:-1])
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE parent (id INTEGER PRIMARY KEY);"
+        "CREATE TABLE child (id INTEGER PRIMARY KEY, parent_id INTEGER REFERENCES parent(id));"
+        "INSERT INTO child VALUES (1, 42);"
+    )
+    conn.close()
+    report = check_sqlite_source(sqlite_path=path)
+    failed = {c.name: c for c in report.failed}
+    assert set(failed) == {"foreign_key_check", "migrations_applied"}
+    assert "child rowid 1 -> parent" in failed["foreign_key_check"].detail
+    assert code_migrations()[-1] in failed["migrations_applied"].detail
+    assert "migrate --database sqlite" in failed["migrations_applied"].line()
+
+
+def test_sqlite_integrity_failure_raises(tmp_path):
+    from tests.test_backup import _corrupt
+
+    with pytest.raises(SourceError, match="corrupt|integrity_check"):
+        check_sqlite_source(sqlite_path=_corrupt(tmp_path / "c.sqlite3"))
+
+
+def test_sqlite_check_never_writes(tmp_path):
+    path = make_source(tmp_path / "s.sqlite3")
+    before = path.read_bytes()
+    check_sqlite_source(sqlite_path=path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["s.sqlite3"]
