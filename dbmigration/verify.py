@@ -1,0 +1,477 @@
+"""Verify a copy: counts first, then checksums of canonical values in primary-key ranges.
+
+The canonical form of a row is computed from the Python values Django itself would read
+(each side's backend converters and ``from_db_value``), so it is the same for a SQLite file
+and a PostgreSQL database, in either direction.  Range checksums are order-independent sums
+of row hashes, so neither side needs to sort; a mismatch names the range, then the rows.
+Also checked: foreign keys valid, sequences above max(pk), applied migrations equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import decimal
+import hashlib
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from django.db import connections
+
+from dbmigration.plan import Plan, PlannedTable, build_plan
+from dbmigration.sqlite_source import open_readonly
+
+MOD = 1 << 128
+BATCH_ROWS = 5000
+INT_BUCKETS = 2000  # at most this many primary-key ranges per integer-keyed table
+MAX_LISTED_ROWS = 50
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Side:
+    """A database to read: a SQLite file (opened read-only) or a Django alias."""
+
+    sqlite_path: Path | None = None
+    alias: str | None = None
+
+    def __post_init__(self):
+        if (self.sqlite_path is None) == (self.alias is None):
+            raise ValueError("give exactly one of sqlite_path or alias")
+
+    def __str__(self) -> str:
+        return f"SQLite {self.sqlite_path}" if self.sqlite_path else f"database '{self.alias}'"
+
+    @property
+    def django_connection(self):
+        """The Django connection whose converters read this side's raw values."""
+        return connections["sqlite" if self.sqlite_path else self.alias]
+
+
+# --- canonical values ---------------------------------------------------------------------
+
+
+def canonical(value: Any, *, json_field: bool = False) -> str | None:
+    """Return the canonical text of a Python value as Django reads it (None stays None)."""
+    if value is None:
+        return None
+    if json_field:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, uuid.UUID):
+        return value.hex
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
+        return value.isoformat(sep=" ")
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return format(value, "f")
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, dt.timedelta):
+        return str(value // dt.timedelta(microseconds=1))
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    return str(value)
+
+
+def _readers(table: PlannedTable, connection) -> list[Callable[[Any], str | None]]:
+    """Per column: raw DB-API value -> Django's Python value -> canonical text."""
+    readers = []
+    for column in table.columns:
+        expression = column.field.get_col(table.db_table)
+        steps = connection.ops.get_db_converters(expression) + expression.get_db_converters(
+            connection
+        )
+        is_json = column.internal_type == "JSONField"
+        is_text = connection.vendor == "sqlite" and column.internal_type != "BinaryField"
+
+        def read(value, steps=steps, expression=expression, is_json=is_json, is_text=is_text):
+            if is_text and type(value) is bytes:
+                value = value.decode("utf-8", "surrogateescape")
+            try:
+                for step in steps:
+                    value = step(value, expression, connection)
+            except Exception:  # unreadable by Django: hash what is stored
+                return "\x00raw:" + repr(value)
+            return canonical(value, json_field=is_json)
+
+        readers.append(read)
+    return readers
+
+
+def row_digest(values: Iterable[str | None]) -> int:
+    """Hash one canonical row to a 128-bit integer."""
+    text = "\x1e".join("\x00N" if v is None else v for v in values)
+    data = text.encode("utf-8", "surrogateescape")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=16).digest(), "big")
+
+
+# --- reading a side in bounded memory -------------------------------------------------------
+
+
+def iter_rows(
+    side: Side, table: PlannedTable, *, columns: list[str] | None = None
+) -> Iterator[list[tuple]]:
+    """Yield batches of raw rows of a table from either side (no order promised)."""
+    cols = ", ".join(_qi(c) for c in (columns or table.column_names))
+    sql = f"SELECT {cols} FROM {_qi(table.db_table)}"
+    if side.sqlite_path is not None:
+        conn = open_readonly(side.sqlite_path, raw_text=True)
+        try:
+            cur = conn.execute(sql)
+            while batch := cur.fetchmany(BATCH_ROWS):
+                yield batch
+        finally:
+            conn.close()
+        return
+    connection = connections[side.alias]
+    with connection.chunked_cursor() as cur:
+        cur.execute(sql)
+        while batch := cur.fetchmany(BATCH_ROWS):
+            yield batch
+
+
+def _qi(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def pk_bounds(side: Side, table: PlannedTable) -> tuple[int | None, int | None]:
+    """Return (min, max) of an integer primary key on one side."""
+    pk = _qi(table.pk_column)
+    sql = f"SELECT min({pk}), max({pk}) FROM {_qi(table.db_table)}"
+    if side.sqlite_path is not None:
+        conn = open_readonly(side.sqlite_path)
+        try:
+            return conn.execute(sql).fetchone()
+        finally:
+            conn.close()
+    with connections[side.alias].cursor() as cur:
+        cur.execute(sql)
+        return cur.fetchone()
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranges:
+    """How primary keys fall into ranges; the same object is used for both sides."""
+
+    integer: bool
+    low: int = 0
+    width: int = 1
+
+    def bucket(self, pk_text: str) -> int | str:
+        if self.integer:
+            return (int(pk_text) - self.low) // self.width
+        return pk_text[:3]  # UUID hex / text keys: a 3-character prefix range
+
+    def describe(self, bucket: int | str, pk_column: str) -> str:
+        if self.integer:
+            start = self.low + bucket * self.width
+            return f"{pk_column} in [{start}, {start + self.width})"
+        return f"{pk_column} starting with {bucket!r}"
+
+
+def plan_ranges(sides: Iterable[Side], table: PlannedTable) -> Ranges:
+    """Choose ranges covering both sides' keys, at most INT_BUCKETS of them."""
+    if not table.pk_is_integer:
+        return Ranges(integer=False)
+    lows, highs = [], []
+    for side in sides:
+        low, high = pk_bounds(side, table)
+        if low is not None:
+            lows.append(int(low))
+            highs.append(int(high))
+    if not lows:
+        return Ranges(integer=True)
+    low, high = min(lows), max(highs)
+    width = max(1000, -(-(high - low + 1) // INT_BUCKETS))
+    return Ranges(integer=True, low=low, width=width)
+
+
+@dataclasses.dataclass
+class SideSums:
+    rows: int = 0
+    checksum: int = 0
+    buckets: dict = dataclasses.field(default_factory=dict)  # bucket -> [count, sum]
+
+    @property
+    def hex(self) -> str:
+        return f"{self.checksum:032x}"
+
+
+def side_sums(
+    side: Side,
+    table: PlannedTable,
+    ranges: Ranges,
+    *,
+    exclude: set[str] | None = None,
+    progress: Progress | None = None,
+) -> SideSums:
+    """Count rows and sum row hashes per primary-key range on one side."""
+    readers = _readers(table, side.django_connection)
+    pk_index = table.pk_index
+    sums = SideSums()
+    buckets = sums.buckets
+    for batch in iter_rows(side, table):
+        for raw in batch:
+            values = [read(v) for read, v in zip(readers, raw, strict=True)]
+            pk = values[pk_index]
+            if exclude and pk in exclude:
+                continue
+            digest = row_digest(values)
+            slot = buckets.get(ranges.bucket(pk))
+            if slot is None:
+                buckets[ranges.bucket(pk)] = [1, digest]
+            else:
+                slot[0] += 1
+                slot[1] = (slot[1] + digest) % MOD
+            sums.rows += 1
+            sums.checksum = (sums.checksum + digest) % MOD
+        if progress:
+            progress(table.db_table, sums.rows, 0)
+    return sums
+
+
+def row_digests(
+    side: Side,
+    table: PlannedTable,
+    ranges: Ranges,
+    buckets: set,
+    *,
+    exclude: set[str] | None = None,
+) -> dict[str, tuple[int, Any]]:
+    """Return {canonical pk: (row hash, Django's pk value)} for rows in the given ranges."""
+    readers = _readers(table, side.django_connection)
+    pk_index = table.pk_index
+    pk_field = table.columns[pk_index]
+    connection = side.django_connection
+    expression = pk_field.field.get_col(table.db_table)
+    pk_steps = connection.ops.get_db_converters(expression) + expression.get_db_converters(
+        connection
+    )
+    found = {}
+    for batch in iter_rows(side, table):
+        for raw in batch:
+            values = [read(v) for read, v in zip(readers, raw, strict=True)]
+            pk = values[pk_index]
+            if (exclude and pk in exclude) or ranges.bucket(pk) not in buckets:
+                continue
+            value = raw[pk_index]
+            if type(value) is bytes:
+                value = value.decode("utf-8", "surrogateescape")
+            for step in pk_steps:
+                value = step(value, expression, connection)
+            found[pk] = (row_digest(values), value)
+    return found
+
+
+# --- the verification -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TableCheck:
+    table: str
+    source_rows: int
+    target_rows: int
+    excluded: int = 0
+    source_checksum: str = ""
+    target_checksum: str = ""
+    mismatched_ranges: list[str] = dataclasses.field(default_factory=list)
+    missing_on_target: list = dataclasses.field(default_factory=list)
+    extra_on_target: list = dataclasses.field(default_factory=list)
+    different: list = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.source_rows == self.target_rows
+            and self.source_checksum == self.target_checksum
+            and not self.mismatched_ranges
+        )
+
+    def describe(self, source: Side, target: Side) -> str:
+        if self.source_rows != self.target_rows:
+            return (
+                f"{self.table}: {self.source_rows} rows in {source}"
+                + (f" (after {self.excluded} quarantined)" if self.excluded else "")
+                + f", {self.target_rows} in {target}"
+            )
+        return (
+            f"{self.table}: same row count ({self.source_rows}) but checksums differ in "
+            f"{', '.join(self.mismatched_ranges[:5])}; rows differing: "
+            f"{[str(p) for p in self.different[:10]]}"
+        )
+
+
+@dataclasses.dataclass
+class VerifyResult:
+    tables: list[TableCheck]
+    fk_problems: list[str] = dataclasses.field(default_factory=list)
+    sequence_problems: list[str] = dataclasses.field(default_factory=list)
+    migration_problems: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return (
+            all(t.ok for t in self.tables)
+            and not self.fk_problems
+            and not self.sequence_problems
+            and not self.migration_problems
+        )
+
+    def problems(self, source: Side, target: Side) -> list[str]:
+        return (
+            [t.describe(source, target) for t in self.tables if not t.ok]
+            + self.fk_problems
+            + self.sequence_problems
+            + self.migration_problems
+        )
+
+
+def compare_table(
+    source: Side,
+    target: Side,
+    table: PlannedTable,
+    *,
+    exclude: set[str] | None = None,
+    progress: Progress | None = None,
+) -> TableCheck:
+    """Counts and range checksums of one table on both sides; name differing ranges and rows."""
+    started = time.perf_counter()
+    ranges = plan_ranges((source, target), table)
+    ours = side_sums(source, table, ranges, exclude=exclude, progress=progress)
+    theirs = side_sums(target, table, ranges, progress=progress)
+    check = TableCheck(
+        table=table.db_table,
+        source_rows=ours.rows,
+        target_rows=theirs.rows,
+        excluded=len(exclude or ()),
+        source_checksum=ours.hex,
+        target_checksum=theirs.hex,
+    )
+    bad = {
+        b
+        for b in set(ours.buckets) | set(theirs.buckets)
+        if ours.buckets.get(b) != theirs.buckets.get(b)
+    }
+    if bad:
+        check.mismatched_ranges = [
+            ranges.describe(b, table.pk_column) for b in sorted(bad, key=str)
+        ]
+        left = row_digests(source, table, ranges, bad, exclude=exclude)
+        right = row_digests(target, table, ranges, bad)
+        check.missing_on_target = sorted(set(left) - set(right))[:MAX_LISTED_ROWS]
+        check.extra_on_target = sorted(set(right) - set(left))[:MAX_LISTED_ROWS]
+        check.different = sorted(k for k in set(left) & set(right) if left[k][0] != right[k][0])[
+            :MAX_LISTED_ROWS
+        ]
+    check.seconds = round(time.perf_counter() - started, 3)
+    return check
+
+
+def applied_migrations(side: Side) -> set[tuple[str, str]]:
+    sql = "SELECT app, name FROM django_migrations"
+    if side.sqlite_path is not None:
+        conn = open_readonly(side.sqlite_path)
+        try:
+            return set(conn.execute(sql).fetchall())
+        except sqlite3.OperationalError:
+            return set()
+        finally:
+            conn.close()
+    with connections[side.alias].cursor() as cur:
+        cur.execute(sql)
+        return set(cur.fetchall())
+
+
+def check_foreign_keys(alias: str, plan: Plan) -> list[str]:
+    """Ask the backend to check every foreign key of the planned tables."""
+    from django.db import IntegrityError, transaction
+
+    connection = connections[alias]
+    try:
+        with transaction.atomic(using=alias):
+            connection.check_constraints(table_names=[t.db_table for t in plan.tables])
+    except IntegrityError as exc:
+        return [f"foreign keys: {exc}"]
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cur:
+            cur.execute(
+                "SELECT conrelid::regclass::text, conname FROM pg_constraint "
+                "WHERE contype = 'f' AND NOT convalidated"
+            )
+            return [f"foreign key {t}.{n} is not validated" for t, n in cur.fetchall()]
+    return []
+
+
+def check_sequences(alias: str, plan: Plan) -> list[str]:
+    """Every identity/serial sequence must hand out a value above the table's max(pk)."""
+    connection = connections[alias]
+    if connection.vendor != "postgresql":
+        return []
+    problems = []
+    with connection.cursor() as cur:
+        for table in plan.tables:
+            if not table.pk_is_integer:
+                continue
+            cur.execute("SELECT pg_get_serial_sequence(%s, %s)", [table.db_table, table.pk_column])
+            (sequence,) = cur.fetchone()
+            if sequence is None:
+                continue
+            cur.execute(f"SELECT last_value, is_called FROM {sequence}")
+            last, called = cur.fetchone()
+            cur.execute(f"SELECT max({_qi(table.pk_column)}) FROM {_qi(table.db_table)}")
+            (high,) = cur.fetchone()
+            next_value = last + 1 if called else last
+            if high is not None and next_value <= high:
+                problems.append(
+                    f"sequence {sequence} would hand out {next_value}, but "
+                    f"{table.db_table}.{table.pk_column} already reaches {high}"
+                )
+    return problems
+
+
+def verify(
+    *,
+    source: Side,
+    target: Side,
+    plan: Plan | None = None,
+    tables: Iterable[str] | None = None,
+    exclude: dict[str, set[str]] | None = None,
+    progress: Progress | None = None,
+) -> VerifyResult:
+    """Compare every planned table, then foreign keys, sequences and applied migrations."""
+    started = time.perf_counter()
+    plan = plan or build_plan(only=tables)
+    exclude = exclude or {}
+    checks = [
+        compare_table(source, target, t, exclude=exclude.get(t.db_table), progress=progress)
+        for t in plan.tables
+    ]
+    result = VerifyResult(tables=checks)
+    if target.alias is not None:
+        result.fk_problems = check_foreign_keys(target.alias, plan)
+        result.sequence_problems = check_sequences(target.alias, plan)
+    ours, theirs = applied_migrations(source), applied_migrations(target)
+    if ours != theirs:
+        result.migration_problems = [
+            f"applied migrations differ: only in {source}: {sorted(ours - theirs)[:10]}; "
+            f"only in {target}: {sorted(theirs - ours)[:10]}"
+        ]
+    result.seconds = round(time.perf_counter() - started, 3)
+    return result
