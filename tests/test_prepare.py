@@ -1,0 +1,217 @@
+"""migration_prepare end to end on real SQLite files and the real PostgreSQL test database."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.db import connections
+from django.test import override_settings
+
+from accounts.models import Organisation, User
+from dbmigration import state as state_mod
+from dbmigration.backup import list_backups
+from dbmigration.errors import DataError, PhaseError, SourceError, TargetError
+from dbmigration.prepare import run_prepare
+from dbmigration.sqlite_source import file_sha256
+from propcore.pgserver import _free_port
+from tests.test_backup import _corrupt
+
+pytestmark = pytest.mark.django_db(databases="__all__", transaction=True)
+
+PHASES = [
+    "1_safety_checks",
+    "2_backup",
+    "3_postgresql_checks",
+    "4_schema",
+    "5_validation",
+    "read_only_proof",
+]
+
+
+def migrated_source(tmp_path: Path, *, users: int = 3) -> Path:
+    """A copy of the migrated SQLite test database holding a few real rows."""
+    org = Organisation.objects.using("sqlite").create(name="Ó Briain Homes", kind="developer")
+    for i in range(users):
+        User.objects.db_manager("sqlite").create_user(
+            f"user{i}@example.ie", "pw", first_name="Séan", organisation=org
+        )
+    path = tmp_path / "source.sqlite3"
+    src = sqlite3.connect(connections["sqlite"].settings_dict["NAME"])
+    dest = sqlite3.connect(path)
+    src.backup(dest)
+    dest.close()
+    src.close()
+    return path
+
+
+def dirs(tmp_path: Path) -> dict:
+    return {
+        "state_file": tmp_path / "db" / "state.json",
+        "backup_dir": tmp_path / "db" / "backups",
+        "report_dir": tmp_path / "db" / "reports",
+        "log_dir": tmp_path / "db" / "logs",
+    }
+
+
+def as_settings(tmp_path: Path, source: Path):
+    d = dirs(tmp_path)
+    return override_settings(
+        SQLITE_PATH=source,
+        STATE_FILE=d["state_file"],
+        BACKUP_DIR=d["backup_dir"],
+        REPORT_DIR=d["report_dir"],
+        LOG_DIR=d["log_dir"],
+    )
+
+
+def test_prepare_runs_phases_1_to_5_and_is_idempotent(tmp_path):
+    source = migrated_source(tmp_path)
+    sha = file_sha256(source)
+    seen = []
+    result = run_prepare(sqlite_path=source, progress=seen.append, **dirs(tmp_path))
+    assert result.ok and [p.name for p in result.phases] == PHASES
+    assert all(p.status in ("ok", "warning") for p in result.phases)
+    assert result.rows_scanned >= 4 and result.rejections == []
+    assert result.conversion_rows_per_s > 0 and result.estimated_copy_seconds >= 0
+    assert any(m.startswith("phase 5:") for m in seen)
+
+    report = json.loads(result.report_path.read_text())
+    assert report["status"] == "ok"
+    assert [s["name"] for s in report["steps"]] == PHASES
+    assert report["facts"]["source_sha256_before"] == report["facts"]["source_sha256_after"] == sha
+    (backup,) = report["facts"]["backups"]
+    assert backup["verified"] and backup["row_counts"]["accounts_user"] == 3
+    assert all(len(f["sha256"]) == 64 for f in backup["files"])
+    validation = report["steps"][4]["details"]
+    assert validation["rows_scanned"]["accounts_user"] == 3
+    assert validation["schema_problems"] == []
+    log = result.log_path.read_text()
+    assert all(f"step {name}: ok" in log or f"step {name}: warning" in log for name in PHASES)
+
+    st = state_mod.read_state(dirs(tmp_path)["state_file"])
+    assert st.phase == "prepared" and st.last_report == str(result.report_path)
+    assert st.source_fingerprint["sha256"] == sha
+    assert st.last_backup == str(result.backup.path)
+    assert file_sha256(source) == sha
+
+    # again, through the command: same outcome, one more backup, one more transition
+    out = StringIO()
+    with as_settings(tmp_path, source):
+        call_command("migration_prepare", stdout=out)
+    assert "Prepared. Next: migrate_data" in out.getvalue() and "Report:" in out.getvalue()
+    st = state_mod.read_state(dirs(tmp_path)["state_file"])
+    assert [h["to"] for h in st.history] == ["prepared", "prepared"]
+    assert len(list_backups(dirs(tmp_path)["backup_dir"])) == 2
+    assert file_sha256(source) == sha
+
+
+def test_rows_that_would_be_rejected_are_listed(tmp_path):
+    source = migrated_source(tmp_path)
+    conn = sqlite3.connect(source)
+    conn.execute("UPDATE accounts_user SET last_name = 'Nul' || char(0) || 'Byte' WHERE rowid = 1")
+    pk = conn.execute("SELECT id FROM accounts_user WHERE rowid = 1").fetchone()[0]
+    conn.commit()
+    conn.close()
+    with pytest.raises(DataError, match="1 source rows would be rejected") as exc:
+        run_prepare(sqlite_path=source, **dirs(tmp_path))
+    assert "accounts_user" in str(exc.value) and "Report:" in str(exc.value)
+    report_path = Path(str(exc.value).split("Report: ")[1].strip())
+    report = json.loads(report_path.read_text())
+    assert report["status"] == "failed"
+    (rejection,) = report["steps"][4]["details"]["rejections"]
+    assert rejection["table"] == "accounts_user" and rejection["column"] == "last_name"
+    assert pk.replace("-", "") in rejection["pk"].replace("-", "")
+    assert state_mod.read_state(dirs(tmp_path)["state_file"]).phase == "nothing"
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("missing", "does not exist"),
+        ("not_sqlite", "is not a SQLite database"),
+        ("corrupt", "is corrupt"),
+        ("locked", "is locked by another writer"),
+    ],
+)
+def test_bad_sources_refused_by_the_command(tmp_path, kind, message):
+    path = tmp_path / "bad.sqlite3"
+    holder = None
+    if kind == "not_sqlite":
+        path.write_bytes(b"PK\x03\x04 a zip file, not a database")
+    elif kind == "corrupt":
+        _corrupt(path)
+    elif kind == "locked":
+        path = migrated_source(tmp_path)
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute("DELETE FROM django_session")
+    try:
+        with as_settings(tmp_path, path), pytest.raises(CommandError, match=message) as exc:
+            call_command("migration_prepare", "--lock-timeout", "0.2", stdout=StringIO())
+    finally:
+        if holder:
+            holder.execute("ROLLBACK")
+            holder.close()
+    assert exc.value.returncode == SourceError.returncode
+    assert len(str(exc.value).splitlines()) <= 3  # cause + fix, then where the report is
+    assert state_mod.read_state(dirs(tmp_path)["state_file"]).phase == "nothing"
+    assert list_backups(dirs(tmp_path)["backup_dir"]) == []
+
+
+def test_foreign_tables_in_target_are_never_overwritten(tmp_path):
+    source = migrated_source(tmp_path)
+    with connections["postgresql"].cursor() as cur:
+        cur.execute("CREATE TABLE billing_invoices (id int)")
+    try:
+        with as_settings(tmp_path, source), pytest.raises(CommandError) as exc:
+            call_command("migration_prepare", stdout=StringIO())
+        with connections["postgresql"].cursor() as cur:
+            cur.execute("SELECT count(*) FROM billing_invoices")
+            assert cur.fetchone()[0] == 0
+    finally:
+        with connections["postgresql"].cursor() as cur:
+            cur.execute("DROP TABLE billing_invoices")
+    assert exc.value.returncode == TargetError.returncode
+    assert "billing_invoices" in str(exc.value) and "empty database" in str(exc.value)
+    assert list_backups(dirs(tmp_path)["backup_dir"]) == []
+
+
+def test_unreachable_postgresql_stops_in_phase_1(tmp_path, monkeypatch):
+    source = migrated_source(tmp_path)
+    # point the alias at a port where nothing listens (configuration, not code, is changed)
+    monkeypatch.setitem(connections["postgresql"].settings_dict, "PORT", _free_port())
+    with pytest.raises(TargetError, match="is not reachable") as exc:
+        run_prepare(sqlite_path=source, **dirs(tmp_path))
+    assert "start the server or correct POSTGRES_URL" in str(exc.value)
+    report = json.loads(Path(str(exc.value).split("Report: ")[1]).read_text())
+    assert [s["status"] for s in report["steps"]] == ["failed"]
+
+
+def test_out_of_order_refused(tmp_path):
+    source = migrated_source(tmp_path, users=0)
+    d = dirs(tmp_path)
+    state_mod.write_state(d["state_file"], state_mod.MigrationState(phase="switched"))
+    with pytest.raises(PhaseError, match="Cannot run migration_prepare now"):
+        run_prepare(sqlite_path=source, **d)
+    assert state_mod.read_state(d["state_file"]).phase == "switched"
+
+
+def test_a_write_during_prepare_fails_the_read_only_proof(tmp_path):
+    source = migrated_source(tmp_path)
+
+    def app_writes(message):
+        if message.startswith("phase 5"):
+            conn = sqlite3.connect(source)
+            conn.execute("DELETE FROM django_session")
+            conn.execute("UPDATE accounts_user SET first_name = 'changed'")
+            conn.commit()
+            conn.close()
+
+    with pytest.raises(SourceError, match="changed while prepare ran"):
+        run_prepare(sqlite_path=source, progress=app_writes, **dirs(tmp_path))
+    assert state_mod.read_state(dirs(tmp_path)["state_file"]).phase == "nothing"
