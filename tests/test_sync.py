@@ -1,0 +1,86 @@
+"""sync.py: diffs found by range checksums, and --sync carrying only the changes."""
+
+import sqlite3
+
+import pytest
+
+from accounts.models import LoginEvent, Organisation, User
+from dbmigration.copy import copy_data
+from dbmigration.plan import build_plan
+from dbmigration.sqlite_source import file_sha256
+from dbmigration.sync import diff_table, sync_to_postgresql
+from dbmigration.verify import Side, verify
+from tests.test_copy import make_people, source_path
+
+ALL = pytest.mark.django_db(databases="__all__", transaction=True)
+
+
+@ALL
+def test_diff_and_sync_pick_up_inserts_updates_deletes(tmp_path):
+    users = make_people(4)
+    state = tmp_path / "state.json"
+    copy_data(sqlite_path=source_path(), state_file=state)
+    # changes on the source after the copy
+    User.objects.using("sqlite").filter(pk=users[2].pk).update(last_name="Ó Sé")
+    LoginEvent.objects.using("sqlite").all().delete()
+    new = User.objects.db_manager("sqlite").create_user("late@example.ie", "pw")
+    org = Organisation.objects.using("sqlite").get()
+    Organisation.objects.using("sqlite").filter(pk=org.pk).update(metadata={"tier": 3})
+    source, target = Side(sqlite_path=source_path()), Side(alias="postgresql")
+    plan = build_plan()
+    diff = diff_table(source=source, target=target, table=plan.table("accounts_user"))
+    assert diff.inserted_pks == [new.pk]
+    assert diff.updated_pks == [users[2].pk]
+    assert diff.deleted_pks == []
+    events = diff_table(source=source, target=target, table=plan.table("accounts_loginevent"))
+    assert len(events.deleted_pks) == 1 and not events.inserted_pks
+    # the reverse direction works with the same call
+    back = diff_table(source=target, target=source, table=plan.table("accounts_user"))
+    assert back.deleted_pks == [new.pk] and back.updated_pks == [users[2].pk]
+
+    before = file_sha256(source_path())
+    result = sync_to_postgresql(sqlite_path=source_path(), state_file=state)
+    assert file_sha256(source_path()) == before
+    assert result.rows_deleted == 3  # one login event, two old versions of updated rows
+    # new user, updated user, updated organisation, and the audit entry creating the user wrote
+    assert result.rows_written == sum(
+        len(d.inserted_pks) + len(d.updated_pks) for d in result.diffs
+    )
+    changed = {d.table for d in result.diffs if d.changed}
+    assert changed == {
+        "accounts_user",
+        "accounts_organisation",
+        "accounts_loginevent",
+        "auditlog_logentry",
+    }
+    assert User.objects.using("postgresql").get(pk=users[2].pk).last_name == "Ó Sé"
+    assert not LoginEvent.objects.using("postgresql").exists()
+    check = verify(source=source, target=target)
+    assert check.ok, check.problems(source, target)
+    again = sync_to_postgresql(sqlite_path=source_path(), state_file=state)
+    assert again.changed == 0
+
+
+@ALL
+def test_sync_refuses_before_a_full_copy(tmp_path):
+    from dbmigration.errors import DataError
+
+    make_people(1)
+    with pytest.raises(DataError, match="run migrate_data without --sync first"):
+        sync_to_postgresql(sqlite_path=source_path(), state_file=tmp_path / "s.json")
+
+
+@ALL
+def test_sync_rejects_bad_new_rows(tmp_path):
+    from dbmigration.copy import RowsRejected
+
+    make_people(1)
+    state = tmp_path / "state.json"
+    copy_data(sqlite_path=source_path(), state_file=state)
+    conn = sqlite3.connect(source_path())
+    conn.execute("UPDATE accounts_user SET first_name = 'a' || char(0) || 'b'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(RowsRejected, match="NUL byte"):
+        sync_to_postgresql(sqlite_path=source_path(), state_file=state)
+    assert User.objects.using("postgresql").get().first_name == "Ú0"
