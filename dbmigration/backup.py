@@ -474,10 +474,13 @@ def _check_keep(keep: int | None) -> None:
 
 
 def apply_retention(backup_dir: Path, *, keep: int) -> list[Path]:
-    """Delete all but the newest keep verified backups; return what was removed."""
+    """Delete all but the newest keep verified backups of each kind; return what was removed."""
     _check_keep(keep)
     backups = list_backups(backup_dir)
-    removed = [b.path for b in backups[:-keep]]
+    removed = []
+    # per kind: a run of pg_dump backups must not push out the last SQLite snapshot
+    for kind in {b.kind for b in backups}:
+        removed += [b.path for b in backups if b.kind == kind][:-keep]
     for path in removed:
         shutil.rmtree(path)
     return removed
