@@ -126,18 +126,22 @@ class RestoreResult:
 # --- interruption and disk-full handling ------------------------------------------------
 
 
+def _backup_interrupted(signame: str) -> BaseException:
+    return BackupInterrupted(
+        f"Backup interrupted by {signame}; the partial backup was removed and nothing was "
+        "marked good. Run the backup again."
+    )
+
+
 @contextlib.contextmanager
-def signals_as_errors():
-    """Turn SIGTERM (and SIGINT) into BackupInterrupted so cleanup code runs."""
+def signals_as_errors(make_error: Callable[[str], BaseException] = _backup_interrupted):
+    """Turn SIGTERM and SIGINT into make_error(signal name) so cleanup code runs."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def _raise(signum, frame):
-        raise BackupInterrupted(
-            f"Backup interrupted by {signal.Signals(signum).name}; the partial backup was "
-            "removed and nothing was marked good. Run the backup again."
-        )
+        raise make_error(signal.Signals(signum).name)
 
     previous = {s: signal.signal(s, _raise) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -187,10 +191,7 @@ def _partial_dir(backup_dir: Path, *, label: str):
                     "use --backup-dir elsewhere) and run again."
                 ) from exc
             if isinstance(exc, KeyboardInterrupt):
-                raise BackupInterrupted(
-                    "Backup interrupted by SIGINT; the partial backup was removed and nothing "
-                    "was marked good. Run the backup again."
-                ) from exc
+                raise _backup_interrupted("SIGINT") from exc
             if isinstance(exc, OSError):
                 raise BackupError(
                     f"Could not write the backup under {backup_dir} ({exc}); the partial "
@@ -519,7 +520,10 @@ def restore_sqlite_backup(
     start = time.perf_counter()
     info = load_backup(backup, backup_dir=backup_dir)
     if info.kind != "sqlite":
-        raise BackupError(f"Backup {info.path} is a {info.kind} backup, not a SQLite one.")
+        raise BackupError(
+            f"Backup {info.path} is a {info.kind} backup, not a SQLite one. Restore it with "
+            f"pg_restore --clean --if-exists -d <database> {info.path / PG_DUMP}."
+        )
     if info.encrypted and not encrypt_key:
         raise BackupError(f"Backup {info.path} is encrypted; set {KEY_ENV} to its key.")
     verify_files(info.path, info, key=encrypt_key)

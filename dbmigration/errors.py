@@ -45,3 +45,9 @@ class PhaseError(MigrationError):
     """A command was run out of order (see state.py)."""
 
     returncode = 7
+
+
+class Interrupted(MigrationError):
+    """SIGINT or SIGTERM stopped a command; nothing half-done was marked as done."""
+
+    returncode = 130

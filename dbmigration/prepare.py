@@ -15,8 +15,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dbmigration import state as state_mod
-from dbmigration.backup import BackupInfo, create_sqlite_backup
-from dbmigration.errors import DataError, MigrationError, PhaseError, SourceError, TargetError
+from dbmigration.backup import BackupInfo, create_sqlite_backup, signals_as_errors
+from dbmigration.errors import (
+    DataError,
+    Interrupted,
+    MigrationError,
+    PhaseError,
+    SourceError,
+    TargetError,
+)
 from dbmigration.preflight import (
     CheckReport,
     check_disk_space,
@@ -92,89 +99,138 @@ def run_prepare(
     )
     note = _progress(run, progress)
     try:
-        try:
-            current = state_mod.read_state(state_file)
-            state_mod.require_phase(current, "prepared")
-        except state_mod.StateError as exc:
-            raise PhaseError(str(exc)) from exc
-
-        with run.step("1_safety_checks") as step:
-            result.fingerprint_before = source_fingerprint(sqlite_path, timeout=lock_timeout)
-            run.facts["source_sha256_before"] = result.fingerprint_before["sha256"]
-            source = check_sqlite_source(sqlite_path=sqlite_path, lock_timeout=lock_timeout)
-            size = result.fingerprint_before["size"] + result.fingerprint_before["wal_size"]
-            # the snapshot plus JSON Lines, which run up to ~3x the file on text-heavy data
-            disk = check_disk_space(directory=Path(backup_dir), needed_bytes=4 * size)
-            target_check = check_target_is_ours(conninfo=conninfo)
-            _record(step, source, extra=[disk, target_check])
-            note(f"phase 1: {len(source.checks) + 2} checks")
-            failed = source.failed + [c for c in (disk, target_check) if not c.ok]
-            if failed:
-                err = TargetError if failed[0] is target_check else SourceError
-                raise err(_lines(failed))
-
-        with run.step("2_backup") as step:
-            result.backup = create_sqlite_backup(
+        with signals_as_errors(_interrupted):
+            return _phases(
+                run,
+                result,
+                note,
                 sqlite_path=sqlite_path,
-                backup_dir=Path(backup_dir),
-                label="prepare",
+                state_file=state_file,
+                backup_dir=backup_dir,
+                pg_alias=pg_alias,
+                conninfo=conninfo,
+                pool_max=pool_max,
                 keep=keep,
                 encrypt_key=encrypt_key,
                 lock_timeout=lock_timeout,
-                progress=note,
             )
-            step.details = {
-                "path": str(result.backup.path),
-                "verified": result.backup.verified,
-                "files": [dataclasses.asdict(f) for f in result.backup.files],
-                "row_counts": result.backup.row_counts,
-                "checks": result.backup.checks,
-            }
-            run.facts["backups"] = [step.details]
+    except BaseException as exc:
+        run.facts["error"] = str(exc)
+        result.report_path = run.finish("failed")
+        if isinstance(exc, KeyboardInterrupt):
+            exc = _interrupted("SIGINT")
+        if isinstance(exc, MigrationError) and result.report_path:
+            exc.args = (f"{exc}\nReport: {result.report_path}",)
+        raise exc from None
 
-        with run.step("3_postgresql_checks") as step:
-            pg = check_postgresql(conninfo=conninfo, pool_max=pool_max)
-            _record(step, pg)
-            if not pg.ok:
-                raise TargetError(_lines(pg.failed))
 
-        with run.step("4_schema") as step:
-            step.details = _create_schema(pg_alias, conninfo)
-            note("phase 4: schema migrated on PostgreSQL")
+def _interrupted(signame: str) -> Interrupted:
+    return Interrupted(
+        f"migration_prepare interrupted by {signame}; nothing was marked prepared and any "
+        "partial backup was removed. Run migration_prepare again (it is safe to re-run)."
+    )
 
-        with run.step("5_validation") as step:
-            result.schema_problems = compare_schema(pg_alias)
-            step.details["schema_problems"] = result.schema_problems
-            if result.schema_problems:
-                raise TargetError(
-                    f"{len(result.schema_problems)} schema differences on PostgreSQL, first: "
-                    f"{result.schema_problems[0]}. Fix: drop the target database and prepare again."
-                )
-            _dry_run(sqlite_path, result, step, note, pg_alias=pg_alias)
-            if result.rejections:
-                raise DataError(
-                    f"{len(result.rejections)} source rows would be rejected by the copy, "
-                    f"first: {_describe_rejection(result.rejections[0])}. Fix them in SQLite "
-                    "(the report lists each one), then prepare again."
-                )
 
-        with run.step("read_only_proof") as step:
-            result.fingerprint_after = source_fingerprint(sqlite_path, timeout=lock_timeout)
-            before, after = result.fingerprint_before, result.fingerprint_after
-            step.details = {"sha256_before": before["sha256"], "sha256_after": after["sha256"]}
-            run.facts["source_sha256_after"] = after["sha256"]
-            changed = state_mod.stale_reasons(
-                state_mod.MigrationState(source_fingerprint=before), after
+def _phases(
+    run,
+    result,
+    note,
+    *,
+    sqlite_path,
+    state_file,
+    backup_dir,
+    pg_alias,
+    conninfo,
+    pool_max,
+    keep,
+    encrypt_key,
+    lock_timeout,
+) -> PrepareResult:
+    """Phases 1-5 in order; the first failure raises."""
+    try:
+        current = state_mod.read_state(state_file)
+        state_mod.require_phase(current, "prepared")
+    except state_mod.StateError as exc:
+        raise PhaseError(str(exc)) from exc
+
+    with run.step("1_safety_checks") as step:
+        result.fingerprint_before = source_fingerprint(sqlite_path, timeout=lock_timeout)
+        run.facts["source_sha256_before"] = result.fingerprint_before["sha256"]
+        source = check_sqlite_source(sqlite_path=sqlite_path, lock_timeout=lock_timeout)
+        size = result.fingerprint_before["size"] + result.fingerprint_before["wal_size"]
+        # the snapshot plus JSON Lines, which run up to ~3x the file on text-heavy data
+        disk = check_disk_space(directory=Path(backup_dir), needed_bytes=4 * size)
+        target_check = check_target_is_ours(conninfo=conninfo)
+        _record(step, source, extra=[disk, target_check])
+        note(f"phase 1: {len(source.checks) + 2} checks")
+        failed = source.failed + [c for c in (disk, target_check) if not c.ok]
+        if failed:
+            err = TargetError if failed[0] is target_check else SourceError
+            raise err(_lines(failed))
+
+    with run.step("2_backup") as step:
+        result.backup = create_sqlite_backup(
+            sqlite_path=sqlite_path,
+            backup_dir=Path(backup_dir),
+            label="prepare",
+            keep=keep,
+            encrypt_key=encrypt_key,
+            lock_timeout=lock_timeout,
+            progress=note,
+        )
+        step.details = {
+            "path": str(result.backup.path),
+            "verified": result.backup.verified,
+            "files": [dataclasses.asdict(f) for f in result.backup.files],
+            "row_counts": result.backup.row_counts,
+            "checks": result.backup.checks,
+        }
+        run.facts["backups"] = [step.details]
+
+    with run.step("3_postgresql_checks") as step:
+        pg = check_postgresql(conninfo=conninfo, pool_max=pool_max)
+        _record(step, pg)
+        if not pg.ok:
+            raise TargetError(_lines(pg.failed))
+
+    with run.step("4_schema") as step:
+        step.details = _create_schema(pg_alias, conninfo)
+        note("phase 4: schema migrated on PostgreSQL")
+
+    with run.step("5_validation") as step:
+        result.schema_problems = compare_schema(pg_alias)
+        step.details["schema_problems"] = result.schema_problems
+        if result.schema_problems:
+            raise TargetError(
+                f"{len(result.schema_problems)} schema differences on PostgreSQL, first: "
+                f"{result.schema_problems[0]}. Fix: drop the target database and prepare again."
             )
-            if changed:
-                raise SourceError(
-                    f"The SQLite file changed while prepare ran ({', '.join(changed)}): another "
-                    "process writes to it. Fix: pause the application's writes and run "
-                    "migration_prepare again."
-                )
-        result.ok = True
-        result.report_path = run.report_path
-        run.facts["fingerprint"] = result.fingerprint_before
+        _dry_run(sqlite_path, result, step, note, pg_alias=pg_alias)
+        if result.rejections:
+            raise DataError(
+                f"{len(result.rejections)} source rows would be rejected by the copy, "
+                f"first: {_describe_rejection(result.rejections[0])}. Fix them in SQLite "
+                "(the report lists each one), then prepare again."
+            )
+
+    with run.step("read_only_proof") as step:
+        result.fingerprint_after = source_fingerprint(sqlite_path, timeout=lock_timeout)
+        before, after = result.fingerprint_before, result.fingerprint_after
+        step.details = {"sha256_before": before["sha256"], "sha256_after": after["sha256"]}
+        run.facts["source_sha256_after"] = after["sha256"]
+        changed = state_mod.stale_reasons(
+            state_mod.MigrationState(source_fingerprint=before), after
+        )
+        if changed:
+            raise SourceError(
+                f"The SQLite file changed while prepare ran ({', '.join(changed)}): another "
+                "process writes to it. Fix: pause the application's writes and run "
+                "migration_prepare again."
+            )
+    result.ok = True
+    result.report_path = run.report_path
+    run.facts["fingerprint"] = result.fingerprint_before
+    try:
         state_mod.transition(
             state_file,
             "prepared",
@@ -183,14 +239,10 @@ def run_prepare(
             last_report=str(run.report_path),
             last_backup=str(result.backup.path),
         )
-        result.report_path = run.finish("ok")
-        return result
-    except BaseException as exc:
-        run.facts["error"] = str(exc)
-        result.report_path = run.finish("failed")
-        if isinstance(exc, MigrationError) and result.report_path:
-            exc.args = (f"{exc}\nReport: {result.report_path}",)
-        raise
+    except state_mod.StateError as exc:  # another command moved the state meanwhile
+        raise PhaseError(str(exc)) from exc
+    result.report_path = run.finish("ok")
+    return result
 
 
 def _conninfo(settings_dict: dict) -> dict:

@@ -215,3 +215,44 @@ def test_a_write_during_prepare_fails_the_read_only_proof(tmp_path):
     with pytest.raises(SourceError, match="changed while prepare ran"):
         run_prepare(sqlite_path=source, progress=app_writes, **dirs(tmp_path))
     assert state_mod.read_state(dirs(tmp_path)["state_file"]).phase == "nothing"
+
+
+def test_sigterm_during_prepare_leaves_nothing_marked(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_backup import BASE_DIR, _big_source
+
+    source = _big_source(tmp_path / "big.sqlite3")
+    pg = connections["postgresql"].settings_dict
+    db_dir = tmp_path / "db"
+    env = {
+        **os.environ,
+        "PROPCORE_DATABASE_DIR": str(db_dir),
+        "SQLITE_PATH": str(source),
+        # the test database: phase 1 finds only our schema there
+        "POSTGRES_URL": f"postgres://{pg['USER']}@{pg['HOST']}:{pg['PORT']}/{pg['NAME']}",
+        "DATABASE_ACTIVE": "sqlite",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(BASE_DIR / "manage.py"), "migration_prepare"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list(db_dir.glob("backups/*.partial/jsonl")):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted by SIGTERM" in err and "Traceback" not in err
+    assert not list(db_dir.glob("backups/*.partial")) and list_backups(db_dir / "backups") == []
+    assert state_mod.read_state(db_dir / "state.json").phase == "nothing"
+    (report,) = (db_dir / "reports").glob("migration_report_*.json")
+    assert json.loads(report.read_text())["status"] == "failed"
