@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
+from django.db import connections
 
 from dbmigration import freeze as fz
 from dbmigration.errors import PhaseError, VerificationError
@@ -56,14 +57,20 @@ class SwitchResult:
 
 
 def migration_verified(state: MigrationState) -> tuple[bool, str]:
-    """Whether the state records a migrate_data run that verified (and what it says)."""
-    info = state.extra.get("migrate_data") or {}
-    verified = info.get("verified") if isinstance(info, dict) else None
-    if verified is True or (isinstance(verified, dict) and verified.get("ok")):
-        return True, "migrate_data verified"
-    if isinstance(verified, dict):
-        return False, f"migrate_data verification failed: {verified.get('summary', verified)}"
-    return False, "no verified migrate_data run is recorded in the state file"
+    """Whether migrate_data finished every table and its verification did not fail."""
+    from dbmigration.plan import build_plan
+
+    marks = state.extra.get("migrate_data") or {}
+    verified = marks.get("verified")
+    if verified is False or (isinstance(verified, dict) and not verified.get("ok", False)):
+        return False, "the last migrate_data verification failed"
+    done = set(marks.get("done", {}))
+    missing = [t.db_table for t in build_plan().tables if t.db_table not in done]
+    if missing:
+        return False, (
+            f"migrate_data has not copied {len(missing)} table(s) ({', '.join(missing[:5])})"
+        )
+    return True, "migrate_data copied and verified every table"
 
 
 def plan_switch(*, state_file: Path) -> SwitchPlan:
@@ -87,20 +94,28 @@ def plan_switch(*, state_file: Path) -> SwitchPlan:
     return SwitchPlan(state.phase, state.active_backend, SWITCH_STEPS, problems)
 
 
-def default_catch_up(progress: Progress) -> Any:
-    """Run the copy helper's incremental sync (SQLite -> PostgreSQL) and return its result."""
-    from dbmigration import sync
+def catch_up(*, sqlite_path: Path, state_file: Path, progress: Progress) -> Any:
+    """The final ``migrate_data --sync``: carry SQLite's changes since the last run."""
+    from dbmigration.sync import sync_to_postgresql
 
-    return sync.sync_data(progress=progress)
+    def per_table(table: str, number: int, total: int) -> None:
+        if progress:
+            progress(f"catch-up: {table} ({number}/{total})")
+
+    return sync_to_postgresql(
+        sqlite_path=sqlite_path, alias="postgresql", state_file=state_file, progress=per_table
+    )
 
 
-def default_verify(progress: Progress) -> Any:
-    """Verify every table (counts, range checksums); raise VerificationError on a mismatch."""
-    from dbmigration import verify
+def verify_switch(*, sqlite_path: Path) -> Any:
+    """Counts and range checksums of every table, FKs, sequences, migrations; raise if off."""
+    from dbmigration.verify import Side, verify
 
-    result = verify.verify_all(progress=progress)
-    if not getattr(result, "ok", True):
-        raise VerificationError(f"PostgreSQL differs from SQLite after the catch-up: {result}")
+    source, target = Side(sqlite_path=sqlite_path), Side(alias="postgresql")
+    result = verify(source=source, target=target)
+    if not result.ok:
+        problems = "; ".join(result.problems(source, target)[:5])
+        raise VerificationError(f"PostgreSQL differs from SQLite after the catch-up: {problems}")
     return result
 
 
@@ -111,12 +126,12 @@ def switch_to_postgresql(
     log_dir: Path | None = None,
     drain_seconds: float = 2.0,
     freeze_max_seconds: float = fz.DEFAULT_MAX_SECONDS,
+    sqlite_path: Path | None = None,
     progress: Progress = None,
-    catch_up: Callable[[Progress], Any] = default_catch_up,
-    verify: Callable[[Progress], Any] = default_verify,
 ) -> SwitchResult:
     """Cut over to PostgreSQL; on any failure the application stays on SQLite, unfrozen."""
     state_file = Path(state_file or settings.STATE_FILE)
+    sqlite_path = Path(sqlite_path or connections.settings["sqlite"]["NAME"])
     plan = plan_switch(state_file=state_file)
     if not plan.ready:
         raise PhaseError(" ".join(plan.problems))
@@ -142,12 +157,22 @@ def switch_to_postgresql(
             step.details = {"seconds": drain_seconds}
         with run.step("catch_up") as step:
             note("final catch-up: migrate_data --sync")
-            caught_up = catch_up(note)
-            step.details = {"result": _summary(caught_up)}
+            caught_up = catch_up(sqlite_path=sqlite_path, state_file=state_file, progress=note)
+            note(f"catch-up carried {caught_up.changed} changed rows")
+            step.details = {
+                "changed": caught_up.changed,
+                "rows_written": caught_up.rows_written,
+                "rows_deleted": caught_up.rows_deleted,
+                "tables": {
+                    d.table: [len(d.inserted_pks), len(d.updated_pks), len(d.deleted_pks)]
+                    for d in caught_up.diffs
+                    if d.changed
+                },
+            }
         with run.step("verify") as step:
             note("verifying PostgreSQL against SQLite")
-            verified = verify(note)
-            step.details = {"result": _summary(verified)}
+            verified = verify_switch(sqlite_path=sqlite_path)
+            step.details = {"ok": verified.ok, "tables": len(verified.tables)}
         with run.step("flip_active_backend") as step:
             if not fz.still_held(flag, freeze):
                 # the freeze expired or was removed: writes may have reached SQLite since
@@ -187,16 +212,3 @@ def switch_to_postgresql(
         report_path=report_path,
         seconds=run.facts["seconds"],
     )
-
-
-def _summary(result: Any) -> Any:
-    """A JSON-friendly summary of an engine result for the report."""
-    if result is None:
-        return None
-    if dataclasses.is_dataclass(result):
-        try:
-            data = dataclasses.asdict(result)
-        except Exception:  # values that do not copy (model classes, connections): keep text
-            return str(result)[:2000]
-        return {k: v for k, v in data.items() if not isinstance(v, list) or len(v) < 200}
-    return str(result)[:2000]

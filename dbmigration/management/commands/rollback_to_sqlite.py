@@ -1,0 +1,101 @@
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from dbmigration import rollback
+from dbmigration.errors import MigrationError
+from dbmigration.state import StateError, read_state
+
+
+class Command(BaseCommand):
+    help = (
+        "Return the application to SQLite; available at every phase. Before the switch it "
+        "only moves the state back (and drops the PostgreSQL copy with --drop-postgres). "
+        "After the switch, rows written on PostgreSQL since the cutover are carried back "
+        "(inserted, updated, deleted) into a fresh copy of the SQLite file under a write "
+        "freeze, verified, swapped in atomically, and the old file is kept as a verified "
+        "backup. The report lists what was carried back, per table."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--noinput",
+            "--no-input",
+            action="store_false",
+            dest="interactive",
+            help="Do not ask for the typed confirmation (for scripts).",
+        )
+        parser.add_argument(
+            "--drop-postgres",
+            action="store_true",
+            help="Also unapply every migration on PostgreSQL (drops its tables, types, views).",
+        )
+        parser.add_argument(
+            "--discard-postgres-writes",
+            action="store_true",
+            help="Do not carry PostgreSQL's writes back: they are lost (listed in the report). "
+            "Asks you to type 'discard'; with --noinput also needs --confirm-discard.",
+        )
+        parser.add_argument(
+            "--confirm-discard",
+            action="store_true",
+            help="With --noinput: confirm --discard-postgres-writes.",
+        )
+        parser.add_argument(
+            "--drain-seconds",
+            type=float,
+            default=2.0,
+            help="Seconds to wait after the freeze starts, so in-flight writes finish (2).",
+        )
+
+    def handle(self, *args, **options):
+        try:
+            state = read_state(settings.STATE_FILE)
+        except StateError as exc:
+            raise CommandError(str(exc), returncode=7) from exc
+        discard = options["discard_postgres_writes"]
+        confirmed = options["confirm_discard"]
+        where = "PostgreSQL (switched)" if state.active_backend == "postgresql" else "SQLite"
+        self.stdout.write(f"Phase {state.phase}; the application runs on {where}.")
+        if options["interactive"]:
+            if discard:
+                prompt = (
+                    "Writes made on PostgreSQL since the switch will be LOST.\n"
+                    "    Type 'discard' to continue: "
+                )
+                confirmed = input(prompt) == "discard"
+                if not confirmed:
+                    raise CommandError("Rollback cancelled.")
+            elif input("Roll back to SQLite?\n    Type 'yes' to continue: ") != "yes":
+                raise CommandError("Rollback cancelled.")
+        progress = self.stdout.write if options["verbosity"] > 1 else None
+        try:
+            result = rollback.rollback_to_sqlite(
+                drop_postgres=options["drop_postgres"],
+                discard_postgres_writes=discard,
+                discard_confirmed=confirmed,
+                drain_seconds=options["drain_seconds"],
+                progress=progress,
+            )
+        except (MigrationError, StateError) as exc:
+            raise CommandError(
+                f"{exc}\nThe state file was not changed.", returncode=getattr(exc, "returncode", 7)
+            ) from exc
+        for kind, tables in (("carried back", result.carried), ("DISCARDED", result.discarded)):
+            for t in tables:
+                self.stdout.write(
+                    f"  {kind} {t.label}: {t.inserted} inserted, {t.updated} updated, "
+                    f"{t.deleted} deleted"
+                )
+        if result.was_switched and not (result.carried or result.discarded):
+            self.stdout.write("  no writes were made on PostgreSQL since the switch")
+        if result.pre_rollback_backup:
+            self.stdout.write(f"Pre-rollback SQLite backup: {result.pre_rollback_backup}")
+        if result.dropped_postgres:
+            self.stdout.write("The PostgreSQL copy was dropped.")
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"Rolled back to SQLite in {result.seconds:.2f} s (writes frozen "
+                f"{result.freeze_seconds:.2f} s)."
+            )
+        )
+        self.stdout.write(f"Report: {result.report_path}")

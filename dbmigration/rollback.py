@@ -1,0 +1,409 @@
+"""Roll the application back to SQLite, at any phase, without losing a write.
+
+Before the switch only the state file moves (and, when asked, the PostgreSQL copy is
+dropped).  After the switch, rows written on PostgreSQL since the cutover are carried
+back: under a write freeze, into a fresh copy of the SQLite file (online backup API),
+written through Django's SQLite backend exactly as Django stores them (raw inserts and
+queryset updates: no signals, no audit entries of our own).  The copy is verified against
+PostgreSQL, the pre-rollback file is kept as a verified backup, the copy atomically
+replaces the file, and only then does the state flip back to SQLite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import connections, transaction
+from django.db.migrations.executor import MigrationExecutor
+from django.db.utils import load_backend
+
+from dbmigration import freeze as fz
+from dbmigration.errors import MigrationError, VerificationError
+from dbmigration.reports import RunReport
+from dbmigration.state import MigrationState, read_state, transition
+from dbmigration.sync import diff_table
+from dbmigration.verify import Side, verify
+
+Progress = Callable[[str], None] | None
+COPY_ALIAS = "rollback_copy"
+PG = Side(alias="postgresql")
+BATCH = 500
+SAMPLE = 50  # primary keys listed per table and kind in the report
+
+
+@dataclasses.dataclass
+class TableDiff:
+    """Rows that differ between a source and a target table, by primary key."""
+
+    inserted_pks: list  # in the source only
+    updated_pks: list  # in both, with different values
+    deleted_pks: list  # in the target only
+
+    @property
+    def total(self) -> int:
+        return len(self.inserted_pks) + len(self.updated_pks) + len(self.deleted_pks)
+
+
+@dataclasses.dataclass
+class TableCarry:
+    table: str
+    label: str
+    inserted: int = 0
+    updated: int = 0
+    deleted: int = 0
+    sample_pks: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class RollbackResult:
+    was_switched: bool
+    carried: list[TableCarry]  # what was carried back (empty before the switch)
+    discarded: list[TableCarry]  # what --discard-postgres-writes threw away
+    pre_rollback_backup: Path | None
+    dropped_postgres: bool
+    freeze_seconds: float
+    state: MigrationState
+    report_path: Path | None
+    seconds: float
+
+    @property
+    def rows_carried(self) -> int:
+        return sum(t.inserted + t.updated + t.deleted for t in self.carried)
+
+
+class DiscardNotConfirmed(MigrationError):
+    """--discard-postgres-writes was asked for without the explicit confirmation."""
+
+    returncode = 9
+
+
+# --- finding the differences ----------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    return bytes(value) if isinstance(value, memoryview) else value
+
+
+def orm_rows(model, alias: str) -> dict:
+    """Every row of model on alias as Python values (Django's converters), keyed by pk."""
+    names = [f.attname for f in model._meta.concrete_fields]
+    pk_at = names.index(model._meta.pk.attname)
+    rows = model._base_manager.using(alias).values_list(*names).iterator(chunk_size=2000)
+    return {row[pk_at]: tuple(map(_plain, row)) for row in rows}
+
+
+def orm_diff(model, *, source: str, target: str) -> TableDiff:
+    """Compare a table on two aliases object by object through the ORM."""
+    src, dst = orm_rows(model, source), orm_rows(model, target)
+    return TableDiff(
+        inserted_pks=sorted((pk for pk in src if pk not in dst), key=str),
+        updated_pks=sorted((pk for pk in src if pk in dst and src[pk] != dst[pk]), key=str),
+        deleted_pks=sorted((pk for pk in dst if pk not in src), key=str),
+    )
+
+
+def find_changes(table, *, source: Side, target: Side) -> TableDiff:
+    """Rows that differ, found by range checksums the way ``migrate_data --sync`` does."""
+    found = diff_table(source=source, target=target, table=table)
+    return TableDiff(list(found.inserted_pks), list(found.updated_pks), list(found.deleted_pks))
+
+
+# --- writing into the copy ------------------------------------------------------------------
+
+
+def _batches(items: list, size: int = BATCH) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def apply_changes(model, diff: TableDiff, *, source: str, target: str) -> None:
+    """Make target's rows equal source's for the pks in diff, as Django would store them."""
+    manager = model._base_manager
+    fields = model._meta.local_concrete_fields
+    others = [f for f in fields if not f.primary_key]
+    for pks in _batches(diff.deleted_pks):
+        qs = manager.using(target).filter(pk__in=pks)
+        qs._raw_delete(target)  # no cascade, no signals: cascaded rows have their own diffs
+    for pks in _batches(diff.inserted_pks):
+        objs = list(manager.using(source).filter(pk__in=pks))
+        # raw=True: values as they are (no auto_now), no signals, so no audit entries
+        manager.using(target)._insert(objs, fields=fields, raw=True, using=target)
+    for pks in _batches(diff.updated_pks):
+        for obj in manager.using(source).filter(pk__in=pks):
+            values = {f.attname: getattr(obj, f.attname) for f in others}
+            manager.using(target).filter(pk=obj.pk).update(**values)
+
+
+@contextlib.contextmanager
+def copy_alias(path: Path) -> Iterator[str]:
+    """A temporary alias (this thread only) that points Django's SQLite backend at path."""
+    config = {**connections.settings["sqlite"], "NAME": str(path)}
+    # not added to DATABASES: nothing else (routers, health checks, tests) ever sees it
+    connections[COPY_ALIAS] = load_backend(config["ENGINE"]).DatabaseWrapper(config, COPY_ALIAS)
+    try:
+        yield COPY_ALIAS
+    finally:
+        connections[COPY_ALIAS].close()
+        del connections[COPY_ALIAS]
+
+
+def fresh_copy(sqlite_path: Path, dest: Path) -> None:
+    """Copy the SQLite file with the online backup API (consistent, WAL included)."""
+    src = sqlite3.connect(f"{Path(sqlite_path).resolve().as_uri()}?mode=ro", uri=True)
+    dst = sqlite3.connect(dest)
+    try:
+        src.backup(dst)
+    finally:
+        dst.close()
+        src.close()
+
+
+def check_copy(path: Path) -> dict:
+    """PRAGMA integrity_check and foreign_key_check on the copy; raise on a problem."""
+    conn = sqlite3.connect(path)
+    try:
+        integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
+        bad_fks = conn.execute("PRAGMA foreign_key_check").fetchall()
+    finally:
+        conn.close()
+    if integrity != "ok" or bad_fks:
+        raise VerificationError(
+            f"The rolled-back SQLite copy {path} failed its checks: integrity {integrity!r}, "
+            f"{len(bad_fks)} foreign key violations (first: {bad_fks[:3]}). The live file "
+            "was not replaced."
+        )
+    return {"integrity_check": integrity, "foreign_key_violations": 0}
+
+
+def swap_in(copy: Path, sqlite_path: Path) -> None:
+    """Atomically replace the SQLite file with the copy (rename on the same filesystem)."""
+    for alias in ("default", "sqlite"):
+        if alias in connections.settings:
+            connections[alias].close()
+    with open(copy, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(copy, sqlite_path)
+    for suffix in ("-wal", "-shm", "-journal"):
+        # left by the old file; SQLite must not pair them with the new one
+        Path(f"{sqlite_path}{suffix}").unlink(missing_ok=True)
+    dir_fd = os.open(Path(sqlite_path).parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def drop_postgres_copy(alias: str = "postgresql") -> list[str]:
+    """Unapply every migration on alias (tables, enum types, views); return what was undone."""
+    executor = MigrationExecutor(connections[alias])
+    targets = [(app, None) for app in sorted(executor.loader.migrated_apps)]
+    plan = executor.migration_plan(targets)
+    executor.migrate(targets, plan=plan)
+    return [f"{m.app_label}.{m.name}" for m, _backwards in plan]
+
+
+# --- the rollback -----------------------------------------------------------------------------
+
+
+def _carry(plan_tables, diffs: dict, *, apply: bool, source: str, target: str) -> list:
+    carried = []
+    for table in plan_tables:
+        diff = diffs[table.db_table]
+        if not diff.total:
+            continue
+        if apply:
+            apply_changes(table.model, diff, source=source, target=target)
+        carried.append(
+            TableCarry(
+                table=table.db_table,
+                label=table.label,
+                inserted=len(diff.inserted_pks),
+                updated=len(diff.updated_pks),
+                deleted=len(diff.deleted_pks),
+                sample_pks={
+                    "inserted": [str(p) for p in diff.inserted_pks[:SAMPLE]],
+                    "updated": [str(p) for p in diff.updated_pks[:SAMPLE]],
+                    "deleted": [str(p) for p in diff.deleted_pks[:SAMPLE]],
+                },
+            )
+        )
+    return carried
+
+
+def rollback_to_sqlite(
+    *,
+    state_file: Path | None = None,
+    sqlite_path: Path | None = None,
+    report_dir: Path | None = None,
+    log_dir: Path | None = None,
+    backup_dir: Path | None = None,
+    drop_postgres: bool = False,
+    discard_postgres_writes: bool = False,
+    discard_confirmed: bool = False,
+    drain_seconds: float = 2.0,
+    freeze_max_seconds: float = fz.DEFAULT_MAX_SECONDS,
+    progress: Progress = None,
+) -> RollbackResult:
+    """Return the application to SQLite; after the switch, carry PostgreSQL's writes back."""
+    from dbmigration.plan import build_plan
+
+    state_file = Path(state_file or settings.STATE_FILE)
+    sqlite_path = Path(sqlite_path or connections.settings["sqlite"]["NAME"])
+    backup_dir = Path(backup_dir or settings.BACKUP_DIR)
+    note = progress or (lambda message: None)
+    state = read_state(state_file)
+    if discard_postgres_writes and not discard_confirmed:
+        raise DiscardNotConfirmed(
+            "--discard-postgres-writes throws away every write made on PostgreSQL since the "
+            "switch; it needs the explicit confirmation (type it when asked, or pass "
+            "--confirm-discard with --noinput)."
+        )
+    run = RunReport.open(
+        "rollback_to_sqlite",
+        report_dir=Path(report_dir or settings.REPORT_DIR),
+        log_dir=Path(log_dir or settings.LOG_DIR),
+    )
+    start = time.perf_counter()
+    was_switched = state.active_backend == "postgresql"
+    flag = fz.freeze_path_for(state_file)
+    carried: list[TableCarry] = []
+    discarded: list[TableCarry] = []
+    backup_path: Path | None = None
+    freeze = None
+    frozen_for = 0.0
+    run.facts.update(phase_before=state.phase, active_before=state.active_backend)
+    try:
+        if not was_switched:
+            if flag.exists() and fz.read_freeze(flag) is None:
+                fz.freeze_off(flag)  # an expired leftover of an interrupted switch
+            new_state = transition(
+                state_file, "rolled_back", active_backend="sqlite", note="rollback_to_sqlite"
+            )
+        else:
+            if not discard_postgres_writes:  # discarding leaves the SQLite file as it is
+                with run.step("pre_rollback_backup") as step:
+                    from dbmigration.backup import create_sqlite_backup
+
+                    # SQLite is not written after the switch, so this runs before the freeze
+                    info = create_sqlite_backup(
+                        sqlite_path=sqlite_path, backup_dir=backup_dir, label="pre-rollback"
+                    )
+                    backup_path = info.path
+                    step.details = {"backup": str(info.path), "rows": sum(info.row_counts.values())}
+                    note(f"pre-rollback backup: {info.path}")
+            with run.step("write_freeze_on"):
+                freeze = fz.freeze_on(
+                    flag, reason="rollback_to_sqlite", max_seconds=freeze_max_seconds
+                )
+                note("write freeze on")
+            time.sleep(drain_seconds)
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+            copy = sqlite_path.with_name(f"{sqlite_path.name}.rollback-{stamp}")
+            try:
+                new_state, carried, discarded = _carry_back(
+                    run, state_file, sqlite_path, copy, freeze, flag,
+                    build_plan(), discard_postgres_writes, note,
+                )  # fmt: skip
+            finally:
+                copy.unlink(missing_ok=True)
+        if drop_postgres:
+            with run.step("drop_postgres") as step:
+                step.details = {"unapplied": drop_postgres_copy("postgresql")}
+                note("PostgreSQL copy dropped")
+    except BaseException as exc:
+        run.facts["error"] = str(exc) or type(exc).__name__
+        raise
+    finally:
+        if freeze is not None:
+            frozen_for = fz.freeze_off(flag, freeze) or 0.0
+            note(f"write freeze off after {frozen_for:.2f} s")
+        run.facts["write_freeze_seconds"] = frozen_for
+        run.facts["carried_back"] = [dataclasses.asdict(t) for t in carried]
+        run.facts["discarded"] = [dataclasses.asdict(t) for t in discarded]
+        run.facts["seconds"] = round(time.perf_counter() - start, 3)
+        if "error" in run.facts:
+            run.finish("failed")
+    report_path = run.finish("ok")
+    return RollbackResult(
+        was_switched=was_switched,
+        carried=carried,
+        discarded=discarded,
+        pre_rollback_backup=backup_path,
+        dropped_postgres=drop_postgres,
+        freeze_seconds=frozen_for,
+        state=new_state,
+        report_path=report_path,
+        seconds=run.facts["seconds"],
+    )
+
+
+def _carry_back(run, state_file, sqlite_path, copy, freeze, flag, plan, discard, note):
+    """Under the freeze: diff, apply to a fresh copy, verify, swap, flip the state."""
+    tables = plan.tables
+    if discard:
+        with run.step("find_discarded") as step:
+            live = Side(sqlite_path=sqlite_path)
+            diffs = {t.db_table: find_changes(t, source=PG, target=live) for t in tables}
+            discarded = _carry(tables, diffs, apply=False, source="postgresql", target="sqlite")
+            step.details = {t.table: [t.inserted, t.updated, t.deleted] for t in discarded}
+        note(f"discarding {sum(t.inserted + t.updated + t.deleted for t in discarded)} rows")
+        new_state = transition(
+            state_file,
+            "rolled_back",
+            active_backend="sqlite",
+            note="rollback_to_sqlite --discard-postgres-writes",
+            last_report=str(run.report_path),
+        )
+        return new_state, [], discarded
+    with run.step("fresh_copy") as step:
+        fresh_copy(sqlite_path, copy)
+        step.details = {"copy": str(copy)}
+    with run.step("find_changes") as step:
+        fresh = Side(sqlite_path=copy)
+        diffs = {t.db_table: find_changes(t, source=PG, target=fresh) for t in tables}
+        step.details = {"tables_changed": sum(1 for d in diffs.values() if d.total)}
+    with run.step("carry_back") as step, copy_alias(copy) as target:
+        with transaction.atomic(using=target):
+            carried = _carry(tables, diffs, apply=True, source="postgresql", target=target)
+        step.details = {t.table: [t.inserted, t.updated, t.deleted] for t in carried}
+        note(f"carried back {sum(t.inserted + t.updated + t.deleted for t in carried)} rows")
+    with run.step("verify") as step:
+        # counts and range checksums of every table, and the applied migrations
+        checked = verify(source=PG, target=Side(sqlite_path=copy), plan=plan)
+        if not checked.ok:
+            problems = "; ".join(checked.problems(PG, Side(sqlite_path=copy))[:5])
+            raise VerificationError(
+                f"After the carry-back the SQLite copy still differs from PostgreSQL: "
+                f"{problems}. The live SQLite file was not replaced; the state is unchanged."
+            )
+        step.details = {
+            "tables_equal": len(checked.tables),
+            "checksums": {t.table: t.target_checksum for t in checked.tables},
+            **check_copy(copy),
+        }
+    with run.step("swap_and_flip") as step:
+        if not fz.still_held(flag, freeze):
+            raise fz.FreezeError(
+                "The write freeze expired or was lifted during the rollback, so PostgreSQL "
+                "may hold writes the copy lacks. Nothing was replaced; run rollback_to_sqlite "
+                "again (raise --freeze-timeout if it was too short)."
+            )
+        swap_in(copy, sqlite_path)
+        new_state = transition(
+            state_file,
+            "rolled_back",
+            active_backend="sqlite",
+            note="rollback_to_sqlite",
+            last_report=str(run.report_path),
+        )
+        step.details = {"sqlite": str(sqlite_path)}
+    return new_state, carried, []

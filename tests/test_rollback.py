@@ -1,0 +1,200 @@
+"""rollback_to_sqlite: before the switch (state only), after it (PostgreSQL writes carried back)."""
+
+import json
+import os
+import sqlite3
+import uuid
+from io import StringIO
+
+import psycopg
+import pytest
+from auditlog.models import LogEntry
+from django.core.management import CommandError, call_command
+from django.core.management.color import no_style
+from django.db import connections
+from django.db.migrations.executor import MigrationExecutor
+from django.db.utils import load_backend
+from django.utils import timezone
+
+from accounts.models import KycVerification, LoginEvent, Membership, Organisation, User
+from dbmigration import freeze as fz
+from dbmigration import rollback
+from dbmigration.plan import build_plan
+from dbmigration.state import MigrationState, read_state, write_state
+
+pytestmark = pytest.mark.django_db(databases="__all__", transaction=True)
+
+
+@pytest.fixture
+def state_file(settings, tmp_path):
+    settings.STATE_FILE = tmp_path / "state.json"
+    settings.REPORT_DIR = tmp_path / "reports"
+    settings.LOG_DIR = tmp_path / "logs"
+    settings.BACKUP_DIR = tmp_path / "backups"
+    return settings.STATE_FILE
+
+
+def sqlite_file() -> str:
+    return connections.settings["sqlite"]["NAME"]
+
+
+def run_rollback(*args):
+    out = StringIO()
+    call_command("rollback_to_sqlite", "--noinput", "--drain-seconds", "0", *args, stdout=out)
+    return out.getvalue()
+
+
+def seed_both():
+    """The same rows on both engines, as after migrate_data (bulk: no signals, no audit)."""
+    org = Organisation(name="Cairn Homes", kind="developer", metadata={"tier": 1})
+    users = [
+        User(email=f"u{i}@example.ie", first_name=f"U{i}", organisation=org, password="x")
+        for i in range(5)
+    ]
+    kyc = KycVerification(user=users[0], document_type="passport", document_reference="P1")
+    memberships = [Membership(id=1, user=users[1], organisation=org, role="admin")]
+    logins = [LoginEvent(id=i, user=users[i], success=True) for i in range(1, 4)]
+    for obj in [org, *users, *memberships, kyc]:
+        obj.updated_at = timezone.now()  # raw saves skip auto_now
+    for alias in ("sqlite", "postgresql"):
+        for obj in [org, *users, *memberships, kyc, *logins]:
+            obj.save_base(using=alias, raw=True, force_insert=True)  # raw: not audited
+    pg = connections["postgresql"]
+    with pg.cursor() as cursor:  # as migrate_data leaves them: above max(pk)
+        for sql in pg.ops.sequence_reset_sql(no_style(), [Membership, LoginEvent]):
+            cursor.execute(sql)
+    return org, users
+
+
+def write_on_postgresql(org, users):
+    """What users do after the switch: create, update, soft-delete, hard-delete, via the ORM."""
+    pg = "postgresql"
+    new = User.objects.db_manager(pg).create_user("new@example.ie", "pw", first_name="Nua")
+    Membership.objects.using(pg).create(user=new, organisation=org, role="member")
+    LoginEvent.objects.using(pg).create(user=new, success=False, failure_reason="bad password")
+    changed = User.all_objects.using(pg).get(pk=users[2].pk)
+    changed.first_name, changed.preferences = "Siobhán", {"alerts": ["email", "sms"]}
+    changed.save(using=pg)
+    User.all_objects.using(pg).get(pk=users[3].pk).delete(using=pg)  # soft delete
+    # cascades to the membership, sets login event 1's user to NULL
+    User.all_objects.using(pg).get(pk=users[1].pk).hard_delete(using=pg)
+    return new
+
+
+def assert_same_everywhere():
+    for table in build_plan().tables:
+        diff = rollback.orm_diff(table.model, source="postgresql", target="sqlite")
+        assert diff.total == 0, (table.db_table, diff)
+
+
+def test_before_switch_only_the_state_moves(state_file):
+    org, _ = seed_both()
+    write_state(state_file, MigrationState(phase="data_migrated"))
+    before = os.stat(sqlite_file()).st_ino
+    out = run_rollback()
+    state = read_state(state_file)
+    assert (state.phase, state.active_backend) == ("rolled_back", "sqlite")
+    assert "runs on SQLite" in out and "Rolled back to SQLite" in out
+    assert os.stat(sqlite_file()).st_ino == before
+    assert Organisation.objects.using("postgresql").filter(pk=org.pk).exists()
+
+
+def test_before_switch_clears_a_leftover_freeze(state_file):
+    write_state(state_file, MigrationState(phase="prepared"))
+    flag = fz.freeze_path_for(state_file)
+    fz.freeze_on(flag, reason="killed switch", max_seconds=0)
+    run_rollback()
+    assert not flag.exists()
+
+
+def test_after_switch_writes_are_carried_back(state_file, settings):
+    org, users = seed_both()
+    write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))
+    new = write_on_postgresql(org, users)
+    assert LogEntry.objects.using("postgresql").count() >= 4  # the ORM writes were audited
+    sqlite_before = {u.pk for u in User.all_objects.using("sqlite")}
+    inode_before = os.stat(sqlite_file()).st_ino
+
+    out = run_rollback()
+
+    state = read_state(state_file)
+    assert (state.phase, state.active_backend) == ("rolled_back", "sqlite")
+    assert os.stat(sqlite_file()).st_ino != inode_before  # a fresh copy was swapped in
+    assert_same_everywhere()  # every object of every table, through the ORM
+    assert User.all_objects.using("sqlite").get(pk=users[2].pk).first_name == "Siobhán"
+    assert User.all_objects.using("sqlite").get(pk=users[3].pk).is_deleted
+    assert not User.all_objects.using("sqlite").filter(pk=users[1].pk).exists()
+    assert LoginEvent.objects.using("sqlite").get(pk=1).user_id is None
+    assert KycVerification.objects.using("sqlite").count() == 1
+    assert User.objects.using("sqlite").get(pk=new.pk).check_password("pw")
+    # no audit entries of the carry-back's own: SQLite has exactly PostgreSQL's
+    assert LogEntry.objects.using("sqlite").count() == LogEntry.objects.using("postgresql").count()
+    assert "carried back accounts.User: 1 inserted, 2 updated, 1 deleted" in out
+    report = json.loads(next(settings.REPORT_DIR.glob("*.json")).read_text())
+    per_table = {t["label"]: t for t in report["facts"]["carried_back"]}
+    assert per_table["accounts.User"]["sample_pks"]["deleted"] == [str(users[1].pk)]
+    counts = {k: (v["inserted"], v["updated"], v["deleted"]) for k, v in per_table.items()}
+    assert counts["accounts.Membership"] == (1, 0, 1)
+    assert counts["accounts.LoginEvent"] == (1, 1, 0)
+    assert "accounts.KycVerification" not in counts
+    assert report["facts"]["write_freeze_seconds"] > 0
+    assert not fz.freeze_path_for(state_file).exists()
+    # the pre-rollback file is kept as a verified backup holding the old rows
+    backup = next(settings.BACKUP_DIR.glob("*pre-rollback*"))
+    manifest = json.loads((backup / "manifest.json").read_text())
+    assert manifest["verified"] is True
+    snap = sqlite3.connect(backup / manifest["files"][0]["name"])
+    ids = {uuid.UUID(r[0]) for r in snap.execute("SELECT id FROM accounts_user")}
+    snap.close()
+    assert ids == sqlite_before
+
+
+def test_discard_needs_confirmation_and_lists_what_was_lost(state_file):
+    org, users = seed_both()
+    write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))
+    write_on_postgresql(org, users)
+    with pytest.raises(CommandError, match="needs the explicit confirmation") as exc:
+        run_rollback("--discard-postgres-writes")
+    assert exc.value.returncode == 9
+    assert read_state(state_file).active_backend == "postgresql"
+    out = run_rollback("--discard-postgres-writes", "--confirm-discard")
+    assert "DISCARDED accounts.User: 1 inserted, 2 updated, 1 deleted" in out
+    assert read_state(state_file).active_backend == "sqlite"
+    assert User.all_objects.using("sqlite").get(pk=users[2].pk).first_name == "U2"
+
+
+def test_interactive_discard_needs_the_word(state_file, monkeypatch):
+    write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))
+    monkeypatch.setattr("builtins.input", lambda prompt: "yes")
+    with pytest.raises(CommandError, match="Rollback cancelled"):
+        call_command("rollback_to_sqlite", "--discard-postgres-writes", stdout=StringIO())
+    assert read_state(state_file).active_backend == "postgresql"
+
+
+def test_drop_postgres_copy_unapplies_every_migration(settings):
+    name = f"{connections.settings['postgresql']['NAME']}_drop"
+    cfg = connections.settings["postgresql"]
+    admin = psycopg.connect(
+        dbname="postgres", host=cfg["HOST"], port=cfg["PORT"] or 5432, user=cfg["USER"],
+        autocommit=True,
+    )  # fmt: skip
+    admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    admin.execute(f'CREATE DATABASE "{name}"')
+    scratch = {**cfg, "NAME": name, "OPTIONS": {}}
+    # a thread-local alias outside DATABASES, as Django's test runner allows
+    connections["scratch_pg"] = load_backend(scratch["ENGINE"]).DatabaseWrapper(
+        scratch, "scratch_pg"
+    )
+    try:
+        executor = MigrationExecutor(connections["scratch_pg"])
+        executor.migrate(executor.loader.graph.leaf_nodes())
+        assert "accounts_user" in connections["scratch_pg"].introspection.table_names()
+        undone = rollback.drop_postgres_copy("scratch_pg")
+        assert "accounts.0001_initial" in undone
+        tables = connections["scratch_pg"].introspection.table_names(include_views=True)
+        assert tables == ["django_migrations"]
+    finally:
+        connections["scratch_pg"].close()
+        del connections["scratch_pg"]
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.close()
