@@ -111,7 +111,9 @@ def test_backup_is_consistent_while_a_writer_runs(tmp_path):
     thread.start()
     try:
         infos = []
-        for _ in range(4):
+        deadline = time.monotonic() + 30
+        # keep snapshotting until the writer has committed plenty between our snapshots
+        while len(infos) < 4 or (len(written) < 50 and time.monotonic() < deadline):
             time.sleep(0.05)
             infos.append(backup.create_sqlite_backup(sqlite_path=source, backup_dir=tmp_path / "b"))
     finally:

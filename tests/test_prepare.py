@@ -256,3 +256,17 @@ def test_sigterm_during_prepare_leaves_nothing_marked(tmp_path):
     assert state_mod.read_state(db_dir / "state.json").phase == "nothing"
     (report,) = (db_dir / "reports").glob("migration_report_*.json")
     assert json.loads(report.read_text())["status"] == "failed"
+
+
+def test_schema_comparison_names_a_changed_column():
+    from dbmigration.prepare import compare_schema
+
+    assert compare_schema("postgresql") == []
+    with connections["postgresql"].cursor() as cur:
+        cur.execute("ALTER TABLE accounts_organisation ALTER COLUMN phone TYPE text")
+    try:
+        problems = compare_schema("postgresql")
+    finally:
+        with connections["postgresql"].cursor() as cur:
+            cur.execute("ALTER TABLE accounts_organisation ALTER COLUMN phone TYPE varchar(32)")
+    assert problems == ["accounts_organisation.phone is text, expected character varying(32)"]
