@@ -1,5 +1,6 @@
 """Running processes follow the state file; switch_to_postgresql refuses, plans and switches."""
 
+import json
 import os
 import signal
 from io import StringIO
@@ -10,10 +11,13 @@ from django.db import connections
 from django.http import HttpResponse
 from django.urls import path
 
-from accounts.models import Organisation
+from accounts.models import LoginEvent, Organisation, User
+from dbmigration import cutover
 from dbmigration import freeze as fz
+from dbmigration.plan import build_plan
 from dbmigration.state import MigrationState, read_state, write_state
 from propcore import middleware
+from tests.test_rollback import assert_same_everywhere, seed_both
 
 
 def count_view(request):
@@ -90,6 +94,18 @@ def test_unreadable_state_file_refuses_writes(client, state_file):
     assert client.get("/count/").status_code == 200
 
 
+def migrated_state(**marks):
+    """A state as migrate_data leaves it: every table done."""
+    done = {t.db_table: 0 for t in build_plan().tables}
+    return MigrationState(phase="data_migrated", extra={"migrate_data": {"done": done, **marks}})
+
+
+def test_switch_refuses_after_a_failed_verification(state_file):
+    write_state(state_file, migrated_state(verified=False))
+    with pytest.raises(CommandError, match="verification failed"):
+        run_switch("--noinput")
+
+
 def run_switch(*args):
     out = StringIO()
     call_command("switch_to_postgresql", *args, stdout=out)
@@ -101,7 +117,7 @@ def run_switch(*args):
     [
         ("nothing", "phase 'nothing'; switch_to_postgresql needs 'data_migrated'"),
         ("prepared", "Run migration_prepare and migrate_data first"),
-        ("data_migrated", "no verified migrate_data run is recorded"),
+        ("data_migrated", "migrate_data has not copied"),
     ],
 )
 def test_switch_refuses_before_a_verified_migration(state_file, phase, message):
@@ -119,7 +135,7 @@ def test_switch_refuses_when_already_switched(state_file):
 
 
 def test_dry_run_shows_plan_and_changes_nothing(state_file):
-    state = MigrationState(phase="data_migrated", extra={"migrate_data": {"verified": True}})
+    state = migrated_state()
     write_state(state_file, state)
     before = state_file.read_bytes()
     out = run_switch("--dry-run")
@@ -131,7 +147,7 @@ def test_dry_run_shows_plan_and_changes_nothing(state_file):
 def test_switch_refuses_while_another_freeze_is_on(state_file):
     write_state(
         state_file,
-        MigrationState(phase="data_migrated", extra={"migrate_data": {"verified": True}}),
+        migrated_state(),
     )
     fz.freeze_on(fz.freeze_path_for(state_file), reason="someone else")
     with pytest.raises(CommandError, match="already on \\(someone else"):
@@ -141,9 +157,72 @@ def test_switch_refuses_while_another_freeze_is_on(state_file):
 def test_typed_confirmation_other_than_yes_cancels(state_file, monkeypatch):
     write_state(
         state_file,
-        MigrationState(phase="data_migrated", extra={"migrate_data": {"verified": True}}),
+        migrated_state(),
     )
     monkeypatch.setattr("builtins.input", lambda prompt: "no")
     with pytest.raises(CommandError, match="Switch cancelled"):
         run_switch()
     assert read_state(state_file).phase == "data_migrated"
+
+
+@pytest.fixture
+def migrated(state_file):
+    """Both engines hold the same rows and the state says migrate_data finished."""
+    org, users = seed_both()
+    write_state(state_file, migrated_state())
+    return org, users
+
+
+def writes_on_sqlite(org, users):
+    """The application keeps writing to SQLite between migrate_data and the switch."""
+    lite = "sqlite"
+    new = User.objects.db_manager(lite).create_user("late@example.ie", "pw")
+    changed = User.all_objects.using(lite).get(pk=users[0].pk)
+    changed.last_name = "Ó Briain"
+    changed.save(using=lite)
+    LoginEvent.objects.using(lite).filter(pk=3).delete()
+    return new
+
+
+@pytest.mark.django_db(databases="__all__", transaction=True)
+def test_switch_catches_up_verifies_and_flips(state_file, migrated, settings):
+    org, users = migrated
+    new = writes_on_sqlite(org, users)
+    out = run_switch("--noinput", "--drain-seconds", "0")
+    assert "Switched to PostgreSQL" in out and "writes were frozen for" in out
+    state = read_state(state_file)
+    assert (state.phase, state.active_backend) == ("switched", "postgresql")
+    assert not fz.freeze_path_for(state_file).exists()
+    assert User.objects.using("postgresql").get(pk=new.pk).email == "late@example.ie"
+    assert User.all_objects.using("postgresql").get(pk=users[0].pk).last_name == "Ó Briain"
+    assert not LoginEvent.objects.using("postgresql").filter(pk=3).exists()
+    report = json.loads(next(settings.REPORT_DIR.glob("*.json")).read_text())
+    assert report["status"] == "ok"
+    assert 0 < report["facts"]["write_freeze_seconds"] < 30
+    steps = {s["name"]: s for s in report["steps"]}
+    assert steps["catch_up"]["details"]["tables"]["accounts_user"] == [1, 1, 0]
+    assert steps["verify"]["details"]["ok"] is True
+
+
+@pytest.mark.django_db(databases="__all__", transaction=True)
+def test_interrupted_switch_stays_on_sqlite_and_loses_nothing(state_file, migrated):
+    org, users = migrated
+    new = writes_on_sqlite(org, users)
+
+    def killed(message):
+        if message.startswith("catch-up: accounts_user"):
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the catch-up
+
+    with pytest.raises(KeyboardInterrupt):
+        cutover.switch_to_postgresql(state_file=state_file, drain_seconds=0, progress=killed)
+    state = read_state(state_file)
+    assert (state.phase, state.active_backend) == ("data_migrated", "sqlite")
+    assert not fz.freeze_path_for(state_file).exists()  # writes resume, on SQLite
+    assert not User.objects.using("postgresql").filter(pk=new.pk).exists()
+    # the application goes on writing to SQLite, then the switch is run again
+    again = User.objects.db_manager("sqlite").create_user("after@example.ie", "pw")
+    result = cutover.switch_to_postgresql(state_file=state_file, drain_seconds=0)
+    assert result.state.active_backend == "postgresql"
+    for pk in (new.pk, again.pk):
+        assert User.objects.using("postgresql").filter(pk=pk).exists()
+    assert_same_everywhere()
