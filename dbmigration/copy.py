@@ -646,7 +646,7 @@ def copy_data(
                     _scan_table(conn, table, targets[table.db_table], repairs, sink, progress)
                     results[table.db_table].status = "not-copied"
                 _fail(result, sink)
-        if todo:
+        if todo or marks["pending_ddl"]:
             _load(
                 conn,
                 pg,
@@ -663,9 +663,7 @@ def copy_data(
                 progress,
                 quarantine,
             )
-        result.rejections, result.rejected_total = sink.rows, sink.total
-        for table in plan.tables:
-            results[table.db_table].rows_rejected = len(skip.get(table.db_table, ()))
+        _count_rejected(result, sink)
     finally:
         conn.close()
         sink.close()
@@ -674,8 +672,17 @@ def copy_data(
     return result
 
 
-def _fail(result: CopyResult, sink: _RejectionSink) -> None:
+def _count_rejected(result: CopyResult, sink: _RejectionSink) -> None:
     result.rejections, result.rejected_total = sink.rows, sink.total
+    per_table: dict[str, set] = {}
+    for row in sink.rows:
+        per_table.setdefault(row.table, set()).add(repr(row.pk))
+    for table in result.tables:
+        table.rows_rejected = len(per_table.get(table.table, ()))
+
+
+def _fail(result: CopyResult, sink: _RejectionSink) -> None:
+    _count_rejected(result, sink)
     raise RowsRejected(result)
 
 
@@ -735,14 +742,18 @@ def _load(
     quarantine,
 ) -> None:
     """Drop what slows the load, copy each table in its own transaction, rebuild, check."""
-    names = [t.db_table for t in plan.tables]
+    pending = {SchemaObject(**o) for o in marks["pending_ddl"]}
+    # objects an interrupted run dropped are rebuilt now, even on tables outside --tables
+    names = sorted({t.db_table for t in plan.tables} | {p.table for p in pending})
     with pg.cursor() as cur:
         current = schema_snapshot(cur, names)
-    pending = {SchemaObject(**o) for o in marks["pending_ddl"]}
-    before = current | {p for p in pending if p.table in names}
-    drop = droppable(before, loaded={t.db_table for t in todo})
+    before = current | pending
+    drop = set(pending)
+    if todo:
+        drop |= set(droppable(before, loaded={t.db_table for t in todo}))
+    drop = sorted(drop, key=lambda o: (o.kind, o.table, o.name))
     # remember before dropping: an interrupted run must still rebuild them
-    marks["pending_ddl"] = [dataclasses.asdict(o) for o in sorted(set(drop) | pending, key=str)]
+    marks["pending_ddl"] = [dataclasses.asdict(o) for o in drop]
     _write_marks(state_file, marks)
     with pg.cursor() as cur:
         for obj in drop:

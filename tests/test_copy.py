@@ -4,7 +4,6 @@ import datetime as dt
 import decimal
 import json
 import sqlite3
-import uuid
 from pathlib import Path
 
 import pytest
@@ -85,9 +84,270 @@ def test_copy_round_trip(tmp_path):
     lite_ct = {(c.app_label, c.model): c.pk for c in ContentType.objects.using("sqlite")}
     pg_ct = {(c.app_label, c.model): c.pk for c in ContentType.objects.using("postgresql")}
     assert lite_ct == pg_ct
-    assert Permission.objects.using("postgresql").count() == Permission.objects.using(
-        "sqlite"
-    ).count()
+    assert (
+        Permission.objects.using("postgresql").count() == Permission.objects.using("sqlite").count()
+    )
     # sequences above max(pk): a new row gets a fresh id
     event = LoginEvent.objects.using("postgresql").create(success=False)
     assert event.pk > LoginEvent.objects.using("sqlite").get().pk
+
+
+def bad_copy(tmp_path, *statements: str) -> Path:
+    """Copy the test source to tmp_path and damage it there (schema changes stay local)."""
+    path = tmp_path / "source.sqlite3"
+    src, dst = sqlite3.connect(source_path()), sqlite3.connect(path)
+    src.backup(dst)
+    src.close()
+    dst.execute("PRAGMA ignore_check_constraints = ON")  # old databases lack these CHECKs
+    for statement in statements:
+        dst.execute(statement)
+    dst.commit()
+    dst.close()
+    return path
+
+
+def admin_entry(user: User) -> None:
+    from django.contrib.admin.models import ADDITION, LogEntry
+
+    LogEntry.objects.using("sqlite").create(
+        user=user, action_flag=ADDITION, object_repr="x", change_message="[]"
+    )
+
+
+U1 = "WHERE email = 'u1@example.ie'"
+
+# (what is wrong, SQL that makes it, table, column, reason code)
+BAD_ROWS = [
+    (
+        "nul",
+        "UPDATE accounts_user SET first_name = 'a' || char(0) || 'b' WHERE email = 'u1@example.ie'",
+        "accounts_user",
+        "first_name",
+        "nul",
+    ),
+    (
+        "utf8",
+        "UPDATE accounts_user SET last_name = CAST(x'61ff62' AS TEXT) " + U1,
+        "accounts_user",
+        "last_name",
+        "utf8",
+    ),
+    (
+        "text-in-int",
+        "UPDATE django_admin_log SET action_flag = 'three'",
+        "django_admin_log",
+        "action_flag",
+        "kind",
+    ),
+    (
+        "int-range",
+        "UPDATE django_admin_log SET action_flag = 40000",
+        "django_admin_log",
+        "action_flag",
+        "range",
+    ),
+    (
+        "bool",
+        "UPDATE accounts_loginevent SET success = 2",
+        "accounts_loginevent",
+        "success",
+        "bool",
+    ),
+    (
+        "date",
+        "UPDATE accounts_kycverification SET expires_on = '2026-13-45'",
+        "accounts_kycverification",
+        "expires_on",
+        "date",
+    ),
+    (
+        "datetime",
+        "UPDATE accounts_user SET created_at = 'yesterday' WHERE email = 'u1@example.ie'",
+        "accounts_user",
+        "created_at",
+        "datetime",
+    ),
+    (
+        "json",
+        "UPDATE accounts_user SET preferences = '{bad' WHERE email = 'u1@example.ie'",
+        "accounts_user",
+        "preferences",
+        "json",
+    ),
+    (
+        "json-nul",
+        'UPDATE accounts_user SET preferences = \'{"a": "\\u0000"}\' ' + U1,
+        "accounts_user",
+        "preferences",
+        "nul",
+    ),
+    (
+        "uuid",
+        "UPDATE accounts_kycverification SET id = 'not-a-uuid'",
+        "accounts_kycverification",
+        "id",
+        "uuid",
+    ),
+    (
+        "decimal",
+        "UPDATE accounts_kycverification SET risk_score = 'abc'",
+        "accounts_kycverification",
+        "risk_score",
+        "decimal",
+    ),
+    (
+        "max-digits",
+        "UPDATE accounts_kycverification SET risk_score = 123456.0",
+        "accounts_kycverification",
+        "risk_score",
+        "decimal",
+    ),
+    (
+        "max-length",
+        "UPDATE accounts_user SET first_name = printf('%.151c', 'x') WHERE email = 'u1@example.ie'",
+        "accounts_user",
+        "first_name",
+        "length",
+    ),
+    (
+        "enum",
+        "UPDATE accounts_user SET status = 'bogus' WHERE email = 'u1@example.ie'",
+        "accounts_user",
+        "status",
+        "enum",
+    ),
+    (
+        "fk",
+        "UPDATE accounts_membership SET user_id = 'ffffffffffffffffffffffffffffffff'",
+        "accounts_membership",
+        "user_id",
+        "fk",
+    ),
+    (
+        "unique",
+        "CREATE TABLE m2 AS SELECT * FROM accounts_membership",
+        "accounts_membership",
+        "user_id,organisation_id",
+        "unique",
+    ),
+]
+
+
+@ALL
+@pytest.mark.parametrize(
+    ("kind", "sql", "table", "column", "code"), BAD_ROWS, ids=[b[0] for b in BAD_ROWS]
+)
+def test_each_bad_row_kind_stops_the_copy(tmp_path, kind, sql, table, column, code):
+    users = make_people()
+    admin_entry(users[0])
+    extra = []
+    if kind == "unique":
+        extra = [  # an old database whose table lost its UNIQUE constraint
+            "DROP TABLE accounts_membership",
+            "ALTER TABLE m2 RENAME TO accounts_membership",
+            "INSERT INTO accounts_membership (id, created_at, updated_at, user_id, "
+            "organisation_id, role, title) SELECT id + 100, created_at, updated_at, user_id, "
+            "organisation_id, role, 'dup' "
+            "FROM accounts_membership",
+        ]
+    path = bad_copy(tmp_path, sql, *extra)
+    before = file_sha256(path)
+    scan = scan_source(sqlite_path=path, target_alias="postgresql")
+    with pytest.raises(RowsRejected) as caught:
+        copy_data(sqlite_path=path, state_file=tmp_path / "state.json")
+    assert file_sha256(path) == before
+    found = [(r.table, r.column, r.code) for r in caught.value.result.rejections]
+    assert (table, column, code) in found
+    assert table in str(caught.value) and "--quarantine" in str(caught.value)
+    # the dry run predicts the same list
+    assert sorted(found) == sorted((r.table, r.column, r.code) for r in scan.rejections)
+    # nothing of the offending table was kept, and the schema is whole again
+    with connections["postgresql"].cursor() as cur:
+        cur.execute(f'SELECT count(*) FROM "{table}"')
+        assert cur.fetchone()[0] == 0
+        cur.execute("SELECT count(*) FROM pg_indexes WHERE indexname = 'user_status_role_idx'")
+        assert cur.fetchone()[0] == 1
+        cur.execute("SELECT count(*) FROM pg_constraint WHERE contype = 'f'")
+        assert cur.fetchone()[0] >= 15
+
+
+@ALL
+def test_quarantine_sets_rows_aside_and_copies_the_rest(tmp_path):
+    from dbmigration.verify import Side, verify
+
+    users = make_people(4)
+    bad = users[1].pk.hex
+    path = bad_copy(
+        tmp_path,
+        f"UPDATE accounts_user SET first_name = 'a' || char(0) WHERE id = '{bad}'",
+        "UPDATE accounts_loginevent SET success = 7",
+    )
+    reject_file = tmp_path / "rejects.jsonl"
+    result = copy_data(
+        sqlite_path=path,
+        quarantine=True,
+        reject_file=reject_file,
+        state_file=tmp_path / "state.json",
+    )
+    lines = [json.loads(line) for line in reject_file.read_text().splitlines()]
+    by_table = {}
+    for line in lines:
+        by_table.setdefault(line["table"], set()).add(str(line["pk"]))
+    # the bad user, the users it invited (self FK), and the login event
+    assert bad in by_table["accounts_user"]
+    assert len(by_table["accounts_user"]) == 1
+    assert by_table["accounts_loginevent"]
+    nul = next(x for x in lines if x["code"] == "nul")
+    assert nul["values"]["first_name"] == "a\x00" and nul["values"]["email"] == "u1@example.ie"
+    assert not User.objects.using("postgresql").filter(pk=users[1].pk).exists()
+    assert User.objects.using("postgresql").count() == 3
+    table = next(t for t in result.tables if t.table == "accounts_user")
+    assert (table.rows_read, table.rows_written, table.rows_rejected) == (4, 3, 1)
+    exclude = {}
+    for r in result.rejections:
+        exclude.setdefault(r.table, set()).add(str(r.pk))
+    check = verify(source=Side(sqlite_path=path), target=Side(alias="postgresql"), exclude=exclude)
+    assert check.ok, check.problems(Side(sqlite_path=path), Side(alias="postgresql"))
+
+
+@ALL
+def test_quarantine_cascades_to_rows_pointing_at_rejected_rows(tmp_path):
+    users = make_people(3)
+    boss = users[0].pk.hex
+    path = bad_copy(tmp_path, f"UPDATE accounts_user SET created_at = 'junk' WHERE id = '{boss}'")
+    result = copy_data(
+        sqlite_path=path,
+        quarantine=True,
+        reject_file=tmp_path / "r.jsonl",
+        state_file=tmp_path / "state.json",
+    )
+    rejected = {(r.table, str(r.pk)) for r in result.rejections}
+    # the users it invited (self FK), its membership, KYC check, login event, group link
+    assert ("accounts_user", users[1].pk.hex) in rejected
+    assert ("accounts_user", users[2].pk.hex) in rejected
+    assert {t for t, _ in rejected} >= {
+        "accounts_membership",
+        "accounts_kycverification",
+        "accounts_loginevent",
+        "accounts_user_groups",
+    }
+    assert User.objects.using("postgresql").count() == 0
+
+
+@ALL
+def test_repair_strip_nul_is_explicit_and_recorded(tmp_path):
+    users = make_people(2)
+    path = bad_copy(
+        tmp_path,
+        "UPDATE accounts_user SET first_name = 'Se' || char(0) || 'an' "
+        f"WHERE id = '{users[1].pk.hex}'",
+    )
+    result = copy_data(sqlite_path=path, repairs=["strip-nul"], state_file=tmp_path / "s.json")
+    assert User.objects.using("postgresql").get(pk=users[1].pk).first_name == "Sean"
+    assert [(r.table, r.pk, r.column, r.rule) for r in result.repairs] == [
+        ("accounts_user", users[1].pk.hex, "first_name", "strip-nul")
+    ]
+    from dbmigration.errors import DataError
+
+    with pytest.raises(DataError, match="Unknown repair rule"):
+        copy_data(sqlite_path=path, repairs=["guess"], state_file=tmp_path / "s.json")
