@@ -74,6 +74,7 @@ class RollbackResult:
     state: MigrationState
     report_path: Path | None
     seconds: float
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def rows_carried(self) -> int:
@@ -343,6 +344,7 @@ def rollback_to_sqlite(
         state=new_state,
         report_path=report_path,
         seconds=run.facts["seconds"],
+        warnings=[w for step in run.steps for w in step.warnings],
     )
 
 
@@ -352,9 +354,15 @@ def _carry_back(run, state_file, sqlite_path, copy, freeze, flag, plan, discard,
     if discard:
         with run.step("find_discarded") as step:
             live = Side(sqlite_path=sqlite_path)
-            diffs = {t.db_table: find_changes(t, source=PG, target=live) for t in tables}
-            discarded = _carry(tables, diffs, apply=False, source="postgresql", target="sqlite")
-            step.details = {t.table: [t.inserted, t.updated, t.deleted] for t in discarded}
+            try:
+                diffs = {t.db_table: find_changes(t, source=PG, target=live) for t in tables}
+            except Exception as exc:  # PostgreSQL lost: the operator confirmed losing its writes
+                discarded = []
+                step.warnings.append(f"could not list the discarded rows: {exc}")
+                run.facts["discarded_unknown"] = str(exc)
+            else:
+                discarded = _carry(tables, diffs, apply=False, source="postgresql", target="")
+                step.details = {t.table: [t.inserted, t.updated, t.deleted] for t in discarded}
         note(f"discarding {sum(t.inserted + t.updated + t.deleted for t in discarded)} rows")
         new_state = transition(
             state_file,

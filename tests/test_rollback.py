@@ -198,3 +198,19 @@ def test_drop_postgres_copy_unapplies_every_migration(settings):
         del connections["scratch_pg"]
         admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
         admin.close()
+
+
+def test_discard_works_when_postgresql_is_gone(state_file):
+    write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))
+    connection = connections["postgresql"]
+    connection.close_pool()
+    cfg = connection.settings_dict
+    saved = cfg["PORT"], cfg["OPTIONS"]["pool"]
+    cfg["PORT"], cfg["OPTIONS"]["pool"] = 1, {**saved[1], "timeout": 1.0}
+    try:
+        out = run_rollback("--discard-postgres-writes", "--confirm-discard")
+    finally:
+        connection.close_pool()
+        cfg["PORT"], cfg["OPTIONS"]["pool"] = saved
+    assert "warning: could not list the discarded rows" in out
+    assert read_state(state_file).active_backend == "sqlite"

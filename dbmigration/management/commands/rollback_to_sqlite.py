@@ -88,6 +88,8 @@ class Command(BaseCommand):
                 )
         if result.was_switched and not (result.carried or result.discarded):
             self.stdout.write("  no writes were made on PostgreSQL since the switch")
+        for warning in result.warnings:
+            self.stdout.write(self.style.WARNING(f"  warning: {warning}"))
         if result.pre_rollback_backup:
             self.stdout.write(f"Pre-rollback SQLite backup: {result.pre_rollback_backup}")
         if result.dropped_postgres:
