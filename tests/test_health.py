@@ -1,9 +1,17 @@
 """dbmigration.health: the checks, the db_health_check command, and /health/."""
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
 from datetime import UTC, datetime, timedelta
 from io import StringIO
+from pathlib import Path
 
+import psycopg
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import connections
@@ -12,6 +20,7 @@ from dbmigration import freeze as fz
 from dbmigration import health
 from dbmigration.state import MigrationState, write_state
 from propcore import middleware
+from propcore.pgserver import find_pg_bin
 
 pytestmark = pytest.mark.django_db(databases="__all__", transaction=True)
 
@@ -165,3 +174,88 @@ def test_health_page_down_is_500(client, state_file, postgres_down):
     assert response.status_code == 500
     failing = [name for name, status in response.json().items() if status.startswith("Unavail")]
     assert any("postgresql" in name for name in failing), response.json()
+
+
+# --- replication lag against a real streaming replica (private primary + standby) ---
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run(*cmd: str) -> None:
+    if os.geteuid() == 0:  # the server refuses to run as root
+        cmd = ("runuser", "-u", "postgres", "--", *cmd)
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+
+
+def _start(data: Path, port: int, sockets: Path) -> None:
+    _run(
+        find_pg_bin("pg_ctl"), "-D", str(data), "-l", str(data.parent / f"{port}.log"), "-w",
+        "-o", f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off", "start",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def replica_pair():
+    """Start a primary and a streaming standby on free ports; yield their ports."""
+    root = Path(tempfile.mkdtemp(prefix="propcore_replica_"))
+    root.chmod(0o755)
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+    primary, standby = root / "primary", root / "standby"
+    p_port, s_port = _free_port(), _free_port()
+    try:
+        _run(find_pg_bin("initdb"), "-D", str(primary), "-U", "postgres", "-A", "trust")
+        _start(primary, p_port, root)
+        _run(
+            find_pg_bin("pg_basebackup"), "-h", "127.0.0.1", "-p", str(p_port), "-U",
+            "postgres", "-D", str(standby), "-R", "-X", "stream",
+        )  # fmt: skip
+        _start(standby, s_port, root)
+        url = f"host=127.0.0.1 port={p_port} user=postgres dbname=postgres"
+        with psycopg.connect(url, autocommit=True) as conn:
+            for _ in range(100):
+                if conn.execute("SELECT count(*) FROM pg_stat_replication").fetchone()[0]:
+                    break
+                time.sleep(0.1)
+        yield p_port, s_port
+    finally:
+        for data in (standby, primary):
+            if (data / "postmaster.pid").exists():
+                _run(find_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def point_at():
+    """Point the postgresql alias's settings at another server for one check."""
+    cfg = connections.settings["postgresql"]
+    saved = cfg["HOST"], cfg["PORT"], cfg["NAME"]
+
+    def _point(port: int) -> None:
+        cfg["HOST"], cfg["PORT"], cfg["NAME"] = "127.0.0.1", port, "postgres"
+
+    yield _point
+    cfg["HOST"], cfg["PORT"], cfg["NAME"] = saved
+
+
+def test_primary_reports_its_replica_and_lag(replica_pair, point_at, settings):
+    primary, _ = replica_pair
+    point_at(primary)
+    result = health.run_check("replication")
+    assert result.status == health.OK, result.message
+    assert result.message.startswith("1 replica(s), max lag")
+    assert result.details["replicas"][0]["state"] == "streaming"
+    settings.HEALTH_REPLICA_LAG_WARN_SECONDS = -1  # any lag is too much now
+    assert health.run_check("replication").status == health.DEGRADED
+
+
+def test_standby_reports_replay_lag(replica_pair, point_at):
+    _, standby = replica_pair
+    point_at(standby)
+    result = health.run_check("replication")
+    assert result.status == health.OK, result.message
+    assert result.details["replicas"][0]["name"] == "this server (replica)"
