@@ -121,6 +121,8 @@ class RestoreResult:
     safety_backup: BackupInfo | None
     row_counts: dict[str, int]
     seconds: float
+    dry_run: bool = False
+    raw_copy: Path | None = None  # when the current database was too damaged to snapshot
 
 
 # --- interruption and disk-full handling ------------------------------------------------
@@ -514,6 +516,7 @@ def restore_sqlite_backup(
     code_migrations: list[str],
     encrypt_key: str | None = None,
     lock_timeout: float = 20.0,
+    dry_run: bool = False,
     progress: Progress = None,
 ) -> RestoreResult:
     """Verify a backup, back up the current database, then restore the snapshot into it."""
@@ -537,14 +540,22 @@ def restore_sqlite_backup(
             f"lacks: {missing[:5]}; backup has but code lacks: {extra[:5]}). Restore it with "
             f"the code version that made it ({info.tool_version})."
         )
-    sqlite_path = Path(sqlite_path)
-    safety = None
+    sqlite_path, backup_dir = Path(sqlite_path), Path(backup_dir)
+    if dry_run:
+        return RestoreResult(info.path, sqlite_path, None, info.row_counts, 0.0, dry_run=True)
+    safety, raw_copy = None, None
     if sqlite_path.exists():
-        safety = create_sqlite_backup(
-            sqlite_path=sqlite_path, backup_dir=backup_dir, label="pre-restore"
-        )
+        try:
+            safety = create_sqlite_backup(
+                sqlite_path=sqlite_path, backup_dir=backup_dir, label="pre-restore"
+            )
+        except (SourceError, BackupError) as exc:
+            if "locked" in str(exc) or "Disk full" in str(exc):
+                raise
+            # a damaged database cannot be snapshotted: keep its files exactly as they are
+            raw_copy = _raw_copy(sqlite_path, backup_dir)
         if progress:
-            progress(f"current database kept as backup {safety.name}")
+            progress(f"current database kept as {safety.path if safety else raw_copy}")
     snapshot = info.path / SNAPSHOT
     tmp = None
     if info.encrypted:
@@ -552,17 +563,10 @@ def restore_sqlite_backup(
         decrypt_file(info.path / (SNAPSHOT + ENC_SUFFIX), tmp, key=encrypt_key)
         snapshot = tmp
     try:
-        src = open_readonly(snapshot)
-        dest = sqlite3.connect(sqlite_path, timeout=lock_timeout)
-        try:
-            # SQLite's own backup API writes the pages under its locks (WAL-safe), unlike a
-            # file copy over a database another process may have open
-            src.backup(dest)
-        except sqlite3.Error as exc:
-            raise translate_sqlite_error(sqlite_path, exc) from exc
-        finally:
-            dest.close()
-            src.close()
+        if raw_copy is None:
+            _restore_pages(snapshot, sqlite_path, lock_timeout=lock_timeout)
+        else:
+            _replace_file(snapshot, sqlite_path)
     finally:
         if tmp:
             tmp.unlink(missing_ok=True)
@@ -576,7 +580,48 @@ def restore_sqlite_backup(
         safety_backup=safety,
         row_counts=info.row_counts,
         seconds=round(time.perf_counter() - start, 3),
+        raw_copy=raw_copy,
     )
+
+
+def _restore_pages(snapshot: Path, sqlite_path: Path, *, lock_timeout: float) -> None:
+    src = open_readonly(snapshot)
+    dest = sqlite3.connect(sqlite_path, timeout=lock_timeout)
+    try:
+        # SQLite's own backup API writes the pages under its locks (WAL-safe), unlike a
+        # file copy over a database another process may have open
+        src.backup(dest)
+    except sqlite3.Error as exc:
+        raise translate_sqlite_error(sqlite_path, exc) from exc
+    finally:
+        dest.close()
+        src.close()
+
+
+def _sidecars(path: Path) -> list[Path]:
+    return [path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal")]
+
+
+def _raw_copy(sqlite_path: Path, backup_dir: Path) -> Path:
+    """Copy a damaged database and its -wal/-shm byte for byte (it cannot be snapshotted)."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    target = backup_dir / f"{stamp}-pre-restore-raw"
+    target.mkdir(parents=True)
+    for path in [sqlite_path, *_sidecars(sqlite_path)]:
+        if path.exists():
+            shutil.copy2(path, target / path.name)
+    return target
+
+
+def _replace_file(snapshot: Path, sqlite_path: Path) -> None:
+    """Swap a damaged database for the snapshot atomically; its sidecars go with it."""
+    tmp = sqlite_path.with_name(f".{sqlite_path.name}.restore-{os.getpid()}")
+    shutil.copyfile(snapshot, tmp)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    for sidecar in _sidecars(sqlite_path):
+        sidecar.unlink(missing_ok=True)  # they belong to the damaged file (kept in raw copy)
+    os.replace(tmp, sqlite_path)
 
 
 # --- PostgreSQL: pg_dump -Fc ------------------------------------------------------------------

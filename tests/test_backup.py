@@ -219,7 +219,8 @@ def test_restore_refuses_tampered_files_and_other_migrations(tmp_path):
 
 
 def _corrupt(path: Path) -> Path:
-    make_source(path, rows=2000)
+    if not path.exists():
+        make_source(path, rows=2000)
     data = bytearray(path.read_bytes())
     page = 4096
     data[page * 2 : page * 6] = os.urandom(page * 4)  # table pages, schema page intact
@@ -348,3 +349,26 @@ def test_pg_dump_backup_with_verify_restore(tmp_path):
     with connections["postgresql"].cursor() as cur:
         cur.execute("SELECT count(*) FROM pg_database WHERE datname LIKE %s", ["%_verify_%"])
         assert cur.fetchone()[0] == 0
+
+
+def test_restore_dry_run_writes_nothing_and_a_corrupt_database_is_replaced(tmp_path):
+    backup_dir = tmp_path / "b"
+    source = make_source(tmp_path / "src.sqlite3", rows=2000)
+    info = backup.create_sqlite_backup(sqlite_path=source, backup_dir=backup_dir)
+    _corrupt(source)
+    damaged = source.read_bytes()
+    with override_settings(SQLITE_PATH=source, BACKUP_DIR=backup_dir):
+        out = StringIO()
+        call_command("db_restore", info.name, "--dry-run", stdout=out)
+        assert "would keep the current database" in out.getvalue()
+        assert source.read_bytes() == damaged and len(list_dirs(backup_dir)) == 1
+        out = StringIO()
+        call_command("db_restore", info.name, stdout=out)
+    assert "raw copy in" in out.getvalue()
+    (raw,) = [p for p in list_dirs(backup_dir) if p.name.endswith("pre-restore-raw")]
+    assert (raw / "src.sqlite3").read_bytes() == damaged
+    assert row_counts(sqlite3.connect(source))["item"] == 2000
+
+
+def list_dirs(path: Path) -> list[Path]:
+    return [p for p in path.iterdir() if p.is_dir()]

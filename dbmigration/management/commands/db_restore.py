@@ -19,6 +19,11 @@ class Command(BaseCommand):
         parser.add_argument("backup", help="Backup directory, or its name under --backup-dir.")
         parser.add_argument("--backup-dir", help="Where backups live (default: database/backups).")
         parser.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="Only verify the backup (checksums, migrations) and say what would happen.",
+        )
+        parser.add_argument(
             "--lock-timeout",
             type=float,
             default=20.0,
@@ -35,12 +40,23 @@ class Command(BaseCommand):
                 code_migrations=code_migrations(),
                 encrypt_key=os.environ.get(backup.KEY_ENV),
                 lock_timeout=opts["lock_timeout"],
+                dry_run=opts["dry_run"],
                 progress=progress,
             )
         except MigrationError as exc:
             raise CommandError(str(exc), returncode=exc.returncode) from exc
+        if result.dry_run:
+            self.stdout.write(
+                f"Backup {result.restored_from} verified; would keep the current database as a "
+                f"backup and restore {sum(result.row_counts.values())} rows into {result.target}."
+            )
+            return
         if result.safety_backup:
             self.stdout.write(f"Previous database kept as backup {result.safety_backup.path}")
+        if result.raw_copy:
+            self.stdout.write(
+                self.style.WARNING(f"Current database was damaged; raw copy in {result.raw_copy}")
+            )
         self.stdout.write(
             self.style.SUCCESS(
                 f"Restored {result.target} from {result.restored_from} "
