@@ -759,6 +759,9 @@ def _load(
         for obj in drop:
             if obj in current:
                 cur.execute(obj.drop_sql)
+    if progress:  # announce every table first, so an overall bar knows its total
+        for table in todo:
+            progress(table.db_table, 0, count_rows(conn, table.db_table))
     failed = False
     for table in todo:
         if failed:  # keep reporting every bad row, but write nothing more
@@ -885,3 +888,194 @@ def _copy_table(conn, pg, table, targets, repairs, skip, sink, out, result, prog
     out.rows_repaired = len({r.pk for r in repaired})
     out.seconds = round(time.perf_counter() - started, 3)
     result.repairs.extend(repaired)
+
+
+# --- the whole phase 6, as the command runs it ------------------------------------------------
+
+
+@dataclasses.dataclass
+class MigrateDataResult:
+    mode: str  # copy | sync | verify-only
+    copy: CopyResult | None = None
+    sync: Any = None  # sync.SyncResult
+    verification: Any = None  # verify.VerifyResult
+    report_path: Path | None = None
+    log_path: Path | None = None
+    fingerprint: dict = dataclasses.field(default_factory=dict)
+
+
+def migrate_data(
+    *,
+    sqlite_path: Path,
+    state_file: Path,
+    report_dir: Path,
+    log_dir: Path,
+    alias: str = "postgresql",
+    tables: Iterable[str] | None = None,
+    quarantine: bool = False,
+    repairs: Iterable[str] = (),
+    sync: bool = False,
+    verify_only: bool = False,
+    verify: bool = True,
+    progress: Progress | None = None,
+) -> MigrateDataResult:
+    """Phase 6: check the state, copy (or sync), verify, write the report, move the state."""
+    from dbmigration.errors import PhaseError, VerificationError
+    from dbmigration.reports import RunReport
+    from dbmigration.sqlite_source import source_fingerprint
+    from dbmigration.verify import Side
+    from dbmigration.verify import verify as run_verify
+
+    state = state_mod.read_state(state_file)
+    try:
+        state_mod.require_phase(state, "data_migrated")
+    except state_mod.StateError as exc:
+        raise PhaseError(str(exc)) from exc
+    fingerprint = source_fingerprint(sqlite_path)
+    if state.source_fingerprint and not (sync or verify_only):
+        # a changed source needs a fresh prepare (or --sync after a finished copy)
+        reasons = state_mod.stale_reasons(state, fingerprint)
+        if reasons:
+            raise SourceError(
+                f"The SQLite source changed since it was prepared ({'; '.join(reasons)}). "
+                "Run migration_prepare again, or migrate_data --sync to carry the changes."
+            )
+    mode = "verify-only" if verify_only else "sync" if sync else "copy"
+    run = RunReport.open("migrate_data", report_dir=report_dir, log_dir=log_dir)
+    result = MigrateDataResult(
+        mode=mode, report_path=run.report_path, log_path=run.log_path, fingerprint=fingerprint
+    )
+    run.facts.update(
+        {
+            "mode": mode,
+            "source": str(sqlite_path),
+            "source_sha256": fingerprint["sha256"],
+            "target_alias": alias,
+            "quarantine": quarantine,
+            "repairs": sorted(repairs),
+        }
+    )
+    status = "failed"
+    try:
+        plan = build_plan(only=tables)
+        exclude: dict[str, set[str]] = {}
+        if mode == "copy":
+            with run.step("copy") as step:
+                reject_file = report_dir / f"rejects_{run.started_at[:19].replace(':', '')}.jsonl"
+                try:
+                    result.copy = copy_data(
+                        sqlite_path=sqlite_path,
+                        alias=alias,
+                        tables=tables,
+                        quarantine=quarantine,
+                        repairs=repairs,
+                        reject_file=reject_file,
+                        state_file=state_file,
+                        progress=progress,
+                    )
+                except RowsRejected as exc:
+                    _record_copy(run, step, exc.result)
+                    raise
+                _record_copy(run, step, result.copy)
+                for r in result.copy.rejections:
+                    exclude.setdefault(r.table, set()).add(str(r.pk))
+        elif mode == "sync":
+            from dbmigration.sync import sync_to_postgresql
+
+            with run.step("sync") as step:
+                result.sync = sync_to_postgresql(
+                    sqlite_path=sqlite_path,
+                    alias=alias,
+                    tables=tables,
+                    state_file=state_file,
+                    progress=progress,
+                )
+                step.details.update(
+                    {
+                        "rows_written": result.sync.rows_written,
+                        "rows_deleted": result.sync.rows_deleted,
+                        "tables": {
+                            d.table: {
+                                "inserted": len(d.inserted_pks),
+                                "updated": len(d.updated_pks),
+                                "deleted": len(d.deleted_pks),
+                                "seconds": d.seconds,
+                            }
+                            for d in result.sync.diffs
+                            if d.changed
+                        },
+                    }
+                )
+        if verify or verify_only:
+            with run.step("verify") as step:
+                source, target = Side(sqlite_path=sqlite_path), Side(alias=alias)
+                result.verification = run_verify(
+                    source=source, target=target, plan=plan, exclude=exclude
+                )
+                checks = {c.table: c for c in result.verification.tables}
+                step.details["tables"] = {
+                    t: {
+                        "source_rows": c.source_rows,
+                        "target_rows": c.target_rows,
+                        "quarantined": c.excluded,
+                        "source_checksum": c.source_checksum,
+                        "target_checksum": c.target_checksum,
+                        "mismatched_ranges": c.mismatched_ranges[:20],
+                        "seconds": c.seconds,
+                    }
+                    for t, c in checks.items()
+                }
+                if result.copy is not None:
+                    for table in run.facts.get("tables", {}).values():
+                        check = checks.get(table["table"])
+                        if check:
+                            table["source_checksum"] = check.source_checksum
+                            table["target_checksum"] = check.target_checksum
+                problems = result.verification.problems(source, target)
+                if problems:
+                    step.details["problems"] = problems
+                    raise VerificationError(
+                        "Verification failed; the phase did not advance:\n  "
+                        + "\n  ".join(problems[:20])
+                    )
+        if mode != "verify-only" and tables is None:  # a subset is not the whole phase
+            state_mod.transition(
+                state_file,
+                "data_migrated",
+                note=f"migrate_data ({mode})",
+                source_fingerprint=fingerprint,
+                last_report=str(run.report_path),
+            )
+        status = "ok" if not (result.copy and result.copy.rejected_total) else "warning"
+    finally:
+        run.finish(status)
+    return result
+
+
+def _record_copy(run, step, copy: CopyResult) -> None:
+    run.facts["tables"] = {
+        t.table: {
+            "table": t.table,
+            "status": t.status,
+            "rows_read": t.rows_read,
+            "rows_written": t.rows_written,
+            "rows_rejected": t.rows_rejected,
+            "rows_repaired": t.rows_repaired,
+            "seconds": t.seconds,
+            "rows_per_second": t.rows_per_second,
+        }
+        for t in copy.tables
+    }
+    run.facts["rejected_total"] = copy.rejected_total
+    run.facts["rejections"] = [r.as_dict() for r in copy.rejections[:1000]]
+    run.facts["reject_file"] = str(copy.reject_file) if copy.reject_file else None
+    run.facts["repairs"] = [dataclasses.asdict(r) for r in copy.repairs[:10000]]
+    step.details.update(
+        {
+            "rows_written": copy.rows_written,
+            "rebuilt": len(copy.rebuilt),
+            "schema_problems": copy.schema_problems,
+        }
+    )
+    if copy.rejected_total and copy.reject_file:
+        step.warnings.append(f"{copy.rejected_total} row(s) quarantined in {copy.reject_file}")

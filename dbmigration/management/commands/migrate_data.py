@@ -1,0 +1,149 @@
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from dbmigration.casts import REPAIR_RULES
+from dbmigration.copy import migrate_data
+from dbmigration.errors import MigrationError
+
+
+class Command(BaseCommand):
+    help = (
+        "Phase 6: copy every table from SQLite (opened read-only) to PostgreSQL with COPY, "
+        "then verify counts and range checksums. Stops on any row PostgreSQL would refuse "
+        "or change, listing each one. Resumes after an interruption; safe to re-run."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--quarantine",
+            action="store_true",
+            help="Set offending rows aside in a JSON Lines reject file and copy the rest.",
+        )
+        parser.add_argument(
+            "--repair",
+            action="append",
+            default=[],
+            choices=sorted(REPAIR_RULES),
+            metavar="RULE",
+            help="Apply a named repair, recorded per row: "
+            + "; ".join(f"{k}: {v}" for k, v in REPAIR_RULES.items()),
+        )
+        parser.add_argument(
+            "--sync",
+            action="store_true",
+            help="After a full copy: carry only rows inserted, updated or deleted since.",
+        )
+        parser.add_argument(
+            "--verify-only", action="store_true", help="Copy nothing; verify again."
+        )
+        parser.add_argument(
+            "--no-verify", action="store_true", help="Skip verification after the copy."
+        )
+        parser.add_argument(
+            "--tables",
+            nargs="+",
+            metavar="TABLE",
+            help="Copy only these tables (db_table or app_label.Model); the phase stays.",
+        )
+
+    def handle(self, *args, **opts):
+        bars = _Bars(self.stderr, enabled=opts["verbosity"] > 0)
+        try:
+            with bars:
+                r = migrate_data(
+                    sqlite_path=settings.SQLITE_PATH,
+                    state_file=settings.STATE_FILE,
+                    report_dir=settings.REPORT_DIR,
+                    log_dir=settings.LOG_DIR,
+                    tables=opts["tables"],
+                    quarantine=opts["quarantine"],
+                    repairs=opts["repair"],
+                    sync=opts["sync"],
+                    verify_only=opts["verify_only"],
+                    verify=not opts["no_verify"],
+                    progress=bars.update if bars.enabled else None,
+                )
+        except MigrationError as exc:
+            raise CommandError(str(exc), returncode=exc.returncode) from exc
+        if opts["verbosity"] == 0:
+            return
+        if r.copy:
+            for t in r.copy.tables:
+                self.stdout.write(
+                    f"  {t.table:<32} {t.status:<12} {t.rows_written:>9} rows "
+                    f"{t.rows_rejected:>5} rejected {t.seconds:7.2f}s {t.rows_per_second:>10.0f}/s"
+                )
+            if r.copy.rejected_total:
+                self.stdout.write(
+                    self.style.WARNING(
+                        f"{r.copy.rejected_total} row(s) quarantined: {r.copy.reject_file}"
+                    )
+                )
+            for repair in r.copy.repairs[:20]:
+                self.stdout.write(f"  repaired {repair.table} pk={repair.pk!r} {repair.column}")
+        if r.sync:
+            self.stdout.write(
+                f"Synced {r.sync.changed} changed row(s): {r.sync.rows_written} written, "
+                f"{r.sync.rows_deleted} deleted, in {r.sync.seconds:.2f}s"
+            )
+        if r.verification:
+            rows = sum(c.target_rows for c in r.verification.tables)
+            self.stdout.write(
+                f"Verified {len(r.verification.tables)} tables, {rows} rows: counts, checksums, "
+                f"foreign keys, sequences, migrations ({r.verification.seconds:.2f}s)"
+            )
+        self.stdout.write(f"Report: {r.report_path}\nLog:    {r.log_path}")
+        self.stdout.write(self.style.SUCCESS(f"migrate_data ({r.mode}) done."))
+
+
+class _Bars:
+    """Rich progress bars: one per table and one overall, with rows/s, on stderr."""
+
+    def __init__(self, stream, *, enabled: bool):
+        self.enabled = enabled
+        self.stream = stream
+        self.tasks: dict[str, int] = {}
+        self.done: dict[str, int] = {}
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("{task.description:<32}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]:>10}"),
+                TimeRemainingColumn(),
+                console=Console(file=self.stream._out),
+                transient=False,
+            )
+            self.progress.__enter__()
+            self.overall = self.progress.add_task("overall", total=0, rate="")
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.__exit__(*exc)
+
+    def update(self, table: str, done: int, total: int) -> None:
+        if table not in self.tasks:
+            self.tasks[table] = self.progress.add_task(table, total=total, rate="")
+            self.progress.update(
+                self.overall, total=(self.progress.tasks[self.overall].total or 0) + total
+            )
+        task = self.tasks[table]
+        self.progress.update(task, completed=done)
+        speed = self.progress.tasks[task].speed
+        self.progress.update(task, rate=f"{speed:,.0f} rows/s" if speed else "")
+        self.done[table] = done
+        self.progress.update(self.overall, completed=sum(self.done.values()))
+        speed = self.progress.tasks[self.overall].speed
+        self.progress.update(self.overall, rate=f"{speed:,.0f} rows/s" if speed else "")
