@@ -9,6 +9,7 @@ state file untouched (it is written only as the last step, atomically).
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,19 +58,25 @@ class SwitchResult:
 
 
 def migration_verified(state: MigrationState) -> tuple[bool, str]:
-    """Whether migrate_data finished every table and its verification did not fail."""
+    """Whether migrate_data copied every table and its recorded run verified them."""
     from dbmigration.plan import build_plan
 
     marks = state.extra.get("migrate_data") or {}
-    verified = marks.get("verified")
-    if verified is False or (isinstance(verified, dict) and not verified.get("ok", False)):
-        return False, "the last migrate_data verification failed"
     done = set(marks.get("done", {}))
     missing = [t.db_table for t in build_plan().tables if t.db_table not in done]
     if missing:
         return False, (
             f"migrate_data has not copied {len(missing)} table(s) ({', '.join(missing[:5])})"
         )
+    try:
+        report = json.loads(Path(state.last_report or "").read_text())
+    except (OSError, ValueError):
+        return False, f"the report of the last migrate_data run ({state.last_report}) is missing"
+    steps = {step.get("name"): step for step in report.get("steps", [])}
+    if report.get("command") != "migrate_data" or report.get("status") not in ("ok", "warning"):
+        return False, f"the last recorded run ({state.last_report}) is not a finished migrate_data"
+    if steps.get("verify", {}).get("status") != "ok":
+        return False, "the last migrate_data run did not verify (was it run with --no-verify?)"
     return True, "migrate_data copied and verified every table"
 
 

@@ -4,8 +4,10 @@ import json
 import os
 import signal
 from io import StringIO
+from pathlib import Path
 
 import pytest
+from django.conf import settings
 from django.core.management import CommandError, call_command
 from django.db import connections
 from django.http import HttpResponse
@@ -94,15 +96,21 @@ def test_unreadable_state_file_refuses_writes(client, state_file):
     assert client.get("/count/").status_code == 200
 
 
-def migrated_state(**marks):
-    """A state as migrate_data leaves it: every table done."""
+def migrated_state(verify_status="ok"):
+    """A state as migrate_data leaves it: every table done, its report says it verified."""
     done = {t.db_table: 0 for t in build_plan().tables}
-    return MigrationState(phase="data_migrated", extra={"migrate_data": {"done": done, **marks}})
+    report = settings.REPORT_DIR / "migration_report_migrate_data.json"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    steps = [{"name": "copy", "status": "ok"}, {"name": "verify", "status": verify_status}]
+    report.write_text(json.dumps({"command": "migrate_data", "status": "ok", "steps": steps}))
+    return MigrationState(
+        phase="data_migrated", extra={"migrate_data": {"done": done}}, last_report=str(report)
+    )
 
 
 def test_switch_refuses_after_a_failed_verification(state_file):
-    write_state(state_file, migrated_state(verified=False))
-    with pytest.raises(CommandError, match="verification failed"):
+    write_state(state_file, migrated_state(verify_status="failed"))
+    with pytest.raises(CommandError, match="did not verify"):
         run_switch("--noinput")
 
 
@@ -196,7 +204,7 @@ def test_switch_catches_up_verifies_and_flips(state_file, migrated, settings):
     assert User.objects.using("postgresql").get(pk=new.pk).email == "late@example.ie"
     assert User.all_objects.using("postgresql").get(pk=users[0].pk).last_name == "Ó Briain"
     assert not LoginEvent.objects.using("postgresql").filter(pk=3).exists()
-    report = json.loads(next(settings.REPORT_DIR.glob("*.json")).read_text())
+    report = json.loads(Path(out.split("Report: ")[1].split()[0]).read_text())
     assert report["status"] == "ok"
     assert 0 < report["facts"]["write_freeze_seconds"] < 30
     steps = {s["name"]: s for s in report["steps"]}

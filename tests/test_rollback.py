@@ -5,6 +5,7 @@ import os
 import sqlite3
 import uuid
 from io import StringIO
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -130,7 +131,7 @@ def test_after_switch_writes_are_carried_back(state_file, settings):
     # no audit entries of the carry-back's own: SQLite has exactly PostgreSQL's
     assert LogEntry.objects.using("sqlite").count() == LogEntry.objects.using("postgresql").count()
     assert "carried back accounts.User: 1 inserted, 2 updated, 1 deleted" in out
-    report = json.loads(next(settings.REPORT_DIR.glob("*.json")).read_text())
+    report = json.loads(Path(out.split("Report: ")[1].split()[0]).read_text())
     per_table = {t["label"]: t for t in report["facts"]["carried_back"]}
     assert per_table["accounts.User"]["sample_pks"]["deleted"] == [str(users[1].pk)]
     counts = {k: (v["inserted"], v["updated"], v["deleted"]) for k, v in per_table.items()}
