@@ -607,7 +607,12 @@ def copy_data(
     sha = file_sha256(sqlite_path)
     marks = _read_marks(state_file)
     done = done_tables(state_file, source_sha256=sha)
-    marks = {"source_sha256": sha, "done": done, "pending_ddl": marks.get("pending_ddl", [])}
+    marks = {
+        "source_sha256": sha,
+        "done": done,
+        "pending_ddl": marks.get("pending_ddl", []),
+        "schema_before": marks.get("schema_before", []),
+    }
     todo = [t for t in plan.tables if t.db_table not in done]
     results = {
         t.db_table: TableResult(
@@ -747,13 +752,16 @@ def _load(
     names = sorted({t.db_table for t in plan.tables} | {p.table for p in pending})
     with pg.cursor() as cur:
         current = schema_snapshot(cur, names)
-    before = current | pending
+    # after an interruption the catalog lacks what we dropped: trust what we saved then
+    saved = {SchemaObject(**o) for o in marks.get("schema_before", [])}
+    before = saved if pending and saved else current
     drop = set(pending)
     if todo:
         drop |= set(droppable(before, loaded={t.db_table for t in todo}))
     drop = sorted(drop, key=lambda o: (o.kind, o.table, o.name))
     # remember before dropping: an interrupted run must still rebuild them
     marks["pending_ddl"] = [dataclasses.asdict(o) for o in drop]
+    marks["schema_before"] = [dataclasses.asdict(o) for o in sorted(before, key=str)]
     _write_marks(state_file, marks)
     with pg.cursor() as cur:
         for obj in drop:
@@ -818,6 +826,7 @@ def _restore(pg, marks, state_file, drop, before, plan, quarantine) -> None:
             "breaks them is named above; fix it (or use --quarantine) and run again."
         ) from exc
     marks["pending_ddl"] = []
+    marks.pop("schema_before", None)
     _write_marks(state_file, marks)
     with pg.cursor() as cur:
         for statement in pg.ops.sequence_reset_sql(no_style(), plan.models):

@@ -1,0 +1,157 @@
+"""The migrate_data command, end to end, plus resume after an interruption."""
+
+import json
+import sqlite3
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.db import connections
+from django.test import override_settings
+
+from accounts.models import LoginEvent, User
+from dbmigration import state as state_mod
+from dbmigration.copy import copy_data, done_tables
+from dbmigration.sqlite_source import file_sha256, source_fingerprint
+from dbmigration.verify import Side, verify
+from tests.test_copy import bad_copy, make_people, source_path
+
+ALL = pytest.mark.django_db(databases="__all__", transaction=True)
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    with override_settings(
+        STATE_FILE=tmp_path / "state.json",
+        REPORT_DIR=tmp_path / "reports",
+        LOG_DIR=tmp_path / "logs",
+        SQLITE_PATH=source_path(),
+    ):
+        yield tmp_path
+
+
+def prepared(path, state_file, **fingerprint):
+    state = state_mod.MigrationState(
+        phase="prepared", source_fingerprint={**source_fingerprint(path), **fingerprint}
+    )
+    state_mod.write_state(state_file, state)
+
+
+def run(*args, **kwargs) -> str:
+    out = StringIO()
+    call_command("migrate_data", *args, stdout=out, stderr=StringIO(), **kwargs)
+    return out.getvalue()
+
+
+@ALL
+def test_refuses_before_prepare(dirs):
+    with pytest.raises(CommandError, match="in phase .nothing.. Run migration_prepare") as caught:
+        run()
+    assert caught.value.returncode == 7
+
+
+@ALL
+def test_refuses_a_stale_prepare(dirs):
+    make_people(1)
+    prepared(source_path(), dirs / "state.json", sha256="0" * 64)
+    with pytest.raises(CommandError, match="changed since it was prepared") as caught:
+        run()
+    assert caught.value.returncode == 2
+
+
+@ALL
+def test_copy_verify_report_and_rerun(dirs):
+    make_people(3)
+    prepared(source_path(), dirs / "state.json")
+    before = file_sha256(source_path())
+    out = run()
+    assert "Verified 14 tables" in out and "migrate_data (copy) done." in out
+    assert file_sha256(source_path()) == before
+    state = state_mod.read_state(dirs / "state.json")
+    assert state.phase == "data_migrated"
+    assert state.source_fingerprint["sha256"] == before
+    report = json.loads(next((dirs / "reports").glob("*.json")).read_text())
+    users = report["facts"]["tables"]["accounts_user"]
+    assert (users["rows_read"], users["rows_written"], users["rows_rejected"]) == (3, 3, 0)
+    assert users["source_checksum"] == users["target_checksum"] != ""
+    assert "rows_per_second" in users and "seconds" in users
+    # re-running after success copies nothing and verifies again
+    again = run()
+    assert "already-done" in again and "Verified 14 tables" in again
+    assert User.objects.using("postgresql").count() == 3
+    assert run(verbosity=0) == ""
+
+
+@ALL
+def test_bad_row_stops_and_phase_stays(dirs, tmp_path):
+    make_people(2)
+    path = bad_copy(tmp_path, "UPDATE accounts_user SET first_name = 'x' || char(0) || 'y'")
+    prepared(path, dirs / "state.json")
+    with override_settings(SQLITE_PATH=path), pytest.raises(CommandError) as caught:
+        run()
+    assert caught.value.returncode == 5
+    assert "accounts_user pk=" in str(caught.value) and "NUL byte" in str(caught.value)
+    assert state_mod.read_state(dirs / "state.json").phase == "prepared"
+    with override_settings(SQLITE_PATH=path):
+        out = run("--quarantine")
+    assert "quarantined" in out
+    report = sorted((dirs / "reports").glob("*.json"))[-1]
+    facts = json.loads(report.read_text())["facts"]
+    assert facts["rejected_total"] >= 2  # both users, and the rows pointing at them
+    assert facts["reject_file"].endswith(".jsonl")
+
+
+@ALL
+def test_sync_command_carries_changes(dirs):
+    users = make_people(2)
+    prepared(source_path(), dirs / "state.json")
+    run()
+    User.objects.using("sqlite").filter(pk=users[1].pk).update(last_name="Later")
+    with pytest.raises(CommandError, match="migrate_data --sync"):
+        run()
+    out = run("--sync")
+    assert "Synced" in out
+    assert User.objects.using("postgresql").get(pk=users[1].pk).last_name == "Later"
+
+
+@ALL
+def test_resume_after_interruption(tmp_path):
+    make_people(3)
+    state = tmp_path / "state.json"
+
+    def interrupt(table, done, total):
+        if table == "accounts_loginevent" and done > 0:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of a table
+
+    with pytest.raises(KeyboardInterrupt):
+        copy_data(sqlite_path=source_path(), state_file=state, progress=interrupt)
+    sha = file_sha256(source_path())
+    done = done_tables(state, source_sha256=sha)
+    assert "accounts_user" in done and "accounts_loginevent" not in done
+    assert not LoginEvent.objects.using("postgresql").exists()  # the half table rolled back
+    with connections["postgresql"].cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_indexes WHERE indexname = 'login_created_idx'")
+        assert cur.fetchone()[0] == 0  # still dropped, remembered in the state file
+    result = copy_data(sqlite_path=source_path(), state_file=state)
+    status = {t.table: t.status for t in result.tables}
+    assert status["accounts_user"] == "already-done"
+    assert status["accounts_loginevent"] == "copied"
+    assert result.schema_problems == []
+    check = verify(source=Side(sqlite_path=source_path()), target=Side(alias="postgresql"))
+    assert check.ok
+    third = copy_data(sqlite_path=source_path(), state_file=state)
+    assert {t.status for t in third.tables} == {"already-done"}
+
+
+@ALL
+def test_source_change_invalidates_done_markers(tmp_path):
+    make_people(1)
+    state = tmp_path / "state.json"
+    copy_data(sqlite_path=source_path(), state_file=state)
+    conn = sqlite3.connect(source_path())
+    conn.execute("UPDATE accounts_user SET last_name = 'Changed'")
+    conn.commit()
+    conn.close()
+    result = copy_data(sqlite_path=source_path(), state_file=state)
+    assert {t.status for t in result.tables} == {"copied"}
+    assert User.objects.using("postgresql").get().last_name == "Changed"
