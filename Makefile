@@ -24,13 +24,24 @@ lint: install
 test: lint
 	$(VENV)/bin/pytest
 
+# The demo runs in its own corner (var/demo/, database propcore_demo) so it never touches
+# database/ or the propcore database; each run starts from scratch.
+DEMO_DIR := var/demo/database
+DEMO_ENV := PROPCORE_DATABASE_DIR=$(CURDIR)/$(DEMO_DIR) POSTGRES_URL=$${DEMO_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/propcore_demo}
+DEMO_MANAGE := $(DEMO_ENV) $(PY) manage.py
+
 demo: install
-	$(PY) manage.py ensure_postgres
-	$(PY) manage.py migrate --database sqlite
-	$(PY) manage.py migrate --database postgresql
-	$(PY) manage.py seed_demo --users $(DEMO_USERS)
-	$(PY) manage.py refresh_analytics
-	curl -fsS "http://localhost/health/" >/dev/null 2>&1 || $(PY) manage.py check --database sqlite --database postgresql
+	rm -rf $(DEMO_DIR) && mkdir -p $(DEMO_DIR)
+	$(DEMO_MANAGE) ensure_postgres --recreate
+	$(DEMO_MANAGE) migrate --database sqlite -v 0
+	$(DEMO_MANAGE) seed_demo --users $(DEMO_USERS)
+	$(DEMO_MANAGE) db_backup
+	$(DEMO_MANAGE) migration_prepare
+	$(DEMO_MANAGE) migrate_data
+	$(DEMO_MANAGE) switch_to_postgresql --noinput
+	$(DEMO_MANAGE) refresh_analytics
+	$(DEMO_MANAGE) db_health_check
+	@echo "Demo done. State, backups, reports and logs: $(DEMO_DIR)/"
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache

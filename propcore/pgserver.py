@@ -121,15 +121,33 @@ def resolve_postgres_url(*, environ: dict | None = None, private_root: Path) -> 
     return start_private_cluster(private_root)
 
 
-def ensure_database(url: str) -> bool:
-    """Create the database named in url if it does not exist; return True if created."""
+def _maintenance_connection(url: str):
+    """Connect to the server's 'postgres' database; return (connection, target database name)."""
     import psycopg
-    from psycopg import sql
 
     parts = urlsplit(url)
     name = parts.path.lstrip("/") or DEFAULT_DATABASE
     maintenance = urlunsplit(parts._replace(path="/postgres"))
-    with psycopg.connect(maintenance, autocommit=True, connect_timeout=10) as conn:
+    return psycopg.connect(maintenance, autocommit=True, connect_timeout=10), name
+
+
+def drop_database(url: str) -> None:
+    """Drop the database named in url (closing other sessions on it) if it exists."""
+    from psycopg import sql
+
+    conn, name = _maintenance_connection(url)
+    with conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+def ensure_database(url: str) -> bool:
+    """Create the database named in url if it does not exist; return True if created."""
+    from psycopg import sql
+
+    conn, name = _maintenance_connection(url)
+    with conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
         if exists:
             return False

@@ -159,6 +159,7 @@ LOGGING = {
     "loggers": {
         "propcore": {"level": PROFILE.log_level},
         "propcore.slow_query": {"level": "WARNING"},
-        "dbmigration": {"level": PROFILE.log_level},
+        # runbook steps go to database/logs/ (reports.RunReport); the console gets the summaries
+        "dbmigration": {"level": "WARNING"},
     },
 }

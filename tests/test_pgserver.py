@@ -61,3 +61,23 @@ def test_no_binaries_gives_a_message_that_names_what_to_install(tmp_path, monkey
     monkeypatch.setattr(pgserver, "find_pg_bin", lambda name: None)
     with pytest.raises(pgserver.PostgresUnavailable, match="apt-get install postgresql"):
         pgserver.start_private_cluster(tmp_path)
+
+
+def test_ensure_postgres_recreate_drops_and_creates_the_database(settings):
+    from io import StringIO
+
+    import psycopg
+    from django.core.management import call_command
+
+    settings.POSTGRES_URL = "postgres://postgres@127.0.0.1:5432/propcore_ensure_test"
+    pgserver.drop_database(settings.POSTGRES_URL)
+    out = StringIO()
+    call_command("ensure_postgres", stdout=out)
+    assert "propcore_ensure_test (database created)" in out.getvalue()
+    with psycopg.connect(settings.POSTGRES_URL, autocommit=True) as conn:
+        conn.execute("CREATE TABLE marker (id int)")
+    call_command("ensure_postgres", recreate=True, stdout=out)
+    with psycopg.connect(settings.POSTGRES_URL) as conn:
+        tables = conn.execute("SELECT count(*) FROM pg_tables WHERE tablename = 'marker'")
+        assert tables.fetchone() == (0,)
+    pgserver.drop_database(settings.POSTGRES_URL)

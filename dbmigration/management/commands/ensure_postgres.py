@@ -1,7 +1,7 @@
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from propcore.pgserver import ensure_database, redact_url
+from propcore.pgserver import drop_database, ensure_database, redact_url
 
 
 class Command(BaseCommand):
@@ -10,9 +10,18 @@ class Command(BaseCommand):
         "private cluster under var/) and create the target database if it does not exist."
     )
 
-    def handle(self, *args, **options):
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--recreate",
+            action="store_true",
+            help="Drop the target database first (for demos and benchmarks; loses its data).",
+        )
+
+    def handle(self, *args, recreate, **options):
         url = settings.POSTGRES_URL
         try:
+            if recreate:
+                drop_database(url)
             created = ensure_database(url)
         except Exception as exc:
             raise CommandError(f"PostgreSQL at {redact_url(url)} is not usable: {exc}") from exc
