@@ -40,7 +40,7 @@ class Check:
     def line(self) -> str:
         mark = "ok" if self.ok and not self.warning else ("warning" if self.ok else "FAILED")
         text = f"{self.name}: {mark} - {self.detail}"
-        return f"{text}. Fix: {self.fix}" if self.fix and not self.ok else text
+        return f"{text.rstrip('.')}. Fix: {self.fix}" if self.fix and not self.ok else text
 
 
 @dataclasses.dataclass
@@ -102,7 +102,8 @@ def connect(conninfo: dict, *, timeout: int = CONNECT_TIMEOUT):
     try:
         return psycopg.connect(**conninfo, connect_timeout=timeout, autocommit=True)
     except psycopg.OperationalError as exc:
-        text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        # psycopg's first line names the cause (refused, timeout, unknown host)
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         low = str(exc).lower()
         if "password authentication failed" in low or "no password supplied" in low:
             raise TargetError(
