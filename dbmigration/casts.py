@@ -165,7 +165,9 @@ def reference_converter(column: PlannedColumn) -> Converter:
 
     def convert(value: Any) -> Any:
         if json_field:
-            value = _strict_json(value)[1]  # Django would keep malformed JSON as a string
+            parsed, value = _strict_json(value)  # Django would keep malformed JSON as a string
+            if parsed is None:
+                return "null"  # JSON null, stored as such: Django would save SQL NULL instead
         try:
             raw = value
             for step in steps:

@@ -149,9 +149,12 @@ def _plan_table(model: type[models.Model]) -> PlannedTable:
     )
 
 
-def build_plan(*, only: Iterable[str] | None = None) -> Plan:
+def build_plan(
+    *, only: Iterable[str] | None = None, models: Iterable[type[models.Model]] | None = None
+) -> Plan:
     """Plan every copied model in FK order; `only` keeps a subset (db tables or labels)."""
-    tables = {t.db_table: t for t in map(_plan_table, copied_models())}
+    found = copied_models() if models is None else list(models)
+    tables = {t.db_table: t for t in map(_plan_table, found)}
     if only is not None:
         wanted = set(only)
         unknown = wanted - set(tables) - {t.label for t in tables.values()}
