@@ -1,0 +1,1 @@
+"""The propcore benchmark: migrate_data against the physical limit, pgloader and dumpdata."""

@@ -1,0 +1,614 @@
+"""Benchmark migrate_data against the physical limit, pgloader and dumpdata + loaddata.
+
+    .venv/bin/python bench/run.py --users 100000 [--repeat 3]
+
+Builds the demo SQLite database at the given scale (cached under var/bench/), then
+measures every method in one run on the same data and server, each in its own child
+process (wall time, peak memory), and writes the table to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a file
+    sys.path.insert(0, str(ROOT))
+
+from bench import pg  # noqa: E402
+from bench.measure import Measurement, run_measured  # noqa: E402
+
+ACCOUNT_TABLES = (
+    "accounts_organisation",
+    "accounts_user",
+    "accounts_membership",
+    "accounts_kycverification",
+    "accounts_loginevent",
+)
+METHODS = ("migrate_data", "limit", "pgloader", "dumpdata")
+TARGETS = {
+    "copy_vs_limit": 1.5,  # migrate_data copy within 1.5x of the limit
+    "pgloader_vs_copy": 2.0,  # at least 2x faster than pgloader
+    "dumpdata_vs_copy": 50.0,  # at least 50x faster than dumpdata + loaddata
+    "peak_mb": 200.0,  # peak memory of migrate_data under 200 MB
+}
+LABELS = {
+    "limit": "physical limit (binary COPY from files + rebuild)",
+    "copy": "migrate_data --no-verify (copy only)",
+    "copy_verify": "migrate_data (copy + verify)",
+    "pgloader": "pgloader",
+    "dumpdata": "dumpdata + loaddata",
+}
+
+
+def say(message: str = "") -> None:
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+@dataclasses.dataclass
+class MethodResult:
+    key: str
+    label: str
+    rows: int
+    runs: list[float] = dataclasses.field(default_factory=list)
+    peaks_mb: list[float] = dataclasses.field(default_factory=list)
+    ok: bool = True
+    notes: list[str] = dataclasses.field(default_factory=list)
+    details: dict = dataclasses.field(default_factory=dict)
+    extrapolated_from: int | None = None  # rows actually measured, when extrapolated
+
+    @property
+    def seconds(self) -> float | None:
+        return statistics.median(self.runs) if self.runs else None
+
+    @property
+    def peak_mb(self) -> float | None:
+        return statistics.median(self.peaks_mb) if self.peaks_mb else None
+
+    @property
+    def rows_per_second(self) -> float | None:
+        return self.rows / self.seconds if self.seconds else None
+
+
+@dataclasses.dataclass
+class Scenario:
+    """Where one scale's files live and which databases it uses."""
+
+    users: int
+    seed: int
+    workdir: Path
+    prefix: str
+
+    def dir(self, name: str) -> Path:
+        return self.workdir / name
+
+    def url(self, name: str) -> str:
+        return pg.database_url(f"{self.prefix}_{name}")
+
+    def env(self, name: str, database: str) -> dict:
+        env = dict(os.environ)
+        env.update(
+            PROPCORE_DATABASE_DIR=str(self.dir(name)),
+            POSTGRES_URL=self.url(database),
+            PROPCORE_ENV="dev",
+            DATABASE_ACTIVE="sqlite",
+        )
+        env.pop("SQLITE_PATH", None)
+        return env
+
+
+def manage(*args: str, env: dict, log: Path | None = None) -> Measurement:
+    """Run manage.py in a child process, measured."""
+    command = [sys.executable, str(ROOT / "manage.py"), *args]
+    return run_measured(command, env=env, cwd=ROOT, log=log)
+
+
+def must(measurement: Measurement, what: str) -> Measurement:
+    if not measurement.ok:
+        raise SystemExit(
+            f"{what} failed (exit {measurement.returncode}):\n{measurement.output_tail}"
+        )
+    return measurement
+
+
+def build_sqlite(sc: Scenario, name: str, users: int, *, rebuild: bool = False) -> Path:
+    """Seed (or reuse) the demo SQLite database of `users` users in workdir/name."""
+    directory = sc.dir(name)
+    marker = directory / "seeded.json"
+    wanted = {"users": users, "seed": sc.seed}
+    sqlite_path = directory / "propcore.sqlite3"
+    if not rebuild and marker.exists() and json.loads(marker.read_text()) == wanted:
+        say(f"  reusing {sqlite_path} ({users:,} users)")
+        return sqlite_path
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    env = sc.env(name, "unused")
+    must(manage("migrate", "--database", "sqlite", "-v", "0", env=env), "migrate sqlite")
+    m = must(
+        manage(
+            "seed_demo",
+            "--users",
+            str(users),
+            "--seed",
+            str(sc.seed),
+            env=env,
+            log=directory / "seed.log",
+        ),
+        "seed_demo",
+    )
+    say(f"  seeded {users:,} users in {m.seconds:.1f}s (peak {m.peak_mb:.0f} MB)")
+    marker.write_text(json.dumps(wanted))
+    return sqlite_path
+
+
+def fresh_django_target(url: str, env: dict) -> None:
+    """An empty database with Django's schema (migrate), as a real cutover starts from."""
+    pg.recreate_database(url)
+    must(manage("migrate", "--database", "postgresql", "-v", "0", env=env), "migrate postgresql")
+
+
+# --- migrate_data ---------------------------------------------------------------------
+
+
+def prepare_state(sc: Scenario) -> Path:
+    """Run migration_prepare once (untimed) and keep its state file for every run."""
+    env = sc.env("full", "target")
+    snapshot = sc.dir("full") / "state.prepared.json"
+    state = sc.dir("full") / "state.json"
+    state.unlink(missing_ok=True)
+    fresh_django_target(sc.url("target"), env)
+    m = manage("migration_prepare", "--keep", "1", env=env, log=sc.dir("full") / "prepare.log")
+    must(m, "migration_prepare")
+    shutil.copyfile(state, snapshot)
+    say(f"  migration_prepare (untimed) {m.seconds:.1f}s")
+    return snapshot
+
+
+def run_migrate_data(sc: Scenario, *, verify: bool, rows: int, repeat: int) -> MethodResult:
+    key = "copy_verify" if verify else "copy"
+    result = MethodResult(key=key, label=LABELS[key], rows=rows)
+    env = sc.env("full", "target")
+    snapshot = sc.dir("full") / "state.prepared.json"
+    for i in range(repeat):
+        fresh_django_target(sc.url("target"), env)
+        shutil.copyfile(snapshot, sc.dir("full") / "state.json")
+        args = ["migrate_data", "-v", "1"] + ([] if verify else ["--no-verify"])
+        m = manage(*args, env=env, log=sc.dir("full") / f"{key}_{i}.log")
+        _record(result, m, f"{LABELS[key]} run {i + 1}")
+    if result.ok:
+        counts = pg.table_counts(sc.url("target"), list(sc_source_counts(sc)))
+        lost = {t: (n, counts.get(t)) for t, n in sc_source_counts(sc).items() if counts[t] != n}
+        result.details["row_counts_equal"] = not lost
+        if lost:
+            result.ok = False
+            result.notes.append(f"row counts differ: {lost}")
+    return result
+
+
+def _record(result: MethodResult, m: Measurement, what: str) -> None:
+    say(f"  {what}: {m.seconds:.1f}s, peak {m.peak_mb:.0f} MB, exit {m.returncode}")
+    if m.ok:
+        result.runs.append(m.seconds)
+        result.peaks_mb.append(m.peak_mb)
+    else:
+        result.ok = False
+        result.notes.append(f"exit {m.returncode}: {m.output_tail[-300:]}")
+
+
+_COUNTS: dict[Path, dict[str, int]] = {}
+
+
+def sc_source_counts(sc: Scenario, name: str = "full") -> dict[str, int]:
+    """Rows per table of the SQLite source that exist as tables in PostgreSQL too."""
+    path = sc.dir(name) / "propcore.sqlite3"
+    if path not in _COUNTS:
+        _COUNTS[path] = pg.sqlite_counts(path)
+    return _COUNTS[path]
+
+
+# --- the physical limit ---------------------------------------------------------------
+
+
+def prepare_limit_files(sc: Scenario, schema: pg.Schema) -> Path:
+    """Binary COPY files of exactly the rows migrate_data wrote (untimed, made beforehand)."""
+    files = sc.dir("limit_files")
+    shutil.rmtree(files, ignore_errors=True)
+    counts = pg.table_counts(sc.url("target"), schema.tables)
+    source = sc_source_counts(sc)
+    differ = {t: (source.get(t), n) for t, n in counts.items() if source.get(t) != n}
+    if differ:
+        raise SystemExit(f"The target does not hold the source's rows; cannot make files: {differ}")
+    tables = [t for t in schema.tables if counts[t]]
+    sizes = pg.dump_tables(sc.url("target"), files, tables)
+    say(f"  limit files: {len(tables)} tables, {sum(sizes.values()) / 2**20:.0f} MB")
+    return files
+
+
+def run_limit(sc: Scenario, *, rows: int, repeat: int, workers: int) -> MethodResult:
+    result = MethodResult(key="limit", label=LABELS["limit"], rows=rows)
+    env = sc.env("full", "limit")
+    url = sc.url("limit")
+    fresh_django_target(url, env)
+    schema = pg.capture_schema(url)
+    schema_file = sc.dir("full") / "limit_schema.json"
+    schema_file.write_text(json.dumps(schema.to_dict(), indent=1))
+    files = prepare_limit_files(sc, schema)
+    result.details["rebuilt"] = {
+        "indexes": len(schema.indexes),
+        "keys": len(schema.keys),
+        "foreign_keys": len(schema.foreign_keys),
+    }
+    phases = []
+    for i in range(repeat):
+        if i:
+            fresh_django_target(url, env)
+        pg.truncate_all(url, schema.tables)
+        pg.strip_schema(url, schema)
+        log = sc.dir("full") / f"limit_{i}.log"
+        command = [sys.executable, "-m", "bench.limit", "--url", url, "--files", str(files)]
+        command += ["--schema", str(schema_file), "--workers", str(workers)]
+        m = run_measured(command, cwd=ROOT, log=log)
+        _record(result, m, f"limit run {i + 1}")
+        if m.ok:
+            phases.append(json.loads(log.read_text().strip().splitlines()[-1]))
+    if phases:
+        result.details["copy_seconds"] = statistics.median(p["copy_seconds"] for p in phases)
+        result.details["rebuild_seconds"] = statistics.median(p["rebuild_seconds"] for p in phases)
+        counts = pg.table_counts(url, schema.tables)
+        source = sc_source_counts(sc)
+        result.details["row_counts_equal"] = all(source.get(t, 0) == n for t, n in counts.items())
+    return result
+
+
+# --- pgloader ---------------------------------------------------------------------------
+
+
+def pgloader_version(binary: str) -> str | None:
+    if not shutil.which(binary):
+        return None
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
+    return (out.stdout.splitlines() or ["pgloader"])[0].strip()
+
+
+def run_pgloader(sc: Scenario, *, rows: int, repeat: int, binary: str) -> MethodResult:
+    version = pgloader_version(binary)
+    result = MethodResult(key="pgloader", label=LABELS["pgloader"], rows=rows)
+    if version is None:
+        result.ok = False
+        result.notes.append(
+            f"pgloader is not installed ({binary!r} not found): apt-get install -y pgloader"
+        )
+        say(f"  {result.notes[-1]}")
+        return result
+    result.label = "pgloader " + version.replace("pgloader version ", "").strip('"')
+    url = sc.url("pgloader")
+    source = sc.dir("full") / "propcore.sqlite3"
+    exits = []
+    for i in range(repeat):
+        pg.recreate_database(url)
+        log = sc.dir("full") / f"pgloader_{i}.log"
+        m = run_measured([binary, f"sqlite://{source}", url], log=log)
+        exits.append(m.returncode)
+        say(f"  pgloader run {i + 1}: {m.seconds:.1f}s, {m.peak_mb:.0f} MB, exit {m.returncode}")
+        result.runs.append(m.seconds)  # timed even when it fails: it is what a user waits for
+        result.peaks_mb.append(m.peak_mb)
+    result.details["exit_codes"] = exits
+    result.ok = all(code == 0 for code in exits)
+    result.details.update(analyse_pgloader(sc, url))
+    return result
+
+
+def analyse_pgloader(sc: Scenario, url: str) -> dict:
+    """What pgloader got wrong: lost rows, lost NOT NULLs, changed types, vs Django's schema."""
+    reference = pg.column_types(sc.url("limit"))
+    found = pg.column_types(url)
+    diff = pg.compare_columns(reference, found)
+    tables = sorted({t for t, _c in found})
+    counts = pg.table_counts(url, tables)
+    source = sc_source_counts(sc)
+    missing_rows = {
+        t: {"sqlite": n, "pgloader": counts.get(t)} for t, n in source.items() if counts.get(t) != n
+    }
+    return {
+        "schema_problems": diff.summary(),
+        "not_null_lost": len(diff.not_null_lost),
+        "type_changes": {k: len(v) for k, v in diff.type_changes.items()},
+        "rows_missing_or_extra": missing_rows,
+    }
+
+
+# --- dumpdata + loaddata ----------------------------------------------------------------
+
+
+def run_dumpdata(sc: Scenario, *, users: int, full_rows: int, repeat: int) -> MethodResult:
+    result = MethodResult(
+        key="dumpdata",
+        label=f"{LABELS['dumpdata']} (extrapolated from {users:,} users)",
+        rows=full_rows,
+    )
+    build_sqlite(sc, "small", users)
+    counts = sc_source_counts(sc, "small")
+    excluded = ("django_content_type", "auth_permission", "django_migrations")
+    rows = sum(n for t, n in counts.items() if t not in excluded)
+    result.extrapolated_from = rows
+    env = sc.env("small", "loaddata")
+    dump = sc.dir("small") / "dump.json"
+    measured, peaks = [], []
+    for i in range(repeat):
+        dumped = manage(
+            # --all: the default managers hide soft-deleted rows, so plain dumpdata loses
+            # them; no --natural-foreign: User's natural key lookup hides them too
+            "dumpdata",
+            "--all",
+            "--database",
+            "sqlite",
+            "--exclude",
+            "contenttypes",
+            "--exclude",
+            "auth.permission",
+            "-o",
+            str(dump),
+            env=env,
+            log=sc.dir("small") / f"dumpdata_{i}.log",
+        )
+        fresh_django_target(sc.url("loaddata"), env)
+        loaded = manage(
+            "loaddata",
+            str(dump),
+            "--database",
+            "postgresql",
+            env=env,
+            log=sc.dir("small") / f"loaddata_{i}.log",
+        )
+        seconds = dumped.seconds + loaded.seconds
+        say(
+            f"  dumpdata {dumped.seconds:.1f}s + loaddata {loaded.seconds:.1f}s for {rows:,} rows "
+            f"(peak {max(dumped.peak_mb, loaded.peak_mb):.0f} MB)"
+        )
+        if not (dumped.ok and loaded.ok):
+            result.ok = False
+            result.notes.append((dumped if not dumped.ok else loaded).output_tail[-300:])
+            continue
+        loaded_counts = pg.table_counts(sc.url("loaddata"), list(ACCOUNT_TABLES))
+        if any(loaded_counts[t] != counts.get(t) for t in ACCOUNT_TABLES):
+            result.ok = False
+            result.notes.append(f"loaddata rows differ from the source: {loaded_counts}")
+        measured.append(seconds)
+        peaks.append(max(dumped.peak_mb, loaded.peak_mb))
+    if measured:
+        scale = full_rows / rows
+        result.runs = [s * scale for s in measured]
+        result.peaks_mb = peaks
+        result.details.update(
+            measured_seconds=statistics.median(measured), measured_rows=rows, scale=round(scale, 2)
+        )
+        result.notes.append(
+            f"measured {statistics.median(measured):.1f}s on {rows:,} rows, x{scale:.1f} "
+            f"(linear); peak MB measured at the small scale and grows with the fixture"
+        )
+    return result
+
+
+# --- report -----------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    model = ""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next(
+            (ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")),
+            "",
+        )
+    except OSError:
+        pass
+    mem_kb = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kb = int(line.split()[1])
+    import psycopg
+
+    with psycopg.connect(pg.database_url("postgres")) as conn:
+        server = conn.execute("SHOW server_version").fetchone()[0]
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gb": round(mem_kb / 2**20, 1),
+        "postgresql": server,
+        "python": platform.python_version(),
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def render(results: list[MethodResult], meta: dict) -> str:
+    """Markdown table plus the target checks."""
+    by_key = {r.key: r for r in results}
+    limit = by_key.get("limit")
+    lines = [
+        f"{meta['users']:,} users, {meta['rows']:,} rows, median of {meta['repeat']} run(s), "
+        f"{meta['date']} on {meta['machine']['cpu']} ({meta['machine']['cores']} cores, "
+        f"{meta['machine']['memory_gb']} GB), PostgreSQL {meta['machine']['postgresql']}",
+        "",
+        "| method | wall s | rows/s | x limit | peak MB | ok |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        ratio = f"{r.seconds / limit.seconds:.2f}" if r.seconds and limit and limit.seconds else "-"
+        lines.append(
+            f"| {r.label} | {_num(r.seconds, 1)} | {_num(r.rows_per_second, 0)} | {ratio} | "
+            f"{_num(r.peak_mb, 0)} | {'yes' if r.ok else 'NO'} |"
+        )
+    lines.append("")
+    for r in results:
+        for note in r.notes:
+            lines.append(f"- {r.label}: {note}")
+        if r.key == "pgloader":
+            for problem in r.details.get("schema_problems", []):
+                lines.append(f"- pgloader schema vs Django's: {problem}")
+            if r.details.get("rows_missing_or_extra"):
+                lines.append(f"- pgloader rows differ: {r.details['rows_missing_or_extra']}")
+        if r.key == "limit" and "copy_seconds" in r.details:
+            lines.append(
+                f"- limit = COPY {r.details['copy_seconds']:.1f}s + rebuild "
+                f"{r.details['rebuild_seconds']:.1f}s ({r.details['rebuilt']})"
+            )
+    lines += ["", "Targets:"] + [f"- {line}" for line in check_targets(by_key)]
+    return "\n".join(lines)
+
+
+def check_targets(by_key: dict[str, MethodResult]) -> list[str]:
+    out = []
+    copy, limit = by_key.get("copy"), by_key.get("limit")
+    loader, dump = by_key.get("pgloader"), by_key.get("dumpdata")
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    if copy and copy.seconds and limit and limit.seconds:
+        ratio = copy.seconds / limit.seconds
+        out.append(f"copy / limit = {ratio:.2f} (target <= 1.5): {verdict(ratio <= 1.5)}")
+    if copy and copy.seconds and loader and loader.seconds:
+        ratio = loader.seconds / copy.seconds
+        out.append(f"pgloader / copy = {ratio:.2f} (target >= 2): {verdict(ratio >= 2)}")
+    if copy and copy.seconds and dump and dump.seconds:
+        ratio = dump.seconds / copy.seconds
+        out.append(
+            f"dumpdata+loaddata / copy = {ratio:.0f} (target >= 50, extrapolated): "
+            f"{verdict(ratio >= 50)}"
+        )
+    for key in ("copy", "copy_verify"):
+        r = by_key.get(key)
+        if r and r.peak_mb:
+            out.append(
+                f"{r.label} peak {r.peak_mb:.0f} MB (target < 200): {verdict(r.peak_mb < 200)}"
+            )
+    return out
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def write_results(results: list[MethodResult], meta: dict, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = f"{meta['date'].replace(':', '').replace('-', '')}-users{meta['users']}"
+    payload = {
+        **meta,
+        "methods": [
+            {
+                **dataclasses.asdict(r),
+                "seconds": r.seconds,
+                "peak_mb": r.peak_mb,
+                "rows_per_second": r.rows_per_second,
+            }
+            for r in results
+        ],
+    }
+    (directory / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=str))
+    (directory / f"{stem}.md").write_text(render(results, meta) + "\n")
+    return directory / f"{stem}.md"
+
+
+# --- main -------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, required=True, help="Scale: demo users to seed.")
+    parser.add_argument("--seed", type=int, default=2026, help="seed_demo --seed (default 2026).")
+    parser.add_argument("--repeat", type=int, default=1, help="Runs per method; medians shown.")
+    parser.add_argument(
+        "--only",
+        default=",".join(METHODS),
+        help=f"Comma-separated methods to run (default all: {','.join(METHODS)}).",
+    )
+    parser.add_argument(
+        "--dumpdata-users",
+        type=int,
+        default=None,
+        help="Scale of the dumpdata+loaddata run, extrapolated (default 2%% of --users, "
+        "at most 2000: it runs at a few hundred rows/s).",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="Connections for the limit.")
+    parser.add_argument("--pgloader", default="pgloader", help="pgloader binary.")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="Default var/bench/users-<N> (cached)."
+    )
+    parser.add_argument("--db-prefix", default="propcore_bench", help="Scratch database names.")
+    parser.add_argument("--rebuild", action="store_true", help="Re-seed even if cached.")
+    parser.add_argument("--keep", action="store_true", help="Keep the scratch databases.")
+    parser.add_argument(
+        "--results", type=Path, default=ROOT / "bench" / "results", help="Output directory."
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    only = [m.strip() for m in args.only.split(",") if m.strip()]
+    unknown = set(only) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"Unknown method(s) {sorted(unknown)}; choose from {METHODS}.")
+    workdir = args.workdir or ROOT / "var" / "bench" / f"users-{args.users}"
+    sc = Scenario(users=args.users, seed=args.seed, workdir=workdir, prefix=args.db_prefix)
+    started = time.perf_counter()
+    say(f"Building the demo SQLite database ({args.users:,} users) in {workdir}")
+    build_sqlite(sc, "full", args.users, rebuild=args.rebuild)
+    counts = sc_source_counts(sc)
+    rows = sum(counts.values())
+    say(f"  {rows:,} rows in {len(counts)} tables")
+    results: list[MethodResult] = []
+    if "migrate_data" in only:
+        say("migrate_data")
+        prepare_state(sc)
+        results.append(run_migrate_data(sc, verify=False, rows=rows, repeat=args.repeat))
+        results.append(run_migrate_data(sc, verify=True, rows=rows, repeat=args.repeat))
+    if "limit" in only:
+        say("physical limit")
+        if "migrate_data" not in only:
+            say("  (the limit's files are dumped from migrate_data's result: running it once)")
+            prepare_state(sc)
+            run_migrate_data(sc, verify=False, rows=rows, repeat=1)
+        results.insert(0, run_limit(sc, rows=rows, repeat=args.repeat, workers=args.workers))
+    if "pgloader" in only:
+        say("pgloader")
+        if "limit" not in only:
+            fresh_django_target(sc.url("limit"), sc.env("full", "limit"))  # reference schema
+        results.append(run_pgloader(sc, rows=rows, repeat=args.repeat, binary=args.pgloader))
+    if "dumpdata" in only:
+        small = args.dumpdata_users or max(50, min(2000, args.users * 2 // 100))
+        say(f"dumpdata + loaddata at {small:,} users")
+        results.append(run_dumpdata(sc, users=small, full_rows=rows, repeat=args.repeat))
+    meta = {
+        "users": args.users,
+        "rows": rows,
+        "repeat": args.repeat,
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": machine(),
+        "source_rows": counts,
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+    path = write_results(results, meta, args.results)
+    say("")
+    say(render(results, meta))
+    say(f"\nwritten: {path} (+ .json); whole run {meta['total_seconds']:.0f}s")
+    if not args.keep:
+        for name in ("target", "limit", "pgloader", "loaddata"):
+            pg.drop_database(sc.url(name))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
