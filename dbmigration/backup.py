@@ -416,8 +416,11 @@ def _encrypt_files(partial: Path, info: BackupInfo, key: str) -> None:
         plain.unlink()
         f.plain_sha256, f.name = f.sha256, f.name + ENC_SUFFIX
         f.sha256, f.size = file_sha256(target), target.stat().st_size
-        for chunk_ok in _decrypt_chunks(target, key):
-            del chunk_ok  # decrypting every token proves the key and the file agree
+        digest = hashlib.sha256()
+        for chunk in _decrypt_chunks(target, key):
+            digest.update(chunk)
+        if digest.hexdigest() != f.plain_sha256:  # proves the key and the file agree
+            raise BackupError(f"{target} does not decrypt to the file it was made from.")
     info.encrypted = True
 
 
@@ -686,16 +689,28 @@ def create_pg_backup(
     dbname = conninfo["dbname"]
     try:
         conn = psycopg.connect(**conninfo, connect_timeout=10, autocommit=False)
+        # one REPEATABLE READ transaction: counts, migrations and the dump see one snapshot
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
     except psycopg.Error as exc:
-        raise TargetError(f"PostgreSQL is not reachable for a backup ({exc}).") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TargetError(
+            f"PostgreSQL is not reachable for a backup ({first}). Fix: check POSTGRES_URL and "
+            "run db_test_postgresql."
+        ) from None
     with conn, _partial_dir(backup_dir, label=label or "pg") as (partial, final):
-        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        snapshot_id = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
-        counts = _pg_counts(conn)
-        migrations = sorted(
-            f"{a}.{n}" for a, n in conn.execute("SELECT app, name FROM django_migrations")
-        )
-        size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+        try:
+            snapshot_id = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
+            counts = _pg_counts(conn)
+            migrations = sorted(
+                f"{a}.{n}" for a, n in conn.execute("SELECT app, name FROM django_migrations")
+            )
+            size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+        except psycopg.Error as exc:
+            raise BackupError(
+                f"Could not read database {dbname} for a backup ({str(exc).splitlines()[0]}). "
+                "Fix: run migration_prepare first, or check the role's privileges."
+            ) from None
         dump = partial / PG_DUMP
         # the dump and the counts read the same exported snapshot: they must agree
         _run(
@@ -703,7 +718,7 @@ def create_pg_backup(
             env=env,
             what="pg_dump",
         )
-        conn.execute("COMMIT")
+        conn.commit()
         if progress:
             progress(f"pg_dump written: {dump.stat().st_size} bytes")
         listing = _run(["pg_restore", "--list", str(dump)], env=env, what="pg_restore --list")

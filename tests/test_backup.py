@@ -333,14 +333,36 @@ def test_signal_mid_backup_removes_partial(tmp_path, sig):
 
 @pytest.mark.django_db(databases="__all__", transaction=True)
 def test_pg_dump_backup_with_verify_restore(tmp_path):
+    import psycopg
+
     from accounts.models import User
 
     User.objects.db_manager("postgresql").create_user("pgbackup@example.ie", "x")
     conninfo = conninfo_from_settings(connections["postgresql"].settings_dict)
-    info = backup.create_pg_backup(
-        conninfo=conninfo, backup_dir=tmp_path / "b", verify_restore=True
-    )
+    stop, written = threading.Event(), []
+
+    def writer():
+        # rows committed while the dump runs must be in neither the counts nor the dump
+        with psycopg.connect(**conninfo, autocommit=True) as conn:
+            while not stop.is_set():
+                conn.execute(
+                    "INSERT INTO django_session VALUES (%s, 'x', now())", [f"k{len(written)}"]
+                )
+                written.append(1)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        while len(written) < 20:
+            time.sleep(0.01)
+        info = backup.create_pg_backup(
+            conninfo=conninfo, backup_dir=tmp_path / "b", verify_restore=True
+        )
+    finally:
+        stop.set()
+        thread.join()
     assert info.verified and info.kind == "postgresql"
+    assert 0 < info.row_counts["django_session"] < len(written)
     assert info.row_counts["accounts_user"] == 1
     assert info.checks["pg_restore_list"] == "ok" and info.checks["table_data_entries"] > 5
     assert info.checks["verify_restore"]["row_counts_equal"] is True
