@@ -14,7 +14,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from dbmigration.errors import SourceError, TargetError
 from dbmigration.sqlite_source import (
@@ -25,6 +25,19 @@ from dbmigration.sqlite_source import (
 
 MIN_SERVER_VERSION = 140000  # Django 5.2 supports PostgreSQL 14 and later
 CONNECT_TIMEOUT = 5
+# connection options passed through from POSTGRES_URL's query or DATABASES OPTIONS
+LIBPQ_OPTIONS = {
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "sslpassword",
+    "options",
+    "application_name",
+    "target_session_attrs",
+    "passfile",
+    "service",
+}
 
 Progress = Callable[[str], None] | None
 
@@ -69,6 +82,7 @@ def conninfo_from_settings(settings_dict: dict) -> dict:
         "password": settings_dict.get("PASSWORD") or None,
         "host": settings_dict.get("HOST") or None,
         "port": settings_dict.get("PORT") or None,
+        **{k: v for k, v in (settings_dict.get("OPTIONS") or {}).items() if k in LIBPQ_OPTIONS},
     }
     return {k: v for k, v in info.items() if v is not None}
 
@@ -82,6 +96,7 @@ def conninfo_from_url(url: str) -> dict:
         "password": unquote(parts.password) if parts.password else None,
         "host": parts.hostname,
         "port": parts.port,
+        **{k: v for k, v in parse_qsl(parts.query) if k in LIBPQ_OPTIONS},
     }
     return {k: v for k, v in info.items() if v is not None}
 

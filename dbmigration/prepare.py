@@ -272,13 +272,18 @@ def _lines(failed: list) -> str:
 
 
 def _url(conninfo: dict) -> str:
-    from urllib.parse import quote
+    """The conninfo as a URL for pgserver.ensure_database (ssl options kept)."""
+    from urllib.parse import quote, urlencode
+
+    from dbmigration.preflight import LIBPQ_OPTIONS
 
     auth = quote(conninfo.get("user", ""))
     if conninfo.get("password"):
         auth += ":" + quote(str(conninfo["password"]), safe="")
     host = conninfo.get("host", "127.0.0.1")
-    return f"postgres://{auth}@{host}:{conninfo.get('port', 5432)}/{conninfo['dbname']}"
+    query = urlencode({k: v for k, v in conninfo.items() if k in LIBPQ_OPTIONS})
+    url = f"postgres://{auth}@{host}:{conninfo.get('port', 5432)}/{conninfo['dbname']}"
+    return f"{url}?{query}" if query else url
 
 
 def _create_schema(pg_alias: str, conninfo: dict) -> dict:

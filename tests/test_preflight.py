@@ -71,6 +71,31 @@ def scram_cluster():
         check=True,
         capture_output=True,
     )
+    # a throwaway self-signed certificate, so that the SSL check sees a real TLS session
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            str(root / "server.key"),
+            "-out",
+            str(root / "server.crt"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    for name in ("server.key", "server.crt"):
+        os.chmod(root / name, 0o600)
+        if os.geteuid() == 0:
+            shutil.chown(root / name, "postgres")
     port = _free_port()
     subprocess.run(
         _as_postgres(
@@ -82,7 +107,8 @@ def scram_cluster():
                 str(root / "log"),
                 "-w",
                 "-o",
-                f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=20",
+                f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=20 "
+                f"-c ssl=on -c ssl_cert_file={root}/server.crt -c ssl_key_file={root}/server.key",
                 "start",
             ]
         ),
@@ -131,6 +157,16 @@ def test_all_checks_pass_for_the_owner(scram_cluster):
     ):
         assert f"{name}: ok" in out
     assert "All checks passed" in out and GOOD_PW not in out
+
+
+def test_ssl_is_reported_from_pg_stat_ssl(scram_cluster):
+    url = _url("migrator", GOOD_PW, scram_cluster["port"])
+    with_ssl = check_postgresql(conninfo=conninfo_from_url(url + "?sslmode=require"), pool_max=5)
+    ssl = next(c for c in with_ssl.checks if c.name == "ssl")
+    assert with_ssl.facts["ssl"] is True and ssl.detail.startswith("SSL in use (TLSv1")
+    plain = check_postgresql(conninfo={**conninfo_from_url(url), "sslmode": "disable"}, pool_max=5)
+    assert plain.facts["ssl"] is False
+    assert next(c for c in plain.checks if c.name == "ssl").detail == "no SSL (local connection)"
 
 
 def test_wrong_password_fails_with_a_fix(scram_cluster):
