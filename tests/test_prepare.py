@@ -234,7 +234,8 @@ def test_sigterm_during_prepare_leaves_nothing_marked(tmp_path):
         "PROPCORE_DATABASE_DIR": str(db_dir),
         "SQLITE_PATH": str(source),
         # the test database: phase 1 finds only our schema there
-        "POSTGRES_URL": f"postgres://{pg['USER']}@{pg['HOST']}:{pg['PORT']}/{pg['NAME']}",
+        "POSTGRES_URL": f"postgres://{pg['USER']}:{pg['PASSWORD'] or ''}@{pg['HOST']}:"
+        f"{pg['PORT']}/{pg['NAME']}",
         "DATABASE_ACTIVE": "sqlite",
     }
     proc = subprocess.Popen(
