@@ -162,8 +162,14 @@ def _is_disk_full(exc: BaseException) -> bool:
 @contextlib.contextmanager
 def _partial_dir(backup_dir: Path, *, label: str):
     """Yield a fresh partial directory; remove it unless the body renamed it to final."""
-    backup_dir.mkdir(parents=True, exist_ok=True)
-    lock_fh = open(backup_dir / ".lock", "w")  # noqa: SIM115 - held for the whole backup
+    try:
+        backup_dir.mkdir(parents=True, exist_ok=True)
+        lock_fh = open(backup_dir / ".lock", "w")  # noqa: SIM115 - held for the whole backup
+    except OSError as exc:
+        raise BackupError(
+            f"Cannot write backups to {backup_dir} ({exc.strerror}). Fix: make it writable, "
+            "free space, or use --backup-dir elsewhere."
+        ) from None
     try:
         try:
             fcntl.flock(lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -207,13 +213,19 @@ def _partial_dir(backup_dir: Path, *, label: str):
 # --- SQLite snapshot and logical export ---------------------------------------------------
 
 
+class _RawText(bytes):
+    """A TEXT value exactly as stored (SQLite does not validate UTF-8)."""
+
+
 def _json_value(value):
-    """Encode one SQLite value for JSON Lines, losslessly (bytes/invalid UTF-8 tagged)."""
-    if isinstance(value, bytes):
+    """Encode one SQLite value for JSON Lines, losslessly and keeping its storage class."""
+    if isinstance(value, _RawText):
         try:
             return value.decode("utf-8")
         except UnicodeDecodeError:
-            return {"$b64": base64.b64encode(value).decode()}
+            return {"$text_b64": base64.b64encode(value).decode()}
+    if isinstance(value, bytes):
+        return {"$blob": base64.b64encode(value).decode()}
     if isinstance(value, float) and not math.isfinite(value):
         return {"$float": repr(value)}
     return value
@@ -222,7 +234,8 @@ def _json_value(value):
 def _export_jsonl(snapshot: Path, out_dir: Path, *, progress: Progress) -> dict[str, tuple]:
     """Stream every table of the snapshot to <table>.jsonl; return {table: (rows, sha256)}."""
     out_dir.mkdir()
-    conn = open_readonly(snapshot, raw_text=True)
+    conn = open_readonly(snapshot)
+    conn.text_factory = _RawText  # TEXT arrives tagged, BLOB as plain bytes
     results = {}
     cur = conn.cursor()
     try:

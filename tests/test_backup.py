@@ -81,9 +81,13 @@ def test_backup_two_formats_manifest_and_verification(tmp_path):
     assert len(lines) == 121
     first = json.loads(lines[1])
     assert first["name"] == "item 0 ünïcode" and first["price"] == 0.0
-    assert first["data"] == {"$b64": "AAD/"}
+    assert first["data"] == {"$blob": "AAD/"}
     note = json.loads((info.path / "jsonl" / "note.jsonl").read_text().splitlines()[1])
-    assert note["body"] == {"$b64": "/wD+"}
+    assert note["body"] == {"$text_b64": "/wD+"}
+    # storage classes survive: a valid-UTF-8 BLOB is not confused with TEXT
+    assert backup._json_value(b"abc") == {"$blob": "YWJj"}
+    assert backup._json_value(backup._RawText(b"abc")) == "abc"
+    assert backup._json_value(float("inf")) == {"$float": "inf"}
     snap = sqlite3.connect(info.path / "db.sqlite3")
     assert snap.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     assert row_counts(snap) == manifest["row_counts"]
