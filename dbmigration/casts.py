@@ -303,7 +303,10 @@ def fast_decimal(column: PlannedColumn, reference: Converter) -> Converter:
     def convert(value: Any) -> str:
         if type(value) is float or type(value) is int:
             try:
-                return str(create(value).quantize(quantum, context=context))
+                number = create(value).quantize(quantum, context=context)
+                if number.is_finite():
+                    return str(number)
+                raise decimal.InvalidOperation(f"{value!r} is not finite")
             except decimal.DecimalException as exc:
                 raise Rejection(
                     "decimal", f"{value!r} does not fit max_digits={field.max_digits}: {exc!r}"
@@ -356,6 +359,7 @@ def build_converter(
     int_range = INT_RANGES.get(target.type_name)
     name = column.name
     boolean = column.internal_type == "BooleanField"
+    is_json = column.internal_type == "JSONField"
 
     def convert(value: Any) -> Any:
         if value is None:
@@ -397,13 +401,116 @@ def build_converter(
                 raise Rejection("length", f"{len(out)} characters, max_length is {max_length}")
             if labels is not None and out not in labels:
                 raise Rejection("enum", f"{out!r} is not a value of PostgreSQL {target.type_name}")
-            if "\x00" in out or "\\u0000" in out:
+            if "\x00" in out:
                 raise Rejection("nul", "NUL character (PostgreSQL rejects it)")
-            if column.internal_type == "JSONField" and ("Infinity" in out or "NaN" in out):
+            if is_json and "\\u0000" in out:
+                raise Rejection("nul", "JSON text holds \\u0000, which PostgreSQL's jsonb rejects")
+            if is_json and ("Infinity" in out or "NaN" in out):
                 _check_json_finite(out)
         return out
 
-    return convert
+    if not fast or strip_nul:
+        return convert
+    return _shortcut(column, target, convert) or convert
+
+
+_IPV4 = re.compile(
+    r"(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\Z"
+)
+_TEXT_TYPES = frozenset({"CharField", "TextField", "EmailField", "SlugField", "URLField"})
+
+
+def _shortcut(column: PlannedColumn, target: TargetColumn, general: Converter) -> Converter | None:
+    """One small function for the commonest clean values; anything else takes `general`.
+
+    Each shortcut returns only what `general` returns for the same value (the hypothesis
+    tests compare fast and reference converters, shortcuts included).
+    """
+    kind = column.internal_type
+    nullable = not target.not_null
+    if kind in _TEXT_TYPES and target.enum_labels is None:
+        limit = target.max_length if target.max_length is not None else 1 << 62
+
+        def text(value: Any) -> Any:
+            if value is None and nullable:
+                return None
+            if type(value) is bytes:
+                try:
+                    out = value.decode()
+                except UnicodeDecodeError:
+                    return general(value)
+                if len(out) <= limit and "\x00" not in out:
+                    return out
+            return general(value)
+
+        return text
+    if kind in _DJANGO_PG_INT and target.type_name in INT_RANGES:
+        low, high = INT_RANGES[target.type_name]
+
+        def integer(value: Any) -> Any:
+            if value is None and nullable:
+                return None
+            if type(value) is int and low <= value <= high:
+                return str(value)
+            return general(value)
+
+        return integer
+    if kind == "UUIDField":
+        match = _HEX32.match
+
+        def uuid_hex(value: Any) -> Any:
+            if value is None and nullable:
+                return None
+            if type(value) is bytes and len(value) == 32:
+                out = value.decode("latin-1")
+                if match(out):
+                    return out
+            return general(value)
+
+        return uuid_hex
+    if kind == "DateTimeField":
+        parse = dt.datetime.fromisoformat
+
+        def timestamp(value: Any) -> Any:
+            if value is None and nullable:
+                return None
+            if type(value) is bytes and (len(value) == 19 or len(value) == 26):
+                out = value.decode("latin-1")
+                try:
+                    if str(parse(out)) == out:
+                        return out + "+00:00"
+                except ValueError:
+                    pass
+            return general(value)
+
+        return timestamp
+    if kind == "BooleanField":
+
+        def boolean(value: Any) -> Any:
+            if value is None and nullable:
+                return None
+            if type(value) is int:
+                if value == 1:
+                    return "t"
+                if value == 0:
+                    return "f"
+            return general(value)
+
+        return boolean
+    if kind == "GenericIPAddressField":
+        match = _IPV4.match
+
+        def ipv4(value: Any) -> Any:
+            if value is None and nullable:
+                return None
+            if type(value) is bytes and 7 <= len(value) <= 15:
+                out = value.decode("latin-1")
+                if match(out):
+                    return out  # canonical dotted quad: Django's Inet prints it unchanged
+            return general(value)
+
+        return ipv4
+    return None
 
 
 def _check_json_finite(text: str) -> None:

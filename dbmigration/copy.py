@@ -749,7 +749,8 @@ def _load(
     """Drop what slows the load, copy each table in its own transaction, rebuild, check."""
     pending = {SchemaObject(**o) for o in marks["pending_ddl"]}
     # objects an interrupted run dropped are rebuilt now, even on tables outside --tables
-    names = sorted({t.db_table for t in plan.tables} | {p.table for p in pending})
+    # all copied tables, not just --tables: a foreign key from any of them blocks TRUNCATE
+    names = sorted({t.db_table for t in build_plan().tables} | {p.table for p in pending})
     with pg.cursor() as cur:
         current = schema_snapshot(cur, names)
     # after an interruption the catalog lacks what we dropped: trust what we saved then
