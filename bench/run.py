@@ -36,7 +36,8 @@ ACCOUNT_TABLES = (
     "accounts_kycverification",
     "accounts_loginevent",
 )
-METHODS = ("migrate_data", "limit", "pgloader", "dumpdata")
+METHODS = ("copy", "copy_verify", "limit", "pgloader", "dumpdata")
+ALIASES = {"migrate_data": ("copy", "copy_verify")}
 TARGETS = {
     "copy_vs_limit": 1.5,  # migrate_data copy within 1.5x of the limit
     "pgloader_vs_copy": 2.0,  # at least 2x faster than pgloader
@@ -162,17 +163,26 @@ def fresh_django_target(url: str, env: dict) -> None:
 # --- migrate_data ---------------------------------------------------------------------
 
 
-def prepare_state(sc: Scenario) -> Path:
-    """Run migration_prepare once (untimed) and keep its state file for every run."""
+def prepare_state(sc: Scenario, *, full: bool = False) -> Path:
+    """Put the runbook in phase 'prepared' once (untimed) and keep that state for every run.
+
+    By default the state file is written directly: migration_prepare's backups and dry
+    run are not what is measured, and take minutes at a million users.  full=True runs it.
+    """
+    from dbmigration import state as state_mod
+
     env = sc.env("full", "target")
     snapshot = sc.dir("full") / "state.prepared.json"
     state = sc.dir("full") / "state.json"
     state.unlink(missing_ok=True)
-    fresh_django_target(sc.url("target"), env)
-    m = manage("migration_prepare", "--keep", "1", env=env, log=sc.dir("full") / "prepare.log")
-    must(m, "migration_prepare")
+    if full:
+        fresh_django_target(sc.url("target"), env)
+        m = manage("migration_prepare", "--keep", "1", env=env, log=sc.dir("full") / "prepare.log")
+        must(m, "migration_prepare")
+        say(f"  migration_prepare (untimed) {m.seconds:.1f}s")
+    else:
+        state_mod.transition(state, "prepared", note="bench/run.py: migration_prepare skipped")
     shutil.copyfile(state, snapshot)
-    say(f"  migration_prepare (untimed) {m.seconds:.1f}s")
     return snapshot
 
 
@@ -194,6 +204,12 @@ def run_migrate_data(sc: Scenario, *, verify: bool, rows: int, repeat: int) -> M
         if lost:
             result.ok = False
             result.notes.append(f"row counts differ: {lost}")
+    return result
+
+
+def must_ok(result: MethodResult) -> MethodResult:
+    if not result.ok:
+        raise SystemExit(f"{result.label} failed: {'; '.join(result.notes)}")
     return result
 
 
@@ -440,6 +456,7 @@ def render(results: list[MethodResult], meta: dict) -> str:
         f"{meta['users']:,} users, {meta['rows']:,} rows, median of {meta['repeat']} run(s), "
         f"{meta['date']} on {meta['machine']['cpu']} ({meta['machine']['cores']} cores, "
         f"{meta['machine']['memory_gb']} GB), PostgreSQL {meta['machine']['postgresql']}",
+        f"load average at start {_load(meta)}; commit {meta.get('commit', '?')}",
         "",
         "| method | wall s | rows/s | x limit | peak MB | ok |",
         "|---|---:|---:|---:|---:|---|",
@@ -497,6 +514,16 @@ def check_targets(by_key: dict[str, MethodResult]) -> list[str]:
     return out
 
 
+def _load(meta: dict) -> str:
+    load = meta["machine"].get("load_average_at_start")
+    return " ".join(f"{x:.1f}" for x in load) if load else "?"
+
+
+def _git(*args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+    return out.stdout.strip()[:100]
+
+
 def _num(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
@@ -532,7 +559,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default=",".join(METHODS),
-        help=f"Comma-separated methods to run (default all: {','.join(METHODS)}).",
+        help=f"Comma-separated methods to run (default all: {','.join(METHODS)}; "
+        "migrate_data means copy,copy_verify).",
     )
     parser.add_argument(
         "--dumpdata-users",
@@ -548,6 +576,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--db-prefix", default="propcore_bench", help="Scratch database names.")
     parser.add_argument("--rebuild", action="store_true", help="Re-seed even if cached.")
+    parser.add_argument(
+        "--prepare",
+        choices=("state", "full"),
+        default="state",
+        help="Reach phase 'prepared' by writing the state file (default) or by running "
+        "migration_prepare (backups and dry run, minutes at 1M users); untimed either way.",
+    )
     parser.add_argument("--keep", action="store_true", help="Keep the scratch databases.")
     parser.add_argument(
         "--results", type=Path, default=ROOT / "bench" / "results", help="Output directory."
@@ -557,7 +592,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    only = [m.strip() for m in args.only.split(",") if m.strip()]
+    only = []
+    for name in (m.strip() for m in args.only.split(",") if m.strip()):
+        only.extend(ALIASES.get(name, (name,)))
     unknown = set(only) - set(METHODS)
     if unknown:
         raise SystemExit(f"Unknown method(s) {sorted(unknown)}; choose from {METHODS}.")
@@ -570,17 +607,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = sum(counts.values())
     say(f"  {rows:,} rows in {len(counts)} tables")
     results: list[MethodResult] = []
-    if "migrate_data" in only:
+    if "copy" in only or "copy_verify" in only:
         say("migrate_data")
-        prepare_state(sc)
-        results.append(run_migrate_data(sc, verify=False, rows=rows, repeat=args.repeat))
-        results.append(run_migrate_data(sc, verify=True, rows=rows, repeat=args.repeat))
+        prepare_state(sc, full=args.prepare == "full")
+        for verify in (False, True):
+            if ("copy_verify" if verify else "copy") in only:
+                result = run_migrate_data(sc, verify=verify, rows=rows, repeat=args.repeat)
+                results.append(result)
     if "limit" in only:
         say("physical limit")
-        if "migrate_data" not in only:
+        if not any(r.key.startswith("copy") and r.ok for r in results):
             say("  (the limit's files are dumped from migrate_data's result: running it once)")
             prepare_state(sc)
-            run_migrate_data(sc, verify=False, rows=rows, repeat=1)
+            must_ok(run_migrate_data(sc, verify=False, rows=rows, repeat=1))
         results.insert(0, run_limit(sc, rows=rows, repeat=args.repeat, workers=args.workers))
     if "pgloader" in only:
         say("pgloader")
@@ -599,6 +638,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "source_rows": counts,
         "total_seconds": round(time.perf_counter() - started, 1),
+        "commit": _git("rev-parse", "--short", "HEAD"),
+        "copy_py_commit": _git("log", "-1", "--format=%h %s", "--", "dbmigration/copy.py"),
     }
     path = write_results(results, meta, args.results)
     say("")
