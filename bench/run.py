@@ -285,6 +285,14 @@ def run_limit(sc: Scenario, *, rows: int, repeat: int, workers: int) -> MethodRe
         counts = pg.table_counts(url, schema.tables)
         source = sc_source_counts(sc)
         result.details["row_counts_equal"] = all(source.get(t, 0) == n for t, n in counts.items())
+        rebuilt = pg.capture_schema(url)
+        result.details["schema_equal"] = all(
+            sorted(getattr(rebuilt, part)) == sorted(getattr(schema, part))
+            for part in ("tables", "indexes", "keys", "foreign_keys")
+        )
+        if not (result.details["row_counts_equal"] and result.details["schema_equal"]):
+            result.ok = False
+            result.notes.append("the limit's rows or rebuilt schema differ from the source's")
     return result
 
 

@@ -97,6 +97,7 @@ def test_whole_benchmark_runs_at_tiny_scale(tmp_path):
         assert methods[key]["ok"], methods[key]["notes"]
         assert methods[key]["seconds"] > 0 and methods[key]["peak_mb"] > 10
     assert methods["limit"]["details"]["row_counts_equal"]
+    assert methods["limit"]["details"]["schema_equal"]  # same indexes and constraints rebuilt
     assert methods["copy_verify"]["details"]["row_counts_equal"]
     assert methods["dumpdata"]["extrapolated_from"] < payload["rows"]
     assert payload["source_rows"]["accounts_user"] == 60
