@@ -1,9 +1,14 @@
-"""Phase 7: switch the application to PostgreSQL under a short write freeze.
+"""Phase 7: switch the application to PostgreSQL under a write freeze of a few seconds.
 
-Freeze on -> drain in-flight requests -> final ``migrate_data --sync`` catch-up -> verify
--> flip the active backend in the state file -> freeze off.  The freeze is lifted in a
-``finally``: whatever fails, the application is back to writing, on SQLite, with the
-state file untouched (it is written only as the last step, atomically).
+Stage 1, while the application still writes: snapshot SQLite (online backup API), run
+``migrate_data --sync`` from the snapshot and verify every table by range checksums.  This
+is the slow part (a full scan of both sides), so it happens before the freeze.
+Stage 2, frozen: find what changed in SQLite since the snapshot by comparing the two files
+inside SQLite (exact stored values, C speed), write only those rows to PostgreSQL with the
+copy's own conversion, verify (every table's count, every changed row's digest, deletions,
+foreign keys, sequences, migrations), flip the active backend, lift the freeze.  The freeze
+is lifted in a ``finally``: whatever fails, the application goes on writing to SQLite with
+the state file untouched (it is written only as the last step, atomically).
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ from dbmigration.state import MigrationState, read_state, transition
 Progress = Callable[[str], None] | None
 SWITCH_STEPS = (
     "check that migrate_data finished and verified",
+    "snapshot SQLite; migrate_data --sync from the snapshot; verify all tables (writes go on)",
     "write freeze on (writes answer 503, reads go on)",
     "drain: wait for in-flight write requests",
-    "final catch-up: migrate_data --sync (changes since the last run)",
-    "verify PostgreSQL against the frozen SQLite source",
+    "final catch-up: rows changed in SQLite since the snapshot",
+    "verify: every count, every changed row, deletions, FKs, sequences, migrations",
     "flip the active backend to postgresql in the state file",
     "write freeze off (application processes reload on their next request)",
 )
@@ -50,8 +56,8 @@ class SwitchPlan:
 @dataclasses.dataclass
 class SwitchResult:
     freeze_seconds: float
-    catch_up: Any
-    verification: Any
+    catch_up: dict
+    verification: dict
     state: MigrationState
     report_path: Path | None
     seconds: float
@@ -101,29 +107,246 @@ def plan_switch(*, state_file: Path) -> SwitchPlan:
     return SwitchPlan(state.phase, state.active_backend, SWITCH_STEPS, problems)
 
 
-def catch_up(*, sqlite_path: Path, state_file: Path, progress: Progress) -> Any:
-    """The final ``migrate_data --sync``: carry SQLite's changes since the last run."""
+# --- stage 1, while the application still writes: catch PostgreSQL up to a snapshot ------------
+
+
+def presync(*, sqlite_path: Path, snapshot: Path, state_file: Path, progress: Progress) -> Any:
+    """Snapshot SQLite, ``migrate_data --sync`` PostgreSQL to it, verify every table."""
+    from dbmigration.rollback import fresh_copy
     from dbmigration.sync import sync_to_postgresql
+    from dbmigration.verify import Side, verify
 
     def per_table(table: str, number: int, total: int) -> None:
         if progress:
-            progress(f"catch-up: {table} ({number}/{total})")
+            progress(f"pre-sync: {table} ({number}/{total})")
 
-    return sync_to_postgresql(
-        sqlite_path=sqlite_path, alias="postgresql", state_file=state_file, progress=per_table
+    fresh_copy(sqlite_path, snapshot)
+    synced = sync_to_postgresql(
+        sqlite_path=snapshot, alias="postgresql", state_file=state_file, progress=per_table
+    )
+    source, target = Side(sqlite_path=snapshot), Side(alias="postgresql")
+    checked = verify(source=source, target=target)
+    if not checked.ok:
+        problems = "; ".join(checked.problems(source, target)[:5])
+        raise VerificationError(f"PostgreSQL differs from the SQLite snapshot: {problems}")
+    return synced, checked
+
+
+# --- stage 2, under the freeze: only what changed since the snapshot ---------------------------
+
+
+@dataclasses.dataclass
+class SourceChanges:
+    """Rows of one table that changed in SQLite since the snapshot, by rowid and raw pk."""
+
+    table: str
+    upserts: list[tuple[int, Any, bool]] = dataclasses.field(default_factory=list)  # rowid, pk, new
+    deleted: list[Any] = dataclasses.field(default_factory=list)  # raw pks gone from SQLite
+
+    @property
+    def counts(self) -> list[int]:
+        new = sum(1 for _, _, is_new in self.upserts if is_new)
+        return [new, len(self.upserts) - new, len(self.deleted)]
+
+
+def source_changes(*, sqlite_path: Path, snapshot: Path, plan) -> list[SourceChanges]:
+    """Compare the live file with the snapshot in SQLite itself (exact stored values, fast)."""
+    from dbmigration.sqlite_source import open_readonly
+
+    conn = open_readonly(sqlite_path)
+    try:
+        conn.execute("ATTACH DATABASE ? AS snap", [f"{snapshot.resolve().as_uri()}?mode=ro"])
+        found = []
+        for table in plan.tables:
+            t, pk = _qi(table.db_table), _qi(table.pk_column)
+            differs = " OR ".join(
+                f"m.{_qi(c)} IS NOT o.{_qi(c)}" for c in table.column_names if c != table.pk_column
+            )
+            changes = SourceChanges(table.db_table)
+            changes.upserts = conn.execute(
+                f"SELECT m.rowid, m.{pk}, o.{pk} IS NULL FROM main.{t} m "
+                f"LEFT JOIN snap.{t} o ON o.{pk} = m.{pk} "
+                f"WHERE o.{pk} IS NULL" + (f" OR {differs}" if differs else "")
+            ).fetchall()
+            changes.deleted = [
+                row[0]
+                for row in conn.execute(
+                    f"SELECT {pk} FROM snap.{t} WHERE {pk} NOT IN (SELECT {pk} FROM main.{t})"
+                )
+            ]
+            found.append(changes)
+        return found
+    finally:
+        conn.close()
+
+
+def _qi(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _pk_values(table, raw_pks: list) -> list:
+    """Raw SQLite pk values -> Django's Python values -> PostgreSQL parameters."""
+    lite, pg = connections["sqlite"], connections["postgresql"]
+    field = table.columns[table.pk_index].field
+    expression = field.get_col(table.db_table)
+    steps = lite.ops.get_db_converters(expression) + expression.get_db_converters(lite)
+    values = []
+    for value in raw_pks:
+        for step in steps:
+            value = step(value, expression, lite)
+        values.append(field.get_db_prep_value(value, pg))
+    return values
+
+
+def _chunks(items: list, size: int = 500):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def apply_source_changes(
+    *, sqlite_path: Path, changes: list[SourceChanges], plan, progress: Progress
+) -> dict:
+    """Write the changed rows to PostgreSQL in one transaction, converted as migrate_data does."""
+    from django.core.management.color import no_style
+    from django.db import transaction
+
+    from dbmigration.copy import RowConverter, _targets_for
+    from dbmigration.errors import DataError
+    from dbmigration.sqlite_source import open_readonly
+
+    pg = connections["postgresql"]
+    by_table = {c.table: c for c in changes}
+    targets = _targets_for(plan, "postgresql")
+    conn = open_readonly(sqlite_path, raw_text=True)
+    written = deleted = 0
+    try:
+        with transaction.atomic(using="postgresql"), pg.cursor() as cur:
+            # Django's foreign keys are DEFERRABLE INITIALLY DEFERRED: order within is free
+            for table in plan.tables:
+                change = by_table[table.db_table]
+                if progress:
+                    progress(f"catch-up: {table.db_table}")
+                gone = change.deleted + [pk for _, pk, is_new in change.upserts if not is_new]
+                for chunk in _chunks(gone):
+                    cur.execute(
+                        f"DELETE FROM {_qi(table.db_table)} WHERE {_qi(table.pk_column)} = ANY(%s)",
+                        [_pk_values(table, chunk)],
+                    )
+                    deleted += cur.rowcount
+                if not change.upserts:
+                    continue
+                converter = RowConverter(table, targets[table.db_table])
+                cols = ", ".join(_qi(c) for c in table.column_names)
+                with cur.cursor.copy(f"COPY {_qi(table.db_table)} ({cols}) FROM STDIN") as copy:
+                    for chunk in _chunks([rowid for rowid, _, _ in change.upserts]):
+                        marks = ", ".join("?" * len(chunk))
+                        rows = conn.execute(
+                            f"SELECT {cols} FROM {_qi(table.db_table)} WHERE rowid IN ({marks})",
+                            chunk,
+                        ).fetchall()
+                        for raw in rows:
+                            try:
+                                copy.write_row(converter.convert(raw))
+                            except Exception as exc:
+                                bad = getattr(exc, "rows", None)
+                                if bad is None:
+                                    raise
+                                lines = "; ".join(
+                                    f"{r.table} pk={r.pk!r} {r.column}: {r.reason}" for r in bad
+                                )
+                                raise DataError(
+                                    f"A row written since migrate_data cannot arrive exactly: "
+                                    f"{lines}. Fix it in SQLite, then switch again."
+                                ) from None
+                            written += 1
+            for statement in pg.ops.sequence_reset_sql(no_style(), plan.models):
+                cur.execute(statement)
+        with pg.cursor() as cur:
+            cur.execute("SELECT schemaname, matviewname FROM pg_matviews WHERE ispopulated")
+            for schema, view in cur.fetchall():
+                cur.execute(f"REFRESH MATERIALIZED VIEW {_qi(schema)}.{_qi(view)}")
+    finally:
+        conn.close()
+    return {
+        "rows_written": written,
+        "rows_deleted": deleted,
+        "tables": {c.table: c.counts for c in changes if any(c.counts)},
+    }
+
+
+def verify_source_changes(*, sqlite_path: Path, changes: list[SourceChanges], plan) -> dict:
+    """Counts of every table, digests of every changed row, deletions, FKs, sequences."""
+    from dbmigration.sqlite_source import open_readonly
+    from dbmigration.verify import (
+        Side,
+        _readers,
+        applied_migrations,
+        check_foreign_keys,
+        check_sequences,
+        row_digest,
     )
 
-
-def verify_switch(*, sqlite_path: Path) -> Any:
-    """Counts and range checksums of every table, FKs, sequences, migrations; raise if off."""
-    from dbmigration.verify import Side, verify
-
-    source, target = Side(sqlite_path=sqlite_path), Side(alias="postgresql")
-    result = verify(source=source, target=target)
-    if not result.ok:
-        problems = "; ".join(result.problems(source, target)[:5])
-        raise VerificationError(f"PostgreSQL differs from SQLite after the catch-up: {problems}")
-    return result
+    pg, lite = connections["postgresql"], connections["sqlite"]
+    by_table = {c.table: c for c in changes}
+    problems: list[str] = []
+    conn = open_readonly(sqlite_path, raw_text=True)
+    try:
+        with pg.cursor() as cur:
+            for table in plan.tables:
+                t, pk = _qi(table.db_table), _qi(table.pk_column)
+                ours = conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                cur.execute(f"SELECT count(*) FROM {t}")
+                theirs = cur.fetchone()[0]
+                if ours != theirs:
+                    problems.append(f"{table.db_table}: {ours} rows in SQLite, {theirs} in PG")
+                change = by_table[table.db_table]
+                if change.deleted:
+                    cur.execute(
+                        f"SELECT count(*) FROM {t} WHERE {pk} = ANY(%s)",
+                        [_pk_values(table, change.deleted)],
+                    )
+                    if cur.fetchone()[0]:
+                        problems.append(f"{table.db_table}: deleted rows still in PostgreSQL")
+                if not change.upserts:
+                    continue
+                cols = ", ".join(_qi(c) for c in table.column_names)
+                left, right = _readers(table, lite), _readers(table, pg)
+                at = table.pk_index
+                for chunk in _chunks(change.upserts):
+                    marks = ", ".join("?" * len(chunk))
+                    rows = conn.execute(
+                        f"SELECT {cols} FROM {t} WHERE rowid IN ({marks})", [r for r, _, _ in chunk]
+                    ).fetchall()
+                    mine = {}
+                    for raw in rows:
+                        values = [read(v) for read, v in zip(left, raw, strict=True)]
+                        mine[values[at]] = row_digest(values)
+                    cur.execute(
+                        f"SELECT {cols} FROM {t} WHERE {pk} = ANY(%s)",
+                        [_pk_values(table, [p for _, p, _ in chunk])],
+                    )
+                    yours = {}
+                    for raw in cur.fetchall():
+                        values = [read(v) for read, v in zip(right, raw, strict=True)]
+                        yours[values[at]] = row_digest(values)
+                    if mine != yours:
+                        bad = sorted(
+                            k for k in set(mine) | set(yours) if mine.get(k) != yours.get(k)
+                        )
+                        problems.append(f"{table.db_table}: rows differ: {bad[:10]}")
+    finally:
+        conn.close()
+    problems += check_foreign_keys("postgresql", plan) + check_sequences("postgresql", plan)
+    if applied_migrations(Side(sqlite_path=sqlite_path)) != applied_migrations(
+        Side(alias="postgresql")
+    ):
+        problems.append("applied migrations differ between SQLite and PostgreSQL")
+    if problems:
+        raise VerificationError(
+            "PostgreSQL differs from SQLite after the catch-up: " + "; ".join(problems[:5])
+        )
+    rows = sum(len(c.upserts) for c in changes)
+    return {"ok": True, "tables_counted": len(plan.tables), "changed_rows_compared": rows}
 
 
 def switch_to_postgresql(
@@ -142,6 +365,9 @@ def switch_to_postgresql(
     plan = plan_switch(state_file=state_file)
     if not plan.ready:
         raise PhaseError(" ".join(plan.problems))
+    from dbmigration.plan import build_plan
+
+    tables = build_plan()
     note = progress or (lambda message: None)
     run = RunReport.open(
         "switch_to_postgresql",
@@ -150,9 +376,23 @@ def switch_to_postgresql(
     )
     start = time.perf_counter()
     flag = fz.freeze_path_for(state_file)
+    stamp = run.started_at[:26].replace(":", "").replace("-", "").replace(".", "")
+    snapshot = sqlite_path.with_name(f"{sqlite_path.name}.cutover-{stamp}")
     freeze = None
     frozen_for = 0.0
     try:
+        with run.step("presync") as step:
+            note("stage 1 (writes go on): snapshot SQLite, sync PostgreSQL to it, verify")
+            synced, checked = presync(
+                sqlite_path=sqlite_path, snapshot=snapshot, state_file=state_file, progress=note
+            )
+            step.details = {
+                "changed": synced.changed,
+                "rows_written": synced.rows_written,
+                "rows_deleted": synced.rows_deleted,
+                "verified_tables": len(checked.tables),
+                "verified_rows": sum(t.target_rows for t in checked.tables),
+            }
         with run.step("write_freeze_on") as step:
             freeze = fz.freeze_on(
                 flag, reason="switch_to_postgresql", max_seconds=freeze_max_seconds
@@ -163,23 +403,17 @@ def switch_to_postgresql(
             time.sleep(drain_seconds)  # requests that began before the freeze finish writing
             step.details = {"seconds": drain_seconds}
         with run.step("catch_up") as step:
-            note("final catch-up: migrate_data --sync")
-            caught_up = catch_up(sqlite_path=sqlite_path, state_file=state_file, progress=note)
-            note(f"catch-up carried {caught_up.changed} changed rows")
-            step.details = {
-                "changed": caught_up.changed,
-                "rows_written": caught_up.rows_written,
-                "rows_deleted": caught_up.rows_deleted,
-                "tables": {
-                    d.table: [len(d.inserted_pks), len(d.updated_pks), len(d.deleted_pks)]
-                    for d in caught_up.diffs
-                    if d.changed
-                },
-            }
+            note("stage 2 (frozen): final catch-up of what changed since the snapshot")
+            changes = source_changes(sqlite_path=sqlite_path, snapshot=snapshot, plan=tables)
+            caught_up = apply_source_changes(
+                sqlite_path=sqlite_path, changes=changes, plan=tables, progress=note
+            )
+            step.details = caught_up
+            note(f"catch-up wrote {caught_up['rows_written']} rows")
         with run.step("verify") as step:
-            note("verifying PostgreSQL against SQLite")
-            verified = verify_switch(sqlite_path=sqlite_path)
-            step.details = {"ok": verified.ok, "tables": len(verified.tables)}
+            note("verifying PostgreSQL against the frozen SQLite")
+            verified = verify_source_changes(sqlite_path=sqlite_path, changes=changes, plan=tables)
+            step.details = verified
         with run.step("flip_active_backend") as step:
             if not fz.still_held(flag, freeze):
                 # the freeze expired or was removed: writes may have reached SQLite since
@@ -202,6 +436,7 @@ def switch_to_postgresql(
         run.facts["active_backend"] = read_state(state_file).active_backend
         raise
     finally:
+        snapshot.unlink(missing_ok=True)
         if freeze is not None:
             frozen_for = fz.freeze_off(flag, freeze) or 0.0
             note(f"write freeze off after {frozen_for:.2f} s")

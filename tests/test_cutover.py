@@ -147,7 +147,8 @@ def test_dry_run_shows_plan_and_changes_nothing(state_file):
     write_state(state_file, state)
     before = state_file.read_bytes()
     out = run_switch("--dry-run")
-    assert "final catch-up: migrate_data --sync" in out and "Dry run" in out
+    assert "final catch-up: rows changed in SQLite since the snapshot" in out
+    assert "Dry run" in out
     assert state_file.read_bytes() == before
     assert not fz.freeze_path_for(state_file).exists()
 
@@ -195,38 +196,56 @@ def writes_on_sqlite(org, users):
 @pytest.mark.django_db(databases="__all__", transaction=True)
 def test_switch_catches_up_verifies_and_flips(state_file, migrated, settings):
     org, users = migrated
-    new = writes_on_sqlite(org, users)
-    out = run_switch("--noinput", "--drain-seconds", "0")
-    assert "Switched to PostgreSQL" in out and "writes were frozen for" in out
+    early = User.objects.db_manager("sqlite").create_user("early@example.ie", "pw")
+    late = []
+
+    def app_writes_during_stage_1(message):
+        # after the snapshot, before the freeze: only the frozen catch-up can carry these
+        if message.startswith("pre-sync:") and not late:
+            late.append(writes_on_sqlite(org, users))
+
+    result = cutover.switch_to_postgresql(drain_seconds=0, progress=app_writes_during_stage_1)
     state = read_state(state_file)
     assert (state.phase, state.active_backend) == ("switched", "postgresql")
     assert not fz.freeze_path_for(state_file).exists()
-    assert User.objects.using("postgresql").get(pk=new.pk).email == "late@example.ie"
+    for user in (early, late[0]):
+        assert User.objects.using("postgresql").get(pk=user.pk).email == user.email
     assert User.all_objects.using("postgresql").get(pk=users[0].pk).last_name == "Ó Briain"
     assert not LoginEvent.objects.using("postgresql").filter(pk=3).exists()
-    report = json.loads(Path(out.split("Report: ")[1].split()[0]).read_text())
+    report = json.loads(result.report_path.read_text())
     assert report["status"] == "ok"
     assert 0 < report["facts"]["write_freeze_seconds"] < 30
     steps = {s["name"]: s for s in report["steps"]}
-    assert steps["catch_up"]["details"]["tables"]["accounts_user"] == [1, 1, 0]
+    assert steps["presync"]["details"]["changed"] == 2  # the early user and its audit entry
+    tables = steps["catch_up"]["details"]["tables"]
+    assert tables["accounts_user"] == [1, 1, 0] and tables["accounts_loginevent"] == [0, 0, 1]
+    assert tables["auditlog_logentry"] == [2, 0, 0]  # the audit trail of the late writes
+    assert steps["verify"]["details"]["changed_rows_compared"] == 4
     assert steps["verify"]["details"]["ok"] is True
 
 
 @pytest.mark.django_db(databases="__all__", transaction=True)
 def test_interrupted_switch_stays_on_sqlite_and_loses_nothing(state_file, migrated):
     org, users = migrated
-    new = writes_on_sqlite(org, users)
+    late = []
 
     def killed(message):
+        if message.startswith("pre-sync:") and not late:
+            late.append(writes_on_sqlite(org, users))  # after the snapshot
         if message.startswith("catch-up: accounts_user"):
-            raise KeyboardInterrupt  # Ctrl-C in the middle of the catch-up
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the frozen catch-up
 
     with pytest.raises(KeyboardInterrupt):
         cutover.switch_to_postgresql(state_file=state_file, drain_seconds=0, progress=killed)
     state = read_state(state_file)
     assert (state.phase, state.active_backend) == ("data_migrated", "sqlite")
     assert not fz.freeze_path_for(state_file).exists()  # writes resume, on SQLite
+    new = late[0]
+    assert User.objects.using("sqlite").filter(pk=new.pk).exists()
+    # the catch-up is one transaction: nothing of it reached PostgreSQL
     assert not User.objects.using("postgresql").filter(pk=new.pk).exists()
+    assert LoginEvent.objects.using("postgresql").filter(pk=3).exists()
+    assert not list(Path(connections.settings["sqlite"]["NAME"]).parent.glob("*.cutover-*"))
     # the application goes on writing to SQLite, then the switch is run again
     again = User.objects.db_manager("sqlite").create_user("after@example.ie", "pw")
     result = cutover.switch_to_postgresql(state_file=state_file, drain_seconds=0)
