@@ -42,7 +42,7 @@ from dbmigration.copy import (
 from dbmigration.errors import DataError
 from dbmigration.plan import Plan, PlannedTable, build_plan
 from dbmigration.sqlite_source import file_sha256, open_readonly
-from dbmigration.verify import Side, plan_ranges, row_digests, side_sums
+from dbmigration.verify import Side, both_sums, plan_ranges, row_digests
 
 
 @dataclasses.dataclass
@@ -78,8 +78,7 @@ def diff_table(
     """Return what to insert, update and delete on target so that it equals source."""
     started = time.perf_counter()
     ranges = plan_ranges((source, target), table)
-    ours = side_sums(source, table, ranges, exclude=exclude)
-    theirs = side_sums(target, table, ranges)
+    ours, theirs = both_sums(source, target, table, ranges, exclude=exclude)
     diff = TableDiff(table=table.db_table)
     bad = {
         b
