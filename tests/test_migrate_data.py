@@ -155,3 +155,41 @@ def test_source_change_invalidates_done_markers(tmp_path):
     result = copy_data(sqlite_path=source_path(), state_file=state)
     assert {t.status for t in result.tables} == {"copied"}
     assert User.objects.using("postgresql").get().last_name == "Changed"
+
+
+@ALL
+def test_killed_connection_mid_table_then_resume(tmp_path):
+    """PostgreSQL drops our session in the middle of a table; the next run finishes the job."""
+    import psycopg
+
+    from dbmigration.errors import TargetError
+
+    make_people(3)
+    state = tmp_path / "state.json"
+    params = connections["postgresql"].get_connection_params()
+
+    def kill(table, done, total):
+        if table == "accounts_loginevent" and done > 0:
+            pid = connections["postgresql"].connection.info.backend_pid  # busy in COPY
+            with psycopg.connect(**params, autocommit=True) as other:
+                other.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+    with pytest.raises(TargetError, match="Nothing of this table was kept"):
+        copy_data(sqlite_path=source_path(), state_file=state, progress=kill)
+    connections["postgresql"].close()
+    done = done_tables(state, source_sha256=file_sha256(source_path()))
+    assert "accounts_user" in done and "accounts_loginevent" not in done
+    result = copy_data(sqlite_path=source_path(), state_file=state)
+    assert {t.table for t in result.tables if t.status == "copied"} >= {"accounts_loginevent"}
+    check = verify(source=Side(sqlite_path=source_path()), target=Side(alias="postgresql"))
+    assert check.ok, check.problems(Side(sqlite_path=source_path()), Side(alias="postgresql"))
+
+
+@ALL
+def test_tables_subset_leaves_the_phase(dirs):
+    make_people(2)
+    prepared(source_path(), dirs / "state.json")
+    out = run("--tables", "accounts_organisation", "accounts.User", "--no-verify")
+    assert "accounts_user" in out and "accounts_loginevent" not in out
+    assert User.objects.using("postgresql").count() == 2
+    assert state_mod.read_state(dirs / "state.json").phase == "prepared"
