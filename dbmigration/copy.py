@@ -798,6 +798,12 @@ def _load(
         marks["done"][table.db_table] = results[table.db_table].rows_written
         _write_marks(state_file, marks)
     if failed:
+        # a run that found bad rows marks nothing done: the tables copied before the bad
+        # one stay in PostgreSQL but are redone by the next run, like everything else
+        for table in todo:
+            marks["done"].pop(table.db_table, None)
+            if results[table.db_table].status == "copied":
+                results[table.db_table].status = "copied-not-kept"
         _restore(pg, marks, state_file, drop, before, plan, quarantine)
         _fail(result, sink)
     _restore(pg, marks, state_file, drop, before, plan, quarantine)

@@ -261,6 +261,11 @@ def test_each_bad_row_kind_stops_the_copy(tmp_path, kind, sql, table, column, co
     assert table in str(caught.value) and "--quarantine" in str(caught.value)
     # the dry run predicts the same list
     assert sorted(found) == sorted((r.table, r.column, r.code) for r in scan.rejections)
+    # nothing is marked done
+    state = tmp_path / "state.json"  # absent when SQL checks stopped it before any write
+    assert (
+        not state.exists() or json.loads(state.read_text())["extra"]["migrate_data"]["done"] == {}
+    )
     # nothing of the offending table was kept, and the schema is whole again
     with connections["postgresql"].cursor() as cur:
         cur.execute(f'SELECT count(*) FROM "{table}"')
