@@ -200,12 +200,15 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON for PostgreSQL")
 
 
+_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # built once: it is costly
+
+
 def _strict_json(value: Any) -> tuple[Any, str]:
     """Parse JSON text strictly; return (parsed, text) or raise Rejection."""
     if not isinstance(value, str):
         raise Rejection("json", f"{type(value).__name__} value in a JSON column")
     try:
-        return json.loads(value, parse_constant=_reject_constant), value
+        return _JSON_DECODER.decode(value), value
     except ValueError as exc:
         raise Rejection("json", f"malformed JSON: {exc}") from None
 
@@ -428,7 +431,35 @@ def _shortcut(column: PlannedColumn, target: TargetColumn, general: Converter) -
     """
     kind = column.internal_type
     nullable = not target.not_null
-    if kind in _TEXT_TYPES and target.enum_labels is None:
+    if kind in _TEXT_TYPES and target.enum_labels is not None:
+        labels = target.enum_labels
+
+        def enum(value: Any) -> Any:
+            if type(value) is bytes:
+                try:
+                    out = value.decode()
+                except UnicodeDecodeError:
+                    return general(value)
+                if out in labels:
+                    return out
+            return general(value)
+
+        return enum
+    if kind == "JSONField" and FAST_PATHS["JSONField"](column, general) is not general:
+        decode, dumps = _JSON_DECODER.decode, json.dumps
+
+        def json_text(value: Any) -> Any:
+            if type(value) is bytes:
+                try:
+                    out = dumps(decode(value.decode()))
+                except ValueError:  # UnicodeDecodeError and JSONDecodeError included
+                    return general(value)
+                if not ("\\u0000" in out or "Infinity" in out or "NaN" in out):
+                    return out
+            return general(value)
+
+        return json_text
+    if kind in _TEXT_TYPES:
         limit = target.max_length if target.max_length is not None else 1 << 62
 
         def text(value: Any) -> Any:

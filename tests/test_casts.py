@@ -227,3 +227,17 @@ def test_strip_nul_repair_is_recorded():
     convert = build_converter(column("accounts_user", "first_name"), repairs=log)
     assert convert(b"Se\x00an") == "Sean"
     assert log.applied == [("first_name", "strip-nul")]
+
+
+def test_enum_shortcut_equals_reference():
+    col = column("accounts_user", "status")
+    target = TargetColumn(
+        name="status", type_name="user_status", not_null=True, enum_labels=frozenset({"active"})
+    )
+
+    @SETTINGS
+    @given(st.one_of(st.sampled_from([b"active", b"activ", b"active\x00", b"\xff"]), junk))
+    def check(raw):
+        assert_same(col, raw, target)
+
+    check()
