@@ -532,12 +532,17 @@ def _rebuild_order(obj: SchemaObject) -> int:
 
 
 def rebuild(alias: str, objects: list[SchemaObject], *, workers: int = 2) -> None:
-    """Create indexes and constraints again, two at a time (index builds are CPU-bound)."""
+    """Create indexes and constraints again, two at a time (index builds are CPU-bound).
+
+    Every object is tried; the first failure is raised at the end, so one bad key does
+    not leave unrelated indexes missing.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     import psycopg
 
     params = connections[alias].get_connection_params()
+    errors: list[Exception] = []
     for stage in (0, 1, 2):
         batch = [o for o in objects if _rebuild_order(o) == stage]
         if not batch:
@@ -549,11 +554,16 @@ def rebuild(alias: str, objects: list[SchemaObject], *, workers: int = 2) -> Non
                 return
             with psycopg.connect(**params, autocommit=True) as conn:
                 for obj in lane:
-                    conn.execute(obj.create_sql)
+                    try:
+                        conn.execute(obj.create_sql)
+                    except psycopg.Error as exc:
+                        errors.append(exc)
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for future in [pool.submit(run, lane) for lane in lanes]:
                 future.result()
+    if errors:
+        raise errors[0]
 
 
 # --- done markers in the state file -------------------------------------------------------
@@ -804,9 +814,9 @@ def _load(
             marks["done"].pop(table.db_table, None)
             if results[table.db_table].status == "copied":
                 results[table.db_table].status = "copied-not-kept"
-        _restore(pg, marks, state_file, drop, before, plan, quarantine)
+        _restore(pg, marks, state_file, drop, plan, best_effort=True)
         _fail(result, sink)
-    _restore(pg, marks, state_file, drop, before, plan, quarantine)
+    _restore(pg, marks, state_file, drop, plan)
     with pg.cursor() as cur:
         after = schema_snapshot(cur, names)
     result.rebuilt = [f"{o.table}.{o.name}" for o in drop]
@@ -821,20 +831,32 @@ def _load(
         )
 
 
-def _restore(pg, marks, state_file, drop, before, plan, quarantine) -> None:
-    """Rebuild dropped indexes/constraints, reset sequences, refresh materialized views."""
+def _restore(pg, marks, state_file, drop, plan, *, best_effort: bool = False) -> None:
+    """Rebuild dropped indexes/constraints, reset sequences, refresh materialized views.
+
+    ``best_effort`` (a run already failing on bad rows): what cannot be rebuilt yet stays
+    recorded as pending for the next run, instead of hiding the rows' report.
+    """
     with pg.cursor() as cur:
         present = schema_snapshot(cur, {o.table for o in drop})
     missing = [o for o in drop if o not in present]
     try:
         rebuild(pg.alias, missing)
     except Exception as exc:
-        raise TargetError(
-            f"Rebuilding indexes/constraints after the load failed: {exc}. The data that "
-            "breaks them is named above; fix it (or use --quarantine) and run again."
-        ) from exc
-    marks["pending_ddl"] = []
-    marks.pop("schema_before", None)
+        if not best_effort:
+            detail = getattr(getattr(exc, "diag", None), "message_detail", None)
+            raise TargetError(
+                f"Rebuilding indexes/constraints after the load failed: {exc}"
+                + (f" ({detail})" if detail else "")
+                + ". Fix that data in SQLite (or use --quarantine) and run again; the "
+                "next run rebuilds what is still missing."
+            ) from exc
+    with pg.cursor() as cur:
+        present = schema_snapshot(cur, {o.table for o in drop})
+    still = [o for o in drop if o not in present]
+    marks["pending_ddl"] = [dataclasses.asdict(o) for o in still]
+    if not still:
+        marks.pop("schema_before", None)
     _write_marks(state_file, marks)
     with pg.cursor() as cur:
         for statement in pg.ops.sequence_reset_sql(no_style(), plan.models):

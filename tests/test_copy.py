@@ -467,3 +467,38 @@ def test_every_field_of_every_model_round_trips_exactly(tmp_path):
     for table in lite:
         assert lite[table] == pg[table], table
     assert sum(t.rows_written for t in result.tables) == sum(len(v) for v in lite.values())
+
+
+@ALL
+def test_bad_rows_are_reported_even_when_stale_target_rows_block_a_rebuild(tmp_path):
+    make_people(2)
+    path = bad_copy(tmp_path, "UPDATE accounts_loginevent SET success = 5")
+    stranger = User.objects.db_manager("postgresql").create_user("pg-only@example.ie", "pw")
+    LoginEvent.objects.using("postgresql").create(user=stranger, success=True)
+    state = tmp_path / "state.json"
+    with pytest.raises(RowsRejected, match="accounts_loginevent"):
+        copy_data(sqlite_path=path, state_file=state)
+    pending = json.loads(state.read_text())["extra"]["migrate_data"]["pending_ddl"]
+    assert [p["table"] for p in pending] == ["accounts_loginevent"]  # its user FK, for later
+    result = copy_data(
+        sqlite_path=path, state_file=state, quarantine=True, reject_file=tmp_path / "r.jsonl"
+    )
+    assert result.schema_problems == []
+    assert json.loads(state.read_text())["extra"]["migrate_data"]["pending_ddl"] == []
+    assert not User.objects.using("postgresql").filter(email="pg-only@example.ie").exists()
+
+
+@ALL
+def test_a_foreign_key_that_cannot_be_rebuilt_is_named_and_kept_pending(tmp_path):
+    from dbmigration.errors import TargetError
+
+    make_people(1)
+    stranger = User.objects.db_manager("postgresql").create_user("pg-only@example.ie", "pw")
+    LoginEvent.objects.using("postgresql").create(user=stranger, success=True)
+    state = tmp_path / "state.json"
+    with pytest.raises(TargetError, match="is not present in table"):
+        copy_data(sqlite_path=source_path(), state_file=state, tables=["accounts_user"])
+    pending = json.loads(state.read_text())["extra"]["migrate_data"]["pending_ddl"]
+    assert any(p["table"] == "accounts_loginevent" and p["kind"] == "constraint-f" for p in pending)
+    result = copy_data(sqlite_path=source_path(), state_file=state)  # the full copy heals it
+    assert result.schema_problems == []
