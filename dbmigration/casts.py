@@ -200,6 +200,8 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON for PostgreSQL")
 
 
+# \u0000 as an escape (not an escaped backslash followed by "u0000"): a NUL jsonb refuses
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 _JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # built once: it is costly
 
 
@@ -406,7 +408,7 @@ def build_converter(
                 raise Rejection("enum", f"{out!r} is not a value of PostgreSQL {target.type_name}")
             if "\x00" in out:
                 raise Rejection("nul", "NUL character (PostgreSQL rejects it)")
-            if is_json and "\\u0000" in out:
+            if is_json and "\\u0000" in out and _JSON_NUL.search(out):
                 raise Rejection("nul", "JSON text holds \\u0000, which PostgreSQL's jsonb rejects")
             if is_json and ("Infinity" in out or "NaN" in out):
                 _check_json_finite(out)

@@ -164,6 +164,7 @@ def test_every_fast_path_is_covered_or_shares_a_builder():
             b'{"b": 1, "a": [true, null]}',
             '{"b": 1, "a": [true, null]}',
         ),
+        ("accounts_user", "preferences", b'"\\\\u0000"', '"\\\\u0000"'),  # not a NUL
         ("accounts_user", "is_staff", 1, "t"),
         ("accounts_kycverification", "risk_score", 12.3, "12.30"),
         ("accounts_kycverification", "expires_on", b"2030-01-02", "2030-01-02"),
