@@ -80,6 +80,12 @@ def test_copy_verify_report_and_rerun(dirs):
     assert "already-done" in again and "Verified 14 tables" in again
     assert User.objects.using("postgresql").count() == 3
     assert run(verbosity=0) == ""
+    checked = run("--verify-only")
+    assert "Verified 14 tables" in checked and "migrate_data (verify-only) done." in checked
+    User.objects.using("postgresql").update(first_name="tampered")
+    with pytest.raises(CommandError, match="Verification failed") as caught:
+        run("--verify-only")
+    assert caught.value.returncode == 6 and "accounts_user: same row count (3)" in str(caught.value)
 
 
 @ALL

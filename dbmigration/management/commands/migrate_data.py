@@ -1,3 +1,5 @@
+import signal
+
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
@@ -47,6 +49,8 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **opts):
+        # SIGTERM unwinds like Ctrl-C: the open table rolls back, its marker is never written
+        previous = signal.signal(signal.SIGTERM, _interrupt)
         bars = _Bars(self.stderr, enabled=opts["verbosity"] > 0)
         try:
             with bars:
@@ -65,6 +69,8 @@ class Command(BaseCommand):
                 )
         except MigrationError as exc:
             raise CommandError(str(exc), returncode=exc.returncode) from exc
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         if opts["verbosity"] == 0:
             return
         if r.copy:
@@ -94,6 +100,10 @@ class Command(BaseCommand):
             )
         self.stdout.write(f"Report: {r.report_path}\nLog:    {r.log_path}")
         self.stdout.write(self.style.SUCCESS(f"migrate_data ({r.mode}) done."))
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 class _Bars:
