@@ -215,29 +215,70 @@ def drop_postgres_copy(alias: str = "postgresql") -> list[str]:
 # --- the rollback -----------------------------------------------------------------------------
 
 
-def _carry(plan_tables, diffs: dict, *, apply: bool, source: str, target: str) -> list:
-    carried = []
-    for table in plan_tables:
-        diff = diffs[table.db_table]
-        if not diff.total:
-            continue
-        if apply:
-            apply_changes(table.model, diff, source=source, target=target)
-        carried.append(
-            TableCarry(
-                table=table.db_table,
-                label=table.label,
-                inserted=len(diff.inserted_pks),
-                updated=len(diff.updated_pks),
-                deleted=len(diff.deleted_pks),
-                sample_pks={
-                    "inserted": [str(p) for p in diff.inserted_pks[:SAMPLE]],
-                    "updated": [str(p) for p in diff.updated_pks[:SAMPLE]],
-                    "deleted": [str(p) for p in diff.deleted_pks[:SAMPLE]],
-                },
-            )
+def _apply_all(tables, diffs: dict, *, target: str) -> None:
+    for table in tables:
+        if diffs[table.db_table].total:
+            apply_changes(table.model, diffs[table.db_table], source="postgresql", target=target)
+
+
+def _summarise(tables, diffs: dict) -> list[TableCarry]:
+    return [
+        TableCarry(
+            table=table.db_table,
+            label=table.label,
+            inserted=len(diff.inserted_pks),
+            updated=len(diff.updated_pks),
+            deleted=len(diff.deleted_pks),
+            sample_pks={
+                "inserted": [str(p) for p in diff.inserted_pks[:SAMPLE]],
+                "updated": [str(p) for p in diff.updated_pks[:SAMPLE]],
+                "deleted": [str(p) for p in diff.deleted_pks[:SAMPLE]],
+            },
         )
-    return carried
+        for table in tables
+        if (diff := diffs[table.db_table]).total
+    ]
+
+
+def _net(first: TableDiff, then: TableDiff) -> TableDiff:
+    """What two successive carries changed, relative to the file before the first."""
+    ins1, upd1, del1 = map(set, (first.inserted_pks, first.updated_pks, first.deleted_pks))
+    ins2, upd2, del2 = map(set, (then.inserted_pks, then.updated_pks, then.deleted_pks))
+    inserted = (ins1 - del2) | (ins2 - del1)
+    updated = ((upd1 | upd2) - ins1 - del2) | (ins2 & del1)
+    deleted = (del1 - ins2) | (del2 - ins1)
+    return TableDiff(*(sorted(s, key=str) for s in (inserted, updated, deleted)))
+
+
+def pg_horizon() -> int:
+    """The oldest transaction running now: any row written from here on has a newer xmin."""
+    with connections["postgresql"].cursor() as cur:
+        cur.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+        return cur.fetchone()[0]
+
+
+def changed_on_pg_since(horizon: int, tables, *, target: str) -> dict[str, TableDiff]:
+    """Rows PostgreSQL wrote since horizon (by xmin), and rows target has that PG lost (by pk)."""
+    found = {}
+    with transaction.atomic(using="postgresql"):
+        with connections["postgresql"].cursor() as cur:
+            cur.execute("SELECT pg_current_xact_id()::text::bigint")
+            window = cur.fetchone()[0] - horizon  # age(xmin) of anything newer is below this
+        for table in tables:
+            pg = table.model._base_manager.using("postgresql").order_by()
+            recent = set(
+                pg.extra(where=["age(xmin) <= %s"], params=[window]).values_list("pk", flat=True)
+            )
+            theirs = set(pg.values_list("pk", flat=True))
+            ours = set(
+                table.model._base_manager.using(target).order_by().values_list("pk", flat=True)
+            )
+            found[table.db_table] = TableDiff(
+                inserted_pks=sorted(recent - ours, key=str),
+                updated_pks=sorted(recent & ours, key=str),
+                deleted_pks=sorted(ours - theirs, key=str),
+            )
+    return found
 
 
 def rollback_to_sqlite(
@@ -301,18 +342,23 @@ def rollback_to_sqlite(
                     backup_path = info.path
                     step.details = {"backup": str(info.path), "rows": sum(info.row_counts.values())}
                     note(f"pre-rollback backup: {info.path}")
-            with run.step("write_freeze_on"):
-                freeze = fz.freeze_on(
-                    flag, reason="rollback_to_sqlite", max_seconds=freeze_max_seconds
-                )
-                note("write freeze on")
-            time.sleep(drain_seconds)
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
             copy = sqlite_path.with_name(f"{sqlite_path.name}.rollback-{stamp}")
+
+            def hold_freeze() -> fz.Freeze:
+                nonlocal freeze
+                with run.step("write_freeze_on"):
+                    freeze = fz.freeze_on(
+                        flag, reason="rollback_to_sqlite", max_seconds=freeze_max_seconds
+                    )
+                    note("write freeze on")
+                time.sleep(drain_seconds)  # requests that began before the freeze finish
+                return freeze
+
             try:
                 new_state, carried, discarded = _carry_back(
-                    run, state_file, sqlite_path, copy, freeze, flag,
-                    build_plan(), discard_postgres_writes, note,
+                    run, state_file, sqlite_path, copy, build_plan(),
+                    discard_postgres_writes, hold_freeze, note,
                 )  # fmt: skip
             finally:
                 copy.unlink(missing_ok=True)
@@ -348,10 +394,12 @@ def rollback_to_sqlite(
     )
 
 
-def _carry_back(run, state_file, sqlite_path, copy, freeze, flag, plan, discard, note):
-    """Under the freeze: diff, apply to a fresh copy, verify, swap, flip the state."""
+def _carry_back(run, state_file, sqlite_path, copy, plan, discard, hold_freeze, note):
+    """Carry PostgreSQL's writes into a fresh copy (most before the freeze), verify, swap, flip."""
     tables = plan.tables
+    flag = fz.freeze_path_for(state_file)
     if discard:
+        hold_freeze()
         with run.step("find_discarded") as step:
             live = Side(sqlite_path=sqlite_path)
             try:
@@ -361,7 +409,7 @@ def _carry_back(run, state_file, sqlite_path, copy, freeze, flag, plan, discard,
                 step.warnings.append(f"could not list the discarded rows: {exc}")
                 run.facts["discarded_unknown"] = str(exc)
             else:
-                discarded = _carry(tables, diffs, apply=False, source="postgresql", target="")
+                discarded = _summarise(tables, diffs)
                 step.details = {t.table: [t.inserted, t.updated, t.deleted] for t in discarded}
         note(f"discarding {sum(t.inserted + t.updated + t.deleted for t in discarded)} rows")
         new_state = transition(
@@ -372,18 +420,31 @@ def _carry_back(run, state_file, sqlite_path, copy, freeze, flag, plan, discard,
             last_report=str(run.report_path),
         )
         return new_state, [], discarded
+    # stage 1, PostgreSQL still taking writes: the bulk of the carry, by range checksums
     with run.step("fresh_copy") as step:
+        horizon = pg_horizon()
         fresh_copy(sqlite_path, copy)
-        step.details = {"copy": str(copy)}
+        step.details = {"copy": str(copy), "pg_xmin_horizon": horizon}
     with run.step("find_changes") as step:
         fresh = Side(sqlite_path=copy)
-        diffs = {t.db_table: find_changes(t, source=PG, target=fresh) for t in tables}
-        step.details = {"tables_changed": sum(1 for d in diffs.values() if d.total)}
+        first = {t.db_table: find_changes(t, source=PG, target=fresh) for t in tables}
+        step.details = {"tables_changed": sum(1 for d in first.values() if d.total)}
     with run.step("carry_back") as step, copy_alias(copy) as target:
         with transaction.atomic(using=target):
-            carried = _carry(tables, diffs, apply=True, source="postgresql", target=target)
-        step.details = {t.table: [t.inserted, t.updated, t.deleted] for t in carried}
-        note(f"carried back {sum(t.inserted + t.updated + t.deleted for t in carried)} rows")
+            _apply_all(tables, first, target=target)
+        step.details = {k: [len(d.inserted_pks), len(d.updated_pks), len(d.deleted_pks)]
+                        for k, d in first.items() if d.total}  # fmt: skip
+        note(f"stage 1: carried back {sum(d.total for d in first.values())} rows")
+    # stage 2, frozen: only what PostgreSQL wrote since the horizon (xmin) or deleted (pk)
+    freeze = hold_freeze()
+    with run.step("catch_up") as step, copy_alias(copy) as target:
+        then = changed_on_pg_since(horizon, tables, target=target)
+        with transaction.atomic(using=target):
+            _apply_all(tables, then, target=target)
+        step.details = {k: [len(d.inserted_pks), len(d.updated_pks), len(d.deleted_pks)]
+                        for k, d in then.items() if d.total}  # fmt: skip
+        note(f"stage 2: carried back {sum(d.total for d in then.values())} more rows")
+    carried = _summarise(tables, {k: _net(first[k], then[k]) for k in first})
     with run.step("verify") as step:
         # counts and range checksums of every table, and the applied migrations
         checked = verify(source=PG, target=Side(sqlite_path=copy), plan=plan)

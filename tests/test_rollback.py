@@ -215,3 +215,35 @@ def test_discard_works_when_postgresql_is_gone(state_file):
         cfg["PORT"], cfg["OPTIONS"]["pool"] = saved
     assert "warning: could not list the discarded rows" in out
     assert read_state(state_file).active_backend == "sqlite"
+
+
+def test_writes_during_stage_1_are_caught_under_the_freeze(state_file):
+    org, users = seed_both()
+    write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))
+    first_new = write_on_postgresql(org, users)  # before the rollback: stage 1 carries these
+    late = {}
+
+    def app_keeps_writing(message):
+        # after stage 1 carried its rows, before the freeze: only stage 2 can see these
+        if message.startswith("stage 1:"):
+            pg = "postgresql"
+            late["user"] = User.objects.db_manager(pg).create_user("late@example.ie", "pw")
+            again = User.all_objects.using(pg).get(pk=users[0].pk)
+            again.first_name = "Arís"
+            again.save(using=pg)
+            LoginEvent.objects.using(pg).filter(user=first_new).delete()  # carried, now gone
+            User.all_objects.using(pg).get(pk=users[4].pk).hard_delete(using=pg)
+
+    result = rollback.rollback_to_sqlite(
+        state_file=state_file, drain_seconds=0, progress=app_keeps_writing
+    )
+    assert result.state.active_backend == "sqlite"
+    assert_same_everywhere()
+    assert User.all_objects.using("sqlite").get(pk=users[0].pk).first_name == "Arís"
+    assert User.objects.using("sqlite").filter(pk=late["user"].pk).exists()
+    assert not LoginEvent.objects.using("sqlite").filter(user=first_new).exists()
+    steps = {s["name"]: s for s in json.loads(result.report_path.read_text())["steps"]}
+    assert steps["catch_up"]["details"]["accounts_user"] == [1, 1, 1]
+    net = {t.label: (t.inserted, t.updated, t.deleted) for t in result.carried}
+    assert net["accounts.User"] == (2, 3, 2)
+    assert net["accounts.LoginEvent"] == (0, 1, 0)  # inserted then deleted: nothing net
