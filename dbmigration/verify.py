@@ -250,9 +250,26 @@ def iter_rows(
         return
     connection = connections[side.alias]
     with connection.chunked_cursor() as cur:
+        if connection.vendor == "postgresql":
+            _c_timestamptz_loader(cur.cursor)
         cur.execute(sql)
         while batch := cur.fetchmany(BATCH_ROWS):
             yield batch
+
+
+def _c_timestamptz_loader(cursor) -> None:
+    """Use psycopg's C timestamptz loader on this cursor instead of Django's Python one.
+
+    Both give an aware datetime for the same instant (Django's only fixes its tzinfo), and
+    canonical() turns either into UTC text; Django's loader costs about a third of the read.
+    """
+    import psycopg
+    from psycopg import pq
+
+    oid = psycopg.adapters.types["timestamptz"].oid
+    loader = psycopg.adapters.get_loader(oid, pq.Format.TEXT)
+    if loader is not None:
+        cursor.adapters.register_loader(oid, loader)
 
 
 def _qi(name: str) -> str:
