@@ -209,7 +209,8 @@ def _readers(
                     value = step(value, expression, connection)
             except Exception:  # unreadable by Django: hash what is stored
                 return "\x00raw:" + repr(value)
-            return canonical(value, json_field=is_json)
+            out = canonical(value, json_field=is_json)
+            return NULL if out is None else out
 
         shortcut = None
         # only when no from_db_value of the field's own must run (the shortcut skips Django)
@@ -223,9 +224,15 @@ def _readers(
     return readers
 
 
-def row_digest(values: Iterable[str | None]) -> int:
+NULL = "\x00N"  # what readers give for SQL NULL: no canonical text can hold a NUL
+
+
+def row_digest(values: list[str | None]) -> int:
     """Hash one canonical row to a 128-bit integer."""
-    text = "\x1e".join("\x00N" if v is None else v for v in values)
+    try:
+        text = "\x1e".join(values)
+    except TypeError:  # a None from canonical() directly
+        text = "\x1e".join(NULL if v is None else v for v in values)
     data = text.encode("utf-8", "surrogateescape")
     return int.from_bytes(hashlib.blake2b(data, digest_size=16).digest(), "big")
 
