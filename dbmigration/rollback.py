@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db import connections, transaction
+from django.db import connections, models, transaction
 from django.db.migrations.executor import MigrationExecutor
+from django.db.models.expressions import RawSQL
 from django.db.utils import load_backend
 
 from dbmigration import freeze as fz
@@ -266,19 +267,41 @@ def changed_on_pg_since(horizon: int, tables, *, target: str) -> dict[str, Table
             window = cur.fetchone()[0] - horizon  # age(xmin) of anything newer is below this
         for table in tables:
             pg = table.model._base_manager.using("postgresql").order_by()
+            xmin_age = RawSQL("age(xmin)", [], output_field=models.IntegerField())
             recent = set(
-                pg.extra(where=["age(xmin) <= %s"], params=[window]).values_list("pk", flat=True)
+                pg.annotate(_xmin_age=xmin_age)
+                .filter(_xmin_age__lte=window)
+                .values_list("pk", flat=True)
             )
             theirs = set(pg.values_list("pk", flat=True))
             ours = set(
                 table.model._base_manager.using(target).order_by().values_list("pk", flat=True)
             )
+            # the horizon is cluster-wide, so "recent" may hold rows that did not change
+            both = sorted(recent & ours, key=str)
             found[table.db_table] = TableDiff(
                 inserted_pks=sorted(recent - ours, key=str),
-                updated_pks=sorted(recent & ours, key=str),
+                updated_pks=_differing(table.model, both, source="postgresql", target=target),
                 deleted_pks=sorted(ours - theirs, key=str),
             )
     return found
+
+
+def _differing(model, pks: list, *, source: str, target: str) -> list:
+    """The pks among pks whose values differ between source and target (through the ORM)."""
+    names = [f.attname for f in model._meta.concrete_fields]
+    at = names.index(model._meta.pk.attname)
+    differ = []
+    for chunk in _batches(pks):
+        sides = [
+            {
+                row[at]: tuple(map(_plain, row))
+                for row in model._base_manager.using(alias).filter(pk__in=chunk).values_list(*names)
+            }
+            for alias in (source, target)
+        ]
+        differ += [pk for pk in chunk if sides[0].get(pk) != sides[1].get(pk)]
+    return differ
 
 
 def rollback_to_sqlite(

@@ -108,7 +108,20 @@ def test_before_switch_clears_a_leftover_freeze(state_file):
     assert not flag.exists()
 
 
-def test_after_switch_writes_are_carried_back(state_file, settings):
+@pytest.fixture
+def old_transaction():
+    """A transaction elsewhere on the server, open all along: the xmin horizon stays old."""
+    cfg = connections.settings["postgresql"]
+    conn = psycopg.connect(
+        dbname="postgres", host=cfg["HOST"], port=cfg["PORT"] or 5432, user=cfg["USER"]
+    )
+    conn.execute("SELECT pg_current_xact_id()")  # takes an xid, left uncommitted
+    yield
+    conn.rollback()
+    conn.close()
+
+
+def test_after_switch_writes_are_carried_back(state_file, settings, old_transaction):
     org, users = seed_both()
     write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))
     new = write_on_postgresql(org, users)
