@@ -380,17 +380,21 @@ def scan_source(
     sqlite_path: Path,
     progress: Progress | None = None,
     plan: Plan | None = None,
-    target_alias: str | None = None,
+    target_alias: str | None = "postgresql",
     repairs: Iterable[str] = (),
 ) -> ScanResult:
     """Convert every source row as the copy would, write nothing, and list every rejection.
 
-    Without ``target_alias`` column limits come from Django's fields (enum labels are then
-    not checked); with it, from the PostgreSQL catalog, as during the copy.
+    Column limits come from the target's PostgreSQL catalog, as during the copy (enum
+    labels included); without a reachable target schema, from Django's fields.
     """
     started = time.perf_counter()
     plan = plan or build_plan()
-    targets = _targets_for(plan, target_alias)
+    try:
+        targets = _targets_for(plan, target_alias)
+    except Exception:  # noqa: BLE001 no server or no schema yet: Django's fields decide
+        targets = {}
+    targets = {name: cols for name, cols in targets.items() if cols}
     conn = open_readonly(sqlite_path, raw_text=True)
     try:
         present = _source_tables(conn)

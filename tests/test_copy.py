@@ -252,7 +252,7 @@ def test_each_bad_row_kind_stops_the_copy(tmp_path, kind, sql, table, column, co
         ]
     path = bad_copy(tmp_path, sql, *extra)
     before = file_sha256(path)
-    scan = scan_source(sqlite_path=path, target_alias="postgresql")
+    scan = scan_source(sqlite_path=path)  # as migration_prepare calls it
     with pytest.raises(RowsRejected) as caught:
         copy_data(sqlite_path=path, state_file=tmp_path / "state.json")
     assert file_sha256(path) == before
