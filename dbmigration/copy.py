@@ -429,14 +429,14 @@ class _RejectionSink:
         self.total = 0
         self.path = path
         self._fh = None
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(path, "w", encoding="utf-8")  # noqa: SIM115 closed in close()
 
     def extend(self, rows: Iterable[RejectedRow]) -> None:
         for row in rows:
             self.total += 1
-            if self._fh is not None:
+            if self.path is not None:
+                if self._fh is None:  # opened on the first rejection: no empty files
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    self._fh = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
                 self._fh.write(json.dumps(row.as_dict(), default=str) + "\n")
             if len(self.rows) < MAX_KEPT_REJECTIONS:
                 self.rows.append(row)
@@ -647,7 +647,8 @@ def copy_data(
             f"PostgreSQL has no table(s) {', '.join(missing)}; run 'manage.py migrate "
             f"--database {alias}' (migration_prepare does it) first."
         )
-    sink = _RejectionSink(reject_file if quarantine else None)
+    # every offending row goes to the file too: the report keeps only the first thousand
+    sink = _RejectionSink(reject_file)
     conn = open_readonly(sqlite_path, raw_text=True)
     try:
         present = _source_tables(conn)
@@ -687,7 +688,7 @@ def copy_data(
     finally:
         conn.close()
         sink.close()
-    result.reject_file = reject_file if quarantine and sink.total else None
+    result.reject_file = reject_file if sink.total else None
     result.seconds = round(time.perf_counter() - started, 3)
     return result
 
@@ -703,6 +704,7 @@ def _count_rejected(result: CopyResult, sink: _RejectionSink) -> None:
 
 def _fail(result: CopyResult, sink: _RejectionSink) -> None:
     _count_rejected(result, sink)
+    result.reject_file = sink.path if sink.total else None
     raise RowsRejected(result)
 
 
@@ -719,7 +721,8 @@ class RowsRejected(DataError):
         super().__init__(
             f"{result.rejected_total} source row(s) cannot be copied exactly; nothing of their "
             f"tables was kept and the phase did not advance:\n{lines}"
-            + (f"\n  ... and {more} more (see the report)" if more > 0 else "")
+            + (f"\n  ... and {more} more" if more > 0 else "")
+            + (f"\nEvery row is listed in {result.reject_file}." if result.reject_file else "")
             + "\nFix them in SQLite, or run again with --quarantine (set them aside in a "
             "reject file) or --repair RULE (e.g. strip-nul)."
         )
@@ -1238,4 +1241,5 @@ def _record_copy(run, step, copy: CopyResult) -> None:
         }
     )
     if copy.rejected_total and copy.reject_file:
-        step.warnings.append(f"{copy.rejected_total} row(s) quarantined in {copy.reject_file}")
+        verb = "quarantined" if run.facts.get("quarantine") else "rejected (nothing kept)"
+        step.warnings.append(f"{copy.rejected_total} row(s) {verb}, listed in {copy.reject_file}")

@@ -97,6 +97,8 @@ def test_bad_row_stops_and_phase_stays(dirs, tmp_path):
         run()
     assert caught.value.returncode == 5
     assert "accounts_user pk=" in str(caught.value) and "NUL byte" in str(caught.value)
+    listed = next((dirs / "reports").glob("rejects_*.jsonl")).read_text().splitlines()
+    assert len(listed) == 2 and "Every row is listed in" in str(caught.value)
     assert state_mod.read_state(dirs / "state.json").phase == "prepared"
     with override_settings(SQLITE_PATH=path):
         out = run("--quarantine")
