@@ -17,6 +17,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from operator import call as _call
 from pathlib import Path
 from typing import Any
 
@@ -184,7 +185,7 @@ class RowConverter:
         try:
             if self.log.applied:
                 self.log.applied.clear()
-            return [conv(v) for conv, v in zip(self.converters, raw, strict=True)]
+            return list(map(_call, self.converters, raw))
         except Rejection:
             pass
         bad = []
