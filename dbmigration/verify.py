@@ -19,6 +19,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from operator import call as _call
 from pathlib import Path
 from typing import Any
 
@@ -361,7 +362,7 @@ def side_sums(
     buckets = sums.buckets
     for batch in iter_rows(side, table):
         for raw in batch:
-            values = [read(v) for read, v in zip(readers, raw, strict=True)]
+            values = list(map(_call, readers, raw))
             pk = values[pk_index]
             if exclude and pk in exclude:
                 continue
@@ -464,7 +465,7 @@ def row_digests(
     found = {}
     for batch in iter_rows(side, table):
         for raw in batch:
-            values = [read(v) for read, v in zip(readers, raw, strict=True)]
+            values = list(map(_call, readers, raw))
             pk = values[pk_index]
             if (exclude and pk in exclude) or ranges.bucket(pk) not in buckets:
                 continue
