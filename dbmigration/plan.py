@@ -105,6 +105,8 @@ def _plan_table(model: type[models.Model]) -> PlannedTable:
     opts = model._meta
     columns, fks = [], []
     for field in opts.local_concrete_fields:
+        if getattr(field, "generated", False):
+            continue  # a GeneratedField: PostgreSQL computes it, COPY may not write it
         held = value_field(field)
         columns.append(
             PlannedColumn(

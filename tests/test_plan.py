@@ -89,3 +89,27 @@ def test_cycles_are_planned_with_deferred_keys():
     assert [(t, fk.to_table) for t, fk in plan.deferred_fks] == [
         (first, ({"dbmigration_egg", "dbmigration_hen"} - {first}).pop())
     ]
+
+
+def test_generated_columns_are_left_to_postgresql():
+    from django.db.models.functions import Lower
+    from django.test.utils import isolate_apps
+
+    with isolate_apps("dbmigration"):
+
+        class Person(models.Model):
+            name = models.CharField(max_length=10)
+            lower = models.GeneratedField(
+                expression=Lower("name"),
+                output_field=models.CharField(max_length=10),
+                db_persist=True,
+            )
+
+            class Meta:
+                app_label = "dbmigration"
+
+            def __str__(self):
+                return self.name
+
+        plan = build_plan(models=[Person])
+    assert plan.tables[0].column_names == ["id", "name"]
