@@ -629,6 +629,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or ROOT / "var" / "bench" / f"users-{args.users}"
     sc = Scenario(users=args.users, seed=args.seed, workdir=workdir, prefix=args.db_prefix)
     started = time.perf_counter()
+    started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # the code measured is the code at the start (others may commit during a long run)
+    commit = _git("rev-parse", "--short", "HEAD")
+    copy_commit = _git("log", "-1", "--format=%h %s", "--", "dbmigration/copy.py")
+    dirty = _git("status", "--porcelain", "--", "dbmigration")
     say(f"Building the demo SQLite database ({args.users:,} users) in {workdir}")
     build_sqlite(sc, "full", args.users, rebuild=args.rebuild)
     counts = sc_source_counts(sc)
@@ -678,8 +683,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "source_rows": counts,
         "total_seconds": round(time.perf_counter() - started, 1),
-        "commit": _git("rev-parse", "--short", "HEAD"),
-        "copy_py_commit": _git("log", "-1", "--format=%h %s", "--", "dbmigration/copy.py"),
+        "started_at": started_at,
+        "commit": commit + (" + uncommitted dbmigration changes" if dirty else ""),
+        "copy_py_commit": copy_commit,
     }
     path = write_results(results, meta, args.results)
     say("")
