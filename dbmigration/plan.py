@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from django.apps import apps
 from django.db import models
 
+from dbmigration.errors import MigrationError
+
 
 @dataclasses.dataclass(frozen=True)
 class PlannedColumn:
@@ -161,7 +163,10 @@ def build_plan(
         wanted = set(only)
         unknown = wanted - set(tables) - {t.label for t in tables.values()}
         if unknown:
-            raise KeyError(", ".join(sorted(unknown)))
+            raise MigrationError(
+                f"Unknown table(s): {', '.join(sorted(unknown))}. Name a db_table or an "
+                f"app_label.Model, e.g. {next(iter(sorted(tables)), 'accounts_user')}."
+            )
         tables = {k: t for k, t in tables.items() if k in wanted or t.label in wanted}
     ordered: list[PlannedTable] = []
     deferred: list[tuple[str, ForeignKeyRef]] = []

@@ -201,3 +201,6 @@ def test_tables_subset_leaves_the_phase(dirs):
     assert "accounts_user" in out and "accounts_loginevent" not in out
     assert User.objects.using("postgresql").count() == 2
     assert state_mod.read_state(dirs / "state.json").phase == "prepared"
+
+    with pytest.raises(CommandError, match="Unknown table"):
+        run("--tables", "no_such_table")

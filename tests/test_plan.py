@@ -55,7 +55,9 @@ def test_columns_carry_fields_and_value_types():
 def test_subset_and_unknown_tables():
     plan = build_plan(only=["accounts_user", "accounts.LoginEvent"])
     assert [t.db_table for t in plan.tables] == ["accounts_user", "accounts_loginevent"]
-    with pytest.raises(KeyError, match="nope"):
+    from dbmigration.errors import MigrationError
+
+    with pytest.raises(MigrationError, match="Unknown table.*nope"):
         build_plan(only=["nope"])
 
 
