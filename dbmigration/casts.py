@@ -341,6 +341,14 @@ FAST_PATHS: dict[str, Callable[[PlannedColumn, Converter], Converter]] = {
 # --- checks every path shares ------------------------------------------------------------
 
 
+def _int_range(column: PlannedColumn, target: TargetColumn) -> tuple[int, int] | None:
+    """The column type's range, narrowed to >= 0 by the CHECK Django gives Positive*Field."""
+    bounds = INT_RANGES.get(target.type_name)
+    if bounds is not None and column.internal_type.startswith("Positive"):
+        return (0, bounds[1])
+    return bounds
+
+
 def build_converter(
     column: PlannedColumn,
     target: TargetColumn | None = None,
@@ -361,7 +369,7 @@ def build_converter(
     not_null = target.not_null
     max_length = target.max_length
     labels = target.enum_labels
-    int_range = INT_RANGES.get(target.type_name)
+    int_range = _int_range(column, target)
     name = column.name
     boolean = column.internal_type == "BooleanField"
     is_json = column.internal_type == "JSONField"
@@ -399,7 +407,9 @@ def build_converter(
             number = int(out)
             if not int_range[0] <= number <= int_range[1]:
                 raise Rejection(
-                    "range", f"{number} is out of range for PostgreSQL {target.type_name}"
+                    "range",
+                    f"{number} is out of range for PostgreSQL {target.type_name}"
+                    + (" (a Positive field: >= 0)" if int_range[0] == 0 else ""),
                 )
         elif type(out) is str:
             if max_length is not None and len(out) > max_length:
@@ -478,7 +488,7 @@ def _shortcut(column: PlannedColumn, target: TargetColumn, general: Converter) -
 
         return text
     if kind in _DJANGO_PG_INT and target.type_name in INT_RANGES:
-        low, high = INT_RANGES[target.type_name]
+        low, high = _int_range(column, target)
 
         def integer(value: Any) -> Any:
             if value is None and nullable:

@@ -200,6 +200,7 @@ def test_exact_values(table, name, raw, expected):
         ("accounts_loginevent", "ip_address", b"999.1.1.1", "ip"),
         ("accounts_user", "email", None, "null"),
         ("django_admin_log", "action_flag", 40000, "range"),
+        ("django_admin_log", "action_flag", -1, "range"),  # PositiveSmallIntegerField CHECK
         ("accounts_loginevent", "id", 2**63, "range"),
     ],
 )
