@@ -219,7 +219,8 @@ class _RowRejected(Exception):
 
 
 def relational_rejections(conn, plan: Plan, *, source_tables: set[str]) -> list[RejectedRow]:
-    """Find foreign keys to missing rows and duplicates of unique keys by query on SQLite."""
+    """Find foreign keys to missing rows, duplicates of unique keys and CHECK violations by
+    query on SQLite."""
     found: list[RejectedRow] = []
     for table in plan.tables:
         pk = qi(table.pk_column)
@@ -243,6 +244,7 @@ def relational_rejections(conn, plan: Plan, *, source_tables: set[str]) -> list[
                         excerpt=excerpt(value),
                     )
                 )
+        found.extend(check_rejections(conn, table))
         for columns in table.unique_sets:
             cols = ", ".join(f"c.{qi(c)}" for c in columns)
             present = " AND ".join(f"{qi(c)} IS NOT NULL" for c in columns)
@@ -272,6 +274,45 @@ def relational_rejections(conn, plan: Plan, *, source_tables: set[str]) -> list[
                         excerpt=excerpt(key if len(key) > 1 else key[0]),
                     )
                 )
+    return found
+
+
+def check_rejections(conn, table: PlannedTable) -> list[RejectedRow]:
+    """Rows breaking a model's CheckConstraint (old SQLite tables may predate it).
+
+    Django compiles each condition for SQLite; a CHECK fails only when it is false, so
+    rows where it is NULL pass, as in PostgreSQL.
+    """
+    import re
+
+    from django.db.models import CheckConstraint
+    from django.db.models.sql import Query
+
+    lite = connections["sqlite"]
+    found = []
+    for constraint in table.model._meta.constraints:
+        if not isinstance(constraint, CheckConstraint):
+            continue
+        condition = getattr(constraint, "condition", None) or getattr(constraint, "check", None)
+        query = Query(model=table.model, alias_cols=False)
+        where = query.build_where(condition)
+        sql, params = where.as_sql(query.get_compiler(connection=lite), lite)
+        sql = re.sub(r"(?<!%)%s", "?", sql).replace("%%", "%")
+        rows = conn.execute(
+            f"SELECT {qi(table.pk_column)} FROM {qi(table.db_table)} WHERE NOT ({sql})", params
+        ).fetchall()
+        for (pk_value,) in rows:
+            found.append(
+                RejectedRow(
+                    table=table.db_table,
+                    pk=plain(pk_value),
+                    raw_pk=pk_value,
+                    column=constraint.name,
+                    code="check",
+                    reason=f"breaks CHECK {constraint.name} ({sql} with {params!r})"[:300],
+                    excerpt=excerpt(pk_value),
+                )
+            )
     return found
 
 

@@ -224,6 +224,13 @@ BAD_ROWS = [
         "fk",
     ),
     (
+        "check",
+        "UPDATE accounts_organisation SET kind = 'castle'",
+        "accounts_organisation",
+        "organisation_kind_valid",
+        "check",
+    ),
+    (
         "unique",
         "CREATE TABLE m2 AS SELECT * FROM accounts_membership",
         "accounts_membership",
