@@ -25,8 +25,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from django.core.management.color import no_style
-from django.db import connections, transaction
+from django.db import DatabaseError, connections, transaction
 
 from dbmigration.copy import (
     CopyResult,
@@ -35,11 +36,13 @@ from dbmigration.copy import (
     RowConverter,
     RowsRejected,
     _read_marks,
+    _source_tables,
     _targets_for,
     _write_marks,
     qi,
+    relational_rejections,
 )
-from dbmigration.errors import DataError
+from dbmigration.errors import DataError, TargetError
 from dbmigration.plan import Plan, PlannedTable, build_plan
 from dbmigration.sqlite_source import file_sha256, open_readonly
 from dbmigration.verify import Side, both_sums, plan_ranges, row_digests
@@ -152,6 +155,10 @@ def sync_to_postgresql(
     rejected: list[RejectedRow] = []
     conn = open_readonly(sqlite_path, raw_text=True)
     try:
+        # broken keys and CHECKs by query first, as the full copy does
+        rejected.extend(relational_rejections(conn, plan, source_tables=_source_tables(conn)))
+        if rejected:
+            raise _SyncRejected()
         with transaction.atomic(using=alias), pg.cursor() as cur:
             # Django's foreign keys are DEFERRABLE INITIALLY DEFERRED: order within is free
             for table, diff in zip(plan.tables, diffs, strict=True):
@@ -195,6 +202,11 @@ def sync_to_postgresql(
         failed = CopyResult(tables=[], rejections=rejected, repairs=[], source_sha256=sha)
         failed.rejected_total = len(rejected)
         raise RowsRejected(failed) from None
+    except (psycopg.Error, DatabaseError) as exc:
+        raise TargetError(
+            f"PostgreSQL refused the sync: {exc}. Nothing of it was kept; fix the rows in "
+            "SQLite and run migrate_data --sync again."
+        ) from exc
     finally:
         conn.close()
     with pg.cursor() as cur:

@@ -84,3 +84,23 @@ def test_sync_rejects_bad_new_rows(tmp_path):
     with pytest.raises(RowsRejected, match="NUL byte"):
         sync_to_postgresql(sqlite_path=source_path(), state_file=state)
     assert User.objects.using("postgresql").get().first_name == "Ú0"
+
+
+@ALL
+def test_sync_rejects_new_rows_pointing_nowhere(tmp_path):
+    from dbmigration.copy import RowsRejected
+
+    make_people(1)
+    state = tmp_path / "state.json"
+    copy_data(sqlite_path=source_path(), state_file=state)
+    conn = sqlite3.connect(source_path())
+    conn.execute(
+        "INSERT INTO accounts_loginevent (user_id, email_attempted, user_agent, success, "
+        "failure_reason, created_at) VALUES ('ffffffffffffffffffffffffffffffff', '', '', 1, '', "
+        "'2026-01-02 03:04:05')"
+    )
+    conn.commit()
+    conn.close()
+    with pytest.raises(RowsRejected, match="points to a missing accounts_user.id"):
+        sync_to_postgresql(sqlite_path=source_path(), state_file=state)
+    assert LoginEvent.objects.using("postgresql").count() == 1
