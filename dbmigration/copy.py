@@ -1078,8 +1078,9 @@ def _copy_table(conn, pg, table, targets, repairs, skip, sink, out, result, prog
         raise
     except Exception as exc:
         import psycopg
+        from django.db import DatabaseError
 
-        if isinstance(exc, psycopg.Error):
+        if isinstance(exc, psycopg.Error | DatabaseError):
             raise TargetError(
                 f"PostgreSQL refused {table.db_table}: {exc}. Nothing of this table was kept."
             ) from exc
