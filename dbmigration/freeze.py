@@ -15,12 +15,12 @@ import getpass
 import json
 import os
 import socket
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 from dbmigration.errors import MigrationError
+from dbmigration.state import write_file_atomic
 
 FREEZE_FILENAME = "write_freeze.json"
 DEFAULT_MAX_SECONDS = 600.0  # a freeze outliving this is a crashed command's leftover
@@ -72,20 +72,6 @@ def read_freeze(path: Path) -> Freeze | None:
     return None if freeze.expired() else freeze
 
 
-def _write_atomic(path: Path, payload: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".freeze-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def freeze_on(path: Path, *, reason: str, max_seconds: float = DEFAULT_MAX_SECONDS) -> Freeze:
     """Set the write freeze; refuse when another live freeze is held."""
     path = Path(path)
@@ -104,7 +90,7 @@ def freeze_on(path: Path, *, reason: str, max_seconds: float = DEFAULT_MAX_SECON
         owner=f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}",
         token=os.urandom(8).hex(),
     )
-    _write_atomic(path, json.dumps(dataclasses.asdict(freeze), indent=2))
+    write_file_atomic(path, json.dumps(dataclasses.asdict(freeze), indent=2))
     return freeze
 
 

@@ -89,15 +89,14 @@ def read_active_backend(path: Path, *, environ: dict | None = None) -> str:
     return read_state(path).active_backend
 
 
-def write_state(path: Path, state: MigrationState) -> None:
-    """Write the state file atomically: readers see the old or the new file, never half."""
+def write_file_atomic(path: Path, text: str) -> None:
+    """Write text so that readers see the old or the new file, never half (fsync + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state-", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
-            fh.write(payload)
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -106,9 +105,14 @@ def write_state(path: Path, state: MigrationState) -> None:
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(dir_fd)  # the rename itself survives a power cut
     finally:
         os.close(dir_fd)
+
+
+def write_state(path: Path, state: MigrationState) -> None:
+    """Write the state file atomically."""
+    write_file_atomic(path, json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True))
 
 
 def require_phase(state: MigrationState, target: str) -> None:
