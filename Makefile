@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-DEMO_USERS ?= 2000
+DEMO_USERS ?= 10000
 
 .PHONY: install test lint demo bench clean
 
@@ -42,6 +42,15 @@ demo: install
 	$(DEMO_MANAGE) refresh_analytics
 	$(DEMO_MANAGE) db_health_check
 	@echo "Demo done. State, backups, reports and logs: $(DEMO_DIR)/"
+
+# The benchmark (README "Benchmark"): migrate_data vs the physical limit, pgloader and
+# dumpdata+loaddata on the same demo data.  pgloader comes from Debian's package.
+BENCH_USERS ?= 100000
+BENCH_ARGS  ?=
+
+bench: install
+	command -v pgloader >/dev/null || { apt-get update -q && apt-get install -y -q pgloader; } || echo "pgloader could not be installed: the benchmark will say so"
+	$(PY) bench/run.py --users $(BENCH_USERS) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache
