@@ -82,9 +82,13 @@ def run_prepare(
     keep: int | None = None,
     encrypt_key: str | None = None,
     lock_timeout: float = 5.0,
+    strict: bool = False,
     progress: Progress = None,
 ) -> PrepareResult:
-    """Run phases 1-5; on success move the state to 'prepared'. Raise MigrationError."""
+    """Run phases 1-5; on success move the state to 'prepared'. Raise MigrationError.
+
+    Rows the copy would reject are listed (result.rejections) and, with strict, refused.
+    """
     from django.db import connections
 
     sqlite_path = Path(sqlite_path)
@@ -113,6 +117,7 @@ def run_prepare(
                 keep=keep,
                 encrypt_key=encrypt_key,
                 lock_timeout=lock_timeout,
+                strict=strict,
             )
     except BaseException as exc:
         run.facts["error"] = str(exc)
@@ -145,6 +150,7 @@ def _phases(
     keep,
     encrypt_key,
     lock_timeout,
+    strict,
 ) -> PrepareResult:
     """Phases 1-5 in order; the first failure raises."""
     try:
@@ -207,11 +213,17 @@ def _phases(
             )
         _dry_run(sqlite_path, result, step, note, pg_alias=pg_alias)
         if result.rejections:
-            raise DataError(
+            summary = (
                 f"{len(result.rejections)} source rows would be rejected by the copy, "
-                f"first: {_describe_rejection(result.rejections[0])}. Fix them in SQLite "
-                "(the report lists each one), then prepare again."
+                f"first: {_describe_rejection(result.rejections[0])}"
             )
+            if strict:
+                raise DataError(
+                    f"{summary}. Fix them in SQLite (the report lists each one), then prepare "
+                    "again."
+                )
+            # migrate_data stops on them unless told to quarantine or repair: the operator's call
+            step.warnings.append(summary)
 
     with run.step("read_only_proof") as step:
         result.fingerprint_after = source_fingerprint(sqlite_path, timeout=lock_timeout)

@@ -110,22 +110,51 @@ def test_prepare_runs_phases_1_to_5_and_is_idempotent(tmp_path):
     assert file_sha256(source) == sha
 
 
-def test_rows_that_would_be_rejected_are_listed(tmp_path):
+def _source_with_a_nul_byte(tmp_path) -> tuple[Path, str]:
     source = migrated_source(tmp_path)
     conn = sqlite3.connect(source)
     conn.execute("UPDATE accounts_user SET last_name = 'Nul' || char(0) || 'Byte' WHERE rowid = 1")
     pk = conn.execute("SELECT id FROM accounts_user WHERE rowid = 1").fetchone()[0]
     conn.commit()
     conn.close()
+    return source, pk
+
+
+def test_rows_that_would_be_rejected_are_listed_and_the_choice_left_to_the_operator(tmp_path):
+    source, pk = _source_with_a_nul_byte(tmp_path)
+    result = run_prepare(sqlite_path=source, **dirs(tmp_path))
+    (rejection,) = result.rejections
+    assert rejection.table == "accounts_user" and rejection.column == "last_name"
+    assert pk.replace("-", "") in rejection.pk.replace("-", "")
+    report = json.loads(result.report_path.read_text())
+    validation = report["steps"][4]
+    assert validation["status"] == "warning"
+    assert "1 source rows would be rejected" in validation["warnings"][0]
+    assert validation["details"]["rejections"][0]["column"] == "last_name"
+    # prepared, so that migrate_data --quarantine / --repair can run; plain migrate_data stops
+    assert state_mod.read_state(dirs(tmp_path)["state_file"]).phase == "prepared"
+
+
+def test_the_command_prints_each_rejected_row_and_the_ways_forward(tmp_path):
+    source, pk = _source_with_a_nul_byte(tmp_path)
+    out = StringIO()
+    with as_settings(tmp_path, source):
+        call_command("migration_prepare", stdout=out)
+    text = out.getvalue()
+    assert "1 rows would be rejected:" in text
+    assert f"accounts_user pk={pk}" in text.replace("-", "")
+    assert "last_name: NUL byte" in text
+    assert "migrate_data --quarantine" in text
+    assert "Prepared. Next: migrate_data" in text
+
+
+def test_strict_refuses_rows_that_would_be_rejected(tmp_path):
+    source, _pk = _source_with_a_nul_byte(tmp_path)
     with pytest.raises(DataError, match="1 source rows would be rejected") as exc:
-        run_prepare(sqlite_path=source, **dirs(tmp_path))
+        run_prepare(sqlite_path=source, strict=True, **dirs(tmp_path))
     assert "accounts_user" in str(exc.value) and "Report:" in str(exc.value)
     report_path = Path(str(exc.value).split("Report: ")[1].strip())
-    report = json.loads(report_path.read_text())
-    assert report["status"] == "failed"
-    (rejection,) = report["steps"][4]["details"]["rejections"]
-    assert rejection["table"] == "accounts_user" and rejection["column"] == "last_name"
-    assert pk.replace("-", "") in rejection["pk"].replace("-", "")
+    assert json.loads(report_path.read_text())["status"] == "failed"
     assert state_mod.read_state(dirs(tmp_path)["state_file"]).phase == "nothing"
 
 

@@ -11,8 +11,8 @@ from dbmigration.prepare import run_prepare
 class Command(BaseCommand):
     help = (
         "Phases 1-5 of the runbook: safety checks, verified backups, PostgreSQL checks, schema "
-        "creation, final validation with a dry run of the data conversion. SQLite is only read. "
-        "Safe to re-run."
+        "creation, final validation with a dry run of the data conversion that lists every row "
+        "the copy would reject. SQLite is only read. Safe to re-run."
     )
 
     def add_arguments(self, parser):
@@ -27,6 +27,12 @@ class Command(BaseCommand):
             type=float,
             default=5.0,
             help="Seconds to wait for a SQLite writer's lock before giving up.",
+        )
+        parser.add_argument(
+            "--strict",
+            action="store_true",
+            help="Fail (exit 5) when any row would be rejected, instead of listing them and "
+            "leaving the choice (fix SQLite, or migrate_data --quarantine/--repair) to you.",
         )
 
     def handle(self, *args, **opts):
@@ -45,6 +51,7 @@ class Command(BaseCommand):
                 keep=opts["keep"],
                 encrypt_key=key,
                 lock_timeout=opts["lock_timeout"],
+                strict=opts["strict"],
                 progress=progress,
             )
         except MigrationError as exc:
@@ -53,10 +60,25 @@ class Command(BaseCommand):
             self.stdout.write(f"  {phase.name:<22} {phase.status:<8} {phase.seconds:7.2f}s")
             for warning in phase.warnings:
                 self.stdout.write(self.style.WARNING(f"    {warning}"))
+        clean = r.rows_scanned - len(r.rejections)
         self.stdout.write(
             f"Source sha256 {r.fingerprint_before['sha256'][:16]}... unchanged; backup "
-            f"{r.backup.path.name}; {r.rows_scanned} rows convert cleanly "
+            f"{r.backup.path.name}; {clean} of {r.rows_scanned} rows convert cleanly "
             f"({r.conversion_rows_per_s:.0f} rows/s); copy estimate {r.estimated_copy_seconds:.0f}s"
         )
+        if r.rejections:
+            self._list_rejections(r.rejections)
         self.stdout.write(f"Report: {r.report_path}\nLog:    {r.log_path}")
         self.stdout.write(self.style.SUCCESS("Prepared. Next: migrate_data"))
+
+    def _list_rejections(self, rejections, shown: int = 20) -> None:
+        self.stdout.write(self.style.WARNING(f"{len(rejections)} rows would be rejected:"))
+        for r in rejections[:shown]:
+            self.stdout.write(f"  {r.table} pk={r.pk} {r.column}: {r.reason} ({r.excerpt[:60]})")
+        if len(rejections) > shown:
+            self.stdout.write(f"  ... and {len(rejections) - shown} more in the report")
+        self.stdout.write(
+            "migrate_data will stop on these rows. Fix them in SQLite and prepare again, or run "
+            "migrate_data --quarantine (sets them aside in a reject file) or --repair strip-nul "
+            "(NUL bytes only)."
+        )
