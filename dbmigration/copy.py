@@ -410,7 +410,7 @@ def _source_tables(conn) -> set[str]:
     return {r[0].decode() if isinstance(r[0], bytes) else r[0] for r in rows}
 
 
-def _targets_for(plan: Plan, alias: str | None) -> dict[str, dict[str, TargetColumn]]:
+def plan_targets(plan: Plan, alias: str | None) -> dict[str, dict[str, TargetColumn]]:
     if alias is None:
         return {}
     with connections[alias].cursor() as cur:
@@ -433,7 +433,7 @@ def scan_source(
     started = time.perf_counter()
     plan = plan or build_plan()
     try:
-        targets = _targets_for(plan, target_alias)
+        targets = plan_targets(plan, target_alias)
     except Exception:  # noqa: BLE001 no server or no schema yet: Django's fields decide
         targets = {}
     targets = {name: cols for name, cols in targets.items() if cols}
@@ -682,7 +682,7 @@ def copy_data(
     }
     result = CopyResult(tables=list(results.values()), rejections=[], repairs=[], source_sha256=sha)
     pg = connections[alias]
-    targets = _targets_for(plan, alias)
+    targets = plan_targets(plan, alias)
     missing = [t.db_table for t in plan.tables if not targets[t.db_table]]
     if missing:
         raise TargetError(

@@ -210,13 +210,13 @@ def apply_source_changes(
     from django.core.management.color import no_style
     from django.db import transaction
 
-    from dbmigration.copy import RowConverter, _targets_for
+    from dbmigration.copy import RowConverter, plan_targets
     from dbmigration.errors import DataError
     from dbmigration.sqlite_source import open_readonly
 
     pg = connections["postgresql"]
     by_table = {c.table: c for c in changes}
-    targets = _targets_for(plan, "postgresql")
+    targets = plan_targets(plan, "postgresql")
     conn = open_readonly(sqlite_path, raw_text=True)
     written = deleted = 0
     try:
@@ -279,10 +279,10 @@ def verify_source_changes(*, sqlite_path: Path, changes: list[SourceChanges], pl
     from dbmigration.sqlite_source import open_readonly
     from dbmigration.verify import (
         Side,
-        _readers,
         applied_migrations,
         check_foreign_keys,
         check_sequences,
+        column_readers,
         row_digest,
     )
 
@@ -310,7 +310,7 @@ def verify_source_changes(*, sqlite_path: Path, changes: list[SourceChanges], pl
                 if not change.upserts:
                     continue
                 cols = ", ".join(_qi(c) for c in table.column_names)
-                left, right = _readers(table, lite), _readers(table, pg)
+                left, right = column_readers(table, lite), column_readers(table, pg)
                 at = table.pk_index
                 for chunk in _chunks(change.upserts):
                     marks = ", ".join("?" * len(chunk))

@@ -37,8 +37,8 @@ from dbmigration.copy import (
     RowsRejected,
     _read_marks,
     _source_tables,
-    _targets_for,
     _write_marks,
+    plan_targets,
     qi,
     relational_rejections,
 )
@@ -150,7 +150,7 @@ def sync_to_postgresql(
     source, target = Side(sqlite_path=sqlite_path), Side(alias=alias)
     diffs = diff_tables(source=source, target=target, plan=plan, progress=progress)
     result = SyncResult(diffs=diffs, source_sha256=sha)
-    targets = _targets_for(plan, alias)
+    targets = plan_targets(plan, alias)
     pg, lite = connections[alias], connections["sqlite"]
     rejected: list[RejectedRow] = []
     conn = open_readonly(sqlite_path, raw_text=True)

@@ -189,7 +189,7 @@ _INTEGERS = frozenset(
 )
 
 
-def _readers(
+def column_readers(
     table: PlannedTable, connection, *, fast: bool = True
 ) -> list[Callable[[Any], str | None]]:
     """Per column: raw DB-API value -> Django's Python value -> canonical text."""
@@ -356,7 +356,7 @@ def side_sums(
     progress: Progress | None = None,
 ) -> SideSums:
     """Count rows and sum row hashes per primary-key range on one side."""
-    readers = _readers(table, side.django_connection)
+    readers = column_readers(table, side.django_connection)
     pk_index = table.pk_index
     sums = SideSums()
     buckets = sums.buckets
@@ -454,7 +454,7 @@ def row_digests(
     exclude: set[str] | None = None,
 ) -> dict[str, tuple[int, Any]]:
     """Return {canonical pk: (row hash, Django's pk value)} for rows in the given ranges."""
-    readers = _readers(table, side.django_connection)
+    readers = column_readers(table, side.django_connection)
     pk_index = table.pk_index
     pk_field = table.columns[pk_index]
     connection = side.django_connection

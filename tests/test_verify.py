@@ -69,14 +69,14 @@ def test_canonical_is_engine_neutral():
 @ALL
 def test_reader_shortcuts_equal_djangos_readers(tmp_path):
     from dbmigration.plan import build_plan
-    from dbmigration.verify import _readers, iter_rows
+    from dbmigration.verify import column_readers, iter_rows
 
     source, target = copied(tmp_path)
     raw_sql_rows = 0
     for table in build_plan().tables:
         for side in (source, target):
-            fast = _readers(table, side.django_connection, fast=True)
-            slow = _readers(table, side.django_connection, fast=False)
+            fast = column_readers(table, side.django_connection, fast=True)
+            slow = column_readers(table, side.django_connection, fast=False)
             for batch in iter_rows(side, table):
                 for raw in batch:
                     raw_sql_rows += 1
