@@ -25,7 +25,7 @@ from typing import Any
 
 from django.db import connections
 
-from dbmigration.plan import Plan, PlannedTable, build_plan
+from dbmigration.plan import INTEGER_TYPES, Plan, PlannedTable, build_plan
 from dbmigration.sqlite_source import open_readonly
 
 MOD = 1 << 128
@@ -141,7 +141,7 @@ def _shortcut(kind: str, vendor: str, general: Callable[[Any], str | None]):
             return general(value)
 
         return pg_uuid
-    if kind in _INTEGERS:
+    if kind in INTEGER_TYPES:
 
         def integer(value):
             if type(value) is int:
@@ -174,19 +174,6 @@ def _shortcut(kind: str, vendor: str, general: Callable[[Any], str | None]):
 
 
 _PLAIN_TEXT = frozenset({"CharField", "TextField", "EmailField", "SlugField", "URLField"})
-_INTEGERS = frozenset(
-    {
-        "AutoField",
-        "BigAutoField",
-        "SmallAutoField",
-        "IntegerField",
-        "BigIntegerField",
-        "SmallIntegerField",
-        "PositiveIntegerField",
-        "PositiveBigIntegerField",
-        "PositiveSmallIntegerField",
-    }
-)
 
 
 def column_readers(
