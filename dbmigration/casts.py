@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import decimal
+import ipaddress
 import json
 import re
 from collections.abc import Callable
@@ -542,17 +543,27 @@ def _shortcut(column: PlannedColumn, target: TargetColumn, general: Converter) -
         return boolean
     if kind == "GenericIPAddressField":
         match = _IPV4.match
+        ipv6 = ipaddress.IPv6Address
 
-        def ipv4(value: Any) -> Any:
+        def ip_address(value: Any) -> Any:
             if value is None and nullable:
                 return None
-            if type(value) is bytes and 7 <= len(value) <= 15:
-                out = value.decode("latin-1")
-                if match(out):
-                    return out  # canonical dotted quad: Django's Inet prints it unchanged
+            if type(value) is bytes:
+                if 7 <= len(value) <= 15:
+                    out = value.decode("latin-1")
+                    if match(out):
+                        return out  # canonical dotted quad: Django's Inet prints it unchanged
+                elif b":" in value and b"%" not in value and b"." not in value:
+                    # already in the compressed form Django's clean_ipv6_address gives
+                    out = value.decode("latin-1")
+                    try:
+                        if str(ipv6(out)) == out:
+                            return out
+                    except ValueError:
+                        pass
             return general(value)
 
-        return ipv4
+        return ip_address
     return None
 
 
