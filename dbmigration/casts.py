@@ -227,18 +227,31 @@ def fast_json(column: PlannedColumn, reference: Converter) -> Converter:
     return convert
 
 
-def fast_datetime(column: PlannedColumn, reference: Converter) -> Converter:
-    parse = dt.datetime.fromisoformat
+def django_utc_text(value: Any) -> str | None:
+    """Return value as text if it is exactly how Django stores a UTC datetime on SQLite, else None.
 
+    Django writes naive UTC as ``str(datetime)``: "YYYY-MM-DD HH:MM:SS[.ffffff]".  Anything else
+    (other formats, time zones, impossible dates) must take Django's own path.
+    """
+    if type(value) is bytes:
+        value = value.decode("latin-1")
+    elif type(value) is not str:
+        return None
+    if len(value) != 19 and len(value) != 26:
+        return None
+    try:
+        return value if str(_parse_datetime(value)) == value else None
+    except ValueError:
+        return None
+
+
+_parse_datetime = dt.datetime.fromisoformat
+
+
+def fast_datetime(column: PlannedColumn, reference: Converter) -> Converter:
     def convert(value: Any) -> str:
-        # Django writes naive UTC "YYYY-MM-DD HH:MM:SS[.ffffff]"; anything else takes Django's path
-        if isinstance(value, str) and len(value) in (19, 26):
-            try:
-                if str(parse(value)) == value:
-                    return value + "+00:00"
-            except ValueError:
-                pass
-        return reference(value)
+        text = django_utc_text(value) if isinstance(value, str) else None
+        return text + "+00:00" if text is not None else reference(value)
 
     return convert
 
@@ -513,18 +526,14 @@ def _shortcut(column: PlannedColumn, target: TargetColumn, general: Converter) -
 
         return uuid_hex
     if kind == "DateTimeField":
-        parse = dt.datetime.fromisoformat
 
         def timestamp(value: Any) -> Any:
             if value is None and nullable:
                 return None
-            if type(value) is bytes and (len(value) == 19 or len(value) == 26):
-                out = value.decode("latin-1")
-                try:
-                    if str(parse(out)) == out:
-                        return out + "+00:00"
-                except ValueError:
-                    pass
+            if type(value) is bytes:
+                text = django_utc_text(value)
+                if text is not None:
+                    return text + "+00:00"
             return general(value)
 
         return timestamp

@@ -25,6 +25,7 @@ from typing import Any
 
 from django.db import connections
 
+from dbmigration.casts import django_utc_text
 from dbmigration.plan import INTEGER_TYPES, Plan, PlannedTable, build_plan
 from dbmigration.sqlite_source import open_readonly
 
@@ -100,18 +101,11 @@ def _shortcut(kind: str, vendor: str, general: Callable[[Any], str | None]):
     Each gives exactly what `general` gives (tests/test_verify.py compares them).
     """
     if vendor == "sqlite" and kind == "DateTimeField":
-        parse = dt.datetime.fromisoformat
 
         def sqlite_datetime(value):
             # Django stores naive UTC as str(datetime): already the canonical text
-            if type(value) is bytes and (len(value) == 19 or len(value) == 26):
-                text = value.decode("latin-1")
-                try:
-                    if str(parse(text)) == text:
-                        return text
-                except ValueError:
-                    pass
-            return general(value)
+            text = django_utc_text(value) if type(value) is bytes else None
+            return text if text is not None else general(value)
 
         return sqlite_datetime
     if vendor == "sqlite" and kind == "UUIDField":
