@@ -443,7 +443,7 @@ def build_converter(
     return _shortcut(column, target, convert) or convert
 
 
-_IPV4 = re.compile(
+_IP = re.compile(
     r"(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\Z"
 )
 _TEXT_TYPES = frozenset({"CharField", "TextField", "EmailField", "SlugField", "URLField"})
@@ -551,7 +551,7 @@ def _shortcut(column: PlannedColumn, target: TargetColumn, general: Converter) -
 
         return boolean
     if kind == "GenericIPAddressField":
-        match = _IPV4.match
+        match = _IP.match
         ipv6 = ipaddress.IPv6Address
 
         def ip_address(value: Any) -> Any:
@@ -582,3 +582,86 @@ def _check_json_finite(text: str) -> None:
         json.loads(text, parse_constant=_reject_constant)
     except ValueError as exc:
         raise Rejection("json", f"JSON number PostgreSQL cannot hold: {exc}") from None
+
+
+# --- the native paths: the copy's C formatter prints clean values --------------------------
+#
+# A Python call per value is the copy's bottleneck, so dbmigration/_copytext.c checks and
+# prints the commonest clean values itself.  Each kind accepts only values whose COPY text
+# the Python path would print unchanged (tests/test_copy_lines.py proves it against the
+# reference path); anything else sends its whole row to the Python path, which gives the
+# exact value or the reason it is refused.  Columns without a native kind are converted
+# by their Python converter, called from C.
+
+PYTHON, INT, BOOL, TEXT, UUID, DATETIME, DATE, JSON, IP = range(9)  # as in _copytext.c
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeCast:
+    """How the C formatter checks and prints one column."""
+
+    kind: int
+    low: int = 0  # INT: range; TEXT: max characters (-1: none)
+    high: int = 0
+    labels: frozenset[bytes] | None = None  # TEXT: the PostgreSQL enum's labels
+    sql_check: str | None = None  # JSON: a condition SQLite evaluates for the C side
+
+
+# jsonb parses JSON text as Django's json.loads would, except non-integer numbers (Django
+# saves a float's repr, jsonb keeps the digits written): SQLite's JSON functions find those
+# in C.  The C side also sends \u0000 and lone surrogates (jsonb refuses them) to Python.
+JSON_SQL_CHECK = (  # CASE: json_tree() raises on malformed JSON, so it must come second
+    "CASE WHEN typeof({c}) = 'text' AND json_valid({c}) "
+    "THEN NOT EXISTS (SELECT 1 FROM json_tree({c}) WHERE type = 'real') ELSE 0 END"
+)
+
+
+def _native_text(column: PlannedColumn, target: TargetColumn) -> NativeCast | None:
+    if target.enum_labels is not None:
+        return NativeCast(TEXT, -1, labels=frozenset(x.encode() for x in target.enum_labels))
+    if target.type_name not in ("varchar", "text", "bpchar", column.internal_type):
+        return None  # a custom database type: its own input rules apply
+    return NativeCast(TEXT, -1 if target.max_length is None else target.max_length)
+
+
+def _native_int(column: PlannedColumn, target: TargetColumn) -> NativeCast | None:
+    if target.type_name not in INT_RANGES:
+        return None
+    low, high = _int_range(column, target)
+    return NativeCast(INT, low, high)
+
+
+def _native_json(column: PlannedColumn, target: TargetColumn) -> NativeCast | None:
+    field = value_field(column.field)
+    if field.decoder is not None or field.encoder is not None:
+        return None  # custom encoders are Django's business
+    quoted = '"' + column.name.replace('"', '""') + '"'
+    return NativeCast(JSON, sql_check=JSON_SQL_CHECK.format(c=quoted))
+
+
+def _native_kind(kind: int, *type_names: str):
+    def build(column: PlannedColumn, target: TargetColumn) -> NativeCast | None:
+        fits = target.type_name in type_names or target.type_name == column.internal_type
+        return NativeCast(kind) if fits else None
+
+    return build
+
+
+# Django internal type -> native path builder (None or missing: the Python converter)
+NATIVE_PATHS: dict[str, Callable[[PlannedColumn, TargetColumn], NativeCast | None]] = {
+    "UUIDField": _native_kind(UUID, "uuid"),
+    "DateTimeField": _native_kind(DATETIME, "timestamptz"),
+    "DateField": _native_kind(DATE, "date"),
+    "BooleanField": _native_kind(BOOL, "bool"),
+    "GenericIPAddressField": _native_kind(IP, "inet"),
+    "JSONField": _native_json,
+    **dict.fromkeys(_TEXT_TYPES, _native_text),
+    **dict.fromkeys(_DJANGO_PG_INT, _native_int),
+}
+
+
+def native_cast(column: PlannedColumn, target: TargetColumn | None = None) -> NativeCast:
+    """Return how the C formatter handles a column (kind PYTHON: its Python converter)."""
+    builder = NATIVE_PATHS.get(column.internal_type)
+    cast = builder(column, target or guessed_target(column)) if builder else None
+    return cast or NativeCast(PYTHON)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from operator import call as _call
@@ -35,6 +34,7 @@ from dbmigration.casts import (
     excerpt,
     target_columns,
 )
+from dbmigration.copy_lines import LinePlan, line_plan
 from dbmigration.errors import DataError, SourceError, TargetError
 from dbmigration.plan import Plan, PlannedTable, build_plan
 from dbmigration.sqlite_source import file_sha256, open_readonly
@@ -90,6 +90,7 @@ class TableResult:
     rows_written: int = 0
     rows_rejected: int = 0
     rows_repaired: int = 0
+    rows_in_python: int = 0  # converted value by value (the others: by the C formatter)
     seconds: float = 0.0
 
     @property
@@ -920,20 +921,14 @@ class _TableRejected(Exception):
     pass
 
 
-PARALLEL_MIN_ROWS = 20_000  # below this, forking converters costs more than it saves
-CHUNK_ROWIDS = 10_000
-# Converter processes per large table.  Measured on the 2-core box (152k rows, shared with
-# PostgreSQL and other jobs): 1 worker 4.2 s, 2 workers 4.4 s -- not faster, so off by default.
-WORKERS = int(os.environ.get("PROPCORE_COPY_WORKERS", "1"))
-
-
 @dataclasses.dataclass
 class _Chunk:
-    data: Any  # converted rows (serial) or COPY text bytes (parallel)
+    data: Any  # converted rows (Python path) or COPY text bytes (C formatter)
     read: int
     written: int
     rejected: list[RejectedRow]
     repaired: list[RepairedRow]
+    in_python: int = 0  # rows converted value by value in Python
 
 
 def _convert_rows(rc: RowConverter, batch, skip, pk_index, emit) -> _Chunk:
@@ -956,10 +951,10 @@ def _convert_rows(rc: RowConverter, batch, skip, pk_index, emit) -> _Chunk:
             )
         emit(row)
         written += 1
-    return _Chunk(None, len(batch), written, rejected, repaired)
+    return _Chunk(None, len(batch), written, rejected, repaired, in_python=len(batch))
 
 
-def _serial_chunks(conn, rc: RowConverter, skip) -> Iterator[_Chunk]:
+def _python_chunks(conn, rc: RowConverter, skip) -> Iterator[_Chunk]:
     for batch in read_rows(conn, rc.table):
         rows: list = []
         chunk = _convert_rows(rc, batch, skip, rc.pk_index, rows.append)
@@ -967,91 +962,58 @@ def _serial_chunks(conn, rc: RowConverter, skip) -> Iterator[_Chunk]:
         yield chunk
 
 
-def _rowid_ranges(conn, table: PlannedTable) -> list[tuple[int, int]] | None:
-    try:
-        low, high = conn.execute(
-            f"SELECT min(rowid), max(rowid) FROM {qi(table.db_table)}"
-        ).fetchone()
-    except Exception:  # a WITHOUT ROWID table: no ranges to share out
-        return None
-    if low is None:
-        return []
-    return [(a, min(a + CHUNK_ROWIDS - 1, high)) for a in range(low, high + 1, CHUNK_ROWIDS)]
-
-
-def _worker(sqlite_path, rc, skip, tasks, results) -> None:
-    """A forked converter: read rowid ranges, convert, send COPY text back."""
-    from psycopg._copy_base import TextFormatter  # the C row formatter COPY itself uses
+def _formatted_chunks(conn, rc: RowConverter, lines: LinePlan, skip) -> Iterator[_Chunk]:
+    """Batches printed by the C formatter; the rows it hands back take the Python path."""
+    from psycopg._copy_base import TextFormatter  # the row formatter COPY itself uses
     from psycopg.adapt import Transformer
 
-    try:
-        conn = open_readonly(sqlite_path, raw_text=True)
-        cols = ", ".join(qi(c) for c in rc.table.column_names)
-        sql = f"SELECT {cols} FROM {qi(rc.table.db_table)} WHERE rowid BETWEEN ? AND ?"
-        formatter = TextFormatter(Transformer())
-        while (task := tasks.get()) is not None:
-            out = bytearray()
-
-            def emit(row, out=out):
-                out.extend(formatter.write_row(row))
-
-            chunk = _convert_rows(rc, conn.execute(sql, task).fetchall(), skip, rc.pk_index, emit)
-            out.extend(formatter.end())
-            chunk.data = bytes(out)
-            results.put(chunk)
-        conn.close()
-    except BaseException as exc:  # noqa: BLE001 the parent re-raises it
-        import traceback
-
-        results.put(RuntimeError(f"converter process failed: {exc!r}\n{traceback.format_exc()}"))
-
-
-def _parallel_chunks(sqlite_path, rc: RowConverter, skip, ranges) -> Iterator[_Chunk]:
-    import multiprocessing
-
-    context = multiprocessing.get_context("fork")  # workers inherit the converters
-    tasks, results = context.Queue(), context.Queue(maxsize=WORKERS * 4)
-    for task in ranges:
-        tasks.put(task)
-    for _ in range(WORKERS):
-        tasks.put(None)
-    workers = [
-        context.Process(target=_worker, args=(sqlite_path, rc, skip, tasks, results), daemon=True)
-        for _ in range(WORKERS)
-    ]
-    for worker in workers:
-        worker.start()
-    try:
-        for _ in ranges:
-            item = results.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        for worker in workers:
-            if worker.is_alive():
-                worker.kill()
-            worker.join()
-
-
-def _sqlite_file(conn) -> Path:
-    return Path(os.fsdecode(conn.execute("PRAGMA database_list").fetchone()[2]))
+    formatter = TextFormatter(Transformer())
+    cursor = conn.execute(lines.select)
+    while batch := cursor.fetchmany(BATCH_ROWS):
+        made = lines.format(batch, skip=skip)
+        rows: list = []
+        chunk = _convert_rows(rc, made.fallback, None, rc.pk_index, rows.append)
+        parts = [made.data, *(formatter.write_row(row) for row in rows), formatter.end()]
+        formatted = len(batch) - len(made.fallback) - made.skipped
+        chunk.data = b"".join(parts)
+        chunk.read, chunk.written = len(batch), formatted + chunk.written
+        yield chunk
 
 
 def _copy_table(conn, pg, table, targets, repairs, skip, sink, out, result, progress) -> None:
+    """Load one table; if PostgreSQL refuses a value the C formatter let through, redo the
+    table value by value in Python, which finds and names the row."""
+    lines = line_plan(table, targets)
+    rejected_before = sink.total
+    try:
+        _load_table(conn, pg, table, targets, repairs, skip, sink, out, result, progress, lines)
+    except TargetError as exc:
+        if lines is None or sink.total != rejected_before or not _value_refused(exc):
+            raise
+        _load_table(conn, pg, table, targets, repairs, skip, sink, out, result, progress, None)
+
+
+def _value_refused(exc: BaseException) -> bool:
+    """Did PostgreSQL refuse a value (SQLSTATE class 22), rather than fail otherwise?"""
+    import psycopg
+
+    causes = (exc.__cause__, getattr(exc.__cause__, "__cause__", None))
+    return any(isinstance(c, psycopg.errors.DataError) for c in causes)
+
+
+def _load_table(conn, pg, table, targets, repairs, skip, sink, out, result, progress, lines):
     """Truncate and load one table in one transaction; roll it back on any rejection."""
     started = time.perf_counter()
     rc = RowConverter(table, targets, repairs=repairs)
     total = count_rows(conn, table.db_table)
     cols = ", ".join(qi(c) for c in table.column_names)
-    ranges = _rowid_ranges(conn, table) if total >= PARALLEL_MIN_ROWS and WORKERS > 1 else None
-    if ranges:
-        chunks = _parallel_chunks(_sqlite_file(conn), rc, skip, ranges)
+    if lines is not None:
+        chunks = _formatted_chunks(conn, rc, lines, skip)
     else:
-        chunks = _serial_chunks(conn, rc, skip)
+        chunks = _python_chunks(conn, rc, skip)
     rejected_here = False
     repaired: list[RepairedRow] = []
-    read = written = 0
+    read = written = in_python = 0
     try:
         with transaction.atomic(using=pg.alias), pg.cursor() as cur:
             cur.execute(f"TRUNCATE {qi(table.db_table)}")
@@ -1069,6 +1031,7 @@ def _copy_table(conn, pg, table, targets, repairs, skip, sink, out, result, prog
                                 cp.write_row(row)
                         written += chunk.written
                     read += chunk.read
+                    in_python += chunk.in_python
                     if progress:
                         progress(table.db_table, read, total)
                 if rejected_here:
@@ -1086,11 +1049,10 @@ def _copy_table(conn, pg, table, targets, repairs, skip, sink, out, result, prog
             ) from exc
         raise
     finally:
-        close = getattr(chunks, "close", None)
-        if close:
-            close()  # stops converter processes on any exit
+        chunks.close()
     out.status = "copied"
     out.rows_read, out.rows_written = read, written
+    out.rows_in_python = in_python
     out.rows_repaired = len({r.pk for r in repaired})
     out.seconds = round(time.perf_counter() - started, 3)
     result.repairs.extend(repaired)
@@ -1267,6 +1229,7 @@ def _record_copy(run, step, copy: CopyResult) -> None:
             "rows_written": t.rows_written,
             "rows_rejected": t.rows_rejected,
             "rows_repaired": t.rows_repaired,
+            "rows_in_python": t.rows_in_python,
             "seconds": t.seconds,
             "rows_per_second": t.rows_per_second,
         }

@@ -365,27 +365,6 @@ def test_repair_strip_nul_is_explicit_and_recorded(tmp_path):
         copy_data(sqlite_path=path, repairs=["guess"], state_file=tmp_path / "s.json")
 
 
-@ALL
-def test_parallel_converters_give_the_same_copy(tmp_path, monkeypatch):
-    from dbmigration import copy as copy_mod
-    from dbmigration.verify import Side, verify
-
-    make_people(3)
-    raw_sql(
-        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2500) "
-        "INSERT INTO accounts_loginevent (email_attempted, user_agent, success, failure_reason, "
-        "created_at) SELECT 'x' || i, 'ua\tb\\c', i % 2, '', '2026-01-02 03:04:05' FROM n"
-    )
-    monkeypatch.setattr(copy_mod, "WORKERS", 2)
-    monkeypatch.setattr(copy_mod, "PARALLEL_MIN_ROWS", 1000)
-    monkeypatch.setattr(copy_mod, "CHUNK_ROWIDS", 700)
-    result = copy_data(sqlite_path=source_path(), state_file=tmp_path / "s.json")
-    events = next(t for t in result.tables if t.table == "accounts_loginevent")
-    assert events.rows_written == 2501
-    check = verify(source=Side(sqlite_path=source_path()), target=Side(alias="postgresql"))
-    assert check.ok, check.problems(Side(sqlite_path=source_path()), Side(alias="postgresql"))
-
-
 def rich_rows() -> None:
     """One of everything: every field type of accounts, auth, auditlog, admin, sessions."""
     from django.contrib.admin.models import CHANGE, LogEntry

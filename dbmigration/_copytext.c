@@ -1,0 +1,505 @@
+/* COPY text for clean SQLite values, written in C because a Python call per value is the
+ * copy's bottleneck (about 20 us a row).
+ *
+ * format_rows(rows, spec, skip, pk_index) -> (bytes, fallback, skipped)
+ *
+ * rows:  the raw tuples sqlite3 fetched (text as bytes).
+ * spec:  one (kind, nullable, a, b, obj) tuple per column written, in order.
+ * skip:  a set of primary keys to leave out (quarantined rows), or None.
+ *
+ * Each value is checked against the exact form the Python path would print unchanged;
+ * a row with any other value is left out of the bytes and its index goes to `fallback`,
+ * so Python converts it whole (exact value, or a rejection with its reason).  The checks
+ * mirror casts.py's shortcuts; tests/test_copy_lines.py proves the output equal to
+ * Django's reference path.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+enum {
+    K_PYTHON = 0, /* obj(value) -> str | None; any exception or other type: fallback */
+    K_INT = 1,    /* a..b */
+    K_BOOL = 2,   /* 0 or 1 -> t / f */
+    K_TEXT = 3,   /* UTF-8, no NUL, at most a characters (a < 0: no limit), in obj if a set */
+    K_UUID = 4,   /* 32 lowercase hex digits */
+    K_DATETIME = 5, /* "YYYY-MM-DD HH:MM:SS[.ffffff]" (naive UTC) -> + "+00:00" */
+    K_DATE = 6,   /* "YYYY-MM-DD" */
+    K_JSON = 7,   /* text, when row[a] (a flag SQLite computed) is 1, without \u0000 or
+                     a \uD800-\uDFFF escape (jsonb refuses those) */
+    K_IP = 8,     /* a dotted quad or compressed IPv6 as Django saves it, else like K_PYTHON */
+};
+
+typedef struct {
+    int kind;
+    int nullable;
+    long long a, b;
+    PyObject *obj; /* borrowed from spec */
+} Column;
+
+typedef struct {
+    char *data;
+    Py_ssize_t len, cap;
+} Buffer;
+
+static int buf_reserve(Buffer *buf, Py_ssize_t extra) {
+    if (buf->len + extra <= buf->cap)
+        return 0;
+    Py_ssize_t cap = buf->cap ? buf->cap : 1 << 16;
+    while (cap < buf->len + extra)
+        cap *= 2;
+    char *data = PyMem_Realloc(buf->data, cap);
+    if (!data) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    buf->data = data;
+    buf->cap = cap;
+    return 0;
+}
+
+static int buf_put(Buffer *buf, const char *src, Py_ssize_t n) {
+    if (buf_reserve(buf, n) < 0)
+        return -1;
+    memcpy(buf->data + buf->len, src, n);
+    buf->len += n;
+    return 0;
+}
+
+/* Append text with COPY's escapes (as psycopg writes them); return -1 on memory error. */
+static int put_escaped(Buffer *buf, const char *s, Py_ssize_t n) {
+    if (buf_reserve(buf, 2 * n) < 0)
+        return -1;
+    char *out = buf->data + buf->len;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char c = s[i];
+        switch (c) {
+        case '\\': *out++ = '\\'; *out++ = '\\'; break;
+        case '\t': *out++ = '\\'; *out++ = 't'; break;
+        case '\n': *out++ = '\\'; *out++ = 'n'; break;
+        case '\r': *out++ = '\\'; *out++ = 'r'; break;
+        /* not needed by COPY, but psycopg escapes them too: byte-identical lines */
+        case '\b': *out++ = '\\'; *out++ = 'b'; break;
+        case '\f': *out++ = '\\'; *out++ = 'f'; break;
+        case '\v': *out++ = '\\'; *out++ = 'v'; break;
+        default: *out++ = c;
+        }
+    }
+    buf->len = out - buf->data;
+    return 0;
+}
+
+/* Strict UTF-8 (as Python decodes it): return the number of characters, or -1 if the
+ * bytes are not valid UTF-8 or hold a NUL. */
+static Py_ssize_t utf8_chars(const unsigned char *s, Py_ssize_t n) {
+    Py_ssize_t chars = 0, i = 0;
+    while (i < n) {
+        unsigned char c = s[i];
+        if (c < 0x80) {
+            if (c == 0)
+                return -1;
+            i++;
+        } else if (c >= 0xC2 && c <= 0xDF) {
+            if (i + 1 >= n || (s[i + 1] & 0xC0) != 0x80)
+                return -1;
+            i += 2;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            if (i + 2 >= n || (s[i + 1] & 0xC0) != 0x80 || (s[i + 2] & 0xC0) != 0x80)
+                return -1;
+            if (c == 0xE0 && s[i + 1] < 0xA0) /* overlong */
+                return -1;
+            if (c == 0xED && s[i + 1] >= 0xA0) /* surrogate */
+                return -1;
+            i += 3;
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            if (i + 3 >= n || (s[i + 1] & 0xC0) != 0x80 || (s[i + 2] & 0xC0) != 0x80 ||
+                (s[i + 3] & 0xC0) != 0x80)
+                return -1;
+            if (c == 0xF0 && s[i + 1] < 0x90) /* overlong */
+                return -1;
+            if (c == 0xF4 && s[i + 1] >= 0x90) /* above U+10FFFF */
+                return -1;
+            i += 4;
+        } else {
+            return -1;
+        }
+        chars++;
+    }
+    return chars;
+}
+
+static int digits(const char *s, int n, int *value) {
+    int v = 0;
+    for (int i = 0; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9')
+            return 0;
+        v = v * 10 + (s[i] - '0');
+    }
+    *value = v;
+    return 1;
+}
+
+/* "YYYY-MM-DD" with a real day of a year 1..9999. */
+static int valid_date(const char *s) {
+    static const int days[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    int y, m, d;
+    if (s[4] != '-' || s[7] != '-' || !digits(s, 4, &y) || !digits(s + 5, 2, &m) ||
+        !digits(s + 8, 2, &d))
+        return 0;
+    if (y < 1 || m < 1 || m > 12 || d < 1)
+        return 0;
+    int leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    return d <= days[m - 1] + (m == 2 && leap);
+}
+
+/* What str() of a naive datetime prints: microseconds only when not zero. */
+static int valid_datetime(const char *s, Py_ssize_t n) {
+    int h, mi, se, frac;
+    if (n != 19 && n != 26)
+        return 0;
+    if (!valid_date(s) || s[10] != ' ' || s[13] != ':' || s[16] != ':' ||
+        !digits(s + 11, 2, &h) || !digits(s + 14, 2, &mi) || !digits(s + 17, 2, &se))
+        return 0;
+    if (h > 23 || mi > 59 || se > 59)
+        return 0;
+    if (n == 26 && (s[19] != '.' || !digits(s + 20, 6, &frac) || frac == 0))
+        return 0;
+    return 1;
+}
+
+static int valid_uuid_hex(const char *s, Py_ssize_t n) {
+    if (n != 32)
+        return 0;
+    for (int i = 0; i < 32; i++) {
+        char c = s[i];
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f')))
+            return 0;
+    }
+    return 1;
+}
+
+/* Four decimal octets 0..255 without leading zeros: Django passes those through as is. */
+static int valid_ipv4(const char *s, Py_ssize_t n) {
+    if (n < 7 || n > 15)
+        return 0;
+    int octets = 0;
+    Py_ssize_t i = 0;
+    while (i < n) {
+        int value = 0, len = 0;
+        while (i < n && s[i] >= '0' && s[i] <= '9') {
+            value = value * 10 + (s[i] - '0');
+            len++;
+            i++;
+        }
+        if (len == 0 || len > 3 || value > 255 || (len > 1 && s[i - len] == '0'))
+            return 0;
+        octets++;
+        if (i == n)
+            break;
+        if (s[i] != '.' || octets == 4)
+            return 0;
+        i++;
+        if (i == n) /* trailing dot */
+            return 0;
+    }
+    return octets == 4;
+}
+
+/* Already the compressed form Python's ipaddress prints (lowercase, no leading zeros, the
+ * first longest run of two or more zero groups as "::"), which Django saves unchanged. */
+static int canonical_ipv6(const char *s, Py_ssize_t n) {
+    unsigned int groups[8];
+    int count = 0, gap = -1;
+    Py_ssize_t i = 0;
+    if (n < 2 || n > 39)
+        return 0;
+    if (s[0] == ':') {
+        if (s[1] != ':')
+            return 0;
+        gap = 0;
+        i = 2;
+    }
+    while (i < n) {
+        unsigned int value = 0;
+        int len = 0;
+        while (i < n && len < 5 && ((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f'))) {
+            value = value * 16 + (s[i] <= '9' ? s[i] - '0' : s[i] - 'a' + 10);
+            len++;
+            i++;
+        }
+        if (len == 0 || len > 4 || count == 8)
+            return 0;
+        groups[count++] = value;
+        if (i == n)
+            break;
+        if (s[i] != ':')
+            return 0;
+        i++;
+        if (i < n && s[i] == ':') {
+            if (gap >= 0)
+                return 0;
+            gap = count;
+            i++;
+        } else if (i == n) {
+            return 0;
+        }
+    }
+    if (gap < 0 ? count != 8 : count > 7)
+        return 0;
+    unsigned int full[8] = {0};
+    int tail = gap < 0 ? 0 : count - gap;
+    for (int k = 0; k < count; k++)
+        full[k < count - tail ? k : 8 - tail + (k - (count - tail))] = groups[k];
+    int best = -1, best_len = 0;
+    for (int k = 0, run = 0; k < 8; k++) {
+        run = full[k] == 0 ? run + 1 : 0;
+        if (run > best_len) {
+            best_len = run;
+            best = k - run + 1;
+        }
+    }
+    if (best_len < 2)
+        best = -1;
+    char text[48];
+    int len = 0;
+    for (int k = 0; k < 8; k++) {
+        if (k == best) {
+            len += snprintf(text + len, sizeof text - len, "::");
+            k += best_len - 1;
+            continue;
+        }
+        if (len && text[len - 1] != ':')
+            text[len++] = ':';
+        len += snprintf(text + len, sizeof text - len, "%x", full[k]);
+    }
+    return len == n && memcmp(text, s, n) == 0;
+}
+
+/* \uXXXX at p (json_valid already checked the four hex digits): 1 high surrogate,
+ * 2 low surrogate, 0 other. */
+static int surrogate_escape(const char *p) {
+    if (p[2] != 'd' && p[2] != 'D')
+        return 0;
+    if (strchr("89abAB", p[3]))
+        return 1;
+    return strchr("cdefCDEF", p[3]) ? 2 : 0;
+}
+
+/* A \u0000 or a lone surrogate escape, which jsonb refuses (a \\u0000 after an escaped
+ * backslash counts too: the Python path sorts those out). */
+static int risky_json_escape(const char *s, Py_ssize_t n) {
+    const char *end = s + n;
+    for (const char *p = memchr(s, '\\', n); p; p = memchr(p + 1, '\\', end - p - 1)) {
+        if (end - p < 6 || p[1] != 'u')
+            continue;
+        if (memcmp(p + 2, "0000", 4) == 0)
+            return 1;
+        int kind = surrogate_escape(p);
+        if (kind == 2)
+            return 1;
+        if (kind == 1) {
+            if (end - p < 12 || p[6] != '\\' || p[7] != 'u' || surrogate_escape(p + 6) != 2)
+                return 1;
+            p += 6; /* a proper pair */
+        }
+    }
+    return 0;
+}
+
+/* Write a value through the Python converter; 1 written, 0 fallback, -1 error. */
+static int put_converted(Buffer *buf, PyObject *convert, PyObject *value) {
+    PyObject *out = PyObject_CallOneArg(convert, value);
+    if (!out) {
+        if (PyErr_ExceptionMatches(PyExc_MemoryError) ||
+            PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+            return -1;
+        PyErr_Clear(); /* the whole-row path raises it again, with the row */
+        return 0;
+    }
+    int result = 0;
+    if (out == Py_None) {
+        result = buf_put(buf, "\\N", 2) < 0 ? -1 : 1;
+    } else if (PyUnicode_CheckExact(out)) {
+        Py_ssize_t n;
+        const char *s = PyUnicode_AsUTF8AndSize(out, &n);
+        result = (!s || put_escaped(buf, s, n) < 0) ? -1 : 1;
+    }
+    Py_DECREF(out);
+    return result;
+}
+
+/* Write one value; 1 written, 0 fallback, -1 error. */
+static int put_value(Buffer *buf, const Column *col, PyObject *value, PyObject *row) {
+    if (value == Py_None) {
+        if (col->kind == K_PYTHON)
+            return put_converted(buf, col->obj, value);
+        return col->nullable ? (buf_put(buf, "\\N", 2) < 0 ? -1 : 1) : 0;
+    }
+    if (col->kind == K_INT || col->kind == K_BOOL) {
+        if (!PyLong_CheckExact(value))
+            return 0;
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
+        if (overflow || (v == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            return 0;
+        }
+        if (col->kind == K_BOOL) {
+            if (v != 0 && v != 1)
+                return 0;
+            return buf_put(buf, v ? "t" : "f", 1) < 0 ? -1 : 1;
+        }
+        if (v < col->a || v > col->b)
+            return 0;
+        char text[24];
+        int n = snprintf(text, sizeof text, "%lld", v);
+        return buf_put(buf, text, n) < 0 ? -1 : 1;
+    }
+    if (col->kind == K_PYTHON)
+        return put_converted(buf, col->obj, value);
+    if (!PyBytes_CheckExact(value))
+        return col->kind == K_IP ? put_converted(buf, col->obj, value) : 0;
+    const char *s = PyBytes_AS_STRING(value);
+    Py_ssize_t n = PyBytes_GET_SIZE(value);
+    switch (col->kind) {
+    case K_TEXT: {
+        Py_ssize_t chars = utf8_chars((const unsigned char *)s, n);
+        if (chars < 0 || (col->a >= 0 && chars > col->a))
+            return 0;
+        if (col->obj != Py_None) {
+            int found = PySet_Contains(col->obj, value);
+            if (found <= 0)
+                return found;
+        }
+        return put_escaped(buf, s, n) < 0 ? -1 : 1;
+    }
+    case K_JSON: {
+        if (col->a < 0 || col->a >= PyTuple_GET_SIZE(row)) {
+            PyErr_SetString(PyExc_IndexError, "the JSON column's flag is not in the row");
+            return -1;
+        }
+        PyObject *flag = PyTuple_GET_ITEM(row, col->a);
+        if (!PyLong_CheckExact(flag) || PyLong_AsLong(flag) != 1)
+            return 0;
+        if (utf8_chars((const unsigned char *)s, n) < 0 || risky_json_escape(s, n))
+            return 0;
+        return put_escaped(buf, s, n) < 0 ? -1 : 1;
+    }
+    case K_UUID:
+        if (!valid_uuid_hex(s, n))
+            return 0;
+        return buf_put(buf, s, n) < 0 ? -1 : 1;
+    case K_DATETIME:
+        if (!valid_datetime(s, n))
+            return 0;
+        return (buf_put(buf, s, n) < 0 || buf_put(buf, "+00:00", 6) < 0) ? -1 : 1;
+    case K_DATE:
+        if (n != 10 || !valid_date(s))
+            return 0;
+        return buf_put(buf, s, n) < 0 ? -1 : 1;
+    case K_IP:
+        if (!valid_ipv4(s, n) && !canonical_ipv6(s, n))
+            return put_converted(buf, col->obj, value);
+        return buf_put(buf, s, n) < 0 ? -1 : 1;
+    }
+    return 0;
+}
+
+static int parse_spec(PyObject *spec, Column **columns, Py_ssize_t *count) {
+    if (!PyTuple_Check(spec)) {
+        PyErr_SetString(PyExc_TypeError, "spec must be a tuple");
+        return -1;
+    }
+    *count = PyTuple_GET_SIZE(spec);
+    *columns = PyMem_Calloc(*count ? *count : 1, sizeof(Column));
+    if (!*columns) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < *count; i++) {
+        Column *col = &(*columns)[i];
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(spec, i), "iiLLO", &col->kind, &col->nullable,
+                              &col->a, &col->b, &col->obj)) {
+            PyMem_Free(*columns);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *format_rows(PyObject *self, PyObject *args) {
+    PyObject *rows, *spec, *skip;
+    Py_ssize_t pk_index;
+    if (!PyArg_ParseTuple(args, "O!OOn", &PyList_Type, &rows, &spec, &skip, &pk_index))
+        return NULL;
+    Column *columns;
+    Py_ssize_t ncols;
+    if (parse_spec(spec, &columns, &ncols) < 0)
+        return NULL;
+    Buffer buf = {NULL, 0, 0};
+    PyObject *fallback = PyList_New(0);
+    Py_ssize_t skipped = 0;
+    if (!fallback)
+        goto error;
+    for (Py_ssize_t r = 0; r < PyList_GET_SIZE(rows); r++) {
+        PyObject *row = PyList_GET_ITEM(rows, r);
+        if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) < ncols) {
+            PyErr_SetString(PyExc_TypeError, "each row must be a tuple with every column");
+            goto error;
+        }
+        if (skip != Py_None) {
+            int found = PySet_Contains(skip, PyTuple_GET_ITEM(row, pk_index));
+            if (found < 0)
+                goto error;
+            if (found) {
+                skipped++;
+                continue;
+            }
+        }
+        Py_ssize_t start = buf.len;
+        int ok = 1;
+        for (Py_ssize_t c = 0; c < ncols && ok == 1; c++) {
+            if (c && buf_put(&buf, "\t", 1) < 0)
+                goto error;
+            ok = put_value(&buf, &columns[c], PyTuple_GET_ITEM(row, c), row);
+        }
+        if (ok < 0)
+            goto error;
+        if (ok == 1 && buf_put(&buf, "\n", 1) < 0)
+            goto error;
+        if (ok == 0) {
+            buf.len = start;
+            PyObject *index = PyLong_FromSsize_t(r);
+            if (!index || PyList_Append(fallback, index) < 0) {
+                Py_XDECREF(index);
+                goto error;
+            }
+            Py_DECREF(index);
+        }
+    }
+    PyObject *data = PyBytes_FromStringAndSize(buf.data ? buf.data : "", buf.len);
+    PyMem_Free(buf.data);
+    PyMem_Free(columns);
+    if (!data) {
+        Py_DECREF(fallback);
+        return NULL;
+    }
+    return Py_BuildValue("(NNn)", data, fallback, skipped);
+error:
+    PyMem_Free(buf.data);
+    PyMem_Free(columns);
+    Py_XDECREF(fallback);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"format_rows", format_rows, METH_VARARGS,
+     "format_rows(rows, spec, skip, pk_index) -> (bytes, fallback indexes, skipped count)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_copytext", "COPY text for clean SQLite values.", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__copytext(void) { return PyModule_Create(&module); }

@@ -1,0 +1,213 @@
+"""copy_lines.py and _copytext.c: the C formatter prints exactly what Django's reference
+path gives, and hands every other value back to the Python path (hypothesis)."""
+
+import sqlite3
+
+import pytest
+from django.db import connections
+from hypothesis import given
+from hypothesis import strategies as st
+from psycopg._copy_base import TextFormatter
+from psycopg.adapt import Transformer
+
+from dbmigration import copy_lines
+from dbmigration.casts import (
+    JSON,
+    PYTHON,
+    Rejection,
+    TargetColumn,
+    build_converter,
+    native_cast,
+)
+from dbmigration.copy_lines import line_plan
+from tests.test_casts import CASES, PLAN, SETTINGS, column, datetimes
+
+PG = pytest.mark.django_db(databases=["postgresql"])
+
+
+def test_the_c_formatter_is_built():
+    # without it every row takes the Python path: correct, but three times slower
+    assert copy_lines._copytext is not None
+
+
+def reference_line(col, raw) -> bytes | None:
+    """The COPY text the Python reference path writes for one value (None: rejected)."""
+    try:
+        value = build_converter(col, fast=False)(raw)
+    except Rejection:
+        return None
+    formatter = TextFormatter(Transformer())
+    return bytes(formatter.write_row([value])) + bytes(formatter.end())
+
+
+def c_line(col, raw) -> bytes | None:
+    """The COPY text the C formatter writes for one value (None: handed back to Python)."""
+    cast = native_cast(col)
+    row = (raw,)
+    if cast.kind == JSON:
+        # what SQLite computes for the value stored as TEXT (other kinds: never clean JSON)
+        flag = 0
+        if isinstance(raw, bytes):
+            flag = sqlite3.connect(":memory:").execute(
+                f'SELECT {cast.sql_check} FROM (SELECT CAST(? AS TEXT) AS "{col.name}")', (raw,)
+            )
+            flag = flag.fetchone()[0]
+        row = (raw, flag)
+    plan = line_plan(PLAN.table(col.field.model._meta.db_table), {})
+    spec = plan.spec[[c.name for c in plan.table.columns].index(col.name)]
+    if cast.kind == JSON:
+        spec = (JSON, spec[1], 1, 0, None)  # the flag is this row's second item
+    data, fallback, _ = copy_lines._copytext.format_rows([row], (spec,), None, 0)
+    return None if fallback else data
+
+
+def jsonb_text(line: bytes) -> str:
+    """What PostgreSQL stores for a one-column COPY line, printed back as jsonb text."""
+    with connections["postgresql"].cursor() as cur:
+        cur.execute("CREATE TEMP TABLE IF NOT EXISTS one_json (v jsonb)")
+        cur.execute("TRUNCATE one_json")
+        with cur.cursor.copy("COPY one_json (v) FROM STDIN") as copy:
+            copy.write(line)
+        cur.execute("SELECT v::text FROM one_json")
+        return cur.fetchone()[0]
+
+
+@PG
+@pytest.mark.parametrize("internal_type", sorted(CASES))
+def test_c_output_equals_the_reference_path(internal_type):
+    (table, name), values = CASES[internal_type]
+    col = column(table, name)
+
+    @SETTINGS
+    @given(values)
+    def check(raw):
+        mine = c_line(col, raw)
+        if mine is None:
+            return  # the Python path decides
+        expected = reference_line(col, raw)
+        assert expected is not None, f"C accepted {raw!r}, which the reference path refuses"
+        if internal_type == "JSONField":
+            assert jsonb_text(mine) == jsonb_text(expected), raw
+        else:
+            assert mine == expected, raw
+
+    check()
+
+
+CANONICAL = {
+    ("accounts_user", "created_at"): datetimes.map(lambda d: str(d).encode()),
+    ("accounts_user", "id"): st.uuids().map(lambda u: u.hex.encode()),
+    ("accounts_kycverification", "expires_on"): st.dates().map(lambda d: d.isoformat().encode()),
+    ("accounts_user", "is_staff"): st.sampled_from([0, 1]),
+    ("accounts_loginevent", "id"): st.integers(-(2**63), 2**63 - 1),
+    ("accounts_loginevent", "ip_address"): st.ip_addresses().map(lambda ip: str(ip).encode()),
+    ("accounts_kycverification", "notes"): st.text()
+    .filter(lambda t: "\x00" not in t)
+    .map(lambda t: t.encode("utf-8", "surrogatepass")),
+    ("accounts_user", "preferences"): st.dictionaries(
+        st.text(max_size=5), st.integers() | st.booleans() | st.none() | st.text(max_size=5)
+    ).map(lambda d: __import__("json").dumps(d).encode()),
+}
+
+
+@pytest.mark.parametrize(("table", "name"), sorted(CANONICAL))
+def test_c_prints_the_clean_values_itself(table, name):
+    """The fast path is not vacuous: the values Django writes never need Python."""
+    col = column(table, name)
+
+    @SETTINGS
+    @given(CANONICAL[(table, name)])
+    def check(raw):
+        if reference_line(col, raw) is None:
+            return  # e.g. a surrogate the reference path refuses too
+        assert c_line(col, raw) is not None, raw
+
+    check()
+
+
+@pytest.mark.parametrize(
+    ("table", "name", "raw"),
+    [
+        ("accounts_user", "created_at", b"2026-02-30 00:00:00"),
+        ("accounts_user", "created_at", b"2026-01-02 24:00:00"),
+        ("accounts_user", "created_at", b"2026-01-02 03:04:05.000000"),
+        ("accounts_user", "created_at", b"0000-01-02 03:04:05"),
+        ("accounts_user", "created_at", b"2026-01-02T03:04:05"),
+        ("accounts_kycverification", "expires_on", b"2025-02-29"),
+        ("accounts_user", "id", b"0123456789ABCDEF0123456789abcdef"),
+        ("accounts_user", "is_staff", 2),
+        ("accounts_user", "first_name", b"x" * 151),
+        ("accounts_user", "first_name", b"a\x00b"),
+        ("accounts_user", "first_name", b"a\xffb"),
+        ("accounts_user", "first_name", b"\xed\xa0\x80"),  # an encoded surrogate
+        ("accounts_user", "preferences", b'{"a": 1.5}'),
+        ("accounts_user", "preferences", b'{"a": 1e2}'),
+        ("accounts_user", "preferences", b'["\\u0000"]'),
+        ("accounts_user", "preferences", b'["\\ud800"]'),
+        ("accounts_user", "preferences", b"{bad"),
+        ("accounts_loginevent", "id", 2**63),
+        ("accounts_loginevent", "id", b"12"),
+    ],
+)
+def test_c_hands_unusual_values_back(table, name, raw):
+    assert c_line(column(table, name), raw) is None
+
+
+def test_other_ip_forms_go_through_django_s_python_converter():
+    col = column("accounts_loginevent", "ip_address")
+    assert c_line(col, b"2001:DB8:0::1") == b"2001:db8::1\n"
+    for raw in (b"::ffff:1.2.3.4", b"::ffff:102:304", b"1::2:0:0:3", b"1:0:0:2::3"):
+        assert c_line(col, raw) == reference_line(col, raw)
+
+
+def test_a_json_flag_outside_the_row_is_an_error_not_a_crash():
+    spec = ((JSON, 1, 5, 0, None),)
+    with pytest.raises(IndexError, match="flag"):
+        copy_lines._copytext.format_rows([(b"{}",)], spec, None, 0)
+
+
+def test_enum_labels_come_from_the_target_catalog():
+    table = PLAN.table("accounts_user")
+    target = TargetColumn("status", "user_status", True, None, frozenset({"active", "invited"}))
+    plan = line_plan(table, {"status": target})
+    index = [c.name for c in table.columns].index("status")
+    spec = (plan.spec[index],)
+    assert copy_lines._copytext.format_rows([(b"active",)], spec, None, 0)[0] == b"active\n"
+    assert copy_lines._copytext.format_rows([(b"sleeping",)], spec, None, 0)[1] == [0]
+
+
+def test_line_plan_checks_json_in_sqlite_and_leaves_decimals_to_python():
+    plan = line_plan(PLAN.table("accounts_kycverification"), {})
+    kinds = {c.name: s[0] for c, s in zip(plan.table.columns, plan.spec, strict=True)}
+    assert kinds["risk_score"] == PYTHON
+    users = line_plan(PLAN.table("accounts_user"), {})
+    assert users.select.count("json_valid") == 2
+
+
+def test_rows_come_back_whole_and_skipped_rows_are_counted():
+    table = PLAN.table("accounts_loginevent")
+    plan = line_plan(table, {})
+    names = [c.name for c in table.columns]
+
+    def row(**values):
+        base = {
+            "id": 1,
+            "user_id": b"0123456789abcdef0123456789abcdef",
+            "email_attempted": b"a@b.ie",
+            "ip_address": b"10.0.0.1",
+            "user_agent": b"tab\there\\",
+            "success": 1,
+            "failure_reason": b"",
+            "created_at": b"2026-01-02 03:04:05",
+        }
+        base.update(values)
+        return tuple(base[n] for n in names)
+
+    batch = [row(), row(id=2, success=7), row(id=3), row(id=4, ip_address=b"::ffff:1.2.3.4")]
+    lines = plan.format(batch, skip={3})
+    assert lines.skipped == 1
+    assert lines.fallback == [batch[1]]
+    text = lines.data.decode()
+    assert text.count("\n") == 2  # rows 1 and 4 (its IPv6 form went through Python)
+    assert "tab\\there\\\\" in text
+    assert "2026-01-02 03:04:05+00:00" in text
