@@ -7,7 +7,7 @@ DEMO_USERS ?= 10000
 
 .PHONY: install test lint demo bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml dbmigration/_copytext.c
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 11)' 2>/dev/null || { echo "Python 3.11 is required (found: $(PYTHON))"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from operator import call as _call
 from pathlib import Path
 from typing import Any
@@ -219,9 +220,11 @@ class _RowRejected(Exception):
 # --- relational checks on SQLite ---------------------------------------------------------
 
 
-def relational_rejections(conn, plan: Plan, *, source_tables: set[str]) -> list[RejectedRow]:
-    """Find foreign keys to missing rows, duplicates of unique keys and CHECK violations by
-    query on SQLite."""
+def relational_rejections(
+    conn, plan: Plan, *, source_tables: set[str], checks: bool = True
+) -> list[RejectedRow]:
+    """Find foreign keys to missing rows, duplicates of unique keys and (``checks``) CHECK
+    violations by query on SQLite."""
     found: list[RejectedRow] = []
     for table in plan.tables:
         pk = qi(table.pk_column)
@@ -245,7 +248,8 @@ def relational_rejections(conn, plan: Plan, *, source_tables: set[str]) -> list[
                         excerpt=excerpt(value),
                     )
                 )
-        found.extend(check_rejections(conn, table))
+        if checks:
+            found.extend(check_rejections(conn, table))
         for columns in table.unique_sets:
             cols = ", ".join(f"c.{qi(c)}" for c in columns)
             present = " AND ".join(f"{qi(c)} IS NOT NULL" for c in columns)
@@ -558,8 +562,9 @@ def schema_snapshot(cursor, tables: Iterable[str]) -> set[SchemaObject]:
 
 
 def droppable(snapshot: set[SchemaObject], *, loaded: set[str]) -> list[SchemaObject]:
-    """Pick what slows a bulk load: FKs everywhere, unique constraints and plain indexes on
-    loaded tables.  Primary keys and CHECK constraints stay."""
+    """Pick what slows a bulk load: FKs everywhere; primary keys, unique constraints and
+    plain indexes on loaded tables (a sorted build after the load is cheaper than keeping
+    them up to date row by row).  CHECK constraints and NOT NULL stay."""
     backing = {
         o.name for o in snapshot if o.kind in ("constraint-p", "constraint-u", "constraint-x")
     }
@@ -567,15 +572,15 @@ def droppable(snapshot: set[SchemaObject], *, loaded: set[str]) -> list[SchemaOb
         obj
         for obj in snapshot
         if obj.kind == "constraint-f"
-        or (obj.table in loaded and obj.kind == "constraint-u")
+        or (obj.table in loaded and obj.kind in ("constraint-p", "constraint-u"))
         or (obj.table in loaded and obj.kind == "index" and obj.name not in backing)
     ]
     return sorted(picked, key=lambda o: (o.kind, o.table, o.name))
 
 
 def _rebuild_order(obj: SchemaObject) -> int:
-    # unique keys first: a foreign key may point at one
-    return {"index": 0, "constraint-u": 0, "constraint-f": 1}.get(obj.kind, 2)
+    # keys first: a foreign key points at one
+    return {"index": 0, "constraint-p": 0, "constraint-u": 0, "constraint-f": 1}.get(obj.kind, 2)
 
 
 def rebuild(alias: str, objects: list[SchemaObject], *, workers: int = 2) -> None:
@@ -682,7 +687,6 @@ def copy_data(
         for t in plan.tables
     }
     result = CopyResult(tables=list(results.values()), rejections=[], repairs=[], source_sha256=sha)
-    pg = connections[alias]
     targets = plan_targets(plan, alias)
     missing = [t.db_table for t in plan.tables if not targets[t.db_table]]
     if missing:
@@ -698,35 +702,28 @@ def copy_data(
         absent = [t.db_table for t in plan.tables if t.db_table not in present]
         if absent:
             raise SourceError(f"SQLite database {sqlite_path} has no table(s) {', '.join(absent)}.")
+        run = _Run(conn, connections[alias], plan, targets, repairs, sink, results, result, marks)
+        run.state_file, run.progress = state_file, progress
         todo_plan = Plan(tables=todo, deferred_fks=[])
-        skip: dict[str, set] = {}
-        if todo:
-            relational = relational_rejections(conn, todo_plan, source_tables=present)
-            if quarantine:
-                skip = _quarantine_scan(conn, todo_plan, targets, repairs, relational, sink)
-            elif relational:
-                sink.extend(relational)
+        relational: Future | None = None
+        if todo and quarantine:
+            found = relational_rejections(conn, todo_plan, source_tables=present)
+            run.skip = _quarantine_scan(conn, todo_plan, targets, repairs, found, sink)
+        elif todo:
+            # CHECK constraints stay during the load, so their rows must be known first
+            if any(check_rejections(conn, table) for table in todo):
+                sink.extend(relational_rejections(conn, todo_plan, source_tables=present))
                 for table in todo:
                     _scan_table(conn, table, targets[table.db_table], repairs, sink, progress)
                     results[table.db_table].status = "not-copied"
                 _fail(result, sink)
-        if todo or marks["pending_ddl"]:
-            _load(
-                conn,
-                pg,
-                plan,
-                todo,
-                targets,
-                repairs,
-                skip,
-                sink,
-                results,
-                result,
-                marks,
-                state_file,
-                progress,
-                quarantine,
+            # broken keys are looked for on a second connection while the tables load
+            # (SQLite lets go of the GIL); found ones fail the run before anything is kept
+            relational = _in_background(
+                _relational_on_own_connection, sqlite_path, todo_plan, present
             )
+        if todo or marks["pending_ddl"]:
+            _load(run, todo, relational)
         _count_rejected(result, sink)
     finally:
         conn.close()
@@ -734,6 +731,44 @@ def copy_data(
     result.reject_file = reject_file if sink.total else None
     result.seconds = round(time.perf_counter() - started, 3)
     return result
+
+
+def _in_background(function, *args) -> Future:
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(function, *args)
+    pool.shutdown(wait=False)  # the thread finishes this one call, then ends
+    return future
+
+
+def _relational_on_own_connection(sqlite_path: Path, plan: Plan, present: set[str]) -> list:
+    conn = open_readonly(sqlite_path, raw_text=True)
+    try:
+        return relational_rejections(conn, plan, source_tables=present, checks=False)
+    finally:
+        conn.close()
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the steps of one copy_data run share."""
+
+    conn: Any  # the SQLite source, read-only, text as bytes
+    pg: Any  # the target's Django connection
+    plan: Plan
+    targets: dict[str, dict[str, TargetColumn]]
+    repairs: frozenset[str]
+    sink: _RejectionSink
+    results: dict[str, TableResult]
+    result: CopyResult
+    marks: dict  # done markers and pending DDL, mirrored in the state file
+    skip: dict[str, set] = dataclasses.field(default_factory=dict)  # quarantined raw pks
+    state_file: Path | None = None
+    progress: Progress | None = None
+
+    def save_marks(self) -> None:
+        _write_marks(self.state_file, self.marks)
 
 
 def _count_rejected(result: CopyResult, sink: _RejectionSink) -> None:
@@ -791,23 +826,9 @@ def _quarantine_scan(conn, plan, targets, repairs, relational, sink) -> dict[str
     return skip
 
 
-def _load(
-    conn,
-    pg,
-    plan,
-    todo,
-    targets,
-    repairs,
-    skip,
-    sink,
-    results,
-    result,
-    marks,
-    state_file,
-    progress,
-    quarantine,
-) -> None:
+def _load(run: _Run, todo: list[PlannedTable], relational: Future | None) -> None:
     """Drop what slows the load, copy each table in its own transaction, rebuild, check."""
+    pg, marks = run.pg, run.marks
     pending = {SchemaObject(**o) for o in marks["pending_ddl"]}
     # objects an interrupted run dropped are rebuilt now, even on tables outside --tables
     # all copied tables, not just --tables: a foreign key from any of them blocks TRUNCATE
@@ -824,61 +845,111 @@ def _load(
     # remember before dropping: an interrupted run must still rebuild them
     marks["pending_ddl"] = [dataclasses.asdict(o) for o in drop]
     marks["schema_before"] = [dataclasses.asdict(o) for o in sorted(before, key=str)]
-    _write_marks(state_file, marks)
+    run.save_marks()
     with pg.cursor() as cur:
         for obj in drop:
             if obj in current:
                 cur.execute(obj.drop_sql)
-    if progress:  # announce every table first, so an overall bar knows its total
+    if run.progress:  # announce every table first, so an overall bar knows its total
         for table in todo:
-            progress(table.db_table, 0, count_rows(conn, table.db_table))
+            run.progress(table.db_table, 0, count_rows(run.conn, table.db_table))
+    early = _EarlyRebuild(pg.alias)
     failed = False
-    for table in todo:
-        if failed:  # keep reporting every bad row, but write nothing more
-            _scan_table(conn, table, targets[table.db_table], repairs, sink, progress)
-            results[table.db_table].status = "not-copied"
-            continue
-        try:
-            _copy_table(
-                conn,
-                pg,
-                table,
-                targets[table.db_table],
-                repairs,
-                skip.get(table.db_table),
-                sink,
-                results[table.db_table],
-                result,
-                progress,
-            )
-        except _TableRejected:
-            failed = True
-            results[table.db_table].status = "failed"
-            continue
-        marks["done"][table.db_table] = results[table.db_table].rows_written
-        _write_marks(state_file, marks)
+    try:
+        for table in todo:
+            result = run.results[table.db_table]
+            if failed:  # keep reporting every bad row, but write nothing more
+                targets = run.targets[table.db_table]
+                _scan_table(run.conn, table, targets, run.repairs, run.sink, run.progress)
+                result.status = "not-copied"
+                continue
+            try:
+                _copy_table(run, table)
+            except _TableRejected:
+                failed = True
+                result.status = "failed"
+                continue
+            marks["done"][table.db_table] = result.rows_written
+            run.save_marks()
+            # its indexes build on the other core while the next tables load
+            early.submit([o for o in drop if o.table == table.db_table])
+        broken = relational.result() if relational is not None else []
+    except BaseException:
+        early.finish(abandon=True)
+        raise
+    early.finish()
+    if broken:
+        # nothing of a table with broken keys is kept, as with a bad value
+        run.sink.extend(broken)
+        failed = True
+        tables = sorted({row.table for row in broken})
+        with pg.cursor() as cur:
+            cur.execute(f"TRUNCATE {', '.join(qi(t) for t in tables)}")
+        for name in tables:
+            run.results[name].status = "failed"
     if failed:
         # a run that found bad rows marks nothing done: the tables copied before the bad
         # one stay in PostgreSQL but are redone by the next run, like everything else
         for table in todo:
             marks["done"].pop(table.db_table, None)
-            if results[table.db_table].status == "copied":
-                results[table.db_table].status = "copied-not-kept"
-        _restore(pg, marks, state_file, drop, plan, best_effort=True)
-        _fail(result, sink)
-    _restore(pg, marks, state_file, drop, plan)
+            if run.results[table.db_table].status == "copied":
+                run.results[table.db_table].status = "copied-not-kept"
+        _restore(pg, marks, run.state_file, drop, run.plan, best_effort=True)
+        _fail(run.result, run.sink)
+    _restore(pg, marks, run.state_file, drop, run.plan)
     with pg.cursor() as cur:
         after = schema_snapshot(cur, names)
-    result.rebuilt = [f"{o.table}.{o.name}" for o in drop]
-    result.schema_problems = sorted(
+    run.result.rebuilt = [f"{o.table}.{o.name}" for o in drop]
+    run.result.schema_problems = sorted(
         [f"missing after the load: {o.table} {o.kind} {o.name}" for o in before - after]
         + [f"not made by migrations: {o.table} {o.kind} {o.name}" for o in after - before]
     )
-    if result.schema_problems:
+    if run.result.schema_problems:
         raise TargetError(
             "The schema after the load differs from the one Django's migrations made:\n  "
-            + "\n  ".join(result.schema_problems)
+            + "\n  ".join(run.result.schema_problems)
         )
+
+
+class _EarlyRebuild:
+    """Build a loaded table's own indexes and keys on one background connection.
+
+    Only an optimisation: whatever fails or is not reached here, _restore builds (or
+    reports) at the end, as if this never ran.  Foreign keys wait for _restore.
+    """
+
+    def __init__(self, alias: str):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.params = connections[alias].get_connection_params()
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.conn = None
+        self.stopped = False
+
+    def submit(self, objects: list[SchemaObject]) -> None:
+        objects = [o for o in objects if _rebuild_order(o) == 0]
+        if objects:
+            self.pool.submit(self._build, objects)
+
+    def _build(self, objects: list[SchemaObject]) -> None:
+        import psycopg
+
+        for obj in objects:
+            if self.stopped:
+                return
+            try:
+                if self.conn is None:
+                    self.conn = psycopg.connect(**self.params, autocommit=True)
+                self.conn.execute(obj.create_sql)
+            except psycopg.Error:
+                pass  # _restore tries again and names the cause
+
+    def finish(self, *, abandon: bool = False) -> None:
+        """Wait for the builds (abandon: only for the statement running now)."""
+        self.stopped = abandon
+        self.pool.shutdown(wait=True, cancel_futures=abandon)
+        if self.conn is not None:
+            self.conn.close()
 
 
 def _restore(pg, marks, state_file, drop, plan, *, best_effort: bool = False) -> None:
@@ -980,17 +1051,17 @@ def _formatted_chunks(conn, rc: RowConverter, lines: LinePlan, skip) -> Iterator
         yield chunk
 
 
-def _copy_table(conn, pg, table, targets, repairs, skip, sink, out, result, progress) -> None:
+def _copy_table(run: _Run, table: PlannedTable) -> None:
     """Load one table; if PostgreSQL refuses a value the C formatter let through, redo the
     table value by value in Python, which finds and names the row."""
-    lines = line_plan(table, targets)
-    rejected_before = sink.total
+    lines = line_plan(table, run.targets[table.db_table])
+    rejected_before = run.sink.total
     try:
-        _load_table(conn, pg, table, targets, repairs, skip, sink, out, result, progress, lines)
+        _load_table(run, table, lines)
     except TargetError as exc:
-        if lines is None or sink.total != rejected_before or not _value_refused(exc):
+        if lines is None or run.sink.total != rejected_before or not _value_refused(exc):
             raise
-        _load_table(conn, pg, table, targets, repairs, skip, sink, out, result, progress, None)
+        _load_table(run, table, None)
 
 
 def _value_refused(exc: BaseException) -> bool:
@@ -1001,10 +1072,12 @@ def _value_refused(exc: BaseException) -> bool:
     return any(isinstance(c, psycopg.errors.DataError) for c in causes)
 
 
-def _load_table(conn, pg, table, targets, repairs, skip, sink, out, result, progress, lines):
+def _load_table(run: _Run, table: PlannedTable, lines: LinePlan | None) -> None:
     """Truncate and load one table in one transaction; roll it back on any rejection."""
     started = time.perf_counter()
-    rc = RowConverter(table, targets, repairs=repairs)
+    conn, pg, sink, progress = run.conn, run.pg, run.sink, run.progress
+    out, skip = run.results[table.db_table], run.skip.get(table.db_table)
+    rc = RowConverter(table, run.targets[table.db_table], repairs=run.repairs)
     total = count_rows(conn, table.db_table)
     cols = ", ".join(qi(c) for c in table.column_names)
     if lines is not None:
@@ -1055,7 +1128,7 @@ def _load_table(conn, pg, table, targets, repairs, skip, sink, out, result, prog
     out.rows_in_python = in_python
     out.rows_repaired = len({r.pk for r in repaired})
     out.seconds = round(time.perf_counter() - started, 3)
-    result.repairs.extend(repaired)
+    run.result.repairs.extend(repaired)
 
 
 # --- the whole phase 6, as the command runs it ------------------------------------------------
