@@ -15,6 +15,8 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 enum {
@@ -25,9 +27,9 @@ enum {
     K_UUID = 4,   /* 32 lowercase hex digits */
     K_DATETIME = 5, /* "YYYY-MM-DD HH:MM:SS[.ffffff]" (naive UTC) -> + "+00:00" */
     K_DATE = 6,   /* "YYYY-MM-DD" */
-    K_JSON = 7,   /* text, when row[a] (a flag SQLite computed) is 1, without \u0000 or
-                     a \uD800-\uDFFF escape (jsonb refuses those) */
+    K_JSON = 7,   /* clean_json(): integers only, no \u0000 or lone surrogate */
     K_IP = 8,     /* a dotted quad or compressed IPv6 as Django saves it, else like K_PYTHON */
+    K_DECIMAL = 9, /* put_decimal() with a places, b max_digits, else like K_PYTHON */
 };
 
 typedef struct {
@@ -275,35 +277,151 @@ static int canonical_ipv6(const char *s, Py_ssize_t n) {
     return len == n && memcmp(text, s, n) == 0;
 }
 
-/* \uXXXX at p (json_valid already checked the four hex digits): 1 high surrogate,
- * 2 low surrogate, 0 other. */
-static int surrogate_escape(const char *p) {
-    if (p[2] != 'd' && p[2] != 'D')
-        return 0;
-    if (strchr("89abAB", p[3]))
-        return 1;
-    return strchr("cdefCDEF", p[3]) ? 2 : 0;
+/* Strict JSON (RFC 8259) whose text jsonb stores exactly as Django would save it: numbers
+ * only integers (Django saves a float's repr, jsonb keeps the digits written), no \u0000
+ * and no lone surrogate escape (jsonb refuses both).  Anything else: the Python path. */
+typedef struct {
+    const char *p, *end;
+} Json;
+
+#define JSON_MAX_DEPTH 256 /* deeper documents take the Python path */
+
+static void json_space(Json *j) {
+    while (j->p < j->end && (*j->p == ' ' || *j->p == '\t' || *j->p == '\n' || *j->p == '\r'))
+        j->p++;
 }
 
-/* A \u0000 or a lone surrogate escape, which jsonb refuses (a \\u0000 after an escaped
- * backslash counts too: the Python path sorts those out). */
-static int risky_json_escape(const char *s, Py_ssize_t n) {
-    const char *end = s + n;
-    for (const char *p = memchr(s, '\\', n); p; p = memchr(p + 1, '\\', end - p - 1)) {
-        if (end - p < 6 || p[1] != 'u')
+static int hex4(const char *p, unsigned int *value) {
+    *value = 0;
+    for (int i = 0; i < 4; i++) {
+        char c = p[i];
+        int digit = (c >= '0' && c <= '9')   ? c - '0'
+                    : (c >= 'a' && c <= 'f') ? c - 'a' + 10
+                    : (c >= 'A' && c <= 'F') ? c - 'A' + 10
+                                             : -1;
+        if (digit < 0)
+            return 0;
+        *value = *value * 16 + digit;
+    }
+    return 1;
+}
+
+static int json_string(Json *j) {
+    j->p++; /* the opening quote */
+    while (j->p < j->end) {
+        unsigned char c = *j->p;
+        if (c == '"') {
+            j->p++;
+            return 1;
+        }
+        if (c < 0x20)
+            return 0;
+        if (c != '\\') {
+            j->p++;
             continue;
-        if (memcmp(p + 2, "0000", 4) == 0)
-            return 1;
-        int kind = surrogate_escape(p);
-        if (kind == 2)
-            return 1;
-        if (kind == 1) {
-            if (end - p < 12 || p[6] != '\\' || p[7] != 'u' || surrogate_escape(p + 6) != 2)
-                return 1;
-            p += 6; /* a proper pair */
+        }
+        if (j->end - j->p < 2)
+            return 0;
+        char e = j->p[1];
+        if (strchr("\"\\/bfnrt", e) && e) {
+            j->p += 2;
+            continue;
+        }
+        unsigned int code, low;
+        if (e != 'u' || j->end - j->p < 6 || !hex4(j->p + 2, &code) || code == 0)
+            return 0;
+        j->p += 6;
+        if (code >= 0xDC00 && code <= 0xDFFF)
+            return 0; /* a low surrogate alone */
+        if (code >= 0xD800 && code <= 0xDBFF) {
+            if (j->end - j->p < 6 || j->p[0] != '\\' || j->p[1] != 'u' ||
+                !hex4(j->p + 2, &low) || low < 0xDC00 || low > 0xDFFF)
+                return 0;
+            j->p += 6;
         }
     }
     return 0;
+}
+
+static int json_value(Json *j, int depth);
+
+static int json_items(Json *j, int depth, char close, int keyed) {
+    j->p++; /* [ or { */
+    json_space(j);
+    if (j->p < j->end && *j->p == close) {
+        j->p++;
+        return 1;
+    }
+    for (;;) {
+        if (keyed) {
+            if (j->p >= j->end || *j->p != '"' || !json_string(j))
+                return 0;
+            json_space(j);
+            if (j->p >= j->end || *j->p != ':')
+                return 0;
+            j->p++;
+            json_space(j);
+        }
+        if (!json_value(j, depth + 1))
+            return 0;
+        json_space(j);
+        if (j->p >= j->end)
+            return 0;
+        if (*j->p == close) {
+            j->p++;
+            return 1;
+        }
+        if (*j->p != ',')
+            return 0;
+        j->p++;
+        json_space(j);
+    }
+}
+
+static int json_literal(Json *j, const char *word) {
+    size_t n = strlen(word);
+    if ((size_t)(j->end - j->p) < n || memcmp(j->p, word, n) != 0)
+        return 0;
+    j->p += n;
+    return 1;
+}
+
+static int json_value(Json *j, int depth) {
+    if (j->p >= j->end || depth > JSON_MAX_DEPTH)
+        return 0;
+    char c = *j->p;
+    if (c == '{')
+        return json_items(j, depth, '}', 1);
+    if (c == '[')
+        return json_items(j, depth, ']', 0);
+    if (c == '"')
+        return json_string(j);
+    if (c == 't')
+        return json_literal(j, "true");
+    if (c == 'f')
+        return json_literal(j, "false");
+    if (c == 'n')
+        return json_literal(j, "null");
+    if (c == '-')
+        j->p++;
+    if (j->p >= j->end || *j->p < '0' || *j->p > '9')
+        return 0;
+    if (*j->p == '0')
+        j->p++;
+    else
+        while (j->p < j->end && *j->p >= '0' && *j->p <= '9')
+            j->p++;
+    /* a fraction or an exponent: a float in Python */
+    return !(j->p < j->end && (*j->p == '.' || *j->p == 'e' || *j->p == 'E'));
+}
+
+static int clean_json(const char *s, Py_ssize_t n) {
+    Json j = {s, s + n};
+    json_space(&j);
+    if (!json_value(&j, 0))
+        return 0;
+    json_space(&j);
+    return j.p == j.end;
 }
 
 /* Write a value through the Python converter; 1 written, 0 fallback, -1 error. */
@@ -328,8 +446,104 @@ static int put_converted(Buffer *buf, PyObject *convert, PyObject *value) {
     return result;
 }
 
+/* Django's SQLite decimal converter, exactly: the float's binary value rounded to 15
+ * significant digits (create_decimal_from_float, half-even; glibc's printf rounds the
+ * exact value the same way), then quantized to `places` (half-even), at most
+ * `max_digits` digits.  1 written, 0 not handled here (the Python converter decides). */
+static int put_decimal(Buffer *buf, PyObject *value, int places, int max_digits) {
+    double v;
+    if (PyFloat_CheckExact(value)) {
+        v = PyFloat_AS_DOUBLE(value);
+    } else if (PyLong_CheckExact(value)) {
+        int overflow;
+        long long i = PyLong_AsLongLongAndOverflow(value, &overflow);
+        if (overflow || (i == -1 && PyErr_Occurred()) || i > 999999999999999LL ||
+            i < -999999999999999LL) {
+            PyErr_Clear();
+            return 0; /* more than 15 digits: the first rounding matters */
+        }
+        v = (double)i; /* exact below 2**53 */
+    } else {
+        return 0;
+    }
+    if (!isfinite(v) || places < 0 || places > 6) /* str() turns to 5E-7 beyond 6 places */
+        return 0;
+    char text[40];
+    snprintf(text, sizeof text, "%.14e", v); /* [-]d.dddddddddddddde[+-]x */
+    const char *p = text;
+    int negative = *p == '-';
+    if (negative)
+        p++;
+    char sig[15];
+    sig[0] = *p++;
+    p++; /* the point */
+    memcpy(sig + 1, p, 14);
+    int exp10 = atoi(p + 15); /* sig[i] weighs 10**(exp10 - i) */
+    int keep = exp10 + places + 1; /* digits at or above 10**-places */
+    char coeff[64];
+    int n = 0;
+    for (int i = 0; i < keep && n < 60; i++)
+        coeff[n++] = i < 15 ? sig[i] : '0';
+    if (keep >= 60)
+        return 0;
+    int up = 0;
+    if (keep < 15) {
+        int first = keep >= 0 ? keep : 0;
+        if (keep < 0) {
+            up = 0; /* below half a unit of the last place */
+        } else if (sig[first] > '5') {
+            up = 1;
+        } else if (sig[first] == '5') {
+            int rest = 0;
+            for (int i = first + 1; i < 15; i++)
+                rest |= sig[i] != '0';
+            up = rest || (n > 0 && (coeff[n - 1] - '0') % 2 == 1);
+        }
+    }
+    for (int i = n - 1; up && i >= 0; i--) {
+        if (coeff[i] == '9') {
+            coeff[i] = '0';
+        } else {
+            coeff[i]++;
+            up = 0;
+        }
+    }
+    char digits[72];
+    int len = 0, lead = 0;
+    if (up) /* carried out of the first digit: 99.996 -> 100.00 */
+        digits[len++] = '1';
+    else
+        while (lead < n && coeff[lead] == '0')
+            lead++;
+    memcpy(digits + len, coeff + lead, n - lead);
+    len += n - lead;
+    if (len > max_digits)
+        return 0; /* the Python converter rejects it with Django's reason */
+    /* at least one digit before the point */
+    char out[96];
+    int o = 0;
+    if (negative)
+        out[o++] = '-';
+    int whole = len - places;
+    if (whole <= 0) {
+        out[o++] = '0';
+    } else {
+        memcpy(out + o, digits, whole);
+        o += whole;
+    }
+    if (places > 0) {
+        out[o++] = '.';
+        for (int i = whole; i < 0; i++)
+            out[o++] = '0';
+        int from = whole > 0 ? whole : 0;
+        memcpy(out + o, digits + from, len - from);
+        o += len - from;
+    }
+    return buf_put(buf, out, o) < 0 ? -1 : 1;
+}
+
 /* Write one value; 1 written, 0 fallback, -1 error. */
-static int put_value(Buffer *buf, const Column *col, PyObject *value, PyObject *row) {
+static int put_value(Buffer *buf, const Column *col, PyObject *value) {
     if (value == Py_None) {
         if (col->kind == K_PYTHON)
             return put_converted(buf, col->obj, value);
@@ -357,6 +571,10 @@ static int put_value(Buffer *buf, const Column *col, PyObject *value, PyObject *
     }
     if (col->kind == K_PYTHON)
         return put_converted(buf, col->obj, value);
+    if (col->kind == K_DECIMAL) {
+        int done = put_decimal(buf, value, (int)col->a, (int)col->b);
+        return done ? done : put_converted(buf, col->obj, value);
+    }
     if (!PyBytes_CheckExact(value))
         return col->kind == K_IP ? put_converted(buf, col->obj, value) : 0;
     const char *s = PyBytes_AS_STRING(value);
@@ -373,18 +591,10 @@ static int put_value(Buffer *buf, const Column *col, PyObject *value, PyObject *
         }
         return put_escaped(buf, s, n) < 0 ? -1 : 1;
     }
-    case K_JSON: {
-        if (col->a < 0 || col->a >= PyTuple_GET_SIZE(row)) {
-            PyErr_SetString(PyExc_IndexError, "the JSON column's flag is not in the row");
-            return -1;
-        }
-        PyObject *flag = PyTuple_GET_ITEM(row, col->a);
-        if (!PyLong_CheckExact(flag) || PyLong_AsLong(flag) != 1)
-            return 0;
-        if (utf8_chars((const unsigned char *)s, n) < 0 || risky_json_escape(s, n))
+    case K_JSON:
+        if (utf8_chars((const unsigned char *)s, n) < 0 || !clean_json(s, n))
             return 0;
         return put_escaped(buf, s, n) < 0 ? -1 : 1;
-    }
     case K_UUID:
         if (!valid_uuid_hex(s, n))
             return 0;
@@ -461,7 +671,7 @@ static PyObject *format_rows(PyObject *self, PyObject *args) {
         for (Py_ssize_t c = 0; c < ncols && ok == 1; c++) {
             if (c && buf_put(&buf, "\t", 1) < 0)
                 goto error;
-            ok = put_value(&buf, &columns[c], PyTuple_GET_ITEM(row, c), row);
+            ok = put_value(&buf, &columns[c], PyTuple_GET_ITEM(row, c));
         }
         if (ok < 0)
             goto error;

@@ -593,7 +593,7 @@ def _check_json_finite(text: str) -> None:
 # exact value or the reason it is refused.  Columns without a native kind are converted
 # by their Python converter, called from C.
 
-PYTHON, INT, BOOL, TEXT, UUID, DATETIME, DATE, JSON, IP = range(9)  # as in _copytext.c
+PYTHON, INT, BOOL, TEXT, UUID, DATETIME, DATE, JSON, IP, DECIMAL = range(10)  # _copytext.c
 
 
 @dataclasses.dataclass(frozen=True)
@@ -601,19 +601,9 @@ class NativeCast:
     """How the C formatter checks and prints one column."""
 
     kind: int
-    low: int = 0  # INT: range; TEXT: max characters (-1: none)
+    low: int = 0  # INT: range; TEXT: max characters (-1: none); DECIMAL: places, max_digits
     high: int = 0
     labels: frozenset[bytes] | None = None  # TEXT: the PostgreSQL enum's labels
-    sql_check: str | None = None  # JSON: a condition SQLite evaluates for the C side
-
-
-# jsonb parses JSON text as Django's json.loads would, except non-integer numbers (Django
-# saves a float's repr, jsonb keeps the digits written): SQLite's JSON functions find those
-# in C.  The C side also sends \u0000 and lone surrogates (jsonb refuses them) to Python.
-JSON_SQL_CHECK = (  # CASE: json_tree() raises on malformed JSON, so it must come second
-    "CASE WHEN typeof({c}) = 'text' AND json_valid({c}) "
-    "THEN NOT EXISTS (SELECT 1 FROM json_tree({c}) WHERE type = 'real') ELSE 0 END"
-)
 
 
 def _native_text(column: PlannedColumn, target: TargetColumn) -> NativeCast | None:
@@ -635,8 +625,14 @@ def _native_json(column: PlannedColumn, target: TargetColumn) -> NativeCast | No
     field = value_field(column.field)
     if field.decoder is not None or field.encoder is not None:
         return None  # custom encoders are Django's business
-    quoted = '"' + column.name.replace('"', '""') + '"'
-    return NativeCast(JSON, sql_check=JSON_SQL_CHECK.format(c=quoted))
+    return NativeCast(JSON)
+
+
+def _native_decimal(column: PlannedColumn, target: TargetColumn) -> NativeCast | None:
+    field = value_field(column.field)
+    if field.decimal_places is None or target.type_name not in ("numeric", "DecimalField"):
+        return None
+    return NativeCast(DECIMAL, field.decimal_places, field.max_digits)
 
 
 def _native_kind(kind: int, *type_names: str):
@@ -655,6 +651,7 @@ NATIVE_PATHS: dict[str, Callable[[PlannedColumn, TargetColumn], NativeCast | Non
     "BooleanField": _native_kind(BOOL, "bool"),
     "GenericIPAddressField": _native_kind(IP, "inet"),
     "JSONField": _native_json,
+    "DecimalField": _native_decimal,
     **dict.fromkeys(_TEXT_TYPES, _native_text),
     **dict.fromkeys(_DJANGO_PG_INT, _native_int),
 }

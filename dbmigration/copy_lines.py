@@ -14,7 +14,15 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from dbmigration.casts import IP, JSON, PYTHON, TEXT, TargetColumn, build_converter, native_cast
+from dbmigration.casts import (
+    DECIMAL,
+    IP,
+    PYTHON,
+    TEXT,
+    TargetColumn,
+    build_converter,
+    native_cast,
+)
 from dbmigration.plan import PlannedTable
 
 try:
@@ -37,11 +45,11 @@ class Lines:
 @dataclasses.dataclass(frozen=True)
 class LinePlan:
     table: PlannedTable
-    select: str  # the table's columns, then the flags SQLite computes for C
+    select: str
     spec: tuple  # per column: (kind, nullable, a, b, obj) as _copytext.c reads it
 
     def format(self, batch: list[tuple], *, skip: set | None = None) -> Lines:
-        """Print what C can; hand back the other rows (raw, table columns only)."""
+        """Print what C can; hand back the other rows, raw."""
         data, fallback, skipped = _copytext.format_rows(batch, self.spec, skip, self.table.pk_index)
         width = len(self.table.columns)
         rows = [batch[i] if len(batch[i]) == width else batch[i][:width] for i in fallback]
@@ -55,24 +63,21 @@ def line_plan(
     if _copytext is None or not enabled:
         return None
     targets = targets or {}
-    checks: list[str] = []
     spec = []
     for column in table.columns:
         target = targets.get(column.name)
         cast = native_cast(column, target)
         nullable = (not target.not_null) if target is not None else column.null
-        if cast.kind in (PYTHON, IP):
-            # without repairs: a value a repair rule would change takes the whole-row path,
+        if cast.kind in (PYTHON, IP, DECIMAL):
+            # values C does not print itself go through this converter; built without
+            # repairs, so a value a repair rule would change takes the whole-row path,
             # which records the repair
             convert: Callable[[Any], Any] = build_converter(column, target)
-            spec.append((cast.kind, nullable, 0, 0, convert))
-        elif cast.kind == JSON:
-            checks.append(cast.sql_check)
-            spec.append((JSON, nullable, len(table.columns) + len(checks) - 1, 0, None))
+            spec.append((cast.kind, nullable, cast.low, cast.high, convert))
         elif cast.kind == TEXT:
             spec.append((TEXT, nullable, cast.low, 0, cast.labels))
         else:
             spec.append((cast.kind, nullable, cast.low, cast.high, None))
-    columns = [_qi(c.name) for c in table.columns] + checks
-    select = f"SELECT {', '.join(columns)} FROM {_qi(table.db_table)}"
+    columns = ", ".join(_qi(c.name) for c in table.columns)
+    select = f"SELECT {columns} FROM {_qi(table.db_table)}"
     return LinePlan(table=table, select=select, spec=tuple(spec))
