@@ -1,20 +1,26 @@
-/* COPY text for clean SQLite values, written in C because a Python call per value is the
- * copy's bottleneck (about 20 us a row).
+/* COPY text for clean SQLite values, written in C because a Python call per value (and
+ * even a Python object per value) is the copy's bottleneck.
  *
- * format_rows(rows, spec, skip, pk_index) -> (bytes, fallback, skipped)
+ * Reader(uri, select, spec, skip, pk_index).batch(max_rows)
+ *     -> (bytes, fallback rows, skipped, read)
+ *     steps the SELECT on its own read-only connection to the SQLite file and makes
+ *     Python objects only for the values a Python converter needs and the rows it hands
+ *     back (as Python's sqlite3 gives them, text as bytes).
+ * format_rows(rows, spec, skip, pk_index) -> (bytes, fallback indexes, skipped)
+ *     the same for rows already fetched (the tests compare both with the reference path).
  *
- * rows:  the raw tuples sqlite3 fetched (text as bytes).
- * spec:  one (kind, nullable, a, b, obj) tuple per column written, in order.
+ * spec:  one (kind, nullable, a, b, obj) tuple per column, in the SELECT's order.
  * skip:  a set of primary keys to leave out (quarantined rows), or None.
  *
  * Each value is checked against the exact form the Python path would print unchanged;
- * a row with any other value is left out of the bytes and its index goes to `fallback`,
- * so Python converts it whole (exact value, or a rejection with its reason).  The checks
- * mirror casts.py's shortcuts; tests/test_copy_lines.py proves the output equal to
- * Django's reference path.
+ * a row with any other value is left out of the bytes and handed back, so Python
+ * converts it whole (exact value, or a rejection with its reason).  The checks mirror
+ * casts.py's shortcuts; tests/test_copy_lines.py proves the output equal to Django's
+ * reference path.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <sqlite3.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,6 +49,69 @@ typedef struct {
     char *data;
     Py_ssize_t len, cap;
 } Buffer;
+
+/* One raw value, from a Python tuple (format_rows) or straight from SQLite (Reader). */
+enum { R_NULL, R_INT, R_FLOAT, R_BYTES, R_BIG_INT, R_OTHER };
+
+typedef struct {
+    int type;
+    long long i;
+    double d;
+    const char *s;
+    Py_ssize_t n;
+    PyObject *obj; /* the value as Python's sqlite3 (text as bytes) gives it, when needed */
+    int owned;     /* obj made here, to release */
+} Raw;
+
+static void raw_from_object(Raw *raw, PyObject *value) {
+    memset(raw, 0, sizeof *raw);
+    raw->obj = value;
+    if (value == Py_None) {
+        raw->type = R_NULL;
+    } else if (PyLong_CheckExact(value)) {
+        int overflow;
+        raw->i = PyLong_AsLongLongAndOverflow(value, &overflow);
+        raw->type = overflow ? R_BIG_INT : R_INT;
+    } else if (PyFloat_CheckExact(value)) {
+        raw->type = R_FLOAT;
+        raw->d = PyFloat_AS_DOUBLE(value);
+    } else if (PyBytes_CheckExact(value)) {
+        raw->type = R_BYTES;
+        raw->s = PyBytes_AS_STRING(value);
+        raw->n = PyBytes_GET_SIZE(value);
+    } else {
+        raw->type = R_OTHER;
+    }
+}
+
+/* The value as a Python object (borrowed from raw); NULL on memory error. */
+static PyObject *raw_object(Raw *raw) {
+    if (raw->obj)
+        return raw->obj;
+    switch (raw->type) {
+    case R_NULL:
+        raw->obj = Py_None;
+        Py_INCREF(Py_None);
+        break;
+    case R_INT:
+        raw->obj = PyLong_FromLongLong(raw->i);
+        break;
+    case R_FLOAT:
+        raw->obj = PyFloat_FromDouble(raw->d);
+        break;
+    default:
+        raw->obj = PyBytes_FromStringAndSize(raw->s ? raw->s : "", raw->n);
+    }
+    raw->owned = raw->obj != NULL;
+    return raw->obj;
+}
+
+static void raw_release(Raw *raw) {
+    if (raw->owned)
+        Py_DECREF(raw->obj);
+    raw->obj = NULL;
+    raw->owned = 0;
+}
 
 static int buf_reserve(Buffer *buf, Py_ssize_t extra) {
     if (buf->len + extra <= buf->cap)
@@ -425,7 +494,10 @@ static int clean_json(const char *s, Py_ssize_t n) {
 }
 
 /* Write a value through the Python converter; 1 written, 0 fallback, -1 error. */
-static int put_converted(Buffer *buf, PyObject *convert, PyObject *value) {
+static int put_converted(Buffer *buf, PyObject *convert, Raw *raw) {
+    PyObject *value = raw_object(raw);
+    if (!value)
+        return -1;
     PyObject *out = PyObject_CallOneArg(convert, value);
     if (!out) {
         if (PyErr_ExceptionMatches(PyExc_MemoryError) ||
@@ -450,19 +522,14 @@ static int put_converted(Buffer *buf, PyObject *convert, PyObject *value) {
  * significant digits (create_decimal_from_float, half-even; glibc's printf rounds the
  * exact value the same way), then quantized to `places` (half-even), at most
  * `max_digits` digits.  1 written, 0 not handled here (the Python converter decides). */
-static int put_decimal(Buffer *buf, PyObject *value, int places, int max_digits) {
+static int put_decimal(Buffer *buf, const Raw *raw, int places, int max_digits) {
     double v;
-    if (PyFloat_CheckExact(value)) {
-        v = PyFloat_AS_DOUBLE(value);
-    } else if (PyLong_CheckExact(value)) {
-        int overflow;
-        long long i = PyLong_AsLongLongAndOverflow(value, &overflow);
-        if (overflow || (i == -1 && PyErr_Occurred()) || i > 999999999999999LL ||
-            i < -999999999999999LL) {
-            PyErr_Clear();
+    if (raw->type == R_FLOAT) {
+        v = raw->d;
+    } else if (raw->type == R_INT) {
+        if (raw->i > 999999999999999LL || raw->i < -999999999999999LL)
             return 0; /* more than 15 digits: the first rounding matters */
-        }
-        v = (double)i; /* exact below 2**53 */
+        v = (double)raw->i; /* exact below 2**53 */
     } else {
         return 0;
     }
@@ -543,21 +610,16 @@ static int put_decimal(Buffer *buf, PyObject *value, int places, int max_digits)
 }
 
 /* Write one value; 1 written, 0 fallback, -1 error. */
-static int put_value(Buffer *buf, const Column *col, PyObject *value) {
-    if (value == Py_None) {
+static int put_value(Buffer *buf, const Column *col, Raw *raw) {
+    if (raw->type == R_NULL) {
         if (col->kind == K_PYTHON)
-            return put_converted(buf, col->obj, value);
+            return put_converted(buf, col->obj, raw);
         return col->nullable ? (buf_put(buf, "\\N", 2) < 0 ? -1 : 1) : 0;
     }
     if (col->kind == K_INT || col->kind == K_BOOL) {
-        if (!PyLong_CheckExact(value))
+        if (raw->type != R_INT)
             return 0;
-        int overflow;
-        long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
-        if (overflow || (v == -1 && PyErr_Occurred())) {
-            PyErr_Clear();
-            return 0;
-        }
+        long long v = raw->i;
         if (col->kind == K_BOOL) {
             if (v != 0 && v != 1)
                 return 0;
@@ -570,21 +632,24 @@ static int put_value(Buffer *buf, const Column *col, PyObject *value) {
         return buf_put(buf, text, n) < 0 ? -1 : 1;
     }
     if (col->kind == K_PYTHON)
-        return put_converted(buf, col->obj, value);
+        return put_converted(buf, col->obj, raw);
     if (col->kind == K_DECIMAL) {
-        int done = put_decimal(buf, value, (int)col->a, (int)col->b);
-        return done ? done : put_converted(buf, col->obj, value);
+        int done = put_decimal(buf, raw, (int)col->a, (int)col->b);
+        return done ? done : put_converted(buf, col->obj, raw);
     }
-    if (!PyBytes_CheckExact(value))
-        return col->kind == K_IP ? put_converted(buf, col->obj, value) : 0;
-    const char *s = PyBytes_AS_STRING(value);
-    Py_ssize_t n = PyBytes_GET_SIZE(value);
+    if (raw->type != R_BYTES)
+        return col->kind == K_IP ? put_converted(buf, col->obj, raw) : 0;
+    const char *s = raw->s ? raw->s : "";
+    Py_ssize_t n = raw->n;
     switch (col->kind) {
     case K_TEXT: {
         Py_ssize_t chars = utf8_chars((const unsigned char *)s, n);
         if (chars < 0 || (col->a >= 0 && chars > col->a))
             return 0;
         if (col->obj != Py_None) {
+            PyObject *value = raw_object(raw);
+            if (!value)
+                return -1;
             int found = PySet_Contains(col->obj, value);
             if (found <= 0)
                 return found;
@@ -609,7 +674,7 @@ static int put_value(Buffer *buf, const Column *col, PyObject *value) {
         return buf_put(buf, s, n) < 0 ? -1 : 1;
     case K_IP:
         if (!valid_ipv4(s, n) && !canonical_ipv6(s, n))
-            return put_converted(buf, col->obj, value);
+            return put_converted(buf, col->obj, raw);
         return buf_put(buf, s, n) < 0 ? -1 : 1;
     }
     return 0;
@@ -671,7 +736,9 @@ static PyObject *format_rows(PyObject *self, PyObject *args) {
         for (Py_ssize_t c = 0; c < ncols && ok == 1; c++) {
             if (c && buf_put(&buf, "\t", 1) < 0)
                 goto error;
-            ok = put_value(&buf, &columns[c], PyTuple_GET_ITEM(row, c));
+            Raw raw;
+            raw_from_object(&raw, PyTuple_GET_ITEM(row, c));
+            ok = put_value(&buf, &columns[c], &raw);
         }
         if (ok < 0)
             goto error;
@@ -702,6 +769,221 @@ error:
     return NULL;
 }
 
+/* --- Reader: rows straight from SQLite, Python objects only where a value needs them --- */
+
+typedef struct {
+    PyObject_HEAD sqlite3 *db;
+    sqlite3_stmt *stmt;
+    PyObject *spec; /* columns borrow their objects from it */
+    PyObject *skip;
+    Column *columns;
+    Py_ssize_t ncols, pk_index;
+} Reader;
+
+static PyObject *sqlite_error(sqlite3 *db, const char *what) {
+    PyObject *module = PyImport_ImportModule("sqlite3");
+    PyObject *kind = module ? PyObject_GetAttrString(module, "OperationalError") : NULL;
+    Py_XDECREF(module);
+    if (kind) {
+        PyErr_Format(kind, "%s: %s", what, db ? sqlite3_errmsg(db) : "out of memory");
+        Py_DECREF(kind);
+    }
+    return NULL;
+}
+
+static void reader_close_handles(Reader *self) {
+    if (self->stmt) {
+        sqlite3_finalize(self->stmt);
+        self->stmt = NULL;
+    }
+    if (self->db) {
+        sqlite3_close(self->db);
+        self->db = NULL;
+    }
+}
+
+static void reader_dealloc(Reader *self) {
+    reader_close_handles(self);
+    PyMem_Free(self->columns);
+    Py_XDECREF(self->spec);
+    Py_XDECREF(self->skip);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int reader_init(Reader *self, PyObject *args, PyObject *kwargs) {
+    const char *uri, *sql;
+    PyObject *spec, *skip;
+    Py_ssize_t pk_index;
+    if (!PyArg_ParseTuple(args, "ssOOn", &uri, &sql, &spec, &skip, &pk_index))
+        return -1;
+    if (parse_spec(spec, &self->columns, &self->ncols) < 0)
+        return -1;
+    Py_INCREF(spec);
+    self->spec = spec;
+    Py_INCREF(skip);
+    self->skip = skip;
+    self->pk_index = pk_index;
+    int flags = SQLITE_OPEN_READONLY | SQLITE_OPEN_URI;
+    if (sqlite3_open_v2(uri, &self->db, flags, NULL) != SQLITE_OK) {
+        sqlite_error(self->db, "cannot open the SQLite source");
+        reader_close_handles(self);
+        return -1;
+    }
+    sqlite3_busy_timeout(self->db, 5000);
+    if (sqlite3_prepare_v2(self->db, sql, -1, &self->stmt, NULL) != SQLITE_OK) {
+        sqlite_error(self->db, "cannot read the SQLite source");
+        reader_close_handles(self);
+        return -1;
+    }
+    if (sqlite3_column_count(self->stmt) != self->ncols) {
+        PyErr_SetString(PyExc_ValueError, "the SELECT and the spec differ in columns");
+        reader_close_handles(self);
+        return -1;
+    }
+    return 0;
+}
+
+static void raw_from_sqlite(Raw *raw, sqlite3_stmt *stmt, int column) {
+    memset(raw, 0, sizeof *raw);
+    switch (sqlite3_column_type(stmt, column)) {
+    case SQLITE_INTEGER:
+        raw->type = R_INT;
+        raw->i = sqlite3_column_int64(stmt, column);
+        break;
+    case SQLITE_FLOAT:
+        raw->type = R_FLOAT;
+        raw->d = sqlite3_column_double(stmt, column);
+        break;
+    case SQLITE_TEXT:
+        raw->type = R_BYTES; /* as the copy's sqlite3 connection gives text: bytes */
+        raw->s = (const char *)sqlite3_column_text(stmt, column);
+        raw->n = sqlite3_column_bytes(stmt, column);
+        break;
+    case SQLITE_BLOB:
+        raw->type = R_BYTES;
+        raw->s = (const char *)sqlite3_column_blob(stmt, column);
+        raw->n = sqlite3_column_bytes(stmt, column);
+        break;
+    default:
+        raw->type = R_NULL;
+    }
+}
+
+/* The whole current row as Python's sqlite3 would give it (text as bytes). */
+static PyObject *current_row(Reader *self) {
+    PyObject *row = PyTuple_New(self->ncols);
+    if (!row)
+        return NULL;
+    for (Py_ssize_t c = 0; c < self->ncols; c++) {
+        Raw raw;
+        raw_from_sqlite(&raw, self->stmt, (int)c);
+        PyObject *value = raw_object(&raw);
+        if (!value) {
+            Py_DECREF(row);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(row, c, value); /* steals the reference raw_object made */
+    }
+    return row;
+}
+
+static PyObject *reader_batch(Reader *self, PyObject *args) {
+    Py_ssize_t max_rows;
+    if (!PyArg_ParseTuple(args, "n", &max_rows))
+        return NULL;
+    if (!self->stmt)
+        return Py_BuildValue("(y#Nnn)", "", (Py_ssize_t)0, PyList_New(0), (Py_ssize_t)0,
+                             (Py_ssize_t)0);
+    Buffer buf = {NULL, 0, 0};
+    PyObject *fallback = PyList_New(0);
+    Py_ssize_t read = 0, skipped = 0;
+    if (!fallback)
+        return NULL;
+    while (read < max_rows) {
+        int step = sqlite3_step(self->stmt);
+        if (step == SQLITE_DONE) {
+            reader_close_handles(self);
+            break;
+        }
+        if (step != SQLITE_ROW) {
+            sqlite_error(self->db, "reading the SQLite source failed");
+            goto error;
+        }
+        read++;
+        if (self->skip != Py_None) {
+            Raw pk;
+            raw_from_sqlite(&pk, self->stmt, (int)self->pk_index);
+            PyObject *value = raw_object(&pk);
+            int found = value ? PySet_Contains(self->skip, value) : -1;
+            raw_release(&pk);
+            if (found < 0)
+                goto error;
+            if (found) {
+                skipped++;
+                continue;
+            }
+        }
+        Py_ssize_t start = buf.len;
+        int ok = 1;
+        for (Py_ssize_t c = 0; c < self->ncols && ok == 1; c++) {
+            if (c && buf_put(&buf, "\t", 1) < 0)
+                goto error;
+            Raw raw;
+            raw_from_sqlite(&raw, self->stmt, (int)c);
+            ok = put_value(&buf, &self->columns[c], &raw);
+            raw_release(&raw);
+        }
+        if (ok < 0)
+            goto error;
+        if (ok == 1) {
+            if (buf_put(&buf, "\n", 1) < 0)
+                goto error;
+            continue;
+        }
+        buf.len = start;
+        PyObject *row = current_row(self);
+        if (!row || PyList_Append(fallback, row) < 0) {
+            Py_XDECREF(row);
+            goto error;
+        }
+        Py_DECREF(row);
+    }
+    PyObject *data = PyBytes_FromStringAndSize(buf.data ? buf.data : "", buf.len);
+    PyMem_Free(buf.data);
+    if (!data) {
+        Py_DECREF(fallback);
+        return NULL;
+    }
+    return Py_BuildValue("(NNnn)", data, fallback, skipped, read);
+error:
+    PyMem_Free(buf.data);
+    Py_DECREF(fallback);
+    return NULL;
+}
+
+static PyObject *reader_close(Reader *self, PyObject *unused) {
+    reader_close_handles(self);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef reader_methods[] = {
+    {"batch", (PyCFunction)reader_batch, METH_VARARGS,
+     "batch(max_rows) -> (bytes, fallback rows, skipped, read); read is 0 at the end"},
+    {"close", (PyCFunction)reader_close, METH_NOARGS, "Finish the statement, close the file."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "dbmigration._copytext.Reader",
+    .tp_basicsize = sizeof(Reader),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Reader(uri, select, spec, skip, pk_index): COPY text batches of one SELECT.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)reader_init,
+    .tp_dealloc = (destructor)reader_dealloc,
+    .tp_methods = reader_methods,
+};
+
 static PyMethodDef methods[] = {
     {"format_rows", format_rows, METH_VARARGS,
      "format_rows(rows, spec, skip, pk_index) -> (bytes, fallback indexes, skipped count)"},
@@ -712,4 +994,17 @@ static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_copytext", "COPY text for clean SQLite values.", -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__copytext(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__copytext(void) {
+    if (PyType_Ready(&ReaderType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    Py_INCREF(&ReaderType);
+    if (PyModule_AddObject(m, "Reader", (PyObject *)&ReaderType) < 0) {
+        Py_DECREF(&ReaderType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
@@ -580,7 +581,7 @@ def droppable(snapshot: set[SchemaObject], *, loaded: set[str]) -> list[SchemaOb
 
 def _rebuild_order(obj: SchemaObject) -> int:
     # keys first: a foreign key points at one
-    return {"index": 0, "constraint-p": 0, "constraint-u": 0, "constraint-f": 1}.get(obj.kind, 2)
+    return {"constraint-f": 1}.get(obj.kind, 0)
 
 
 def rebuild(alias: str, objects: list[SchemaObject], *, workers: int = 2) -> None:
@@ -656,8 +657,12 @@ def copy_data(
     reject_file: Path | None = None,
     state_file: Path | None = None,
     progress: Progress | None = None,
+    source_sha256: str | None = None,
 ) -> CopyResult:
-    """Copy the planned tables; raise DataError (nothing of a bad table kept) on rejections."""
+    """Copy the planned tables; raise DataError (nothing of a bad table kept) on rejections.
+
+    ``source_sha256``: the file's hash when the caller has just computed it.
+    """
     started = time.perf_counter()
     repairs = frozenset(repairs)
     unknown = repairs - set(REPAIR_RULES)
@@ -667,7 +672,7 @@ def copy_data(
             + ", ".join(f"{k} ({v})" for k, v in REPAIR_RULES.items())
         )
     plan = build_plan(only=tables)
-    sha = file_sha256(sqlite_path)
+    sha = source_sha256 or file_sha256(sqlite_path)
     marks = _read_marks(state_file)
     done = done_tables(state_file, source_sha256=sha)
     marks = {
@@ -710,7 +715,8 @@ def copy_data(
             found = relational_rejections(conn, todo_plan, source_tables=present)
             run.skip = _quarantine_scan(conn, todo_plan, targets, repairs, found, sink)
         elif todo:
-            # CHECK constraints stay during the load, so their rows must be known first
+            # CHECK constraints stay during the load (rebuilt from the catalog's text they
+            # would not always print the same), so their rows must be known first
             if any(check_rejections(conn, table) for table in todo):
                 sink.extend(relational_rejections(conn, todo_plan, source_tables=present))
                 for table in todo:
@@ -870,11 +876,14 @@ def _load(run: _Run, todo: list[PlannedTable], relational: Future | None) -> Non
                 result.status = "failed"
                 continue
             marks["done"][table.db_table] = result.rows_written
-            run.save_marks()
+            if result.seconds >= 1:  # a small table's marker waits for the next save
+                run.save_marks()
             # its indexes build on the other core while the next tables load
             early.submit([o for o in drop if o.table == table.db_table])
+        run.save_marks()
         broken = relational.result() if relational is not None else []
     except BaseException:
+        run.save_marks()  # whatever finished counts, whatever stopped us
         early.finish(abandon=True)
         raise
     early.finish()
@@ -1034,20 +1043,20 @@ def _python_chunks(conn, rc: RowConverter, skip) -> Iterator[_Chunk]:
 
 
 def _formatted_chunks(conn, rc: RowConverter, lines: LinePlan, skip) -> Iterator[_Chunk]:
-    """Batches printed by the C formatter; the rows it hands back take the Python path."""
+    """Batches read and printed in C; the rows it hands back take the Python path."""
     from psycopg._copy_base import TextFormatter  # the row formatter COPY itself uses
     from psycopg.adapt import Transformer
 
     formatter = TextFormatter(Transformer())
-    cursor = conn.execute(lines.select)
-    while batch := cursor.fetchmany(BATCH_ROWS):
-        made = lines.format(batch, skip=skip)
+    path = Path(os.fsdecode(conn.execute("PRAGMA database_list").fetchone()[2]))
+    uri = f"{path.resolve().as_uri()}?mode=ro"  # as open_readonly opens it
+    for made in lines.read(uri, skip=skip, batch_rows=BATCH_ROWS):
         rows: list = []
         chunk = _convert_rows(rc, made.fallback, None, rc.pk_index, rows.append)
         parts = [made.data, *(formatter.write_row(row) for row in rows), formatter.end()]
-        formatted = len(batch) - len(made.fallback) - made.skipped
+        formatted = made.read - len(made.fallback) - made.skipped
         chunk.data = b"".join(parts)
-        chunk.read, chunk.written = len(batch), formatted + chunk.written
+        chunk.read, chunk.written = made.read, formatted + chunk.written
         yield chunk
 
 
@@ -1213,6 +1222,7 @@ def migrate_data(
                         reject_file=reject_file,
                         state_file=state_file,
                         progress=progress,
+                        source_sha256=fingerprint["sha256"],
                     )
                 except RowsRejected as exc:
                     _record_copy(run, step, exc.result)

@@ -1,17 +1,18 @@
-"""COPY text lines for a batch of SQLite rows: C for clean values, Python for the rest.
+"""COPY text lines for a table's SQLite rows: C for clean values, Python for the rest.
 
-A Python call per value costs about 20 µs a row, most of the copy's time.  So each
-table's rows go through ``_copytext.format_rows`` (dbmigration/_copytext.c), which checks
-and prints the clean values of the common types itself (``casts.NATIVE_PATHS``) and calls
-the column's Python converter only for the others (decimals, IPv6, custom fields).  A row
-with any value outside those clean forms comes back untouched, to be converted whole in
-Python by the caller: exact value, repair, or rejection with its reason, as before.
+A Python call per value costs about 20 µs a row, and a Python object per value most of
+the rest.  So each table is read by ``_copytext.Reader`` (dbmigration/_copytext.c) on
+its own read-only connection: it checks and prints the clean values of the common types
+itself (``casts.NATIVE_PATHS``) and calls the column's Python converter only for the
+others (IPv6 not in Django's form, custom fields).  A row with any value outside those
+clean forms comes back raw, to be converted whole in Python by the caller: exact value,
+repair, or rejection with its reason, as before.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from dbmigration.casts import (
@@ -40,6 +41,7 @@ class Lines:
     data: bytes  # COPY text of the rows C could print
     fallback: list[tuple]  # raw rows for the whole-row Python path
     skipped: int  # rows left out because their primary key is in `skip`
+    read: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +53,20 @@ class LinePlan:
     def format(self, batch: list[tuple], *, skip: set | None = None) -> Lines:
         """Print what C can; hand back the other rows, raw."""
         data, fallback, skipped = _copytext.format_rows(batch, self.spec, skip, self.table.pk_index)
-        width = len(self.table.columns)
-        rows = [batch[i] if len(batch[i]) == width else batch[i][:width] for i in fallback]
-        return Lines(data, rows, skipped)
+        return Lines(data, [batch[i] for i in fallback], skipped, len(batch))
+
+    def read(self, uri: str, *, skip: set | None = None, batch_rows: int) -> Iterator[Lines]:
+        """Read the table straight from the SQLite file (a read-only URI) in C, in batches:
+        Python objects only for the values and rows that need Python."""
+        reader = _copytext.Reader(uri, self.select, self.spec, skip, self.table.pk_index)
+        try:
+            while True:
+                data, fallback, skipped, read = reader.batch(batch_rows)
+                if not read:
+                    return
+                yield Lines(data, fallback, skipped, read)
+        finally:
+            reader.close()
 
 
 def line_plan(

@@ -1,6 +1,8 @@
 """copy_lines.py and _copytext.c: the C formatter prints exactly what Django's reference
 path gives, and hands every other value back to the Python path (hypothesis)."""
 
+import sqlite3
+
 import pytest
 from django.db import connections
 from hypothesis import given
@@ -213,3 +215,79 @@ def test_rows_come_back_whole_and_skipped_rows_are_counted():
     assert text.count("\n") == 2  # rows 1 and 4 (its IPv6 form went through Python)
     assert "tab\\there\\\\" in text
     assert "2026-01-02 03:04:05+00:00" in text
+
+
+# --- Reader: the same lines straight from the SQLite file ----------------------------------
+
+
+def odd_table(tmp_path) -> tuple[str, list[tuple]]:
+    """A SQLite copy of accounts_loginevent's shape holding every storage class and oddity."""
+    table = PLAN.table("accounts_loginevent")
+    path = tmp_path / "odd.sqlite3"
+    conn = sqlite3.connect(path)
+    names = [c.name for c in table.columns]
+    conn.execute(f"CREATE TABLE accounts_loginevent ({', '.join(names)})")
+    good = {
+        "id": 1,
+        "user_id": "0123456789abcdef0123456789abcdef",
+        "email_attempted": "a@b.ie",
+        "ip_address": "10.0.0.1",
+        "user_agent": "tab\there\\ and é",
+        "success": 1,
+        "failure_reason": "",
+        "created_at": "2026-01-02 03:04:05.123456",
+    }
+    odd = [
+        {},
+        {"id": 2, "ip_address": "2001:DB8::1"},  # Python prints it
+        {"id": 3, "success": 7},  # back to Python whole
+        {"id": 4, "user_agent": b"blob \x00 bytes"},
+        {"id": 5, "email_attempted": 12.5},
+        {"id": 6, "user_id": None, "ip_address": None},
+        {"id": 7, "created_at": "2026-02-30 00:00:00"},
+        {"id": 8, "user_agent": b"\xff not utf-8"},
+        {"id": 2**62},
+        {"id": 10, "failure_reason": "x" * 500},
+    ]
+    for values in odd:
+        row = {**good, **values}
+        conn.execute(
+            f"INSERT INTO accounts_loginevent VALUES ({', '.join('?' * len(names))})",
+            [row[n] for n in names],
+        )
+    conn.commit()
+    conn.text_factory = bytes
+    rows = conn.execute(f"SELECT {', '.join(names)} FROM accounts_loginevent").fetchall()
+    conn.close()
+    return f"{path.as_uri()}?mode=ro", rows
+
+
+def test_reader_gives_what_format_gives_for_the_same_rows(tmp_path):
+    uri, rows = odd_table(tmp_path)
+    plan = line_plan(PLAN.table("accounts_loginevent"), {})
+    expected = plan.format(rows)
+    batches = list(plan.read(uri, batch_rows=3))
+    assert [b.read for b in batches] == [3, 3, 3, 1]
+    assert b"".join(b.data for b in batches) == expected.data
+    assert [r for b in batches for r in b.fallback] == expected.fallback
+    # success 7, a NUL, a float as text, Feb 30, invalid UTF-8, 500 characters
+    assert [r[0] for r in expected.fallback] == [3, 4, 5, 7, 8, 10]
+    assert expected.data.count(b"\n") == len(rows) - 6
+
+
+def test_reader_leaves_out_skipped_rows(tmp_path):
+    uri, rows = odd_table(tmp_path)
+    plan = line_plan(PLAN.table("accounts_loginevent"), {})
+    batches = list(plan.read(uri, skip={1, 3, 2**62}, batch_rows=100))
+    assert sum(b.skipped for b in batches) == 3
+    assert [r[0] for b in batches for r in b.fallback] == [4, 5, 7, 8, 10]
+
+
+def test_reader_errors_are_sqlite_errors(tmp_path):
+    plan = line_plan(PLAN.table("accounts_loginevent"), {})
+    missing = f"{(tmp_path / 'none.sqlite3').as_uri()}?mode=ro"
+    with pytest.raises(sqlite3.OperationalError, match="cannot open"):
+        list(plan.read(missing, batch_rows=10))
+    uri, _ = odd_table(tmp_path)
+    with pytest.raises(ValueError, match="columns"):
+        copy_lines._copytext.Reader(uri, "SELECT id FROM accounts_loginevent", plan.spec, None, 0)
