@@ -900,7 +900,10 @@ static PyObject *reader_batch(Reader *self, PyObject *args) {
     if (!fallback)
         return NULL;
     while (read < max_rows) {
-        int step = sqlite3_step(self->stmt);
+        int step;
+        Py_BEGIN_ALLOW_THREADS /* the other lane's table goes on meanwhile */
+        step = sqlite3_step(self->stmt);
+        Py_END_ALLOW_THREADS
         if (step == SQLITE_DONE) {
             reader_close_handles(self);
             break;

@@ -15,9 +15,10 @@ import base64
 import dataclasses
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from operator import call as _call
 from pathlib import Path
 from typing import Any
@@ -477,8 +478,13 @@ class _RejectionSink:
         self.total = 0
         self.path = path
         self._fh = None
+        self._lock = threading.Lock()  # tables load on two threads
 
     def extend(self, rows: Iterable[RejectedRow]) -> None:
+        with self._lock:
+            self._extend(rows)
+
+    def _extend(self, rows: Iterable[RejectedRow]) -> None:
         for row in rows:
             self.total += 1
             if self.path is not None:
@@ -708,7 +714,7 @@ def copy_data(
         if absent:
             raise SourceError(f"SQLite database {sqlite_path} has no table(s) {', '.join(absent)}.")
         run = _Run(conn, connections[alias], plan, targets, repairs, sink, results, result, marks)
-        run.state_file, run.progress = state_file, progress
+        run.state_file, run.progress, run.sqlite_path = state_file, progress, sqlite_path
         todo_plan = Plan(tables=todo, deferred_fks=[])
         relational: Future | None = None
         if todo and quarantine:
@@ -772,9 +778,13 @@ class _Run:
     skip: dict[str, set] = dataclasses.field(default_factory=dict)  # quarantined raw pks
     state_file: Path | None = None
     progress: Progress | None = None
+    sqlite_path: Path | None = None
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # state file
+    abort: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def save_marks(self) -> None:
-        _write_marks(self.state_file, self.marks)
+        with self.lock:
+            _write_marks(self.state_file, self.marks)
 
 
 def _count_rejected(result: CopyResult, sink: _RejectionSink) -> None:
@@ -856,31 +866,18 @@ def _load(run: _Run, todo: list[PlannedTable], relational: Future | None) -> Non
         for obj in drop:
             if obj in current:
                 cur.execute(obj.drop_sql)
+    sizes = {t.db_table: count_rows(run.conn, t.db_table) for t in todo}
     if run.progress:  # announce every table first, so an overall bar knows its total
         for table in todo:
-            run.progress(table.db_table, 0, count_rows(run.conn, table.db_table))
+            run.progress(table.db_table, 0, sizes[table.db_table])
     early = _EarlyRebuild(pg.alias)
-    failed = False
     try:
-        for table in todo:
-            result = run.results[table.db_table]
-            if failed:  # keep reporting every bad row, but write nothing more
-                targets = run.targets[table.db_table]
-                _scan_table(run.conn, table, targets, run.repairs, run.sink, run.progress)
-                result.status = "not-copied"
-                continue
-            try:
-                _copy_table(run, table)
-            except _TableRejected:
-                failed = True
-                result.status = "failed"
-                continue
-            marks["done"][table.db_table] = result.rows_written
-            if result.seconds >= 1:  # a small table's marker waits for the next save
-                run.save_marks()
-            # its indexes build on the other core while the next tables load
-            early.submit([o for o in drop if o.table == table.db_table])
+        # biggest first, so the two lanes end close together
+        failed = _load_in_lanes(run, sorted(todo, key=lambda t: -sizes[t.db_table]), early, drop)
         run.save_marks()
+        if not failed:  # every table is in: foreign keys can build too, and the data-only
+            early.submit(drop, stage=1)  # steps run meanwhile
+            _reset_and_refresh(pg, run.plan)
         broken = relational.result() if relational is not None else []
     except BaseException:
         run.save_marks()  # whatever finished counts, whatever stopped us
@@ -905,7 +902,7 @@ def _load(run: _Run, todo: list[PlannedTable], relational: Future | None) -> Non
                 run.results[table.db_table].status = "copied-not-kept"
         _restore(pg, marks, run.state_file, drop, run.plan, best_effort=True)
         _fail(run.result, run.sink)
-    _restore(pg, marks, run.state_file, drop, run.plan)
+    _restore(pg, marks, run.state_file, drop, run.plan, refreshed=True)
     with pg.cursor() as cur:
         after = schema_snapshot(cur, names)
     run.result.rebuilt = [f"{o.table}.{o.name}" for o in drop]
@@ -920,52 +917,124 @@ def _load(run: _Run, todo: list[PlannedTable], relational: Future | None) -> Non
         )
 
 
+LANES = 2  # tables loading at once: PostgreSQL parses each COPY on one core
+
+
+def _load_in_lanes(run: _Run, queue: list[PlannedTable], early, drop) -> bool:
+    """Load the queued tables on LANES threads, each with its own PostgreSQL and SQLite
+    connections; return whether a table had rejected rows.
+
+    After a rejection the other tables are only scanned, so every bad row is reported.
+    When one lane fails, the other finishes its table and stops.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock, stop = threading.Lock(), threading.Event()
+    rejected = threading.Event()
+
+    def lane() -> None:
+        conn = open_readonly(run.sqlite_path, raw_text=True)
+        try:
+            while not stop.is_set():
+                with lock:
+                    if not queue:
+                        return
+                    table = queue.pop(0)
+                result = run.results[table.db_table]
+                if rejected.is_set():  # keep reporting every bad row, but write nothing more
+                    targets = run.targets[table.db_table]
+                    _scan_table(conn, table, targets, run.repairs, run.sink, run.progress)
+                    result.status = "not-copied"
+                    continue
+                try:
+                    _copy_table(run, table, conn)
+                except _TableRejected:
+                    rejected.set()
+                    result.status = "failed"
+                    continue
+                run.marks["done"][table.db_table] = result.rows_written
+                if result.seconds >= 1:  # a small table's marker waits for the next save
+                    run.save_marks()
+                # its own keys and indexes build while the next tables load
+                early.submit([o for o in drop if o.table == table.db_table])
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            conn.close()
+            connections[run.pg.alias].close()  # this thread's connection
+
+    with ThreadPoolExecutor(max_workers=LANES) as pool:
+        lanes = [pool.submit(lane) for _ in range(LANES)]
+        try:
+            for future in lanes:
+                future.result()
+        except BaseException as exc:
+            stop.set()
+            if not any(f.done() and f.exception() is exc for f in lanes):
+                run.abort.set()  # Ctrl-C or SIGTERM here: the tables in flight stop too
+            for future in lanes:  # the other lane ends cleanly first
+                future.exception()
+            raise
+    return rejected.is_set()
+
+
 class _EarlyRebuild:
-    """Build a loaded table's own indexes and keys on one background connection.
+    """Build each loaded table's own keys and indexes on background connections (one per
+    worker) while the next tables load.
 
     Only an optimisation: whatever fails or is not reached here, _restore builds (or
     reports) at the end, as if this never ran.  Foreign keys wait for _restore.
     """
 
-    def __init__(self, alias: str):
+    def __init__(self, alias: str, *, workers: int = 2):
         from concurrent.futures import ThreadPoolExecutor
 
         self.params = connections[alias].get_connection_params()
-        self.pool = ThreadPoolExecutor(max_workers=1)
-        self.conn = None
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        self.local = threading.local()
+        self.opened: list = []
+        self.futures: list = []
         self.stopped = False
 
-    def submit(self, objects: list[SchemaObject]) -> None:
-        objects = [o for o in objects if _rebuild_order(o) == 0]
-        if objects:
-            self.pool.submit(self._build, objects)
+    def submit(self, objects: list[SchemaObject], *, stage: int = 0) -> None:
+        """Queue the objects of one rebuild stage; a later stage waits for what is queued
+        before it (a foreign key needs the key it points at)."""
+        earlier = list(self.futures) if stage else []
+        for obj in objects:
+            if _rebuild_order(obj) == stage:
+                self.futures.append(self.pool.submit(self._build, obj, earlier))
 
-    def _build(self, objects: list[SchemaObject]) -> None:
+    def _build(self, obj: SchemaObject, earlier: list) -> None:
         import psycopg
 
-        for obj in objects:
-            if self.stopped:
-                return
-            try:
-                if self.conn is None:
-                    self.conn = psycopg.connect(**self.params, autocommit=True)
-                self.conn.execute(obj.create_sql)
-            except psycopg.Error:
-                pass  # _restore tries again and names the cause
+        wait(earlier)  # started already (the queue is first in, first out): no deadlock
+        if self.stopped:
+            return
+        try:
+            if getattr(self.local, "conn", None) is None:
+                self.local.conn = psycopg.connect(**self.params, autocommit=True)
+                self.opened.append(self.local.conn)
+            self.local.conn.execute(obj.create_sql)
+        except psycopg.Error:
+            pass  # _restore tries again and names the cause
 
     def finish(self, *, abandon: bool = False) -> None:
-        """Wait for the builds (abandon: only for the statement running now)."""
+        """Wait for the builds (abandon: only for the statements running now)."""
         self.stopped = abandon
         self.pool.shutdown(wait=True, cancel_futures=abandon)
-        if self.conn is not None:
-            self.conn.close()
+        for conn in self.opened:
+            conn.close()
 
 
-def _restore(pg, marks, state_file, drop, plan, *, best_effort: bool = False) -> None:
+def _restore(
+    pg, marks, state_file, drop, plan, *, best_effort: bool = False, refreshed: bool = False
+) -> None:
     """Rebuild dropped indexes/constraints, reset sequences, refresh materialized views.
 
     ``best_effort`` (a run already failing on bad rows): what cannot be rebuilt yet stays
     recorded as pending for the next run, instead of hiding the rows' report.
+    ``refreshed``: the caller already reset the sequences and refreshed the views.
     """
     with pg.cursor() as cur:
         present = schema_snapshot(cur, {o.table for o in drop})
@@ -988,6 +1057,12 @@ def _restore(pg, marks, state_file, drop, plan, *, best_effort: bool = False) ->
     if not still:
         marks.pop("schema_before", None)
     _write_marks(state_file, marks)
+    if not refreshed:
+        _reset_and_refresh(pg, plan)
+
+
+def _reset_and_refresh(pg, plan: Plan) -> None:
+    """Sequences above max(pk); materialized views over the loaded data."""
     with pg.cursor() as cur:
         for statement in pg.ops.sequence_reset_sql(no_style(), plan.models):
             cur.execute(statement)
@@ -1060,17 +1135,17 @@ def _formatted_chunks(conn, rc: RowConverter, lines: LinePlan, skip) -> Iterator
         yield chunk
 
 
-def _copy_table(run: _Run, table: PlannedTable) -> None:
+def _copy_table(run: _Run, table: PlannedTable, conn) -> None:
     """Load one table; if PostgreSQL refuses a value the C formatter let through, redo the
     table value by value in Python, which finds and names the row."""
     lines = line_plan(table, run.targets[table.db_table])
     rejected_before = run.sink.total
     try:
-        _load_table(run, table, lines)
+        _load_table(run, table, lines, conn)
     except TargetError as exc:
         if lines is None or run.sink.total != rejected_before or not _value_refused(exc):
             raise
-        _load_table(run, table, None)
+        _load_table(run, table, None, conn)
 
 
 def _value_refused(exc: BaseException) -> bool:
@@ -1081,10 +1156,11 @@ def _value_refused(exc: BaseException) -> bool:
     return any(isinstance(c, psycopg.errors.DataError) for c in causes)
 
 
-def _load_table(run: _Run, table: PlannedTable, lines: LinePlan | None) -> None:
+def _load_table(run: _Run, table: PlannedTable, lines: LinePlan | None, conn) -> None:
     """Truncate and load one table in one transaction; roll it back on any rejection."""
     started = time.perf_counter()
-    conn, pg, sink, progress = run.conn, run.pg, run.sink, run.progress
+    pg = connections[run.pg.alias]  # this thread's connection
+    sink, progress = run.sink, run.progress
     out, skip = run.results[table.db_table], run.skip.get(table.db_table)
     rc = RowConverter(table, run.targets[table.db_table], repairs=run.repairs)
     total = count_rows(conn, table.db_table)
@@ -1116,6 +1192,8 @@ def _load_table(run: _Run, table: PlannedTable, lines: LinePlan | None) -> None:
                     in_python += chunk.in_python
                     if progress:
                         progress(table.db_table, read, total)
+                    if run.abort.is_set():
+                        raise KeyboardInterrupt(f"stopped during {table.db_table}")
                 if rejected_here:
                     raise _TableRejected(table.db_table)
     except _TableRejected:
