@@ -1175,7 +1175,10 @@ def _load_table(run: _Run, table: PlannedTable, lines: LinePlan | None, conn) ->
     try:
         with transaction.atomic(using=pg.alias), pg.cursor() as cur:
             cur.execute(f"TRUNCATE {qi(table.db_table)}")
-            with cur.cursor.copy(f"COPY {qi(table.db_table)} ({cols}) FROM STDIN") as cp:
+            # FREEZE: rows written frozen, so the index builds after skip visibility checks;
+            # safe as the table was emptied in this transaction and nothing else reads it
+            copy = f"COPY {qi(table.db_table)} ({cols}) FROM STDIN (FREEZE)"
+            with cur.cursor.copy(copy) as cp:
                 for chunk in chunks:
                     if chunk.rejected:
                         sink.extend(chunk.rejected)
