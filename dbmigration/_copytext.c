@@ -1,7 +1,7 @@
 /* COPY text for clean SQLite values, written in C because a Python call per value (and
  * even a Python object per value) is the copy's bottleneck.
  *
- * Reader(uri, select, spec, skip, pk_index).batch(max_rows)
+ * Reader(uri, select, spec, skip, pk_index, binary).batch(max_rows)
  *     -> (bytes, fallback rows, skipped, read)
  *     steps the SELECT on its own read-only connection to the SQLite file and makes
  *     Python objects only for the values a Python converter needs and the rows it hands
@@ -9,7 +9,9 @@
  * format_rows(rows, spec, skip, pk_index) -> (bytes, fallback indexes, skipped)
  *     the same for rows already fetched (the tests compare both with the reference path).
  *
- * spec:  one (kind, nullable, a, b, obj) tuple per column, in the SELECT's order.
+ * spec:  one (kind, nullable, a, b, obj, width) tuple per column, in the SELECT's order.
+ * binary: COPY's binary format (rows only; the caller writes header and trailer), in
+ *        which values C cannot encode itself send their row to Python instead.
  * skip:  a set of primary keys to leave out (quarantined rows), or None.
  *
  * Each value is checked against the exact form the Python path would print unchanged;
@@ -22,6 +24,7 @@
 #include <Python.h>
 #include <sqlite3.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -43,6 +46,7 @@ typedef struct {
     int nullable;
     long long a, b;
     PyObject *obj; /* borrowed from spec */
+    int width;     /* binary COPY: bytes of an integer column (2, 4 or 8) */
 } Column;
 
 typedef struct {
@@ -213,7 +217,7 @@ static int digits(const char *s, int n, int *value) {
 /* "YYYY-MM-DD" with a real day of a year 1..9999. */
 static int valid_date(const char *s) {
     static const int days[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
-    int y, m, d;
+    int y = 0, m = 0, d = 0;
     if (s[4] != '-' || s[7] != '-' || !digits(s, 4, &y) || !digits(s + 5, 2, &m) ||
         !digits(s + 8, 2, &d))
         return 0;
@@ -225,7 +229,7 @@ static int valid_date(const char *s) {
 
 /* What str() of a naive datetime prints: microseconds only when not zero. */
 static int valid_datetime(const char *s, Py_ssize_t n) {
-    int h, mi, se, frac;
+    int h = 0, mi = 0, se = 0, frac = 0;
     if (n != 19 && n != 26)
         return 0;
     if (!valid_date(s) || s[10] != ' ' || s[13] != ':' || s[16] != ':' ||
@@ -278,7 +282,7 @@ static int valid_ipv4(const char *s, Py_ssize_t n) {
 
 /* Already the compressed form Python's ipaddress prints (lowercase, no leading zeros, the
  * first longest run of two or more zero groups as "::"), which Django saves unchanged. */
-static int canonical_ipv6(const char *s, Py_ssize_t n) {
+static int canonical_ipv6(const char *s, Py_ssize_t n, unsigned int *out) {
     unsigned int groups[8];
     int count = 0, gap = -1;
     Py_ssize_t i = 0;
@@ -343,7 +347,11 @@ static int canonical_ipv6(const char *s, Py_ssize_t n) {
             text[len++] = ':';
         len += snprintf(text + len, sizeof text - len, "%x", full[k]);
     }
-    return len == n && memcmp(text, s, n) == 0;
+    if (len != n || memcmp(text, s, n) != 0)
+        return 0;
+    if (out)
+        memcpy(out, full, sizeof full);
+    return 1;
 }
 
 /* Strict JSON (RFC 8259) whose text jsonb stores exactly as Django would save it: numbers
@@ -522,7 +530,13 @@ static int put_converted(Buffer *buf, PyObject *convert, Raw *raw) {
  * significant digits (create_decimal_from_float, half-even; glibc's printf rounds the
  * exact value the same way), then quantized to `places` (half-even), at most
  * `max_digits` digits.  1 written, 0 not handled here (the Python converter decides). */
-static int put_decimal(Buffer *buf, const Raw *raw, int places, int max_digits) {
+typedef struct {
+    int negative;
+    char digits[72]; /* the coefficient, no leading zeros ("" for zero) */
+    int len, places;
+} Decimal;
+
+static int round_decimal(Decimal *out, const Raw *raw, int places, int max_digits) {
     double v;
     if (raw->type == R_FLOAT) {
         v = raw->d;
@@ -575,21 +589,32 @@ static int put_decimal(Buffer *buf, const Raw *raw, int places, int max_digits) 
             up = 0;
         }
     }
-    char digits[72];
     int len = 0, lead = 0;
     if (up) /* carried out of the first digit: 99.996 -> 100.00 */
-        digits[len++] = '1';
+        out->digits[len++] = '1';
     else
         while (lead < n && coeff[lead] == '0')
             lead++;
-    memcpy(digits + len, coeff + lead, n - lead);
+    memcpy(out->digits + len, coeff + lead, n - lead);
     len += n - lead;
     if (len > max_digits)
         return 0; /* the Python converter rejects it with Django's reason */
+    out->negative = negative;
+    out->len = len;
+    out->places = places;
+    return 1;
+}
+
+static int put_decimal(Buffer *buf, const Raw *raw, int places, int max_digits) {
+    Decimal d;
+    if (!round_decimal(&d, raw, places, max_digits))
+        return 0;
+    const char *digits = d.digits;
+    int len = d.len;
     /* at least one digit before the point */
     char out[96];
     int o = 0;
-    if (negative)
+    if (d.negative)
         out[o++] = '-';
     int whole = len - places;
     if (whole <= 0) {
@@ -607,6 +632,183 @@ static int put_decimal(Buffer *buf, const Raw *raw, int places, int max_digits) 
         o += len - from;
     }
     return buf_put(buf, out, o) < 0 ? -1 : 1;
+}
+
+/* --- binary COPY: the same checks, PostgreSQL's binary forms --------------------------- */
+
+static int put_be(Buffer *buf, unsigned long long v, int bytes) {
+    if (buf_reserve(buf, bytes) < 0)
+        return -1;
+    for (int i = bytes - 1; i >= 0; i--)
+        buf->data[buf->len++] = (char)((v >> (8 * i)) & 0xff);
+    return 0;
+}
+
+/* A field: its length, then its bytes. */
+static int put_field(Buffer *buf, const char *s, Py_ssize_t n) {
+    return (put_be(buf, (unsigned long long)n, 4) < 0 || buf_put(buf, s, n) < 0) ? -1 : 1;
+}
+
+static long long days_from_civil(long long y, int m, int d) { /* Howard Hinnant's */
+    y -= m <= 2;
+    long long era = (y >= 0 ? y : y - 399) / 400;
+    long long yoe = y - era * 400;
+    long long doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    long long doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + doe - 719468;
+}
+
+#define PG_EPOCH_DAYS 10957 /* 2000-01-01, PostgreSQL's epoch, in days after 1970-01-01 */
+
+static long long pg_days(const char *s) { /* s passed valid_date() */
+    int y = 0, m = 0, d = 0;
+    digits(s, 4, &y);
+    digits(s + 5, 2, &m);
+    digits(s + 8, 2, &d);
+    return days_from_civil(y, m, d) - PG_EPOCH_DAYS;
+}
+
+/* PostgreSQL's numeric: base-10000 digits around the point, weight, sign, scale. */
+static int put_numeric(Buffer *buf, const Decimal *d) {
+    char text[96];
+    int places = d->places, len = d->len;
+    int whole = len > places ? len - places : 0;
+    int pad_left = (4 - whole % 4) % 4, frac_pad = (4 - places % 4) % 4;
+    int n = 0;
+    for (int i = 0; i < pad_left; i++)
+        text[n++] = '0';
+    for (int i = 0; i < places - len; i++) /* 0.05: zeros between the point and the digits */
+        text[n++] = '0';
+    memcpy(text + n, d->digits, len);
+    n += len;
+    for (int i = 0; i < frac_pad; i++)
+        text[n++] = '0';
+    int groups = n / 4, weight = (whole + pad_left) / 4 - 1, first = 0, last = groups;
+    unsigned short value[24];
+    for (int g = 0; g < groups; g++)
+        value[g] = (unsigned short)((text[4 * g] - '0') * 1000 + (text[4 * g + 1] - '0') * 100 +
+                                    (text[4 * g + 2] - '0') * 10 + (text[4 * g + 3] - '0'));
+    while (first < last && value[first] == 0) {
+        first++;
+        weight--;
+    }
+    while (last > first && value[last - 1] == 0)
+        last--;
+    int ndigits = last - first;
+    if (ndigits == 0)
+        weight = 0;
+    int sign = (d->negative && ndigits) ? 0x4000 : 0;
+    if (put_be(buf, 8 + 2 * ndigits, 4) < 0 || put_be(buf, ndigits, 2) < 0 ||
+        put_be(buf, (unsigned short)weight, 2) < 0 || put_be(buf, sign, 2) < 0 ||
+        put_be(buf, places, 2) < 0)
+        return -1;
+    for (int g = first; g < last; g++)
+        if (put_be(buf, value[g], 2) < 0)
+            return -1;
+    return 1;
+}
+
+static int hexval(char c) { return c <= '9' ? c - '0' : c - 'a' + 10; }
+
+/* Write one value in binary; 1 written, 0 fallback (the row goes to Python), -1 error. */
+static int put_value_binary(Buffer *buf, const Column *col, Raw *raw) {
+    if (raw->type == R_NULL)
+        return col->nullable ? (put_be(buf, 0xffffffffULL, 4) < 0 ? -1 : 1) : 0;
+    if (col->kind == K_INT || col->kind == K_BOOL) {
+        if (raw->type != R_INT)
+            return 0;
+        if (col->kind == K_BOOL) {
+            if (raw->i != 0 && raw->i != 1)
+                return 0;
+            char byte = (char)raw->i;
+            return put_field(buf, &byte, 1);
+        }
+        if (raw->i < col->a || raw->i > col->b)
+            return 0;
+        return (put_be(buf, col->width, 4) < 0 ||
+                put_be(buf, (unsigned long long)raw->i, col->width) < 0)
+                   ? -1
+                   : 1;
+    }
+    if (col->kind == K_DECIMAL) {
+        Decimal d;
+        return round_decimal(&d, raw, (int)col->a, (int)col->b) ? put_numeric(buf, &d) : 0;
+    }
+    if (raw->type != R_BYTES || col->kind == K_PYTHON)
+        return 0;
+    const char *s = raw->s ? raw->s : "";
+    Py_ssize_t n = raw->n;
+    switch (col->kind) {
+    case K_TEXT: {
+        Py_ssize_t chars = utf8_chars((const unsigned char *)s, n);
+        if (chars < 0 || (col->a >= 0 && chars > col->a))
+            return 0;
+        if (col->obj != Py_None) {
+            PyObject *value = raw_object(raw);
+            if (!value)
+                return -1;
+            int found = PySet_Contains(col->obj, value);
+            if (found <= 0)
+                return found;
+        }
+        return put_field(buf, s, n);
+    }
+    case K_JSON: /* jsonb: a version byte, then the text */
+        if (utf8_chars((const unsigned char *)s, n) < 0 || !clean_json(s, n))
+            return 0;
+        return (put_be(buf, (unsigned long long)n + 1, 4) < 0 || buf_put(buf, "\1", 1) < 0 ||
+                buf_put(buf, s, n) < 0)
+                   ? -1
+                   : 1;
+    case K_UUID: {
+        if (!valid_uuid_hex(s, n))
+            return 0;
+        char bytes[16];
+        for (int i = 0; i < 16; i++)
+            bytes[i] = (char)(hexval(s[2 * i]) * 16 + hexval(s[2 * i + 1]));
+        return put_field(buf, bytes, 16);
+    }
+    case K_DATETIME: { /* microseconds since 2000-01-01 00:00 UTC */
+        if (!valid_datetime(s, n))
+            return 0;
+        int h = 0, mi = 0, se = 0, frac = 0;
+        digits(s + 11, 2, &h);
+        digits(s + 14, 2, &mi);
+        digits(s + 17, 2, &se);
+        if (n == 26)
+            digits(s + 20, 6, &frac);
+        long long us = ((pg_days(s) * 24 + h) * 60 + mi) * 60 + se;
+        us = us * 1000000 + frac;
+        return (put_be(buf, 8, 4) < 0 || put_be(buf, (unsigned long long)us, 8) < 0) ? -1 : 1;
+    }
+    case K_DATE:
+        if (n != 10 || !valid_date(s))
+            return 0;
+        return (put_be(buf, 4, 4) < 0 || put_be(buf, (unsigned long long)pg_days(s), 4) < 0)
+                   ? -1
+                   : 1;
+    case K_IP: { /* inet: family, bits, is_cidr, length, address */
+        unsigned int groups[8];
+        char out[20];
+        if (valid_ipv4(s, n)) {
+            int octet[4];
+            sscanf(s, "%d.%d.%d.%d", &octet[0], &octet[1], &octet[2], &octet[3]);
+            out[0] = 2, out[1] = 32, out[2] = 0, out[3] = 4;
+            for (int i = 0; i < 4; i++)
+                out[4 + i] = (char)octet[i];
+            return put_field(buf, out, 8);
+        }
+        if (!canonical_ipv6(s, n, groups))
+            return 0;
+        out[0] = 3, out[1] = (char)128, out[2] = 0, out[3] = 16;
+        for (int i = 0; i < 8; i++) {
+            out[4 + 2 * i] = (char)(groups[i] >> 8);
+            out[5 + 2 * i] = (char)(groups[i] & 0xff);
+        }
+        return put_field(buf, out, 20);
+    }
+    }
+    return 0;
 }
 
 /* Write one value; 1 written, 0 fallback, -1 error. */
@@ -673,7 +875,7 @@ static int put_value(Buffer *buf, const Column *col, Raw *raw) {
             return 0;
         return buf_put(buf, s, n) < 0 ? -1 : 1;
     case K_IP:
-        if (!valid_ipv4(s, n) && !canonical_ipv6(s, n))
+        if (!valid_ipv4(s, n) && !canonical_ipv6(s, n, NULL))
             return put_converted(buf, col->obj, raw);
         return buf_put(buf, s, n) < 0 ? -1 : 1;
     }
@@ -693,8 +895,8 @@ static int parse_spec(PyObject *spec, Column **columns, Py_ssize_t *count) {
     }
     for (Py_ssize_t i = 0; i < *count; i++) {
         Column *col = &(*columns)[i];
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(spec, i), "iiLLO", &col->kind, &col->nullable,
-                              &col->a, &col->b, &col->obj)) {
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(spec, i), "iiLLOi", &col->kind, &col->nullable,
+                              &col->a, &col->b, &col->obj, &col->width)) {
             PyMem_Free(*columns);
             return -1;
         }
@@ -702,10 +904,28 @@ static int parse_spec(PyObject *spec, Column **columns, Py_ssize_t *count) {
     return 0;
 }
 
+static int put_row_start(Buffer *buf, Py_ssize_t ncols, int binary) {
+    return binary ? (put_be(buf, (unsigned long long)ncols, 2) < 0 ? -1 : 1) : 1;
+}
+
+static int put_column(Buffer *buf, const Column *col, Raw *raw, Py_ssize_t index, int binary) {
+    if (binary)
+        return put_value_binary(buf, col, raw);
+    if (index && buf_put(buf, "\t", 1) < 0)
+        return -1;
+    return put_value(buf, col, raw);
+}
+
+static int put_row_end(Buffer *buf, int binary) {
+    return binary ? 1 : (buf_put(buf, "\n", 1) < 0 ? -1 : 1);
+}
+
 static PyObject *format_rows(PyObject *self, PyObject *args) {
     PyObject *rows, *spec, *skip;
     Py_ssize_t pk_index;
-    if (!PyArg_ParseTuple(args, "O!OOn", &PyList_Type, &rows, &spec, &skip, &pk_index))
+    int binary = 0;
+    if (!PyArg_ParseTuple(args, "O!OOn|p", &PyList_Type, &rows, &spec, &skip, &pk_index,
+                          &binary))
         return NULL;
     Column *columns;
     Py_ssize_t ncols;
@@ -732,17 +952,15 @@ static PyObject *format_rows(PyObject *self, PyObject *args) {
             }
         }
         Py_ssize_t start = buf.len;
-        int ok = 1;
+        int ok = put_row_start(&buf, ncols, binary);
         for (Py_ssize_t c = 0; c < ncols && ok == 1; c++) {
-            if (c && buf_put(&buf, "\t", 1) < 0)
-                goto error;
             Raw raw;
             raw_from_object(&raw, PyTuple_GET_ITEM(row, c));
-            ok = put_value(&buf, &columns[c], &raw);
+            ok = put_column(&buf, &columns[c], &raw, c, binary);
         }
+        if (ok == 1)
+            ok = put_row_end(&buf, binary);
         if (ok < 0)
-            goto error;
-        if (ok == 1 && buf_put(&buf, "\n", 1) < 0)
             goto error;
         if (ok == 0) {
             buf.len = start;
@@ -778,6 +996,7 @@ typedef struct {
     PyObject *skip;
     Column *columns;
     Py_ssize_t ncols, pk_index;
+    int binary; /* COPY's binary format instead of text */
 } Reader;
 
 static PyObject *sqlite_error(sqlite3 *db, const char *what) {
@@ -814,7 +1033,8 @@ static int reader_init(Reader *self, PyObject *args, PyObject *kwargs) {
     const char *uri, *sql;
     PyObject *spec, *skip;
     Py_ssize_t pk_index;
-    if (!PyArg_ParseTuple(args, "ssOOn", &uri, &sql, &spec, &skip, &pk_index))
+    self->binary = 0;
+    if (!PyArg_ParseTuple(args, "ssOOn|p", &uri, &sql, &spec, &skip, &pk_index, &self->binary))
         return -1;
     if (parse_spec(spec, &self->columns, &self->ncols) < 0)
         return -1;
@@ -927,22 +1147,19 @@ static PyObject *reader_batch(Reader *self, PyObject *args) {
             }
         }
         Py_ssize_t start = buf.len;
-        int ok = 1;
+        int ok = put_row_start(&buf, self->ncols, self->binary);
         for (Py_ssize_t c = 0; c < self->ncols && ok == 1; c++) {
-            if (c && buf_put(&buf, "\t", 1) < 0)
-                goto error;
             Raw raw;
             raw_from_sqlite(&raw, self->stmt, (int)c);
-            ok = put_value(&buf, &self->columns[c], &raw);
+            ok = put_column(&buf, &self->columns[c], &raw, c, self->binary);
             raw_release(&raw);
         }
+        if (ok == 1)
+            ok = put_row_end(&buf, self->binary);
         if (ok < 0)
             goto error;
-        if (ok == 1) {
-            if (buf_put(&buf, "\n", 1) < 0)
-                goto error;
+        if (ok == 1)
             continue;
-        }
         buf.len = start;
         PyObject *row = current_row(self);
         if (!row || PyList_Append(fallback, row) < 0) {
@@ -980,7 +1197,7 @@ static PyTypeObject ReaderType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "dbmigration._copytext.Reader",
     .tp_basicsize = sizeof(Reader),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Reader(uri, select, spec, skip, pk_index): COPY text batches of one SELECT.",
+    .tp_doc = "Reader(uri, select, spec, skip, pk_index, binary=False): COPY batches of a SELECT.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)reader_init,
     .tp_dealloc = (destructor)reader_dealloc,
@@ -989,7 +1206,8 @@ static PyTypeObject ReaderType = {
 
 static PyMethodDef methods[] = {
     {"format_rows", format_rows, METH_VARARGS,
-     "format_rows(rows, spec, skip, pk_index) -> (bytes, fallback indexes, skipped count)"},
+     "format_rows(rows, spec, skip, pk_index, binary=False) -> (bytes, fallback indexes, "
+     "skipped count)"},
     {NULL, NULL, 0, NULL},
 };
 

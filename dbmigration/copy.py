@@ -15,6 +15,7 @@ import base64
 import dataclasses
 import json
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -37,7 +38,7 @@ from dbmigration.casts import (
     excerpt,
     target_columns,
 )
-from dbmigration.copy_lines import LinePlan, line_plan
+from dbmigration.copy_lines import BINARY_HEADER, BINARY_TRAILER, LinePlan, line_plan
 from dbmigration.errors import DataError, SourceError, TargetError
 from dbmigration.plan import Plan, PlannedTable, build_plan
 from dbmigration.sqlite_source import file_sha256, open_readonly
@@ -1084,6 +1085,7 @@ class _Chunk:
     rejected: list[RejectedRow]
     repaired: list[RepairedRow]
     in_python: int = 0  # rows converted value by value in Python
+    text: bytes = b""  # COPY text of those rows when data is in the binary format
 
 
 def _convert_rows(rc: RowConverter, batch, skip, pk_index, emit) -> _Chunk:
@@ -1128,9 +1130,9 @@ def _formatted_chunks(conn, rc: RowConverter, lines: LinePlan, skip) -> Iterator
     for made in lines.read(uri, skip=skip, batch_rows=BATCH_ROWS):
         rows: list = []
         chunk = _convert_rows(rc, made.fallback, None, rc.pk_index, rows.append)
-        parts = [made.data, *(formatter.write_row(row) for row in rows), formatter.end()]
+        text = b"".join([*(formatter.write_row(row) for row in rows), formatter.end()])
+        chunk.data, chunk.text = (made.data, text) if lines.binary else (made.data + text, b"")
         formatted = made.read - len(made.fallback) - made.skipped
-        chunk.data = b"".join(parts)
         chunk.read, chunk.written = made.read, formatted + chunk.written
         yield chunk
 
@@ -1156,6 +1158,14 @@ def _value_refused(exc: BaseException) -> bool:
     return any(isinstance(c, psycopg.errors.DataError) for c in causes)
 
 
+def _copy_sql(table: PlannedTable, *, binary: bool) -> str:
+    # FREEZE: rows written frozen, so the index builds after skip visibility checks; safe as
+    # the table was emptied in the same transaction and nothing else reads it meanwhile
+    cols = ", ".join(qi(c) for c in table.column_names)
+    options = "FORMAT BINARY, FREEZE" if binary else "FREEZE"
+    return f"COPY {qi(table.db_table)} ({cols}) FROM STDIN ({options})"
+
+
 def _load_table(run: _Run, table: PlannedTable, lines: LinePlan | None, conn) -> None:
     """Truncate and load one table in one transaction; roll it back on any rejection."""
     started = time.perf_counter()
@@ -1164,7 +1174,6 @@ def _load_table(run: _Run, table: PlannedTable, lines: LinePlan | None, conn) ->
     out, skip = run.results[table.db_table], run.skip.get(table.db_table)
     rc = RowConverter(table, run.targets[table.db_table], repairs=run.repairs)
     total = count_rows(conn, table.db_table)
-    cols = ", ".join(qi(c) for c in table.column_names)
     if lines is not None:
         chunks = _formatted_chunks(conn, rc, lines, skip)
     else:
@@ -1172,13 +1181,18 @@ def _load_table(run: _Run, table: PlannedTable, lines: LinePlan | None, conn) ->
     rejected_here = False
     repaired: list[RepairedRow] = []
     read = written = in_python = 0
+    binary = lines is not None and lines.binary
     try:
-        with transaction.atomic(using=pg.alias), pg.cursor() as cur:
+        with (
+            transaction.atomic(using=pg.alias),
+            pg.cursor() as cur,
+            # rows the Python path converted, as text, for a second COPY after a binary one
+            tempfile.SpooledTemporaryFile(max_size=16 << 20) as spool,
+        ):
             cur.execute(f"TRUNCATE {qi(table.db_table)}")
-            # FREEZE: rows written frozen, so the index builds after skip visibility checks;
-            # safe as the table was emptied in this transaction and nothing else reads it
-            copy = f"COPY {qi(table.db_table)} ({cols}) FROM STDIN (FREEZE)"
-            with cur.cursor.copy(copy) as cp:
+            with cur.cursor.copy(_copy_sql(table, binary=binary)) as cp:
+                if binary:
+                    cp.write(BINARY_HEADER)
                 for chunk in chunks:
                     if chunk.rejected:
                         sink.extend(chunk.rejected)
@@ -1190,6 +1204,7 @@ def _load_table(run: _Run, table: PlannedTable, lines: LinePlan | None, conn) ->
                         else:
                             for row in chunk.data:
                                 cp.write_row(row)
+                        spool.write(chunk.text)
                         written += chunk.written
                     read += chunk.read
                     in_python += chunk.in_python
@@ -1199,6 +1214,13 @@ def _load_table(run: _Run, table: PlannedTable, lines: LinePlan | None, conn) ->
                         raise KeyboardInterrupt(f"stopped during {table.db_table}")
                 if rejected_here:
                     raise _TableRejected(table.db_table)
+                if binary:
+                    cp.write(BINARY_TRAILER)
+            if spool.tell():
+                spool.seek(0)
+                with cur.cursor.copy(_copy_sql(table, binary=False)) as cp:
+                    while block := spool.read(1 << 20):
+                        cp.write(block)
     except _TableRejected:
         out.rows_read, out.seconds = read, round(time.perf_counter() - started, 3)
         raise

@@ -16,10 +16,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from dbmigration.casts import (
+    BOOL,
+    DATE,
+    DATETIME,
     DECIMAL,
+    INT,
     IP,
+    JSON,
     PYTHON,
     TEXT,
+    UUID,
     TargetColumn,
     build_converter,
     native_cast,
@@ -48,17 +54,22 @@ class Lines:
 class LinePlan:
     table: PlannedTable
     select: str
-    spec: tuple  # per column: (kind, nullable, a, b, obj) as _copytext.c reads it
+    spec: tuple  # per column: (kind, nullable, a, b, obj, width) as _copytext.c reads it
+    binary: bool = False  # COPY's binary format: every column has a binary form in C
 
     def format(self, batch: list[tuple], *, skip: set | None = None) -> Lines:
         """Print what C can; hand back the other rows, raw."""
-        data, fallback, skipped = _copytext.format_rows(batch, self.spec, skip, self.table.pk_index)
+        data, fallback, skipped = _copytext.format_rows(
+            batch, self.spec, skip, self.table.pk_index, self.binary
+        )
         return Lines(data, [batch[i] for i in fallback], skipped, len(batch))
 
     def read(self, uri: str, *, skip: set | None = None, batch_rows: int) -> Iterator[Lines]:
         """Read the table straight from the SQLite file (a read-only URI) in C, in batches:
         Python objects only for the values and rows that need Python."""
-        reader = _copytext.Reader(uri, self.select, self.spec, skip, self.table.pk_index)
+        reader = _copytext.Reader(
+            uri, self.select, self.spec, skip, self.table.pk_index, self.binary
+        )
         try:
             while True:
                 data, fallback, skipped, read = reader.batch(batch_rows)
@@ -69,10 +80,33 @@ class LinePlan:
             reader.close()
 
 
+# binary COPY: what each kind needs the target column to be
+_BINARY_TARGETS = {
+    BOOL: {"bool"},
+    UUID: {"uuid"},
+    DATETIME: {"timestamptz"},
+    DATE: {"date"},
+    JSON: {"jsonb"},
+    IP: {"inet"},
+    DECIMAL: {"numeric"},
+    TEXT: {"varchar", "text", "bpchar"},
+}
+_INT_WIDTHS = {"int2": 2, "int4": 4, "int8": 8}
+
+
 def line_plan(
-    table: PlannedTable, targets: dict[str, TargetColumn] | None, *, enabled: bool = True
+    table: PlannedTable,
+    targets: dict[str, TargetColumn] | None,
+    *,
+    enabled: bool = True,
+    binary: bool = True,
 ) -> LinePlan | None:
-    """Plan a table's SELECT and C spec, or None when there is no C formatter to use."""
+    """Plan a table's SELECT and C spec, or None when there is no C formatter to use.
+
+    The plan is for COPY's binary format (which PostgreSQL parses with less work) when
+    every column has a binary form in C and the target's catalog confirms its type;
+    otherwise for the text format.
+    """
     if _copytext is None or not enabled:
         return None
     targets = targets or {}
@@ -81,16 +115,30 @@ def line_plan(
         target = targets.get(column.name)
         cast = native_cast(column, target)
         nullable = (not target.not_null) if target is not None else column.null
+        width = _INT_WIDTHS.get(target.type_name, 0) if target is not None else 0
+        binary = binary and target is not None and _binary_form(cast, target)
         if cast.kind in (PYTHON, IP, DECIMAL):
-            # values C does not print itself go through this converter; built without
-            # repairs, so a value a repair rule would change takes the whole-row path,
-            # which records the repair
+            # in the text format, values C does not print itself go through this
+            # converter; built without repairs, so a value a repair rule would change takes
+            # the whole-row path, which records the repair
             convert: Callable[[Any], Any] = build_converter(column, target)
-            spec.append((cast.kind, nullable, cast.low, cast.high, convert))
+            spec.append((cast.kind, nullable, cast.low, cast.high, convert, width))
         elif cast.kind == TEXT:
-            spec.append((TEXT, nullable, cast.low, 0, cast.labels))
+            spec.append((TEXT, nullable, cast.low, 0, cast.labels, width))
         else:
-            spec.append((cast.kind, nullable, cast.low, cast.high, None))
+            spec.append((cast.kind, nullable, cast.low, cast.high, None, width))
     columns = ", ".join(_qi(c.name) for c in table.columns)
     select = f"SELECT {columns} FROM {_qi(table.db_table)}"
-    return LinePlan(table=table, select=select, spec=tuple(spec))
+    return LinePlan(table=table, select=select, spec=tuple(spec), binary=binary)
+
+
+def _binary_form(cast, target: TargetColumn) -> bool:
+    if cast.kind == INT:
+        return target.type_name in _INT_WIDTHS
+    if cast.kind == TEXT and target.enum_labels is not None:
+        return True  # an enum's binary input is its label
+    return target.type_name in _BINARY_TARGETS.get(cast.kind, ())
+
+
+BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags, no extension
+BINARY_TRAILER = b"\xff\xff"

@@ -182,13 +182,27 @@ def column_readers(
         )
         is_json = column.internal_type == "JSONField"
         is_text = connection.vendor == "sqlite" and column.internal_type != "BinaryField"
+        # Django saves an IPv6 address in its compressed form (the copy does the same), so
+        # "2001:0DB8::1" stored in SQLite is the value PostgreSQL holds as "2001:db8::1"
+        saved_as = (
+            column.field.get_prep_value if column.internal_type == "GenericIPAddressField" else None
+        )
 
-        def read(value, steps=steps, expression=expression, is_json=is_json, is_text=is_text):
+        def read(
+            value,
+            steps=steps,
+            expression=expression,
+            is_json=is_json,
+            is_text=is_text,
+            saved_as=saved_as,
+        ):
             if is_text and type(value) is bytes:
                 value = value.decode("utf-8", "surrogateescape")
             try:
                 for step in steps:
                     value = step(value, expression, connection)
+                if saved_as is not None and value is not None:
+                    value = saved_as(value)
             except Exception:  # unreadable by Django: hash what is stored
                 return "\x00raw:" + repr(value)
             out = canonical(value, json_field=is_json)

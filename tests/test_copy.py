@@ -488,3 +488,29 @@ def test_a_foreign_key_that_cannot_be_rebuilt_is_named_and_kept_pending(tmp_path
     assert any(p["table"] == "accounts_loginevent" and p["kind"] == "constraint-f" for p in pending)
     result = copy_data(sqlite_path=source_path(), state_file=state)  # the full copy heals it
     assert result.schema_problems == []
+
+
+@ALL
+def test_rows_the_c_side_hands_back_arrive_through_a_second_copy(tmp_path):
+    """Binary COPY for clean rows; the rows converted in Python follow as text."""
+    from dbmigration.verify import Side, verify
+
+    users = make_people(2)
+    raw_sql(
+        "INSERT INTO accounts_loginevent (email_attempted, ip_address, user_agent, success, "
+        "failure_reason, created_at) VALUES ('x', '2001:0DB8:0::1', 'ua', 1, '', "
+        "'2026-01-02T03:04:05')"
+    )
+    raw_sql(
+        "UPDATE accounts_user SET preferences = '{\"ratio\": 1.50}' WHERE id = ?",
+        [users[1].pk.hex],
+    )
+    result = copy_data(sqlite_path=source_path(), state_file=tmp_path / "s.json")
+    events = next(t for t in result.tables if t.table == "accounts_loginevent")
+    assert events.rows_in_python == 1 and events.rows_written == 2
+    event = LoginEvent.objects.using("postgresql").get(email_attempted="x")
+    assert event.ip_address == "2001:db8::1"
+    assert event.created_at == dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    assert User.objects.using("postgresql").get(pk=users[1].pk).preferences == {"ratio": 1.5}
+    check = verify(source=Side(sqlite_path=source_path()), target=Side(alias="postgresql"))
+    assert check.ok, check.problems(Side(sqlite_path=source_path()), Side(alias="postgresql"))

@@ -18,8 +18,9 @@ from dbmigration.casts import (
     TargetColumn,
     build_converter,
     native_cast,
+    target_columns,
 )
-from dbmigration.copy_lines import line_plan
+from dbmigration.copy_lines import BINARY_HEADER, BINARY_TRAILER, line_plan
 from tests.test_casts import CASES, PLAN, SETTINGS, column, datetimes
 
 PG = pytest.mark.django_db(databases=["postgresql"])
@@ -146,6 +147,103 @@ def test_c_prints_the_clean_values_itself(table, name):
 )
 def test_c_hands_unusual_values_back(table, name, raw):
     assert c_line(column(table, name), raw) is None
+
+
+def target_of(table: str, name: str):
+    """The column as the test database's catalog describes it: TargetColumn and SQL type."""
+    with connections["postgresql"].cursor() as cur:
+        target = target_columns(cur, table)[name]
+        cur.execute(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+            "WHERE attrelid = %s::regclass AND attname = %s",
+            [table, name],
+        )
+        return target, cur.fetchone()[0]
+
+
+def stored(sql_type: str, data: bytes, *, binary: bool) -> str | None:
+    """Load one COPY row into a column of that type; return what PostgreSQL prints back."""
+    with connections["postgresql"].cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS one_value")
+        cur.execute(f"CREATE TEMP TABLE one_value (v {sql_type})")
+        options = "(FORMAT BINARY)" if binary else ""
+        with cur.cursor.copy(f"COPY one_value (v) FROM STDIN {options}") as copy:
+            copy.write(BINARY_HEADER + data + BINARY_TRAILER if binary else data)
+        cur.execute("SELECT v::text FROM one_value")
+        return cur.fetchone()[0]
+
+
+@PG
+@pytest.mark.parametrize("internal_type", sorted(CASES))
+def test_binary_output_stores_what_the_reference_path_stores(internal_type):
+    """In COPY's binary format the C side encodes values itself (timestamps as
+    microseconds, UUIDs as 16 bytes, numerics in base 10000...): PostgreSQL must end up
+    holding exactly what the reference path's text gives it."""
+    (table, name), values = CASES[internal_type]
+    col = column(table, name)
+    target, sql_type = target_of(table, name)
+    plan = line_plan(PLAN.table(table), {name: target})
+    spec = (plan.spec[[c.name for c in plan.table.columns].index(col.name)],)
+    printed = 0
+
+    @SETTINGS
+    @given(values)
+    def check(raw):
+        nonlocal printed
+        data, fallback, _ = copy_lines._copytext.format_rows([(raw,)], spec, None, 0, True)
+        if fallback:
+            return  # the Python path decides, in text
+        expected = reference_line(col, raw)
+        assert expected is not None, f"C accepted {raw!r}, which the reference path refuses"
+        assert stored(sql_type, data, binary=True) == stored(sql_type, expected, binary=False)
+        printed += 1
+
+    check()
+    assert printed > 0  # clean values did take the binary path
+
+
+@PG
+@pytest.mark.parametrize(
+    ("table", "name", "raw"),
+    [
+        ("accounts_kycverification", "risk_score", 0.0),
+        ("accounts_kycverification", "risk_score", -0.001),
+        ("accounts_kycverification", "risk_score", 999.99),
+        ("accounts_kycverification", "risk_score", -12345.678),
+        ("accounts_kycverification", "risk_score", 0.05),
+        ("accounts_kycverification", "risk_score", 10000),
+        ("accounts_user", "created_at", b"0001-01-01 00:00:00"),
+        ("accounts_user", "created_at", b"9999-12-31 23:59:59.999999"),
+        ("accounts_user", "created_at", b"1999-12-31 23:59:59.000001"),
+        ("accounts_kycverification", "expires_on", b"1900-02-28"),
+        ("accounts_loginevent", "ip_address", b"::"),
+        ("accounts_loginevent", "ip_address", b"255.255.255.255"),
+        ("accounts_loginevent", "ip_address", b"fe80::1:2"),
+        ("accounts_user", "status", b"active"),
+        ("accounts_loginevent", "id", -(2**63)),
+    ],
+)
+def test_binary_edges(table, name, raw):
+    col = column(table, name)
+    target, sql_type = target_of(table, name)
+    plan = line_plan(PLAN.table(table), {name: target})
+    spec = (plan.spec[[c.name for c in plan.table.columns].index(col.name)],)
+    data, fallback, _ = copy_lines._copytext.format_rows([(raw,)], spec, None, 0, True)
+    expected = reference_line(col, raw)
+    if fallback:
+        assert expected is None  # only what Django refuses (e.g. too many digits)
+        return
+    assert stored(sql_type, data, binary=True) == stored(sql_type, expected, binary=False)
+
+
+@PG
+def test_tables_take_the_binary_format_only_with_a_catalog_for_every_column():
+    table = PLAN.table("accounts_loginevent")
+    assert line_plan(table, {}).binary is False  # guessed types: text
+    with connections["postgresql"].cursor() as cur:
+        targets = target_columns(cur, "accounts_loginevent")
+    assert line_plan(table, targets).binary is True
+    assert line_plan(table, targets, binary=False).binary is False
 
 
 def test_other_ip_forms_go_through_django_s_python_converter():
@@ -291,3 +389,16 @@ def test_reader_errors_are_sqlite_errors(tmp_path):
     uri, _ = odd_table(tmp_path)
     with pytest.raises(ValueError, match="columns"):
         copy_lines._copytext.Reader(uri, "SELECT id FROM accounts_loginevent", plan.spec, None, 0)
+
+
+def test_reader_binary_gives_what_format_gives(tmp_path):
+    uri, rows = odd_table(tmp_path)
+    table = PLAN.table("accounts_loginevent")
+    text_plan = line_plan(table, {})
+    plan = type(text_plan)(table, text_plan.select, text_plan.spec, binary=True)
+    expected = plan.format(rows)
+    batches = list(plan.read(uri, batch_rows=4))
+    assert b"".join(b.data for b in batches) == expected.data
+    assert [r for b in batches for r in b.fallback] == expected.fallback
+    # in binary, an IP address C cannot encode sends its row to Python too
+    assert [r[0] for r in expected.fallback] == [2, 3, 4, 5, 7, 8, 10]
