@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, wait
+from concurrent.futures import wait
 from operator import call as _call
 from pathlib import Path
 from typing import Any
@@ -717,7 +717,7 @@ def copy_data(
         run = _Run(conn, connections[alias], plan, targets, repairs, sink, results, result, marks)
         run.state_file, run.progress, run.sqlite_path = state_file, progress, sqlite_path
         todo_plan = Plan(tables=todo, deferred_fks=[])
-        relational: Future | None = None
+        find_broken: Callable[[], list[RejectedRow]] | None = None
         if todo and quarantine:
             found = relational_rejections(conn, todo_plan, source_tables=present)
             run.skip = _quarantine_scan(conn, todo_plan, targets, repairs, found, sink)
@@ -730,13 +730,14 @@ def copy_data(
                     _scan_table(conn, table, targets[table.db_table], repairs, sink, progress)
                     results[table.db_table].status = "not-copied"
                 _fail(result, sink)
-            # broken keys are looked for on a second connection while the tables load
-            # (SQLite lets go of the GIL); found ones fail the run before anything is kept
-            relational = _in_background(
-                _relational_on_own_connection, sqlite_path, todo_plan, present
-            )
+
+            # broken keys and duplicates make a foreign key or unique key fail to build
+            # after the load; only then are their rows looked up on SQLite, to be listed
+            def find_broken() -> list[RejectedRow]:
+                return relational_rejections(conn, todo_plan, source_tables=present, checks=False)
+
         if todo or marks["pending_ddl"]:
-            _load(run, todo, relational)
+            _load(run, todo, find_broken)
         _count_rejected(result, sink)
     finally:
         conn.close()
@@ -744,23 +745,6 @@ def copy_data(
     result.reject_file = reject_file if sink.total else None
     result.seconds = round(time.perf_counter() - started, 3)
     return result
-
-
-def _in_background(function, *args) -> Future:
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(max_workers=1)
-    future = pool.submit(function, *args)
-    pool.shutdown(wait=False)  # the thread finishes this one call, then ends
-    return future
-
-
-def _relational_on_own_connection(sqlite_path: Path, plan: Plan, present: set[str]) -> list:
-    conn = open_readonly(sqlite_path, raw_text=True)
-    try:
-        return relational_rejections(conn, plan, source_tables=present, checks=False)
-    finally:
-        conn.close()
 
 
 @dataclasses.dataclass
@@ -843,7 +827,9 @@ def _quarantine_scan(conn, plan, targets, repairs, relational, sink) -> dict[str
     return skip
 
 
-def _load(run: _Run, todo: list[PlannedTable], relational: Future | None) -> None:
+def _load(
+    run: _Run, todo: list[PlannedTable], find_broken: Callable[[], list[RejectedRow]] | None
+) -> None:
     """Drop what slows the load, copy each table in its own transaction, rebuild, check."""
     pg, marks = run.pg, run.marks
     pending = {SchemaObject(**o) for o in marks["pending_ddl"]}
@@ -879,12 +865,22 @@ def _load(run: _Run, todo: list[PlannedTable], relational: Future | None) -> Non
         if not failed:  # every table is in: foreign keys can build too, and the data-only
             early.submit(drop, stage=1)  # steps run meanwhile
             _reset_and_refresh(pg, run.plan)
-        broken = relational.result() if relational is not None else []
     except BaseException:
         run.save_marks()  # whatever finished counts, whatever stopped us
         early.finish(abandon=True)
         raise
     early.finish()
+    broken: list[RejectedRow] = []
+    if not failed:
+        try:
+            _restore(pg, marks, run.state_file, drop, run.plan, refreshed=True)
+        except TargetError:
+            # a key did not build: rows with broken keys or duplicates, listed from SQLite
+            broken = find_broken() if find_broken is not None else []
+            if not broken:
+                raise
+    elif find_broken is not None:
+        broken = find_broken()  # a run with bad values reports broken keys as well
     if broken:
         # nothing of a table with broken keys is kept, as with a bad value
         run.sink.extend(broken)
@@ -903,7 +899,6 @@ def _load(run: _Run, todo: list[PlannedTable], relational: Future | None) -> Non
                 run.results[table.db_table].status = "copied-not-kept"
         _restore(pg, marks, run.state_file, drop, run.plan, best_effort=True)
         _fail(run.result, run.sink)
-    _restore(pg, marks, run.state_file, drop, run.plan, refreshed=True)
     with pg.cursor() as cur:
         after = schema_snapshot(cur, names)
     run.result.rebuilt = [f"{o.table}.{o.name}" for o in drop]

@@ -514,3 +514,20 @@ def test_rows_the_c_side_hands_back_arrive_through_a_second_copy(tmp_path):
     assert User.objects.using("postgresql").get(pk=users[1].pk).preferences == {"ratio": 1.5}
     check = verify(source=Side(sqlite_path=source_path()), target=Side(alias="postgresql"))
     assert check.ok, check.problems(Side(sqlite_path=source_path()), Side(alias="postgresql"))
+
+
+@ALL
+def test_bad_values_and_broken_keys_are_reported_together(tmp_path):
+    make_people()
+    path = bad_copy(
+        tmp_path,
+        "UPDATE accounts_user SET first_name = 'a' || char(0) WHERE email = 'u1@example.ie'",
+        "UPDATE accounts_membership SET organisation_id = '00000000000000000000000000000000'",
+    )
+    with pytest.raises(RowsRejected) as caught:
+        copy_data(sqlite_path=path, state_file=tmp_path / "s.json")
+    codes = {(r.table, r.code) for r in caught.value.result.rejections}
+    assert ("accounts_user", "nul") in codes and ("accounts_membership", "fk") in codes
+    with connections["postgresql"].cursor() as cur:
+        cur.execute("SELECT count(*) FROM accounts_membership")
+        assert cur.fetchone()[0] == 0  # nothing of a table with broken keys is kept
