@@ -204,3 +204,63 @@ def test_tables_subset_leaves_the_phase(dirs):
 
     with pytest.raises(CommandError, match="Unknown table"):
         run("--tables", "no_such_table")
+
+
+@ALL
+@pytest.mark.slow
+def test_sigterm_mid_copy_stops_both_lanes_and_the_next_run_resumes(tmp_path):
+    """A real process, a real signal, while two tables load at once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from django.conf import settings
+
+    pg = connections["postgresql"].settings_dict
+    url = f"postgres://{pg['USER']}:{pg['PASSWORD'] or ''}@{pg['HOST']}:{pg['PORT']}/{pg['NAME']}"
+    db_dir, source = tmp_path / "db", tmp_path / "source.sqlite3"
+    env = {
+        **os.environ,
+        "PROPCORE_DATABASE_DIR": str(db_dir),
+        "SQLITE_PATH": str(source),
+        "POSTGRES_URL": url,
+        "DATABASE_ACTIVE": "sqlite",
+    }
+    manage = [sys.executable, str(settings.BASE_DIR / "manage.py")]
+    for args in (["migrate", "--database", "sqlite", "-v", "0"], ["seed_demo", "--users", "20000"]):
+        subprocess.run(manage + args, env=env, check=True, capture_output=True)
+    prepared(source, db_dir / "state.json")
+    proc = subprocess.Popen(
+        manage + ["migrate_data", "--no-verify", "-v", "0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    with connections["postgresql"].cursor() as cur:
+        while time.monotonic() < deadline:  # both lanes busy: two COPYs running
+            cur.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE query LIKE 'COPY%%' AND state = 'active'"
+            )
+            if cur.fetchone()[0] == 2:
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "Interrupted by SIGTERM" in err and "Run migrate_data again" in err
+    state = state_mod.read_state(db_dir / "state.json")
+    assert state.phase == "prepared"
+    done = done_tables(db_dir / "state.json", source_sha256=file_sha256(source))
+    assert "accounts_loginevent" not in done  # the biggest table was still loading
+    again = subprocess.run(
+        manage + ["migrate_data"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert again.returncode == 0, again.stderr
+    assert "Verified" in again.stdout
+    assert state_mod.read_state(db_dir / "state.json").phase == "data_migrated"

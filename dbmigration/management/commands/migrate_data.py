@@ -5,7 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration.casts import REPAIR_RULES
 from dbmigration.copy import migrate_data
-from dbmigration.errors import MigrationError
+from dbmigration.errors import Interrupted, MigrationError
 
 
 class Command(BaseCommand):
@@ -69,6 +69,13 @@ class Command(BaseCommand):
                 )
         except MigrationError as exc:
             raise CommandError(str(exc), returncode=exc.returncode) from exc
+        except KeyboardInterrupt as exc:
+            name = "SIGTERM" if "signal" in str(exc) else "Ctrl-C"
+            raise CommandError(
+                f"Interrupted by {name}. The tables being loaded were rolled back; finished "
+                "ones are kept as done. Run migrate_data again to go on from there.",
+                returncode=Interrupted.returncode,
+            ) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
         if opts["verbosity"] == 0:
