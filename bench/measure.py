@@ -15,7 +15,7 @@ class Measurement:
     command: list[str]
     seconds: float
     returncode: int
-    peak_mb: float  # max of the child's own peak RSS (wait4) and its process tree's sampled sum
+    peak_mb: float  # max of the child's sampled high-water mark and its tree's sampled sum
     output_tail: str = ""
 
     @property
@@ -31,18 +31,22 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
+def _status_kb(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def tree_rss_kb(pid: int) -> int:
     """Sum of the resident memory of pid and all its descendants, in KiB."""
     total, todo = 0, [pid]
     while todo:
         current = todo.pop()
-        try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-                    break
-        except OSError:
-            continue
+        total += _status_kb(current, "VmRSS:")
         todo.extend(_children(current))
     return total
 
@@ -61,17 +65,19 @@ def run_measured(
     with open(out_path, "w") as out:
         started = time.perf_counter()
         proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-        peak_tree = [0]
+        peak_tree, peak_own = [0], [0]
         done = threading.Event()
 
         def sample() -> None:
-            # several processes (workers, pgloader threads) count together
+            # several processes (workers, pgloader threads) count together; the child's own
+            # high-water mark catches a peak between two samples
             while not done.wait(sample_every):
                 peak_tree[0] = max(peak_tree[0], tree_rss_kb(proc.pid))
+                peak_own[0] = max(peak_own[0], _status_kb(proc.pid, "VmHWM:"))
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        _pid, status, usage = os.wait4(proc.pid, 0)
+        _pid, status, _usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - started
         done.set()
         sampler.join()
@@ -79,7 +85,9 @@ def run_measured(
     tail = ""
     if log and log.exists():
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-tail_lines:])
-    peak_kb = max(usage.ru_maxrss, peak_tree[0])  # Linux: ru_maxrss is in KiB
+    # not wait4's ru_maxrss: it also counts this process's memory, copied by the fork
+    # before the child's exec
+    peak_kb = max(peak_own[0], peak_tree[0])
     return Measurement(
         command=[str(c) for c in command],
         seconds=round(seconds, 3),

@@ -17,8 +17,12 @@ def pg_url(name: str) -> str:
 
 
 def test_run_measured_sees_peak_memory_of_the_whole_process_tree_and_the_exit_code():
+    # regression: wait4's ru_maxrss counted this process's memory, copied by the fork before
+    # the child's exec, so a big test process made a 90 MB child weigh 300 MB
+    ballast = b"\x01" * (250 * 2**20)
     hold = "import time; x = bytearray(90 * 2**20); time.sleep(0.6)"
     single = run_measured([sys.executable, "-c", hold + "; raise SystemExit(3)"])
+    assert len(ballast) == 250 * 2**20
     assert single.returncode == 3 and not single.ok
     assert 90 <= single.peak_mb < 200
     two = run_measured(

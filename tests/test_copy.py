@@ -531,3 +531,33 @@ def test_bad_values_and_broken_keys_are_reported_together(tmp_path):
     with connections["postgresql"].cursor() as cur:
         cur.execute("SELECT count(*) FROM accounts_membership")
         assert cur.fetchone()[0] == 0  # nothing of a table with broken keys is kept
+
+
+@ALL
+def test_a_value_postgresql_refuses_after_c_let_it_through_is_named_by_python(
+    tmp_path, monkeypatch
+):
+    """The safety net under the C checks: if one ever lets a bad value through, PostgreSQL
+    refuses the COPY, and the table is redone value by value, which names the row."""
+    import dataclasses
+
+    from dbmigration import copy as copy_mod
+    from dbmigration.casts import TEXT
+
+    users = make_people(2)
+    path = bad_copy(
+        tmp_path,
+        f"UPDATE accounts_user SET first_name = '{'x' * 200}' WHERE id = '{users[1].pk.hex}'",
+    )
+    real = copy_mod.line_plan
+
+    def no_length_check(table, targets, **kwargs):  # a C check with a bug, on purpose
+        plan = real(table, targets, **kwargs)
+        spec = tuple((k, n, -1 if k == TEXT else a, *rest) for k, n, a, *rest in plan.spec)
+        return dataclasses.replace(plan, spec=spec)
+
+    monkeypatch.setattr(copy_mod, "line_plan", no_length_check)
+    with pytest.raises(RowsRejected) as caught:
+        copy_data(sqlite_path=path, state_file=tmp_path / "s.json")
+    found = [(r.table, r.pk, r.column, r.code) for r in caught.value.result.rejections]
+    assert found == [("accounts_user", users[1].pk.hex, "first_name", "length")]
