@@ -634,6 +634,18 @@ static int put_decimal(Buffer *buf, const Raw *raw, int places, int max_digits) 
     return buf_put(buf, out, o) < 0 ? -1 : 1;
 }
 
+/* Text the target takes unchanged: valid UTF-8 without NUL, within the column's length,
+ * one of the enum's labels if it is one.  1 yes, 0 no, -1 error. */
+static int clean_text(const Column *col, Raw *raw) {
+    Py_ssize_t chars = utf8_chars((const unsigned char *)(raw->s ? raw->s : ""), raw->n);
+    if (chars < 0 || (col->a >= 0 && chars > col->a))
+        return 0;
+    if (col->obj == Py_None)
+        return 1;
+    PyObject *value = raw_object(raw);
+    return value ? PySet_Contains(col->obj, value) : -1;
+}
+
 /* --- binary COPY: the same checks, PostgreSQL's binary forms --------------------------- */
 
 static int put_be(Buffer *buf, unsigned long long v, int bytes) {
@@ -740,18 +752,8 @@ static int put_value_binary(Buffer *buf, const Column *col, Raw *raw) {
     Py_ssize_t n = raw->n;
     switch (col->kind) {
     case K_TEXT: {
-        Py_ssize_t chars = utf8_chars((const unsigned char *)s, n);
-        if (chars < 0 || (col->a >= 0 && chars > col->a))
-            return 0;
-        if (col->obj != Py_None) {
-            PyObject *value = raw_object(raw);
-            if (!value)
-                return -1;
-            int found = PySet_Contains(col->obj, value);
-            if (found <= 0)
-                return found;
-        }
-        return put_field(buf, s, n);
+        int ok = clean_text(col, raw);
+        return ok == 1 ? put_field(buf, s, n) : ok;
     }
     case K_JSON: /* jsonb: a version byte, then the text */
         if (utf8_chars((const unsigned char *)s, n) < 0 || !clean_json(s, n))
@@ -845,18 +847,8 @@ static int put_value(Buffer *buf, const Column *col, Raw *raw) {
     Py_ssize_t n = raw->n;
     switch (col->kind) {
     case K_TEXT: {
-        Py_ssize_t chars = utf8_chars((const unsigned char *)s, n);
-        if (chars < 0 || (col->a >= 0 && chars > col->a))
-            return 0;
-        if (col->obj != Py_None) {
-            PyObject *value = raw_object(raw);
-            if (!value)
-                return -1;
-            int found = PySet_Contains(col->obj, value);
-            if (found <= 0)
-                return found;
-        }
-        return put_escaped(buf, s, n) < 0 ? -1 : 1;
+        int ok = clean_text(col, raw);
+        return ok == 1 ? (put_escaped(buf, s, n) < 0 ? -1 : 1) : ok;
     }
     case K_JSON:
         if (utf8_chars((const unsigned char *)s, n) < 0 || !clean_json(s, n))

@@ -41,11 +41,16 @@ def reference_line(col, raw) -> bytes | None:
     return bytes(formatter.write_row([value])) + bytes(formatter.end())
 
 
+def one_column_spec(table: str, name: str, targets: dict) -> tuple:
+    """The C spec of one column, as a one-column table's spec."""
+    plan = line_plan(PLAN.table(table), targets)
+    return (plan.spec[[c.name for c in plan.table.columns].index(name)],)
+
+
 def c_line(col, raw) -> bytes | None:
     """The COPY text the C formatter writes for one value (None: handed back to Python)."""
-    plan = line_plan(PLAN.table(col.field.model._meta.db_table), {})
-    spec = plan.spec[[c.name for c in plan.table.columns].index(col.name)]
-    data, fallback, _ = copy_lines._copytext.format_rows([(raw,)], (spec,), None, 0)
+    spec = one_column_spec(col.field.model._meta.db_table, col.name, {})
+    data, fallback, _ = copy_lines._copytext.format_rows([(raw,)], spec, None, 0)
     return None if fallback else data
 
 
@@ -182,8 +187,7 @@ def test_binary_output_stores_what_the_reference_path_stores(internal_type):
     (table, name), values = CASES[internal_type]
     col = column(table, name)
     target, sql_type = target_of(table, name)
-    plan = line_plan(PLAN.table(table), {name: target})
-    spec = (plan.spec[[c.name for c in plan.table.columns].index(col.name)],)
+    spec = one_column_spec(table, name, {name: target})
     printed = 0
 
     @SETTINGS
@@ -226,8 +230,7 @@ def test_binary_output_stores_what_the_reference_path_stores(internal_type):
 def test_binary_edges(table, name, raw):
     col = column(table, name)
     target, sql_type = target_of(table, name)
-    plan = line_plan(PLAN.table(table), {name: target})
-    spec = (plan.spec[[c.name for c in plan.table.columns].index(col.name)],)
+    spec = one_column_spec(table, name, {name: target})
     data, fallback, _ = copy_lines._copytext.format_rows([(raw,)], spec, None, 0, True)
     expected = reference_line(col, raw)
     if fallback:
@@ -256,9 +259,7 @@ def test_other_ip_forms_go_through_django_s_python_converter():
 def test_enum_labels_come_from_the_target_catalog():
     table = PLAN.table("accounts_user")
     target = TargetColumn("status", "user_status", True, None, frozenset({"active", "invited"}))
-    plan = line_plan(table, {"status": target})
-    index = [c.name for c in table.columns].index("status")
-    spec = (plan.spec[index],)
+    spec = one_column_spec(table.db_table, "status", {"status": target})
     assert copy_lines._copytext.format_rows([(b"active",)], spec, None, 0)[0] == b"active\n"
     assert copy_lines._copytext.format_rows([(b"sleeping",)], spec, None, 0)[1] == [0]
 
