@@ -133,6 +133,14 @@ static int buf_reserve(Buffer *buf, Py_ssize_t extra) {
     return 0;
 }
 
+/* The buffer's bytes as a bytes object; the buffer is freed either way. */
+static PyObject *take_bytes(Buffer *buf) {
+    PyObject *data = PyBytes_FromStringAndSize(buf->data ? buf->data : "", buf->len);
+    PyMem_Free(buf->data);
+    buf->data = NULL;
+    return data;
+}
+
 static int buf_put(Buffer *buf, const char *src, Py_ssize_t n) {
     if (buf_reserve(buf, n) < 0)
         return -1;
@@ -964,8 +972,7 @@ static PyObject *format_rows(PyObject *self, PyObject *args) {
             Py_DECREF(index);
         }
     }
-    PyObject *data = PyBytes_FromStringAndSize(buf.data ? buf.data : "", buf.len);
-    PyMem_Free(buf.data);
+    PyObject *data = take_bytes(&buf);
     PyMem_Free(columns);
     if (!data) {
         Py_DECREF(fallback);
@@ -1160,8 +1167,7 @@ static PyObject *reader_batch(Reader *self, PyObject *args) {
         }
         Py_DECREF(row);
     }
-    PyObject *data = PyBytes_FromStringAndSize(buf.data ? buf.data : "", buf.len);
-    PyMem_Free(buf.data);
+    PyObject *data = take_bytes(&buf);
     if (!data) {
         Py_DECREF(fallback);
         return NULL;

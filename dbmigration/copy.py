@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import os
 import tempfile
 import threading
 import time
@@ -239,18 +238,8 @@ def relational_rejections(
                 f"WHERE c.{qi(fk.column)} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM "
                 f"{qi(fk.to_table)} p WHERE p.{qi(fk.to_column)} = c.{qi(fk.column)})"
             ).fetchall()
-            for pk_value, value in rows:
-                found.append(
-                    RejectedRow(
-                        table=table.db_table,
-                        pk=plain(pk_value),
-                        raw_pk=pk_value,
-                        column=fk.column,
-                        code="fk",
-                        reason=f"points to a missing {fk.to_table}.{fk.to_column}",
-                        excerpt=excerpt(value),
-                    )
-                )
+            reason = f"points to a missing {fk.to_table}.{fk.to_column}"
+            found.extend(_fk_rejection(table, fk, key, value, reason) for key, value in rows)
         if checks:
             found.extend(check_rejections(conn, table))
         for columns in table.unique_sets:
@@ -283,6 +272,18 @@ def relational_rejections(
                     )
                 )
     return found
+
+
+def _fk_rejection(table: PlannedTable, fk, raw_pk: Any, value: Any, reason: str) -> RejectedRow:
+    return RejectedRow(
+        table=table.db_table,
+        pk=plain(raw_pk),
+        raw_pk=raw_pk,
+        column=fk.column,
+        code="fk",
+        reason=reason,
+        excerpt=excerpt(value),
+    )
 
 
 def check_rejections(conn, table: PlannedTable) -> list[RejectedRow]:
@@ -354,17 +355,8 @@ def cascade_rejections(conn, plan: Plan, rejected: dict[str, set]) -> list[Rejec
                             continue
                         mine.add(pk_value)
                         changed = True
-                        added.append(
-                            RejectedRow(
-                                table=table.db_table,
-                                pk=plain(pk_value),
-                                raw_pk=pk_value,
-                                column=fk.column,
-                                code="fk",
-                                reason=f"points to a rejected {fk.to_table} row",
-                                excerpt=excerpt(value),
-                            )
-                        )
+                        reason = f"points to a rejected {fk.to_table} row"
+                        added.append(_fk_rejection(table, fk, pk_value, value, reason))
     return added
 
 
@@ -597,33 +589,61 @@ def rebuild(alias: str, objects: list[SchemaObject], *, workers: int = 2) -> Non
     Every object is tried; the first failure is raised at the end, so one bad key does
     not leave unrelated indexes missing.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    builder = Rebuilder(alias, workers=workers)
+    builder.submit(objects, stage=0)
+    builder.submit(objects, stage=1)
+    builder.finish()
+    if builder.errors:
+        raise builder.errors[0]
 
-    import psycopg
 
-    params = connections[alias].get_connection_params()
-    errors: list[Exception] = []
-    for stage in (0, 1, 2):
-        batch = [o for o in objects if _rebuild_order(o) == stage]
-        if not batch:
-            continue
-        lanes = [batch[i::workers] for i in range(workers)]
+class Rebuilder:
+    """Create indexes and constraints on background connections (one per worker).
 
-        def run(lane: list[SchemaObject]) -> None:
-            if not lane:
-                return
-            with psycopg.connect(**params, autocommit=True) as conn:
-                for obj in lane:
-                    try:
-                        conn.execute(obj.create_sql)
-                    except psycopg.Error as exc:
-                        errors.append(exc)
+    The copy feeds it each loaded table's own keys and indexes while the next tables load,
+    then the foreign keys; what fails is kept in ``errors`` and stays missing, for
+    _restore to try again and report.
+    """
 
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for future in [pool.submit(run, lane) for lane in lanes]:
-                future.result()
-    if errors:
-        raise errors[0]
+    def __init__(self, alias: str, *, workers: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.params = connections[alias].get_connection_params()
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        self.local = threading.local()
+        self.opened: list = []
+        self.futures: list = []
+        self.errors: list[Exception] = []
+        self.stopped = False
+
+    def submit(self, objects: list[SchemaObject], *, stage: int = 0) -> None:
+        """Queue the objects of one rebuild stage; a later stage waits for what is queued
+        before it (a foreign key needs the key it points at)."""
+        earlier = list(self.futures) if stage else []
+        for obj in objects:
+            if _rebuild_order(obj) == stage:
+                self.futures.append(self.pool.submit(self._build, obj, earlier))
+
+    def _build(self, obj: SchemaObject, earlier: list) -> None:
+        import psycopg
+
+        wait(earlier)  # started already (the queue is first in, first out): no deadlock
+        if self.stopped:
+            return
+        try:
+            if getattr(self.local, "conn", None) is None:
+                self.local.conn = psycopg.connect(**self.params, autocommit=True)
+                self.opened.append(self.local.conn)
+            self.local.conn.execute(obj.create_sql)
+        except psycopg.Error as exc:
+            self.errors.append(exc)
+
+    def finish(self, *, abandon: bool = False) -> None:
+        """Wait for the builds (abandon: only for the statements running now)."""
+        self.stopped = abandon
+        self.pool.shutdown(wait=True, cancel_futures=abandon)
+        for conn in self.opened:
+            conn.close()
 
 
 # --- done markers in the state file -------------------------------------------------------
@@ -764,6 +784,7 @@ class _Run:
     state_file: Path | None = None
     progress: Progress | None = None
     sqlite_path: Path | None = None
+    sizes: dict[str, int] = dataclasses.field(default_factory=dict)  # rows per table to load
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # state file
     abort: threading.Event = dataclasses.field(default_factory=threading.Event)
 
@@ -853,11 +874,11 @@ def _load(
         for obj in drop:
             if obj in current:
                 cur.execute(obj.drop_sql)
-    sizes = {t.db_table: count_rows(run.conn, t.db_table) for t in todo}
+    sizes = run.sizes = {t.db_table: count_rows(run.conn, t.db_table) for t in todo}
     if run.progress:  # announce every table first, so an overall bar knows its total
         for table in todo:
             run.progress(table.db_table, 0, sizes[table.db_table])
-    early = _EarlyRebuild(pg.alias)
+    early = Rebuilder(pg.alias)
     try:
         # biggest first, so the two lanes end close together
         failed = _load_in_lanes(run, sorted(todo, key=lambda t: -sizes[t.db_table]), early, drop)
@@ -975,54 +996,6 @@ def _load_in_lanes(run: _Run, queue: list[PlannedTable], early, drop) -> bool:
     return rejected.is_set()
 
 
-class _EarlyRebuild:
-    """Build each loaded table's own keys and indexes on background connections (one per
-    worker) while the next tables load.
-
-    Only an optimisation: whatever fails or is not reached here, _restore builds (or
-    reports) at the end, as if this never ran.  Foreign keys wait for _restore.
-    """
-
-    def __init__(self, alias: str, *, workers: int = 2):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.params = connections[alias].get_connection_params()
-        self.pool = ThreadPoolExecutor(max_workers=workers)
-        self.local = threading.local()
-        self.opened: list = []
-        self.futures: list = []
-        self.stopped = False
-
-    def submit(self, objects: list[SchemaObject], *, stage: int = 0) -> None:
-        """Queue the objects of one rebuild stage; a later stage waits for what is queued
-        before it (a foreign key needs the key it points at)."""
-        earlier = list(self.futures) if stage else []
-        for obj in objects:
-            if _rebuild_order(obj) == stage:
-                self.futures.append(self.pool.submit(self._build, obj, earlier))
-
-    def _build(self, obj: SchemaObject, earlier: list) -> None:
-        import psycopg
-
-        wait(earlier)  # started already (the queue is first in, first out): no deadlock
-        if self.stopped:
-            return
-        try:
-            if getattr(self.local, "conn", None) is None:
-                self.local.conn = psycopg.connect(**self.params, autocommit=True)
-                self.opened.append(self.local.conn)
-            self.local.conn.execute(obj.create_sql)
-        except psycopg.Error:
-            pass  # _restore tries again and names the cause
-
-    def finish(self, *, abandon: bool = False) -> None:
-        """Wait for the builds (abandon: only for the statements running now)."""
-        self.stopped = abandon
-        self.pool.shutdown(wait=True, cancel_futures=abandon)
-        for conn in self.opened:
-            conn.close()
-
-
 def _restore(
     pg, marks, state_file, drop, plan, *, best_effort: bool = False, refreshed: bool = False
 ) -> None:
@@ -1114,14 +1087,15 @@ def _python_chunks(conn, rc: RowConverter, skip) -> Iterator[_Chunk]:
         yield chunk
 
 
-def _formatted_chunks(conn, rc: RowConverter, lines: LinePlan, skip) -> Iterator[_Chunk]:
+def _formatted_chunks(
+    sqlite_path: Path, rc: RowConverter, lines: LinePlan, skip
+) -> Iterator[_Chunk]:
     """Batches read and printed in C; the rows it hands back take the Python path."""
     from psycopg._copy_base import TextFormatter  # the row formatter COPY itself uses
     from psycopg.adapt import Transformer
 
     formatter = TextFormatter(Transformer())
-    path = Path(os.fsdecode(conn.execute("PRAGMA database_list").fetchone()[2]))
-    uri = f"{path.resolve().as_uri()}?mode=ro"  # as open_readonly opens it
+    uri = f"{Path(sqlite_path).resolve().as_uri()}?mode=ro"  # as open_readonly opens it
     for made in lines.read(uri, skip=skip, batch_rows=BATCH_ROWS):
         rows: list = []
         chunk = _convert_rows(rc, made.fallback, None, rc.pk_index, rows.append)
@@ -1168,9 +1142,9 @@ def _load_table(run: _Run, table: PlannedTable, lines: LinePlan | None, conn) ->
     sink, progress = run.sink, run.progress
     out, skip = run.results[table.db_table], run.skip.get(table.db_table)
     rc = RowConverter(table, run.targets[table.db_table], repairs=run.repairs)
-    total = count_rows(conn, table.db_table)
+    total = run.sizes[table.db_table]
     if lines is not None:
-        chunks = _formatted_chunks(conn, rc, lines, skip)
+        chunks = _formatted_chunks(run.sqlite_path, rc, lines, skip)
     else:
         chunks = _python_chunks(conn, rc, skip)
     rejected_here = False
