@@ -86,7 +86,7 @@ AUTH_USER_MODEL = "accounts.User"
 
 # --- Applications -----------------------------------------------------------------
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "propcore.apps.ConsoleAdminConfig",  # django.contrib.admin + the migration console
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
