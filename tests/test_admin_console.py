@@ -1,14 +1,18 @@
 """The admin's "Database migration" section: read-only views over a real runbook's files."""
 
+import csv
+import datetime
 import json
 from io import StringIO
 from pathlib import Path
 
 import pytest
+from auditlog.context import set_actor
+from auditlog.models import LogEntry
 from django.core.management import call_command
 from django.test import override_settings
 
-from accounts.models import User
+from accounts.models import Organisation, User
 from tests.test_copy import bad_copy, make_people
 from tests.test_migrate_data import prepared
 
@@ -156,3 +160,90 @@ def test_console_writes_nothing(client, superuser, runbook):
         assert client.get(f"{CONSOLE}{page}").status_code == 200, page
     b"".join(client.get(f"{CONSOLE}reports/{name}/rejects").streaming_content)
     assert _tree(runbook.parent) == before
+
+
+# --- in a real browser: headless Chromium from Debian, driven by Playwright ------------------
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package (the Makefile installs it)
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.mark.slow
+def test_operator_and_auditor_in_a_browser(runbook, live_server, tmp_path):
+    name, report = _report(runbook)
+    root = User.objects.create_superuser("root@prop.ie", "correct-horse-battery")
+    with set_actor(root):
+        Organisation.objects.create(name="Lisney Sotheby's", kind="estate_agent")
+    Organisation.objects.create(name="Glenveagh Properties", kind="developer")  # by "system"
+    march = LogEntry.objects.filter(object_repr="Glenveagh Properties")
+    march.update(timestamp=datetime.datetime(2026, 3, 1, 12, tzinfo=datetime.UTC))
+    expected_system = LogEntry.objects.filter(actor__isnull=True).count()
+
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_context(accept_downloads=True).new_page()
+        page.set_default_timeout(15_000)
+        try:
+            # log in
+            page.goto(f"{live_server.url}/admin/")
+            page.fill("#id_username", "root@prop.ie")
+            page.fill("#id_password", "correct-horse-battery")
+            page.click("input[type=submit]")
+            page.wait_for_selector("text=Site administration")
+
+            # the migration page, from the admin index
+            page.click("text=Status and history")
+            assert page.inner_text("#migration-status .phase") == "data_migrated"
+            assert "switch_to_postgresql" in page.inner_text("#migration-status .next-step")
+            assert "migrate_data (copy)" in page.inner_text("#history")
+
+            # a report: steps, counts, rejections, and the reject file
+            page.click(".console-nav >> text=Reports")
+            page.click(f"a[href$='{name}/']")
+            assert "copy" in page.inner_text("#steps") and "verify" in page.inner_text("#steps")
+            users = report["facts"]["tables"]["accounts_user"]
+            assert users["source_checksum"] in page.inner_text("#facts")
+            assert "NUL byte" in page.inner_text("table[data-block=rejections]")
+            with page.expect_download() as download:
+                page.click("a.rejects-download")
+            saved = tmp_path / "rejects.jsonl"
+            download.value.save_as(saved)
+            assert saved.read_bytes() == Path(report["facts"]["reject_file"]).read_bytes()
+
+            # the audit log, filtered by actor, then by date range, then exported
+            page.goto(f"{live_server.url}/admin/auditlog/logentry/")
+            page.click("#changelist-filter >> text=system (no user)")
+            assert f"Export CSV ({expected_system} entries)" in page.text_content(".export-csv")
+            page.fill("form[data-filter=date-range] input[name=date_from]", "2026-03-01")
+            page.fill("form[data-filter=date-range] input[name=date_to]", "2026-03-01")
+            page.click("form[data-filter=date-range] input[type=submit]")
+            assert "Export CSV (1 entry)" in page.text_content(".export-csv")
+            assert "Glenveagh Properties" in page.inner_text("#result_list")
+            with page.expect_download() as download:
+                page.click(".export-csv")
+            exported = tmp_path / "audit.csv"
+            download.value.save_as(exported)
+            rows = list(csv.DictReader(exported.open(encoding="utf-8")))
+            assert [(r["actor"], r["action"], r["object"]) for r in rows] == [
+                ("system", "create", "Glenveagh Properties")
+            ]
+            assert rows[0]["timestamp"].startswith("2026-03-01T12:00:00")
+
+            # a user's History page shows the user's audit entries
+            page.goto(f"{live_server.url}/admin/accounts/user/{root.pk}/change/")
+            page.click("a.historylink")
+            assert "Audit log: root@prop.ie" in page.inner_text("#content")
+            assert "Create" in page.inner_text("#auditlog-history")
+        finally:
+            browser.close()
