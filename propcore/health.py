@@ -131,6 +131,8 @@ class Migration(HealthCheck):
             raise ServiceWarning(self.result.message)
 
 
+FORMATS = ("json", "text", "atom", "rss", "openmetrics", "html")
+
 HEALTH_CHECKS = [(Database, {"alias": alias}) for alias in settings.DATABASES] + [
     (Migration, {"check": name}) for name in health.CHECKS
 ]
@@ -160,13 +162,6 @@ class HealthView(HealthCheckView):
 
     checks = HEALTH_CHECKS
     template_name = "propcore/health.html"
-    renderers = {
-        "json": "render_to_response_json",
-        "text": "render_to_response_text",
-        "atom": "render_to_response_atom",
-        "rss": "render_to_response_rss",
-        "openmetrics": "render_to_response_openmetrics",
-    }
     media_types = {
         "text/plain": "text",
         "text/html": "html",
@@ -196,17 +191,28 @@ class HealthView(HealthCheckView):
             default=health.OK,
         )
         status_code = 500 if self.overall == health.DOWN else 200
-        wanted = request.GET.get("format") or self._negotiate(request)
-        if wanted is None:
-            return HttpResponse(
-                "Not Acceptable: use ?format=json, text, atom, rss or openmetrics, or "
-                "Accept: text/html.",
-                status=406,
-                content_type="text/plain",
-            )
-        if wanted in self.renderers:
-            return getattr(self, self.renderers[wanted])(status_code)
-        return self.render_to_response(self.get_context_data(**kwargs), status=status_code)
+        wanted = request.GET.get("format")
+        if wanted not in FORMATS:
+            wanted = self._negotiate(request)
+        match wanted:
+            case "json":
+                return self.render_to_response_json(status_code)
+            case "text":
+                return self.render_to_response_text(status_code)
+            case "atom":  # feeds and metrics answer 200 whatever the checks say (library's rule)
+                return self.render_to_response_atom()
+            case "rss":
+                return self.render_to_response_rss()
+            case "openmetrics":
+                return self.render_to_response_openmetrics()
+            case "html":
+                return self.render_to_response(self.get_context_data(**kwargs), status=status_code)
+        return HttpResponse(
+            "Not Acceptable: use ?format=json, text, atom, rss or openmetrics, or "
+            "Accept: text/html.",
+            status=406,
+            content_type="text/plain",
+        )
 
     def _negotiate(self, request) -> str | None:
         for media in MediaType.parse_header(request.headers.get("accept", "*/*")):

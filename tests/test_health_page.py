@@ -174,3 +174,31 @@ def test_pool_check_runs_after_the_probes_that_use_the_pool(rf, pool_of_one):
     pool = json.loads(response.content)["checks"]["pool"]
     assert pool["status"] == "ok", pool
     assert pool["details"]["postgresql"]["requests_waiting"] == 0
+
+
+@pytest.mark.parametrize(
+    ("query", "accept", "content_type"),
+    [
+        ({"format": "json"}, "*/*", "application/json"),
+        ({"format": "text"}, "*/*", "text/plain; charset=utf-8"),
+        ({"format": "atom"}, "*/*", "application/atom+xml; charset=utf-8"),
+        ({"format": "rss"}, "*/*", "application/rss+xml; charset=utf-8"),
+        (
+            {"format": "openmetrics"},
+            "*/*",
+            "application/openmetrics-text",
+        ),
+        ({}, "application/json", "application/json"),
+        ({}, "text/plain", "text/plain; charset=utf-8"),
+        ({"format": "nonsense"}, "text/html", "text/html; charset=utf-8"),
+    ],
+)
+def test_every_format_answers(client, query, accept, content_type):
+    response = client.get("/health/", query, HTTP_ACCEPT=accept)
+    assert response.status_code == 200, response.content[:500]
+    assert response["Content-Type"].startswith(content_type)
+    assert b"Backup age" in response.content or b"backup_age" in response.content
+
+
+def test_unsupported_media_type_is_406(client):
+    assert client.get("/health/", HTTP_ACCEPT="image/png").status_code == 406
