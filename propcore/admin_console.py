@@ -144,7 +144,9 @@ def list_reports() -> list[dict]:
                 "started_at": data.get("started_at", ""),
                 "mode": facts.get("mode", ""),
                 "rejected": facts.get("rejected_total", 0),
-                "error": next((s["error"] for s in data.get("steps", []) if s.get("error")), ""),
+                # a refusal may sit in facts.error rather than in a step (issue 10)
+                "error": next((s["error"] for s in data.get("steps", []) if s.get("error")), "")
+                or facts.get("error", ""),
             }
         )
     return found

@@ -247,3 +247,26 @@ def test_operator_and_auditor_in_a_browser(runbook, live_server, tmp_path):
             assert "Create" in page.inner_text("#auditlog-history")
         finally:
             browser.close()
+
+
+def test_an_unreadable_state_file_is_said_not_crashed_on(client, staff, runbook):
+    (runbook / "state.json").write_text("{ half a file")
+    response = client.get(CONSOLE)
+    assert response.status_code == 200
+    assert "is unreadable" in response.content.decode()
+
+
+def test_reports_list_shows_a_refusal_recorded_in_the_facts(client, staff, runbook):
+    refused = runbook / "reports" / "migration_report_20991231T000000Z.json"
+    refused.write_text(
+        json.dumps(
+            {
+                "command": "migration_prepare",
+                "status": "failed",
+                "steps": [],
+                "facts": {"error": "Cannot run migration_prepare now"},
+            }
+        )
+    )
+    page = client.get(f"{CONSOLE}reports/").content.decode()
+    assert "Cannot run migration_prepare now" in page
