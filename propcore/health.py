@@ -77,7 +77,7 @@ class Database(checks.Database):
 
     @property
     def details(self) -> dict:
-        return {"alias": self.alias, "vendor": settings.DATABASES[self.alias]["ENGINE"]}
+        return {"alias": self.alias, "engine": settings.DATABASES[self.alias]["ENGINE"]}
 
     def __repr__(self) -> str:  # the library's text, feeds and logs name checks by repr
         return self.label
