@@ -89,6 +89,8 @@ def blocks(data: dict, *, show_rows: bool) -> list[Block]:
             out.append(_table(key, rows, first=None if named else ""))
         elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             out.append(_table(key, [_private(v, show_rows) for v in value]))
+        elif isinstance(value, dict | list) and not value:
+            out.append(Block(key, "value", "none"))
         elif isinstance(value, dict | list):
             out.append(Block(key, "json", json.dumps(value, indent=2, default=str)))
         else:
@@ -161,7 +163,9 @@ class ConsoleAdminSite(admin.AdminSite):
     def get_urls(self):
         view = self.admin_view
         console = [
-            path("migration/", view(self.status_view), name="migration_status"),
+            # the section's own address; the sidebar marks pages by prefix, so status has its own
+            path("migration/", view(self.status_view), name="migration"),
+            path("migration/status/", view(self.status_view), name="migration_status"),
             path("migration/reports/", view(self.reports_view), name="migration_reports"),
             path("migration/reports/<str:name>/", view(self.report_view), name="migration_report"),
             path(
@@ -194,7 +198,7 @@ class ConsoleAdminSite(admin.AdminSite):
         return {
             "name": "Database migration",
             "app_label": "migration",
-            "app_url": reverse("admin:migration_status", current_app=self.name),
+            "app_url": reverse("admin:migration", current_app=self.name),
             "has_module_perms": True,
             "models": [
                 {

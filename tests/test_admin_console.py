@@ -68,7 +68,7 @@ def test_console_is_for_staff_only(client, runbook):
 def test_admin_index_has_the_migration_section(client, staff, runbook):
     page = client.get("/admin/").content.decode()
     assert "Database migration" in page
-    for url in ("migration/", "migration/reports/", "migration/backups/", "migration/health/"):
+    for url in ("migration/", "migration/status/", "migration/reports/", "migration/backups/"):
         assert f'href="/admin/{url}"' in page
 
 
