@@ -463,7 +463,7 @@ def check_sqlite_source(*, sqlite_path: Path, lock_timeout: float = 5.0) -> Chec
             f"all {len(expected)} migrations applied"
             if not missing
             else f"{len(missing)} not applied on SQLite: {', '.join(missing[:5])}",
-            "run 'manage.py migrate --database sqlite' first, then prepare again",
+            "run 'manage.py migrate' while SQLite is the active backend, then prepare again",
         )
     )
     return report

@@ -265,7 +265,8 @@ def test_sqlite_checks_find_fk_violations_and_unapplied_migrations(tmp_path):
     assert checks["foreign_key_check"].warning
     assert "child rowid 1 -> parent" in checks["foreign_key_check"].detail
     assert code_migrations()[-1] in failed["migrations_applied"].detail
-    assert "migrate --database sqlite" in failed["migrations_applied"].line()
+    line = failed["migrations_applied"].line()
+    assert "manage.py migrate' while SQLite is the active backend" in line
 
 
 def test_sqlite_integrity_failure_raises(tmp_path):
