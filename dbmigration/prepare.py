@@ -222,7 +222,10 @@ def _phases(
         if result.schema_problems:
             raise TargetError(
                 f"{len(result.schema_problems)} schema differences on PostgreSQL, first: "
-                f"{result.schema_problems[0]}. Fix: drop the target database and prepare again."
+                f"{result.schema_problems[0]}. Fix: if the target was migrated by other code, "
+                "drop it and prepare again; if the project's migrations make that column or "
+                "table differ by vendor on purpose, give the model a policy in "
+                "DBMIGRATION['MODEL_POLICIES'] (README: per-model policies)."
             )
         _dry_run(sqlite_path, result, step, note, pg_alias=pg_alias)
         if result.rejections:
@@ -328,8 +331,9 @@ def _create_schema(
     in this process point at the SQLite source.  Repointing ``default`` in a running process
     is not safe (open connections, cached routers, signal receivers that captured an alias),
     so the child starts from the project's settings with ``default`` replaced by the target
-    and every alias on the source file opened read-only (``mode=ro``): a migration that
-    still reaches for the source fails there instead of writing (dbmigration.schema_child).
+    and every alias on the source file opened read-only (``mode=ro``).  Routers stay: one
+    that answers None sends writes to ``default``, the target; one that names the source
+    alias meets the read-only file and fails instead of writing (dbmigration.schema_child).
     """
     from django.conf import settings
     from django.db import connections
