@@ -8,17 +8,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from django.apps import apps
 
-from dbmigration import conf
 from dbmigration import state as state_mod
 from dbmigration.backup import BackupInfo, create_sqlite_backup, signals_as_errors
 from dbmigration.errors import (
@@ -40,6 +35,7 @@ from dbmigration.preflight import (
     describe,
 )
 from dbmigration.reports import RunReport
+from dbmigration.schema_child import migrate_target
 from dbmigration.sqlite_source import source_fingerprint
 
 Progress = Callable[[str], None] | None
@@ -325,75 +321,11 @@ def _ensure_database(conninfo: dict) -> bool:
 def _create_schema(
     pg_alias: str, conninfo: dict, *, sqlite_path: Path, log: Callable[[str], None]
 ) -> dict:
-    """Create the database if missing, then run Django's migrate against it in a child process.
-
-    Why a child: data migrations (RunPython) write through ``default`` and the routers, which
-    in this process point at the SQLite source.  Repointing ``default`` in a running process
-    is not safe (open connections, cached routers, signal receivers that captured an alias),
-    so the child starts from the project's settings with ``default`` replaced by the target
-    and every alias on the source file opened read-only (``mode=ro``).  Routers stay: one
-    that answers None sends writes to ``default``, the target; one that names the source
-    alias meets the read-only file and fails instead of writing (dbmigration.schema_child).
-    """
-    from django.conf import settings
-    from django.db import connections
-
+    """Create the database if missing, then run Django's migrate against it with ``default``
+    pointing at it and the source read-only (in a child process: schema_child.py says why)."""
     created = _ensure_database(conninfo)
-    target = {k: v for k, v in connections[pg_alias].settings_dict.items() if k != "TEST"}
-    payload = json.dumps(
-        {
-            "target": target,
-            "target_alias": pg_alias,
-            "source_alias": conf.SOURCE_ALIAS,
-            "source_path": str(Path(sqlite_path).resolve()),
-        },
-        default=str,
-    )
-    # override_settings() hides SETTINGS_MODULE; the environment still names the module
-    settings_module = os.environ.get("DJANGO_SETTINGS_MODULE") or settings.SETTINGS_MODULE
-    if not settings_module:
-        raise MigrationError(
-            "migration_prepare needs DJANGO_SETTINGS_MODULE to run migrate on the target in a "
-            "child process. Fix: run it through manage.py (or set the variable)."
-        )
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": settings_module,
-        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "dbmigration.schema_child"],
-        input=payload,
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    lines = proc.stdout.strip().splitlines()
-    try:
-        outcome = json.loads(lines[-1]) if lines else {}
-    except json.JSONDecodeError:
-        outcome = {}
-    if proc.returncode != 0 or "error" in outcome or not outcome:
-        error = outcome.get("error") or (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        log(f"migrate in the schema child failed:\n{proc.stderr}")
-        raise TargetError(_migrate_failure(error))
+    outcome = migrate_target(target_alias=pg_alias, source_path=sqlite_path, log=log)
     return {"database_created": created, **outcome}
-
-
-def _migrate_failure(error: str) -> str:
-    if "readonly database" in error:
-        return (
-            f"A migration tried to write to the SQLite source while migrate ran on PostgreSQL "
-            f"({error}); prepare keeps the source read-only, so nothing was written there. Fix: "
-            "make that data migration use schema_editor.connection.alias (or the default "
-            "manager), then run migration_prepare again."
-        )
-    return (
-        f"Django's migrate on the PostgreSQL target failed: {error}. The SQLite source was "
-        "open read-only and is unchanged; each migration that failed was rolled back. Fix the "
-        "migration (the log has the traceback), then run migration_prepare again."
-    )
 
 
 # column types PostgreSQL may hold wider than Django asks for, nothing lost (e.g. the ids of

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from django.db import connections, models, transaction
-from django.db.migrations.executor import MigrationExecutor
 from django.db.models.expressions import RawSQL
 from django.db.utils import load_backend
 
@@ -205,12 +204,16 @@ def swap_in(copy: Path, sqlite_path: Path) -> None:
 
 
 def drop_postgres_copy(alias: str = "postgresql") -> list[str]:
-    """Unapply every migration on alias (tables, enum types, views); return what was undone."""
-    executor = MigrationExecutor(connections[alias])
-    targets = [(app, None) for app in sorted(executor.loader.migrated_apps)]
-    plan = executor.migration_plan(targets)
-    executor.migrate(targets, plan=plan)
-    return [f"{m.app_label}.{m.name}" for m, _backwards in plan]
+    """Unapply every migration on alias (tables, enum types, views); return what was undone.
+
+    As migration_prepare applies them: in a child process whose ``default`` is the alias and
+    whose SQLite is read-only, so a reversed data migration never writes to SQLite.
+    """
+    from dbmigration.schema_child import migrate_target
+
+    source = connections.settings[conf.SOURCE_ALIAS]["NAME"]
+    outcome = migrate_target(target_alias=alias, source_path=Path(source), unapply=True)
+    return outcome["migrations_unapplied"]
 
 
 # --- the rollback -----------------------------------------------------------------------------

@@ -154,8 +154,14 @@ def test_runbook_runs_for_a_project_that_is_not_propcore(project):
         )
     )
 
-    must(run("rollback_to_sqlite", "--noinput"))
+    # --drop-postgres unapplies every migration on PostgreSQL; the reversed data migration
+    # writes through `default` too, which must be PostgreSQL then, not the SQLite now active
+    must(run("rollback_to_sqlite", "--noinput", "--drop-postgres"))
+    assert on_target(run, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'") == [
+        ("django_migrations",)
+    ]
     back = snapshot(run)
+    assert back["categories"] == before["categories"] == ["General"]
     assert back["vendor"] == "sqlite"
     assert ["written on pg", "7.00", "23:59:59.999999", []] in back["products"]
     # the skipped tables kept their SQLite rows: nothing was carried back into them
@@ -173,3 +179,17 @@ def test_prepare_keeps_the_source_read_only_against_a_migration_that_writes_to_i
     assert file_sha256(run.source) == sha
     rows = on_target(run, "SELECT name FROM shop_category")
     assert ("written during prepare",) not in rows
+
+
+def test_dropping_the_postgres_copy_runs_reversed_data_migrations_on_postgresql(project):
+    """Before the switch `default` is SQLite: unapplying in-process would write there."""
+    run = project
+    must(run("migration_prepare", "--noinput"))
+    must(run("migrate_data"))
+    sha = file_sha256(run.source)
+    must(run("rollback_to_sqlite", "--noinput", "--drop-postgres"))
+    assert on_target(run, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'") == [
+        ("django_migrations",)
+    ]
+    assert snapshot(run)["categories"] == ["General"]
+    assert file_sha256(run.source) == sha

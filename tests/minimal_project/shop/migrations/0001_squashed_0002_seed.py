@@ -13,6 +13,13 @@ def seed_categories(apps, schema_editor):
     Category.objects.create(name="General")
 
 
+def unseed_categories(apps, schema_editor):
+    # backwards, also through the default manager: rollback_to_sqlite --drop-postgres must
+    # run it on PostgreSQL, never on the SQLite database the application is back on
+    Category = apps.get_model("shop", "Category")
+    Category.objects.filter(name="General").update(name="General (unseeded)")
+
+
 class Migration(migrations.Migration):
     replaces = [("shop", "0001_initial"), ("shop", "0002_seed")]
 
@@ -112,6 +119,6 @@ class Migration(migrations.Migration):
         ),
         migrations.RunPython(
             code=seed_categories,
-            reverse_code=migrations.RunPython.noop,
+            reverse_code=unseed_categories,
         ),
     ]

@@ -8,7 +8,14 @@ def seed_categories(apps, schema_editor):
     Category.objects.create(name="General")
 
 
+def unseed_categories(apps, schema_editor):
+    # backwards, also through the default manager: rollback_to_sqlite --drop-postgres must
+    # run it on PostgreSQL, never on the SQLite database the application is back on
+    Category = apps.get_model("shop", "Category")
+    Category.objects.filter(name="General").update(name="General (unseeded)")
+
+
 class Migration(migrations.Migration):
     dependencies = [("shop", "0001_initial")]
 
-    operations = [migrations.RunPython(seed_categories, migrations.RunPython.noop)]
+    operations = [migrations.RunPython(seed_categories, unseed_categories)]
