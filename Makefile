@@ -36,7 +36,7 @@ DEMO_MANAGE := $(DEMO_ENV) $(PY) manage.py
 demo: install
 	rm -rf $(DEMO_DIR) && mkdir -p $(DEMO_DIR)
 	$(DEMO_MANAGE) ensure_postgres --recreate
-	$(DEMO_MANAGE) migrate --database sqlite -v 0
+	$(DEMO_MANAGE) migrate -v 0
 	$(DEMO_MANAGE) seed_demo --users $(DEMO_USERS)
 	$(DEMO_MANAGE) db_backup
 	$(DEMO_MANAGE) migration_prepare

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
 from django.db import connections
 
+from dbmigration import conf
 from dbmigration import freeze as fz
 from dbmigration.errors import PhaseError, VerificationError
 from dbmigration.reports import RunReport
@@ -360,7 +360,7 @@ def switch_to_postgresql(
     progress: Progress = None,
 ) -> SwitchResult:
     """Cut over to PostgreSQL; on any failure the application stays on SQLite, unfrozen."""
-    state_file = Path(state_file or settings.STATE_FILE)
+    state_file = Path(state_file or conf.state_file())
     sqlite_path = Path(sqlite_path or connections.settings["sqlite"]["NAME"])
     plan = plan_switch(state_file=state_file)
     if not plan.ready:
@@ -371,8 +371,8 @@ def switch_to_postgresql(
     note = progress or (lambda message: None)
     run = RunReport.open(
         "switch_to_postgresql",
-        report_dir=Path(report_dir or settings.REPORT_DIR),
-        log_dir=Path(log_dir or settings.LOG_DIR),
+        report_dir=Path(report_dir or conf.report_dir()),
+        log_dir=Path(log_dir or conf.log_dir()),
     )
     start = time.perf_counter()
     flag = fz.freeze_path_for(state_file)

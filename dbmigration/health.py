@@ -16,6 +16,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import connections
 
+from dbmigration import conf
 from dbmigration.freeze import FREEZE_FILENAME, freeze_path_for, read_freeze
 from dbmigration.state import StateError, read_active_backend, read_state
 
@@ -58,10 +59,10 @@ def _limit(name: str, default: float) -> float:
 
 
 def process_backend() -> str:
-    """The backend this process sends 'default' queries to (follows reloads)."""
-    from propcore.middleware import watcher
-
-    return watcher.backend
+    """The backend this process sends 'default' queries to: the project's hook
+    (DBMIGRATION['PROCESS_BACKEND'], e.g. one that follows reloads), else the state file's."""
+    reporter = conf.hook("PROCESS_BACKEND")
+    return reporter() if reporter else read_active_backend(conf.state_file())
 
 
 def _pg_connect(alias: str = "postgresql", *, timeout: int = 3):
@@ -103,7 +104,7 @@ def _error_text(exc: Exception) -> str:
 def check_active_backend() -> CheckResult:
     """The backend the state file names answers a query."""
     try:
-        backend = read_active_backend(settings.STATE_FILE)
+        backend = read_active_backend(conf.state_file())
     except StateError as exc:
         return CheckResult("active_backend", DOWN, str(exc))
     try:
@@ -123,8 +124,8 @@ def check_active_backend() -> CheckResult:
 def check_process_backend() -> CheckResult:
     """This process uses the backend the state file names (not stale)."""
     try:
-        wanted = read_active_backend(settings.STATE_FILE)
-        on_file = read_state(settings.STATE_FILE).active_backend
+        wanted = read_active_backend(conf.state_file())
+        on_file = read_state(conf.state_file()).active_backend
     except StateError as exc:
         return CheckResult("process_backend", DOWN, str(exc))
     using = process_backend()
@@ -150,11 +151,11 @@ def check_process_backend() -> CheckResult:
 def check_migration_phase() -> CheckResult:
     """The runbook phase, and whether a write freeze is on."""
     try:
-        state = read_state(settings.STATE_FILE)
+        state = read_state(conf.state_file())
     except StateError as exc:
         return CheckResult("migration_phase", DOWN, str(exc))
     details = {"phase": state.phase, "active_backend": state.active_backend}
-    flag = freeze_path_for(settings.STATE_FILE)
+    flag = freeze_path_for(conf.state_file())
     freeze = read_freeze(flag)
     if freeze is not None:
         details["write_freeze"] = {"reason": freeze.reason, "since": freeze.started_iso}
@@ -191,10 +192,10 @@ def check_backup_age() -> CheckResult:
         from dbmigration.backup import last_verified_backup
     except ImportError:
         return CheckResult("backup_age", DEGRADED, "backup module not installed")
-    info = last_verified_backup(Path(settings.BACKUP_DIR))
+    info = last_verified_backup(conf.backup_dir())
     if info is None:
         return CheckResult(
-            "backup_age", DEGRADED, f"no verified backup under {settings.BACKUP_DIR}; run db_backup"
+            "backup_age", DEGRADED, f"no verified backup under {conf.backup_dir()}; run db_backup"
         )
     created = datetime.fromisoformat(info.created_at)
     if created.tzinfo is None:
@@ -278,8 +279,9 @@ def check_replication() -> CheckResult:
 
 def check_slow_queries() -> CheckResult:
     """Slow queries this process logged in the last HEALTH_SLOW_QUERY_WINDOW_SECONDS."""
-    from propcore.query_timing import slow_queries_since
-
+    slow_queries_since = conf.hook("SLOW_QUERIES")
+    if slow_queries_since is None:
+        return CheckResult("slow_queries", OK, "not tracked (DBMIGRATION['SLOW_QUERIES'] unset)")
     window = _limit("SLOW_QUERY_WINDOW_SECONDS", 300.0)
     warn = int(_limit("SLOW_QUERY_WARN", 10))
     count = slow_queries_since(window)

@@ -21,12 +21,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
 from django.db import connections, models, transaction
-from django.db.migrations.executor import MigrationExecutor
 from django.db.models.expressions import RawSQL
 from django.db.utils import load_backend
 
+from dbmigration import conf
 from dbmigration import freeze as fz
 from dbmigration.errors import MigrationError, VerificationError
 from dbmigration.reports import RunReport
@@ -205,12 +204,16 @@ def swap_in(copy: Path, sqlite_path: Path) -> None:
 
 
 def drop_postgres_copy(alias: str = "postgresql") -> list[str]:
-    """Unapply every migration on alias (tables, enum types, views); return what was undone."""
-    executor = MigrationExecutor(connections[alias])
-    targets = [(app, None) for app in sorted(executor.loader.migrated_apps)]
-    plan = executor.migration_plan(targets)
-    executor.migrate(targets, plan=plan)
-    return [f"{m.app_label}.{m.name}" for m, _backwards in plan]
+    """Unapply every migration on alias (tables, enum types, views); return what was undone.
+
+    As migration_prepare applies them: in a child process whose ``default`` is the alias and
+    whose SQLite is read-only, so a reversed data migration never writes to SQLite.
+    """
+    from dbmigration.schema_child import migrate_target
+
+    source = connections.settings[conf.SOURCE_ALIAS]["NAME"]
+    outcome = migrate_target(target_alias=alias, source_path=Path(source), unapply=True)
+    return outcome["migrations_unapplied"]
 
 
 # --- the rollback -----------------------------------------------------------------------------
@@ -321,9 +324,9 @@ def rollback_to_sqlite(
     """Return the application to SQLite; after the switch, carry PostgreSQL's writes back."""
     from dbmigration.plan import build_plan
 
-    state_file = Path(state_file or settings.STATE_FILE)
+    state_file = Path(state_file or conf.state_file())
     sqlite_path = Path(sqlite_path or connections.settings["sqlite"]["NAME"])
-    backup_dir = Path(backup_dir or settings.BACKUP_DIR)
+    backup_dir = Path(backup_dir or conf.backup_dir())
     note = progress or (lambda message: None)
     state = read_state(state_file)
     if discard_postgres_writes and not discard_confirmed:
@@ -334,8 +337,8 @@ def rollback_to_sqlite(
         )
     run = RunReport.open(
         "rollback_to_sqlite",
-        report_dir=Path(report_dir or settings.REPORT_DIR),
-        log_dir=Path(log_dir or settings.LOG_DIR),
+        report_dir=Path(report_dir or conf.report_dir()),
+        log_dir=Path(log_dir or conf.log_dir()),
     )
     start = time.perf_counter()
     was_switched = state.active_backend == "postgresql"

@@ -81,6 +81,17 @@ DATABASES["default"] = {**DATABASES[ACTIVE_BACKEND], "TEST": {"MIRROR": ACTIVE_B
 
 DATABASE_ROUTERS = ["propcore.routers.AuditRouter"]
 
+# --- The migration engine (every key: dbmigration/conf.py; README "Using the engine in your
+# own Django project").  STATE_FILE, BACKUP_DIR, REPORT_DIR, LOG_DIR and SQLITE_PATH above
+# are read by it too (and by propcore's middleware and tests).
+DBMIGRATION = {
+    "STATE_DIR": DATABASE_DIR,
+    "POOL_MAX": PROFILE.pool_max,
+    "MODEL_POLICIES": {},
+    "PROCESS_BACKEND": "propcore.middleware.process_backend",
+    "SLOW_QUERIES": "propcore.query_timing.slow_queries_since",
+}
+
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 AUTH_USER_MODEL = "accounts.User"
 

@@ -1,9 +1,8 @@
 import os
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from dbmigration import backup
+from dbmigration import backup, conf
 from dbmigration.errors import MigrationError
 from dbmigration.preflight import code_migrations
 
@@ -35,8 +34,8 @@ class Command(BaseCommand):
         try:
             result = backup.restore_sqlite_backup(
                 backup=opts["backup"],
-                sqlite_path=settings.SQLITE_PATH,
-                backup_dir=opts["backup_dir"] or settings.BACKUP_DIR,
+                sqlite_path=conf.sqlite_path(),
+                backup_dir=opts["backup_dir"] or conf.backup_dir(),
                 code_migrations=code_migrations(),
                 encrypt_key=os.environ.get(backup.KEY_ENV),
                 lock_timeout=opts["lock_timeout"],

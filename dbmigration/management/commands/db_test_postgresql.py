@@ -1,6 +1,7 @@
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from dbmigration import conf
 from dbmigration.preflight import check_postgresql, conninfo_from_settings, conninfo_from_url
 
 
@@ -28,9 +29,7 @@ class Command(BaseCommand):
             if opts["url"]
             else conninfo_from_settings(settings.DATABASES["postgresql"])
         )
-        report = check_postgresql(
-            conninfo=conninfo, pool_max=opts["pool_max"] or settings.PROFILE.pool_max
-        )
+        report = check_postgresql(conninfo=conninfo, pool_max=opts["pool_max"] or conf.pool_max())
         self.stdout.write(f"PostgreSQL target {report.target}")
         for check in report.checks:
             style = self.style.SUCCESS if check.ok and not check.warning else self.style.WARNING

@@ -1,8 +1,8 @@
 import signal
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from dbmigration import conf
 from dbmigration.casts import REPAIR_RULES
 from dbmigration.copy import migrate_data
 from dbmigration.errors import Interrupted, MigrationError
@@ -55,10 +55,10 @@ class Command(BaseCommand):
         try:
             with bars:
                 r = migrate_data(
-                    sqlite_path=settings.SQLITE_PATH,
-                    state_file=settings.STATE_FILE,
-                    report_dir=settings.REPORT_DIR,
-                    log_dir=settings.LOG_DIR,
+                    sqlite_path=conf.sqlite_path(),
+                    state_file=conf.state_file(),
+                    report_dir=conf.report_dir(),
+                    log_dir=conf.log_dir(),
                     tables=opts["tables"],
                     quarantine=opts["quarantine"],
                     repairs=opts["repair"],

@@ -1,7 +1,6 @@
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from dbmigration import rollback
+from dbmigration import conf, rollback
 from dbmigration.errors import MigrationError
 from dbmigration.state import StateError, read_state
 
@@ -49,7 +48,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         try:
-            state = read_state(settings.STATE_FILE)
+            state = read_state(conf.state_file())
         except StateError as exc:
             raise CommandError(str(exc), returncode=7) from exc
         discard = options["discard_postgres_writes"]

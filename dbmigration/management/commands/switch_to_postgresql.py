@@ -1,7 +1,6 @@
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from dbmigration import cutover
+from dbmigration import conf, cutover
 from dbmigration.errors import MigrationError
 from dbmigration.state import StateError
 
@@ -41,7 +40,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         try:
-            plan = cutover.plan_switch(state_file=settings.STATE_FILE)
+            plan = cutover.plan_switch(state_file=conf.state_file())
         except StateError as exc:
             raise CommandError(str(exc), returncode=7) from exc
         self.stdout.write(f"Phase {plan.phase}, active backend {plan.active_backend}. Plan:")
