@@ -13,7 +13,7 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5432
@@ -22,6 +22,51 @@ DEFAULT_DATABASE = "propcore"
 
 class PostgresUnavailable(RuntimeError):
     """No PostgreSQL server could be found or started."""
+
+
+class BadPostgresUrl(ValueError):
+    """A PostgreSQL URL that would fail later, or silently point at another database."""
+
+
+SCHEMES = ("postgres", "postgresql")
+# characters that end the password early unless percent-encoded
+RESERVED_IN_PASSWORD = "'/' as %2F, '#' as %23, '?' as %3F, '@' as %40"
+
+
+def check_postgres_url(url: str, *, name: str = "POSTGRES_URL") -> str:
+    """Return url if it names one PostgreSQL database unambiguously; else raise BadPostgresUrl.
+
+    Messages name the variable (or option), the problem and the fix; never the password.
+    """
+    example = "postgres://USER:PASSWORD@HOST:5432/DATABASE"
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme.lower() not in SCHEMES:
+        raise BadPostgresUrl(
+            f"{name} must start with postgres:// or postgresql://; write it as {example}."
+        )
+    parts = urlsplit(url)
+    if "@" not in parts.netloc and "@" in url[len(scheme) + 3 + len(parts.netloc) :]:
+        # e.g. a '/' in the password ended the host part early: it would connect elsewhere
+        raise BadPostgresUrl(
+            f"{name} has a character in its user or password that must be percent-encoded "
+            f"({RESERVED_IN_PASSWORD}); encode it and retry."
+        )
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or above 65535
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise BadPostgresUrl(
+            f"{name} has a port that is not a number from 1 to 65535; write it as {example}."
+        )
+    database = unquote(parts.path.lstrip("/"))
+    if not database:
+        raise BadPostgresUrl(f"{name} names no database; add it after the host, as in {example}.")
+    if "/" in database:
+        raise BadPostgresUrl(
+            f"{name} names the database {database!r}, which holds a '/'; write it as {example}."
+        )
+    return url
 
 
 def port_answers(host: str, port: int, *, timeout: float = 0.5) -> bool:
@@ -115,10 +160,15 @@ def resolve_postgres_url(*, environ: dict | None = None, private_root: Path) -> 
     """Return the URL of the PostgreSQL server to use, starting one if needed."""
     environ = os.environ if environ is None else environ
     if environ.get("POSTGRES_URL"):
-        return environ["POSTGRES_URL"]
+        return check_postgres_url(environ["POSTGRES_URL"])
     if port_answers(DEFAULT_HOST, DEFAULT_PORT):
         return f"postgres://postgres@{DEFAULT_HOST}:{DEFAULT_PORT}/{DEFAULT_DATABASE}"
     return start_private_cluster(private_root)
+
+
+def database_name(url: str) -> str:
+    """The database a URL names (the default one when it names none)."""
+    return unquote(urlsplit(url).path.lstrip("/")) or DEFAULT_DATABASE
 
 
 def _maintenance_connection(url: str):
@@ -126,7 +176,7 @@ def _maintenance_connection(url: str):
     import psycopg
 
     parts = urlsplit(url)
-    name = parts.path.lstrip("/") or DEFAULT_DATABASE
+    name = database_name(url)
     maintenance = urlunsplit(parts._replace(path="/postgres"))
     return psycopg.connect(maintenance, autocommit=True, connect_timeout=10), name
 
