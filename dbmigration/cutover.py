@@ -26,7 +26,7 @@ from django.db import connections
 from dbmigration import freeze as fz
 from dbmigration.errors import PhaseError, VerificationError
 from dbmigration.reports import RunReport
-from dbmigration.state import MigrationState, read_state, transition
+from dbmigration.state import NEXT_COMMAND, MigrationState, read_state, transition
 
 Progress = Callable[[str], None] | None
 SWITCH_STEPS = (
@@ -91,11 +91,14 @@ def plan_switch(*, state_file: Path) -> SwitchPlan:
     state = read_state(state_file)
     problems = []
     if state.phase == "switched" and state.active_backend == "postgresql":
-        problems.append("Already switched: PostgreSQL is the active backend.")
+        problems.append(
+            "Already switched: PostgreSQL is the active backend. Nothing more is needed; "
+            "migration_status says what to watch."
+        )
     elif state.phase != "data_migrated":
         problems.append(
             f"The migration is in phase '{state.phase}'; switch_to_postgresql needs "
-            "'data_migrated'. Run migration_prepare and migrate_data first."
+            f"'data_migrated'. Run {NEXT_COMMAND[state.phase] or 'rollback_to_sqlite'} next."
         )
     else:
         ok, why = migration_verified(state)

@@ -28,7 +28,7 @@ from django.db.models.expressions import RawSQL
 from django.db.utils import load_backend
 
 from dbmigration import freeze as fz
-from dbmigration.errors import MigrationError, VerificationError
+from dbmigration.errors import MigrationError, TargetError, VerificationError
 from dbmigration.reports import RunReport
 from dbmigration.state import MigrationState, read_state, transition
 from dbmigration.sync import diff_table
@@ -204,6 +204,26 @@ def swap_in(copy: Path, sqlite_path: Path) -> None:
         os.close(dir_fd)
 
 
+def require_postgres_tables(tables, alias: str = "postgresql") -> None:
+    """Raise TargetError, before anything changes, when PostgreSQL lost tables we carry back."""
+    try:
+        present = set(connections[alias].introspection.table_names())
+    except Exception as exc:  # psycopg's errors: first line only, never the password
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TargetError(
+            f"PostgreSQL does not answer ({first}), so its writes cannot be carried back. "
+            "Bring it back, or run rollback_to_sqlite --discard-postgres-writes."
+        ) from exc
+    missing = sorted(t.db_table for t in tables if t.db_table not in present)
+    if missing:
+        raise TargetError(
+            f"PostgreSQL lacks {len(missing)} of the application's tables ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}): was its database dropped? Nothing was "
+            "changed. Restore it from its last backup with pg_restore (db_backup --list), or run "
+            "rollback_to_sqlite --discard-postgres-writes to go back to SQLite as of the switch."
+        )
+
+
 def drop_postgres_copy(alias: str = "postgresql") -> list[str]:
     """Unapply every migration on alias (tables, enum types, views); return what was undone."""
     executor = MigrationExecutor(connections[alias])
@@ -355,6 +375,7 @@ def rollback_to_sqlite(
             )
         else:
             if not discard_postgres_writes:  # discarding leaves the SQLite file as it is
+                require_postgres_tables(build_plan().tables)
                 with run.step("pre_rollback_backup") as step:
                     from dbmigration.backup import create_sqlite_backup
 

@@ -1,5 +1,8 @@
 """Shared fixtures.  Tests run against the real PostgreSQL server and real SQLite files."""
 
+import os
+
+import psycopg
 import pytest
 from django.db import connections
 
@@ -14,3 +17,24 @@ def pg():
 def lite():
     """The SQLite test connection (a real file)."""
     return connections["sqlite"]
+
+
+@pytest.fixture
+def empty_postgres_database():
+    """The postgresql alias pointed at an empty database, as after a drop and re-create."""
+    name = f"propcore_empty_{os.getpid()}"
+    admin = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    connection = connections["postgresql"]
+    connection.close()  # its connection and pool still point at the test database
+    connection.close_pool()
+    saved = connection.settings_dict["NAME"]
+    connection.settings_dict["NAME"] = name
+    yield name
+    connection.close()
+    connection.close_pool()
+    connection.settings_dict["NAME"] = saved
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -125,23 +125,6 @@ def test_backup_age_after_the_switch_counts_only_postgresql_backups(settings, st
     assert 2.9 < result.details["age_hours"] < 3.1  # the PostgreSQL one, not the newer SQLite one
 
 
-@pytest.fixture
-def empty_postgres_database():
-    """The postgresql alias pointed at an empty database, as after a drop and re-create."""
-    name = f"propcore_gates_empty_{os.getpid()}"
-    admin = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    cfg = connections.settings["postgresql"]
-    saved = cfg["NAME"]
-    cfg["NAME"] = name
-    yield name
-    cfg["NAME"] = saved
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def test_a_live_postgresql_without_its_tables_is_down(state_file, empty_postgres_database):
     set_state(state_file, "switched", "postgresql")
     result = health.run_check("active_backend")

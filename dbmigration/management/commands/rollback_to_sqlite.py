@@ -2,7 +2,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration import rollback
-from dbmigration.errors import MigrationError
+from dbmigration.errors import MigrationError, NotConfirmed
 from dbmigration.state import StateError, read_state
 
 
@@ -64,9 +64,9 @@ class Command(BaseCommand):
                 )
                 confirmed = input(prompt) == "discard"
                 if not confirmed:
-                    raise CommandError("Rollback cancelled.")
+                    raise CommandError("Rollback cancelled.", returncode=NotConfirmed.returncode)
             elif input("Roll back to SQLite?\n    Type 'yes' to continue: ") != "yes":
-                raise CommandError("Rollback cancelled.")
+                raise CommandError("Rollback cancelled.", returncode=NotConfirmed.returncode)
         progress = self.stdout.write if options["verbosity"] > 1 else None
         try:
             result = rollback.rollback_to_sqlite(
