@@ -1258,9 +1258,14 @@ def migrate_data(
         # a changed source needs a fresh prepare (or --sync after a finished copy)
         reasons = state_mod.stale_reasons(state, fingerprint)
         if reasons:
+            # one next step: a finished copy catches up; an unfinished one starts over
+            fix = (
+                "Run migrate_data --sync to carry the changes."
+                if state.phase == "data_migrated"
+                else "Run migration_prepare again."
+            )
             raise SourceError(
-                f"The SQLite source changed since it was prepared ({'; '.join(reasons)}). "
-                "Run migration_prepare again, or migrate_data --sync to carry the changes."
+                f"The SQLite source changed since it was prepared ({'; '.join(reasons)}). {fix}"
             )
     mode = "verify-only" if verify_only else "sync" if sync else "copy"
     run = RunReport.open("migrate_data", report_dir=report_dir, log_dir=log_dir)

@@ -1,0 +1,207 @@
+"""Safety gates: no way around them, and every refusal names the one command to run next."""
+
+import os
+import re
+from io import StringIO
+from pathlib import Path
+
+import psycopg
+import pytest
+from django.core.management import CommandError, call_command
+
+from dbmigration import errors
+from dbmigration import state as state_mod
+from dbmigration.state import MigrationState, write_state
+from propcore import pgserver
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def state_file(settings, tmp_path):
+    settings.STATE_FILE = tmp_path / "state.json"
+    settings.REPORT_DIR = tmp_path / "reports"
+    settings.LOG_DIR = tmp_path / "logs"
+    settings.BACKUP_DIR = tmp_path / "backups"
+    return settings.STATE_FILE
+
+
+# --- ensure_postgres --recreate ------------------------------------------------------------
+
+
+@pytest.fixture
+def target(settings):
+    """A scratch target database holding one marker table, as POSTGRES_URL."""
+    name = f"propcore_gates_target_{os.getpid()}"
+    settings.POSTGRES_URL = f"postgres://postgres@127.0.0.1:5432/{name}"
+    pgserver.drop_database(settings.POSTGRES_URL)
+    pgserver.ensure_database(settings.POSTGRES_URL)
+    with psycopg.connect(settings.POSTGRES_URL, autocommit=True) as conn:
+        conn.execute("CREATE TABLE marker (id int)")
+    yield name
+    pgserver.drop_database(settings.POSTGRES_URL)
+
+
+def marker_survives(url: str) -> bool:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT to_regclass('marker') IS NOT NULL").fetchone()[0]
+
+
+def recreate(*args: str) -> str:
+    out = StringIO()
+    call_command("ensure_postgres", "--recreate", *args, stdout=out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("phase", "backend"), [("switched", "postgresql"), ("data_migrated", "sqlite")]
+)
+def test_recreate_refuses_to_drop_a_live_or_migrated_database(
+    settings, state_file, target, phase, backend
+):
+    write_state(state_file, MigrationState(phase=phase, active_backend=backend))
+    with pytest.raises(CommandError, match=f"Refusing to drop database '{target}'") as exc:
+        recreate()
+    assert exc.value.returncode == errors.NotConfirmed.returncode == 9
+    assert "--drop-live-database" in str(exc.value)
+    # the flag alone is not enough without a person to type the name
+    with pytest.raises(CommandError, match="under --noinput") as exc:
+        recreate("--drop-live-database", "--noinput")
+    assert exc.value.returncode == 9
+    assert marker_survives(settings.POSTGRES_URL)
+
+
+def test_recreate_of_a_live_database_needs_its_name_typed(
+    settings, state_file, target, monkeypatch
+):
+    write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))
+    prompts = []
+
+    def answer(text):
+        prompts.append(text)
+        return "yes"
+
+    monkeypatch.setattr("builtins.input", answer)
+    out = StringIO()
+    with pytest.raises(CommandError, match="Cancelled: nothing was dropped") as exc:
+        call_command("ensure_postgres", "--recreate", "--drop-live-database", stdout=out)
+    assert exc.value.returncode == 9
+    assert marker_survives(settings.POSTGRES_URL)
+    # the prompt says what will happen before asking
+    assert f"This DROPS database '{target}'" in out.getvalue()
+    assert "every write since the switch lives there" in out.getvalue()
+    assert prompts == [f"    Type the database name '{target}' to drop it: "]
+
+    monkeypatch.setattr("builtins.input", lambda text: target)
+    out = recreate("--drop-live-database")
+    assert f"{target} (database recreated)" in out
+    assert not marker_survives(settings.POSTGRES_URL)
+
+
+def test_recreate_before_the_migration_needs_no_confirmation(settings, state_file, target):
+    write_state(state_file, MigrationState(phase="prepared"))
+    assert "(database recreated)" in recreate("--noinput")
+    assert not marker_survives(settings.POSTGRES_URL)
+
+
+# --- after the live database was dropped anyway ----------------------------------------------
+
+
+@pytest.mark.django_db(databases="__all__", transaction=True)
+def test_rollback_after_postgresql_lost_its_tables_is_one_line_not_a_traceback(
+    state_file, empty_postgres_database
+):
+    write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))
+    before = state_file.read_bytes()
+    with pytest.raises(CommandError) as exc:
+        call_command("rollback_to_sqlite", "--noinput", "--drain-seconds", "0", stdout=StringIO())
+    assert exc.value.returncode == errors.TargetError.returncode
+    first = str(exc.value).splitlines()[0]
+    assert first.startswith("PostgreSQL lacks") and "accounts_kycverification" in first
+    assert "rollback_to_sqlite --discard-postgres-writes" in first
+    assert state_file.read_bytes() == before
+    assert not list(state_file.parent.glob("backups/*"))  # failed before the pre-rollback backup
+
+
+# --- refusals name one command that can run now ----------------------------------------------
+
+REFUSALS = [
+    (phase, target)
+    for phase in state_mod.PHASES
+    for target in state_mod.COMMAND_FOR_PHASE
+    if target not in state_mod.TRANSITIONS[phase]
+]
+
+
+@pytest.mark.parametrize(("phase", "target"), REFUSALS)
+def test_every_refusal_names_one_command_that_is_allowed_now(phase, target):
+    with pytest.raises(state_mod.StateError) as exc:
+        state_mod.require_phase(MigrationState(phase=phase), target)
+    message = str(exc.value)
+    advised = re.findall(r"(?<!Cannot )\brun (\w+)", message, flags=re.IGNORECASE)
+    assert len(advised) == 1, message
+    phase_of = {command: p for p, command in state_mod.COMMAND_FOR_PHASE.items()}
+    # following the advice must not be refused in turn (no circles)
+    assert phase_of[advised[0]] in state_mod.TRANSITIONS[phase], message
+
+
+def test_switch_refuses_without_printing_a_plan_it_will_not_run(state_file):
+    write_state(state_file, MigrationState(phase="prepared"))
+    out = StringIO()
+    with pytest.raises(CommandError, match="Run migrate_data next") as exc:
+        call_command("switch_to_postgresql", "--noinput", stdout=out)
+    assert exc.value.returncode == 7
+    assert out.getvalue() == ""
+
+
+def test_the_readme_exit_code_table_lists_every_code_the_engine_uses():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Exit codes") :]
+    documented = {int(code) for code in re.findall(r"^\| `(\d+)` \|", table, flags=re.M)}
+    from dbmigration.backup import BackupInterrupted
+    from dbmigration.freeze import FreezeError
+    from dbmigration.rollback import DiscardNotConfirmed
+
+    classes = [
+        *errors.MigrationError.__subclasses__(),
+        errors.MigrationError,
+        BackupInterrupted,
+        FreezeError,
+        DiscardNotConfirmed,
+    ]
+    assert {cls.returncode for cls in classes} <= documented
+    assert {0, 1, 2, 78, 130} <= documented
+
+
+# --- messages: what was interrupted, what is missing -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--verify-only"], "during verification: nothing was copied or changed. Run "
+         "migrate_data --verify-only again."),
+        (["--sync"], "during the --sync catch-up: its one transaction rolled back"),
+        ([], "during the copy. The tables being loaded were rolled back"),
+    ],
+)  # fmt: skip
+def test_an_interruption_says_what_was_interrupted(monkeypatch, args, said):
+    from dbmigration.management.commands import migrate_data as command
+
+    def interrupted(**kwargs):  # what the SIGTERM handler raises inside the engine
+        raise KeyboardInterrupt("signal 15")
+
+    monkeypatch.setattr(command, "migrate_data", interrupted)
+    with pytest.raises(CommandError, match=f"Interrupted by SIGTERM {re.escape(said)}") as exc:
+        call_command("migrate_data", *args, verbosity=0, stdout=StringIO())
+    assert exc.value.returncode == 130
+
+
+@pytest.mark.parametrize("command", ["db_backup", "migration_prepare"])
+def test_encrypt_without_its_key_is_a_settings_error(monkeypatch, state_file, command):
+    monkeypatch.delenv("PROPCORE_BACKUP_KEY", raising=False)
+    with pytest.raises(
+        CommandError, match="--encrypt needs the key in \\$PROPCORE_BACKUP_KEY"
+    ) as exc:
+        call_command(command, "--encrypt", stdout=StringIO())
+    assert exc.value.returncode == errors.ConfigError.returncode == 78
