@@ -146,8 +146,12 @@ def require_phase(state: MigrationState, target: str) -> None:
     )
 
 
-def why_target_is_precious(state: MigrationState) -> str | None:
-    """Say why dropping the PostgreSQL target would lose data that matters (None: it would not)."""
+def why_precious(state: MigrationState, backend: str) -> str | None:
+    """Say why replacing or dropping backend's database would lose data (None: it would not)."""
+    if backend == "sqlite":
+        if state.active_backend == "sqlite":
+            return "the application runs on it: writes made since the backup would be lost"
+        return None  # after the switch rollback carries every PostgreSQL row back into it
     if state.active_backend == "postgresql":
         return (
             "the application runs on it (phase switched): every write since the switch lives there"

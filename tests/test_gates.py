@@ -2,6 +2,7 @@
 
 import os
 import re
+import sqlite3
 from io import StringIO
 from pathlib import Path
 
@@ -205,3 +206,64 @@ def test_encrypt_without_its_key_is_a_settings_error(monkeypatch, state_file, co
     ) as exc:
         call_command(command, "--encrypt", stdout=StringIO())
     assert exc.value.returncode == errors.ConfigError.returncode == 78
+
+
+# --- db_restore over the live SQLite file ----------------------------------------------------
+
+
+@pytest.fixture
+def live_sqlite(settings, state_file, tmp_path):
+    """A live SQLite file with 10 rows, a verified backup of it, then 7 rows deleted."""
+    from dbmigration.backup import create_sqlite_backup
+    from tests.test_backup import make_source
+
+    source = make_source(tmp_path / "live.sqlite3", rows=10)
+    info = create_sqlite_backup(sqlite_path=source, backup_dir=settings.BACKUP_DIR)
+    with sqlite3.connect(source) as conn:
+        conn.execute("DELETE FROM item WHERE id > 3")
+    settings.SQLITE_PATH = source
+    return source, info
+
+
+def restore(name: str, *args: str) -> str:
+    out = StringIO()
+    call_command("db_restore", name, *args, stdout=out)
+    return out.getvalue()
+
+
+def test_restore_refuses_to_replace_the_live_sqlite_file(live_sqlite):
+    source, info = live_sqlite
+    before = source.read_bytes()
+    with pytest.raises(
+        CommandError, match="Refusing to replace .*live.sqlite3: the applica"
+    ) as exc:
+        restore(info.name)
+    assert exc.value.returncode == 9 and "--replace-live-database" in str(exc.value)
+    with pytest.raises(CommandError, match="under --noinput") as exc:
+        restore(info.name, "--replace-live-database", "--noinput")
+    assert exc.value.returncode == 9
+    assert source.read_bytes() == before
+    assert "would keep the current database" in restore(info.name, "--dry-run")  # no gate
+
+
+def test_restore_of_the_live_file_needs_its_name_typed(live_sqlite, monkeypatch):
+    source, info = live_sqlite
+    before = source.read_bytes()
+    prompts = []
+    monkeypatch.setattr("builtins.input", lambda text: prompts.append(text) or "yes")
+    with pytest.raises(CommandError, match="Cancelled: nothing was restored") as exc:
+        restore(info.name, "--replace-live-database")
+    assert exc.value.returncode == 9 and source.read_bytes() == before
+    assert prompts == ["    Type the file name 'live.sqlite3' to continue: "]
+    monkeypatch.setattr("builtins.input", lambda text: "live.sqlite3")
+    out = restore(info.name, "--replace-live-database")
+    assert f"Backup {info.name} verified" in out and "This REPLACES" in out and "Restored" in out
+    with sqlite3.connect(source) as conn:
+        assert conn.execute("SELECT count(*) FROM item").fetchone() == (10,)
+
+
+def test_restore_after_the_switch_needs_no_confirmation(live_sqlite, state_file):
+    # SQLite is no longer written; a rollback carries every PostgreSQL row back into it
+    write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))
+    _, info = live_sqlite
+    assert "Restored" in restore(info.name, "--noinput")

@@ -2,7 +2,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration.errors import NotConfirmed, PhaseError, TargetError
-from dbmigration.state import StateError, read_state, why_target_is_precious
+from dbmigration.state import StateError, read_state, why_precious
 from propcore.pgserver import database_name, drop_database, ensure_database, redact_url
 
 
@@ -53,7 +53,7 @@ class Command(BaseCommand):
     def _confirm_drop(self, url: str, *, allowed: bool, interactive: bool) -> None:
         """Refuse to drop a database that holds the migration's data, unless typed out."""
         try:
-            reason = why_target_is_precious(read_state(settings.STATE_FILE))
+            reason = why_precious(read_state(settings.STATE_FILE), "postgresql")
         except StateError as exc:
             raise CommandError(str(exc), returncode=PhaseError.returncode) from exc
         if reason is None:
