@@ -136,9 +136,9 @@ def require_phase(state: MigrationState, target: str) -> None:
     following = NEXT_COMMAND.get(state.phase)
     if following is None:
         raise StateError(
-            f"Cannot run {command} now: PostgreSQL is live (phase '{state.phase}') and {command} "
-            "works on the copy made before the switch. Nothing more is needed; to go back to "
-            "SQLite run rollback_to_sqlite."
+            f"Cannot run {command} now: PostgreSQL is live (phase '{state.phase}'), the "
+            "migration is done. Nothing more is needed; to go back to SQLite run "
+            "rollback_to_sqlite."
         )
     raise StateError(
         f"Cannot run {command} now: the migration is in phase '{state.phase}'. "
