@@ -3,6 +3,8 @@
 import os
 import re
 import sqlite3
+import subprocess
+import sys
 from io import StringIO
 from pathlib import Path
 
@@ -267,3 +269,34 @@ def test_restore_after_the_switch_needs_no_confirmation(live_sqlite, state_file)
     write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))
     _, info = live_sqlite
     assert "Restored" in restore(info.name, "--noinput")
+
+
+# --- read-only commands leave no trace -------------------------------------------------------
+
+
+def test_read_only_commands_create_no_file(tmp_path):
+    """Status, health and listing commands on a fresh machine: nothing appears on disk."""
+    database_dir = tmp_path / "database"  # does not exist: the SQLite file, state, backups
+    code = (
+        "import django; django.setup()\n"
+        "from io import StringIO\n"
+        "from django.core.management import CommandError, call_command\n"
+        "for args in (['migration_status'], ['db_health_check'], ['db_health_check', '--json'],"
+        " ['db_backup', '--list'], ['switch_to_postgresql', '--dry-run']):\n"
+        "    try:\n"
+        "        call_command(*args, stdout=StringIO())\n"
+        "    except CommandError as exc:\n"
+        "        print(args[0], exc.returncode)\n"
+    )
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "propcore.settings",
+        "PROPCORE_DATABASE_DIR": str(database_dir),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    # health is down (no SQLite file) and the switch refuses; neither creates anything
+    assert result.stdout.split("\n")[:2] == ["db_health_check 2", "db_health_check 2"]
+    assert not database_dir.exists(), sorted(database_dir.rglob("*"))
