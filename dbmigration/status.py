@@ -10,13 +10,12 @@ from dbmigration import state as state_mod
 from dbmigration.backup import BackupInfo, last_verified_backup
 from dbmigration.errors import MigrationError, PhaseError
 
+# the same next command the refusals name (state.NEXT_COMMAND), with a word on the ends
 NEXT_STEP = {
-    "nothing": "migration_prepare",
-    "prepared": "migrate_data",
-    "data_migrated": "switch_to_postgresql",
+    **state_mod.NEXT_COMMAND,
     "switched": "PostgreSQL is live: back it up daily (db_backup) and watch db_health_check; "
     "rollback_to_sqlite only if you must go back",
-    "rolled_back": "migration_prepare, when ready to try again",
+    "rolled_back": f"{state_mod.NEXT_COMMAND['rolled_back']}, when ready to try again",
 }
 
 
