@@ -157,7 +157,13 @@ STATIC_ROOT = BASE_DIR / "var" / "static"
 AUDITLOG_DISABLE_ON_RAW_SAVE = True  # loaddata and raw saves are data moves, not user actions
 
 # --- Slow queries -------------------------------------------------------------------
-SLOW_QUERY_MS = env.float("SLOW_QUERY_MS", 1000.0)
+try:  # float() itself: django-environ would read '1s' as 1.0 without a word
+    SLOW_QUERY_MS = float(env.str("SLOW_QUERY_MS", "") or 1000.0)
+except ValueError:
+    raise ImproperlyConfigured(
+        f"SLOW_QUERY_MS={env.str('SLOW_QUERY_MS')!r} is not a number; set it to milliseconds, "
+        "e.g. 1000."
+    ) from None
 
 LOGGING = {
     "version": 1,

@@ -123,6 +123,7 @@ def manage_py(*args: str, **env) -> subprocess.CompletedProcess:
         ({"POSTGRES_URL": "postgresql:/127.0.0.1/x"}, ["POSTGRES_URL", "postgres://"]),
         ({"POSTGRES_URL": "postgres://app:s3cret@127.0.0.1:5432"}, ["names no database"]),
         ({"DATABASE_ACTIVE": "mysql"}, ["DATABASE_ACTIVE='mysql'", "sqlite or postgresql"]),
+        ({"SLOW_QUERY_MS": "1s"}, ["SLOW_QUERY_MS='1s' is not a number", "milliseconds"]),
     ],
 )
 def test_a_settings_mistake_is_one_line_naming_the_variable_and_the_fix(env, names):
