@@ -206,14 +206,16 @@ def swap_in(copy: Path, sqlite_path: Path) -> None:
 
 def require_postgres_tables(tables, alias: str = "postgresql") -> None:
     """Raise TargetError, before anything changes, when PostgreSQL lost tables we carry back."""
-    try:
-        present = set(connections[alias].introspection.table_names())
-    except Exception as exc:  # psycopg's errors: first line only, never the password
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise TargetError(
-            f"PostgreSQL does not answer ({first}), so its writes cannot be carried back. "
-            "Bring it back, or run rollback_to_sqlite --discard-postgres-writes."
-        ) from exc
+    from dbmigration.preflight import connect, conninfo_from_settings
+
+    # unreachable: its cause and fix now, not a pool timeout later
+    with connect(conninfo_from_settings(connections.settings[alias])) as conn:
+        present = {
+            row[0]
+            for row in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+            )
+        }
     missing = sorted(t.db_table for t in tables if t.db_table not in present)
     if missing:
         raise TargetError(

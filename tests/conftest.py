@@ -38,3 +38,17 @@ def empty_postgres_database():
     connection.settings_dict["NAME"] = saved
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_down():
+    """Point the postgresql alias at a port nobody listens on, then put it back."""
+    connection = connections["postgresql"]
+    connection.close_pool()
+    cfg = connection.settings_dict  # the same dict as connections.settings["postgresql"]
+    saved = cfg["PORT"], cfg["OPTIONS"]["pool"]
+    cfg["PORT"] = 1
+    cfg["OPTIONS"]["pool"] = {**saved[1], "timeout": 1.0}
+    yield
+    connection.close_pool()
+    cfg["PORT"], cfg["OPTIONS"]["pool"] = saved

@@ -300,3 +300,27 @@ def test_read_only_commands_create_no_file(tmp_path):
     # health is down (no SQLite file) and the switch refuses; neither creates anything
     assert result.stdout.split("\n")[:2] == ["db_health_check 2", "db_health_check 2"]
     assert not database_dir.exists(), sorted(database_dir.rglob("*"))
+
+
+# --- an unreachable target is exit 3 with its cause, not a pool-timeout traceback -----------
+
+
+@pytest.mark.django_db(databases="__all__", transaction=True)
+@pytest.mark.parametrize(
+    ("command", "phase", "backend"),
+    [
+        (["migrate_data"], "prepared", "sqlite"),
+        (["migrate_data", "--verify-only"], "data_migrated", "sqlite"),
+        (["rollback_to_sqlite", "--noinput"], "switched", "postgresql"),
+    ],
+)
+def test_an_unreachable_target_is_a_target_error(
+    state_file, postgres_down, command, phase, backend
+):
+    write_state(state_file, MigrationState(phase=phase, active_backend=backend))
+    before = state_file.read_bytes()
+    with pytest.raises(CommandError, match=r"PostgreSQL at .* is not reachable") as exc:
+        call_command(*command, verbosity=0, stdout=StringIO(), stderr=StringIO())
+    assert exc.value.returncode == errors.TargetError.returncode
+    assert "Fix: start the server or correct POSTGRES_URL" in str(exc.value)
+    assert state_file.read_bytes() == before

@@ -48,20 +48,6 @@ def make_backup(backup_dir, *, age_hours: float, verified=True, kind="sqlite"):
     return path
 
 
-@pytest.fixture
-def postgres_down():
-    """Point the postgresql alias at a port nobody listens on, then put it back."""
-    connection = connections["postgresql"]
-    connection.close_pool()
-    cfg = connection.settings_dict  # the same dict as connections.settings["postgresql"]
-    saved = cfg["PORT"], cfg["OPTIONS"]["pool"]
-    cfg["PORT"] = 1
-    cfg["OPTIONS"]["pool"] = {**saved[1], "timeout": 1.0}
-    yield
-    connection.close_pool()
-    cfg["PORT"], cfg["OPTIONS"]["pool"] = saved
-
-
 def test_active_backend_answers_on_each_engine(state_file):
     set_state(state_file, backend="sqlite")
     result = health.run_check("active_backend")
