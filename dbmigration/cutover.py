@@ -369,6 +369,10 @@ def switch_to_postgresql(
     if not plan.ready:
         raise PhaseError(" ".join(plan.problems))
     from dbmigration.plan import build_plan
+    from dbmigration.preflight import connect, conninfo_from_settings
+
+    # an unreachable target is exit 3 with its cause and fix, not a pool timeout traceback
+    connect(conninfo_from_settings(connections.settings["postgresql"])).close()
 
     tables = build_plan()
     note = progress or (lambda message: None)

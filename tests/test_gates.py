@@ -14,7 +14,7 @@ from django.core.management import CommandError, call_command
 
 from dbmigration import errors
 from dbmigration import state as state_mod
-from dbmigration.state import MigrationState, write_state
+from dbmigration.state import MigrationState, read_state, write_state
 from propcore import pgserver
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -324,3 +324,14 @@ def test_an_unreachable_target_is_a_target_error(
     assert exc.value.returncode == errors.TargetError.returncode
     assert "Fix: start the server or correct POSTGRES_URL" in str(exc.value)
     assert state_file.read_bytes() == before
+
+
+@pytest.mark.django_db(databases="__all__", transaction=True)
+def test_switch_to_an_unreachable_target_is_a_target_error(state_file, postgres_down):
+    from tests.test_cutover import migrated_state
+
+    write_state(state_file, migrated_state())
+    with pytest.raises(CommandError, match=r"PostgreSQL at .* is not reachable") as exc:
+        call_command("switch_to_postgresql", "--noinput", verbosity=0, stdout=StringIO())
+    assert exc.value.returncode == errors.TargetError.returncode
+    assert read_state(state_file).active_backend == "sqlite"
