@@ -25,7 +25,7 @@ from django.db import connections
 
 from dbmigration import freeze as fz
 from dbmigration.errors import PhaseError, VerificationError
-from dbmigration.reports import RunReport
+from dbmigration.reports import RunReport, error_text
 from dbmigration.state import NEXT_COMMAND, MigrationState, read_state, transition
 
 Progress = Callable[[str], None] | None
@@ -439,7 +439,7 @@ def switch_to_postgresql(
             step.details = {"active_backend": "postgresql"}
             note("active backend is now postgresql")
     except BaseException as exc:
-        run.facts["error"] = str(exc) or type(exc).__name__
+        run.facts["error"] = error_text(exc)
         run.facts["active_backend"] = read_state(state_file).active_backend
         raise
     finally:

@@ -29,7 +29,7 @@ from django.db.utils import load_backend
 
 from dbmigration import freeze as fz
 from dbmigration.errors import MigrationError, TargetError, VerificationError
-from dbmigration.reports import RunReport
+from dbmigration.reports import RunReport, error_text
 from dbmigration.state import MigrationState, read_state, transition
 from dbmigration.sync import diff_table
 from dbmigration.verify import Side, verify
@@ -413,7 +413,7 @@ def rollback_to_sqlite(
                 step.details = {"unapplied": drop_postgres_copy("postgresql")}
                 note("PostgreSQL copy dropped")
     except BaseException as exc:
-        run.facts["error"] = str(exc) or type(exc).__name__
+        run.facts["error"] = error_text(exc)
         raise
     finally:
         if freeze is not None:

@@ -1,5 +1,6 @@
 """Safety gates: no way around them, and every refusal names the one command to run next."""
 
+import json
 import os
 import re
 import sqlite3
@@ -14,6 +15,7 @@ from django.core.management import CommandError, call_command
 
 from dbmigration import errors
 from dbmigration import state as state_mod
+from dbmigration.reports import RunReport
 from dbmigration.state import MigrationState, read_state, write_state
 from propcore import pgserver
 
@@ -335,3 +337,23 @@ def test_switch_to_an_unreachable_target_is_a_target_error(state_file, postgres_
         call_command("switch_to_postgresql", "--noinput", verbosity=0, stdout=StringIO())
     assert exc.value.returncode == errors.TargetError.returncode
     assert read_state(state_file).active_backend == "sqlite"
+
+
+@pytest.mark.parametrize(
+    ("raised", "recorded"),
+    [
+        (KeyboardInterrupt(), "interrupted by Ctrl-C"),
+        (KeyboardInterrupt("signal 15"), "interrupted by SIGTERM"),
+        (
+            errors.TargetError("PostgreSQL at x is not reachable"),
+            "PostgreSQL at x is not reachable",
+        ),
+    ],
+)
+def test_the_report_says_what_stopped_a_step(tmp_path, raised, recorded):
+    run = RunReport.open("migrate_data", report_dir=tmp_path, log_dir=tmp_path)
+    with pytest.raises(type(raised)), run.step("verify"):
+        raise raised
+    report = json.loads(run.finish("failed").read_text())
+    assert report["steps"][0]["name"] == "verify"
+    assert report["steps"][0]["error"] == recorded  # not "KeyboardInterrupt"
