@@ -1243,7 +1243,7 @@ def migrate_data(
 ) -> MigrateDataResult:
     """Phase 6: check the state, copy (or sync), verify, write the report, move the state."""
     from dbmigration.errors import PhaseError, VerificationError
-    from dbmigration.preflight import connect, conninfo_from_settings
+    from dbmigration.preflight import conninfo_from_settings, require_same_target
     from dbmigration.reports import RunReport
     from dbmigration.sqlite_source import source_fingerprint
     from dbmigration.verify import Side
@@ -1254,8 +1254,10 @@ def migrate_data(
         state_mod.require_phase(state, "data_migrated")
     except state_mod.StateError as exc:
         raise PhaseError(str(exc)) from exc
-    # an unreachable target is exit 3 with its cause and fix, not a pool timeout traceback
-    connect(conninfo_from_settings(connections.settings["postgresql"])).close()
+    # the target migration_prepare checked, reachable: exit 3 with the fix, not a traceback
+    require_same_target(
+        state.extra.get("target"), conninfo_from_settings(connections.settings["postgresql"])
+    )
     fingerprint = source_fingerprint(sqlite_path)
     if state.source_fingerprint and not (sync or verify_only):
         # a changed source needs a fresh prepare (or --sync after a finished copy)

@@ -369,10 +369,13 @@ def switch_to_postgresql(
     if not plan.ready:
         raise PhaseError(" ".join(plan.problems))
     from dbmigration.plan import build_plan
-    from dbmigration.preflight import connect, conninfo_from_settings
+    from dbmigration.preflight import conninfo_from_settings, require_same_target
 
-    # an unreachable target is exit 3 with its cause and fix, not a pool timeout traceback
-    connect(conninfo_from_settings(connections.settings["postgresql"])).close()
+    # the target migrate_data filled, reachable: exit 3 with the fix, not a traceback
+    require_same_target(
+        read_state(state_file).extra.get("target"),
+        conninfo_from_settings(connections.settings["postgresql"]),
+    )
 
     tables = build_plan()
     note = progress or (lambda message: None)

@@ -204,12 +204,15 @@ def swap_in(copy: Path, sqlite_path: Path) -> None:
         os.close(dir_fd)
 
 
-def require_postgres_tables(tables, alias: str = "postgresql") -> None:
-    """Raise TargetError, before anything changes, when PostgreSQL lost tables we carry back."""
-    from dbmigration.preflight import connect, conninfo_from_settings
+def require_postgres_tables(tables, state: MigrationState, alias: str = "postgresql") -> None:
+    """Raise TargetError, before anything changes, unless PostgreSQL is the switched-to database
+    and still has the tables we carry back (another database would make every row look deleted).
+    """
+    from dbmigration.preflight import connect, conninfo_from_settings, require_same_target
 
-    # unreachable: its cause and fix now, not a pool timeout later
-    with connect(conninfo_from_settings(connections.settings[alias])) as conn:
+    conninfo = conninfo_from_settings(connections.settings[alias])
+    require_same_target(state.extra.get("target"), conninfo)  # unreachable: cause and fix now
+    with connect(conninfo) as conn:
         present = {
             row[0]
             for row in conn.execute(
@@ -377,7 +380,7 @@ def rollback_to_sqlite(
             )
         else:
             if not discard_postgres_writes:  # discarding leaves the SQLite file as it is
-                require_postgres_tables(build_plan().tables)
+                require_postgres_tables(build_plan().tables, state)
                 with run.step("pre_rollback_backup") as step:
                     from dbmigration.backup import create_sqlite_backup
 

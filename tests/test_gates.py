@@ -357,3 +357,70 @@ def test_the_report_says_what_stopped_a_step(tmp_path, raised, recorded):
     report = json.loads(run.finish("failed").read_text())
     assert report["steps"][0]["name"] == "verify"
     assert report["steps"][0]["error"] == recorded  # not "KeyboardInterrupt"
+
+
+# --- the target's identity: the database migration_prepare checked, and no other ------------
+
+
+def identity_of_the_test_target() -> dict:
+    from django.db import connections
+
+    from dbmigration.preflight import conninfo_from_settings, target_identity
+
+    return target_identity(conninfo_from_settings(connections.settings["postgresql"]))
+
+
+@pytest.mark.django_db(databases="__all__", transaction=True)
+@pytest.mark.parametrize(
+    ("changed", "why"),
+    [
+        ({"database_oid": 1}, "a database dropped and created again since"),
+        ({"system_identifier": "1"}, "another server"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("command", "phase", "backend"),
+    [
+        (["migrate_data"], "prepared", "sqlite"),
+        (["rollback_to_sqlite", "--noinput"], "switched", "postgresql"),
+    ],
+)
+def test_another_target_than_the_prepared_one_is_refused(
+    state_file, command, phase, backend, changed, why
+):
+    recorded = {**identity_of_the_test_target(), **changed, "where": "app@db-old:5432/propcore"}
+    write_state(
+        state_file,
+        MigrationState(phase=phase, active_backend=backend, extra={"target": recorded}),
+    )
+    before = state_file.read_bytes()
+    with pytest.raises(CommandError, match="is not the target migration_prepare checked") as exc:
+        call_command(*command, verbosity=0, stdout=StringIO(), stderr=StringIO())
+    assert exc.value.returncode == errors.TargetError.returncode
+    assert f"(app@db-old:5432/propcore): it is {why}" in str(exc.value)
+    assert "Point POSTGRES_URL back at it, or run migration_prepare" in str(exc.value)
+    assert state_file.read_bytes() == before
+
+
+@pytest.mark.django_db(databases="__all__", transaction=True)
+def test_the_same_target_passes_the_identity_check(state_file):
+    from django.db import connections
+
+    from dbmigration.preflight import conninfo_from_settings, require_same_target
+
+    recorded = {**identity_of_the_test_target(), "where": "renamed-host:5432/x"}
+    require_same_target(recorded, conninfo_from_settings(connections.settings["postgresql"]))
+    require_same_target(None, conninfo_from_settings(connections.settings["postgresql"]))
+
+
+@pytest.mark.django_db(databases="__all__", transaction=True)
+def test_switch_to_another_target_than_the_migrated_one_is_refused(state_file):
+    from tests.test_cutover import migrated_state
+
+    state = migrated_state()
+    state.extra["target"] = {**identity_of_the_test_target(), "database_oid": 1, "where": "old"}
+    write_state(state_file, state)
+    with pytest.raises(CommandError, match="is not the target migration_prepare checked") as exc:
+        call_command("switch_to_postgresql", "--noinput", verbosity=0, stdout=StringIO())
+    assert exc.value.returncode == 3
+    assert read_state(state_file).active_backend == "sqlite"
