@@ -43,6 +43,7 @@ demo: install
 	$(DEMO_MANAGE) migrate_data
 	$(DEMO_MANAGE) switch_to_postgresql --noinput
 	$(DEMO_MANAGE) refresh_analytics
+	$(DEMO_MANAGE) db_backup
 	$(DEMO_MANAGE) db_health_check
 	@echo "Demo done. State, backups, reports and logs: $(DEMO_DIR)/"
 

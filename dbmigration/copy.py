@@ -40,6 +40,7 @@ from dbmigration.casts import (
 from dbmigration.copy_lines import BINARY_HEADER, BINARY_TRAILER, LinePlan, line_plan
 from dbmigration.errors import DataError, SourceError, TargetError
 from dbmigration.plan import Plan, PlannedTable, build_plan
+from dbmigration.preflight import identity_row
 from dbmigration.sqlite_source import file_sha256, open_readonly
 
 BATCH_ROWS = 5000
@@ -531,10 +532,6 @@ SELECT c.relname, k.conname, k.contype::text, pg_get_constraintdef(k.oid)
         OR k.confrelid IN (SELECT oid FROM pg_class p
                             WHERE p.relname = ANY(%s) AND pg_table_is_visible(p.oid)))
 """
-TARGET_IDENTITY_SQL = """
-SELECT (SELECT system_identifier FROM pg_control_system())::text || '/' || d.oid::text
-  FROM pg_database d WHERE d.datname = current_database()
-"""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -679,8 +676,8 @@ class Rebuilder:
 def target_identity(cursor) -> str:
     """The target database's identity: the cluster's system identifier and the database's
     oid.  A recreated database or another server gets another one."""
-    cursor.execute(TARGET_IDENTITY_SQL)
-    return cursor.fetchone()[0]
+    system, oid = identity_row(cursor)
+    return f"{system}/{oid}"
 
 
 def _read_marks(state_file: Path | None, *, target: str | None = None) -> dict:
@@ -1288,6 +1285,7 @@ def migrate_data(
 ) -> MigrateDataResult:
     """Phase 6: check the state, copy (or sync), verify, write the report, move the state."""
     from dbmigration.errors import PhaseError, VerificationError
+    from dbmigration.preflight import conninfo_from_settings, require_same_target
     from dbmigration.reports import RunReport
     from dbmigration.sqlite_source import source_fingerprint
     from dbmigration.verify import Side
@@ -1298,14 +1296,23 @@ def migrate_data(
         state_mod.require_phase(state, "data_migrated")
     except state_mod.StateError as exc:
         raise PhaseError(str(exc)) from exc
+    # the target migration_prepare checked, reachable: exit 3 with the fix, not a traceback
+    require_same_target(
+        state.extra.get("target"), conninfo_from_settings(connections.settings["postgresql"])
+    )
     fingerprint = source_fingerprint(sqlite_path)
     if state.source_fingerprint and not (sync or verify_only):
         # a changed source needs a fresh prepare (or --sync after a finished copy)
         reasons = state_mod.stale_reasons(state, fingerprint)
         if reasons:
+            # one next step: a finished copy catches up; an unfinished one starts over
+            fix = (
+                "Run migrate_data --sync to carry the changes."
+                if state.phase == "data_migrated"
+                else "Run migration_prepare again."
+            )
             raise SourceError(
-                f"The SQLite source changed since it was prepared ({'; '.join(reasons)}). "
-                "Run migration_prepare again, or migrate_data --sync to carry the changes."
+                f"The SQLite source changed since it was prepared ({'; '.join(reasons)}). {fix}"
             )
     mode = "verify-only" if verify_only else "sync" if sync else "copy"
     run = RunReport.open("migrate_data", report_dir=report_dir, log_dir=log_dir)

@@ -79,21 +79,46 @@ def _pg_connect(alias: str = "postgresql", *, timeout: int = 3):
     return psycopg.connect(**params)
 
 
-def _probe(alias: str) -> float:
-    """Run a trivial query on alias; return milliseconds.  Raises on failure."""
+def expected_tables() -> list[str]:
+    """The tables the code's models live in: a backend without them does not really answer."""
+    from dbmigration.plan import copied_models
+
+    return sorted({model._meta.db_table for model in copied_models()})
+
+
+def _probe(alias: str) -> tuple[float, list[str]]:
+    """Run a trivial query on alias; return milliseconds and the model tables it lacks.
+
+    Raises on failure.  Opens SQLite read-only, so a missing file is reported, not created.
+    """
     start = time.perf_counter()
+    wanted = expected_tables()
     if connections.settings[alias]["ENGINE"].endswith("sqlite3"):
         from dbmigration.sqlite_source import open_readonly
 
         conn = open_readonly(Path(connections.settings[alias]["NAME"]), timeout=3)
         try:
-            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            present = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         finally:
             conn.close()
     else:
         with _pg_connect(alias) as conn:
-            conn.execute("SELECT 1").fetchone()
-    return round((time.perf_counter() - start) * 1000, 2)
+            present = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+                )
+            }
+    ms = round((time.perf_counter() - start) * 1000, 2)
+    return ms, [name for name in wanted if name not in present]
+
+
+# what to do when the active backend lost its tables
+RESTORE_ADVICE = {
+    "sqlite": "restore the file with db_restore (db_backup --list shows the backups)",
+    "postgresql": "restore it from its last PostgreSQL backup with pg_restore (db_backup --list), "
+    "or run rollback_to_sqlite --discard-postgres-writes",
+}
 
 
 def _error_text(exc: Exception) -> str:
@@ -108,13 +133,22 @@ def check_active_backend() -> CheckResult:
     except StateError as exc:
         return CheckResult("active_backend", DOWN, str(exc))
     try:
-        ms = _probe(backend)
+        ms, missing = _probe(backend)
     except Exception as exc:  # any failure to answer is 'down'; say which and why
         return CheckResult(
             "active_backend",
             DOWN,
             f"{backend} does not answer: {_error_text(exc)}",
             {"backend": backend},
+        )
+    if missing:
+        return CheckResult(
+            "active_backend",
+            DOWN,
+            f"{backend} answers but lacks {len(missing)} of the application's tables "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+            f"{RESTORE_ADVICE[backend]}",
+            {"backend": backend, "ms": ms, "missing_tables": missing},
         )
     return CheckResult(
         "active_backend", OK, f"{backend} answers in {ms} ms", {"backend": backend, "ms": ms}
@@ -186,30 +220,42 @@ def check_migration_phase() -> CheckResult:
 
 
 def check_backup_age() -> CheckResult:
-    """The newest verified backup is younger than HEALTH_BACKUP_MAX_AGE_HOURS."""
+    """The newest verified backup of the active backend is younger than the limit.
+
+    Only backups of the active backend count: after the switch, a SQLite snapshot holds
+    none of the writes made on PostgreSQL.  The limit is HEALTH_BACKUP_MAX_AGE_HOURS.
+    """
     max_hours = _limit("BACKUP_MAX_AGE_HOURS", 26.0)
+    from dbmigration.backup import last_verified_backup
+
     try:
-        from dbmigration.backup import last_verified_backup
-    except ImportError:
-        return CheckResult("backup_age", DEGRADED, "backup module not installed")
-    info = last_verified_backup(conf.backup_dir())
+        backend = read_active_backend(conf.state_file())
+    except StateError as exc:
+        return CheckResult("backup_age", DOWN, str(exc))
+    info = last_verified_backup(conf.backup_dir(), kind=backend)
     if info is None:
+        other = "sqlite" if backend == "postgresql" else "postgresql"
         return CheckResult(
-            "backup_age", DEGRADED, f"no verified backup under {conf.backup_dir()}; run db_backup"
+            "backup_age",
+            DEGRADED,
+            f"no verified {backend} backup under {conf.backup_dir()} (backups of {other} "
+            "do not count); run db_backup",
+            {"backend": backend},
         )
     created = datetime.fromisoformat(info.created_at)
     if created.tzinfo is None:
         created = created.replace(tzinfo=UTC)
     hours = round((datetime.now(UTC) - created).total_seconds() / 3600, 2)
-    details = {"backup": str(info.path), "kind": info.kind, "age_hours": hours}
+    details = {"backend": backend, "backup": str(info.path), "age_hours": hours}
     if hours > max_hours:
         return CheckResult(
             "backup_age",
             DEGRADED,
-            f"last verified backup is {hours} h old (limit {max_hours:g} h); run db_backup",
+            f"last verified {backend} backup is {hours} h old (limit {max_hours:g} h); "
+            "run db_backup",
             details,
         )
-    return CheckResult("backup_age", OK, f"last verified backup {hours} h old", details)
+    return CheckResult("backup_age", OK, f"last verified {backend} backup {hours} h old", details)
 
 
 def check_pool() -> CheckResult:

@@ -142,6 +142,46 @@ def connect(conninfo: dict, *, timeout: int = CONNECT_TIMEOUT):
         ) from None
 
 
+def target_identity(conninfo: dict) -> dict:
+    """Which cluster and which database conninfo reaches (raises TargetError if none).
+
+    The cluster's system identifier survives a renamed host; the database's oid changes
+    when it is dropped and created again.
+    """
+    with connect(conninfo) as conn:
+        system, oid = identity_row(conn.cursor())
+    return {"where": describe(conninfo), "system_identifier": system, "database_oid": oid}
+
+
+def identity_row(cursor) -> tuple[str, int]:
+    """(cluster system identifier, database oid) of the database cursor is connected to."""
+    cursor.execute(
+        "SELECT (pg_control_system()).system_identifier::text, "
+        "(SELECT oid::bigint FROM pg_database WHERE datname = current_database())"
+    )
+    return cursor.fetchone()
+
+
+def require_same_target(recorded: dict | None, conninfo: dict) -> None:
+    """Raise TargetError unless conninfo reaches the database migration_prepare checked."""
+    now = target_identity(conninfo)  # also: unreachable is exit 3 now, not a pool timeout later
+    if not recorded:
+        return  # a state written before targets were recorded
+    keys = ("system_identifier", "database_oid")
+    if all(now[key] == recorded.get(key) for key in keys):
+        return
+    why = (
+        "another server"
+        if now["system_identifier"] != recorded.get("system_identifier")
+        else "a database dropped and created again since"
+    )
+    raise TargetError(
+        f"PostgreSQL at {now['where']} is not the target migration_prepare checked "
+        f"({recorded.get('where')}): it is {why}. Point POSTGRES_URL back at it, or run "
+        "migration_prepare to start over on this one."
+    )
+
+
 # --- PostgreSQL checks (db_test_postgresql, phase 3) -----------------------------------------
 
 

@@ -33,6 +33,7 @@ from dbmigration.preflight import (
     check_target_is_ours,
     connect,
     describe,
+    target_identity,
 )
 from dbmigration.reports import RunReport
 from dbmigration.schema_child import migrate_target
@@ -254,7 +255,10 @@ def _phases(
     result.ok = True
     result.report_path = run.report_path
     run.facts["fingerprint"] = result.fingerprint_before
+    # later steps refuse a POSTGRES_URL that reaches another server or a re-created database
+    target = target_identity(conninfo)
     try:
+        extra = state_mod.read_state(state_file).extra
         state_mod.transition(
             state_file,
             "prepared",
@@ -262,6 +266,7 @@ def _phases(
             source_fingerprint=result.fingerprint_before,
             last_report=str(run.report_path),
             last_backup=str(result.backup.path),
+            extra={**extra, "target": target},
         )
     except state_mod.StateError as exc:  # another command moved the state meanwhile
         raise PhaseError(str(exc)) from exc

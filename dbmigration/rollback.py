@@ -27,8 +27,8 @@ from django.db.utils import load_backend
 
 from dbmigration import conf
 from dbmigration import freeze as fz
-from dbmigration.errors import MigrationError, VerificationError
-from dbmigration.reports import RunReport
+from dbmigration.errors import MigrationError, TargetError, VerificationError
+from dbmigration.reports import RunReport, error_text
 from dbmigration.state import MigrationState, read_state, transition
 from dbmigration.sync import diff_table
 from dbmigration.verify import Side, verify
@@ -203,6 +203,31 @@ def swap_in(copy: Path, sqlite_path: Path) -> None:
         os.close(dir_fd)
 
 
+def require_postgres_tables(tables, state: MigrationState, alias: str = "postgresql") -> None:
+    """Raise TargetError, before anything changes, unless PostgreSQL is the switched-to database
+    and still has the tables we carry back (another database would make every row look deleted).
+    """
+    from dbmigration.preflight import connect, conninfo_from_settings, require_same_target
+
+    conninfo = conninfo_from_settings(connections.settings[alias])
+    require_same_target(state.extra.get("target"), conninfo)  # unreachable: cause and fix now
+    with connect(conninfo) as conn:
+        present = {
+            row[0]
+            for row in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+            )
+        }
+    missing = sorted(t.db_table for t in tables if t.db_table not in present)
+    if missing:
+        raise TargetError(
+            f"PostgreSQL lacks {len(missing)} of the application's tables ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}): was its database dropped? Nothing was "
+            "changed. Restore it from its last backup with pg_restore (db_backup --list), or run "
+            "rollback_to_sqlite --discard-postgres-writes to go back to SQLite as of the switch."
+        )
+
+
 def drop_postgres_copy(alias: str = "postgresql") -> list[str]:
     """Unapply every migration on alias (tables, enum types, views); return what was undone.
 
@@ -358,6 +383,7 @@ def rollback_to_sqlite(
             )
         else:
             if not discard_postgres_writes:  # discarding leaves the SQLite file as it is
+                require_postgres_tables(build_plan().tables, state)
                 with run.step("pre_rollback_backup") as step:
                     from dbmigration.backup import create_sqlite_backup
 
@@ -393,7 +419,7 @@ def rollback_to_sqlite(
                 step.details = {"unapplied": drop_postgres_copy("postgresql")}
                 note("PostgreSQL copy dropped")
     except BaseException as exc:
-        run.facts["error"] = str(exc) or type(exc).__name__
+        run.facts["error"] = error_text(exc)
         raise
     finally:
         if freeze is not None:

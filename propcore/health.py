@@ -18,8 +18,11 @@ import asyncio
 import dataclasses
 import json
 import logging
+import sqlite3
+from pathlib import Path
 
 from django.conf import settings
+from django.db import connections
 from django.http import HttpResponse, JsonResponse
 from health_check import checks
 from health_check.base import HealthCheck
@@ -86,7 +89,27 @@ class Database(checks.Database):
         from propcore.middleware import watcher
 
         watcher.refresh_thread()  # checks run in executor threads that see no request
+        config = connections.settings[self.alias]
+        if config["ENGINE"].endswith("sqlite3"):
+            # Django's SQLite backend creates a missing file on connect: probe read-only
+            return self._probe_sqlite(
+                Path(config["NAME"]), active=self.alias in {"default", watcher.backend}
+            )
         return super().run()
+
+    def _probe_sqlite(self, path: Path, *, active: bool) -> None:
+        from dbmigration.errors import SourceError
+        from dbmigration.sqlite_source import open_readonly
+
+        try:
+            conn = open_readonly(path, timeout=3)
+            try:
+                conn.execute("SELECT 1").fetchone()
+            finally:
+                conn.close()
+        except (SourceError, sqlite3.Error) as exc:
+            # only the backend in use takes the site down; a missing spare is a warning
+            raise (ServiceUnavailable if active else ServiceWarning)(str(exc)) from exc
 
 
 @dataclasses.dataclass(repr=False)

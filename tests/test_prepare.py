@@ -98,6 +98,7 @@ def test_prepare_runs_phases_1_to_5_and_is_idempotent(tmp_path):
     assert st.phase == "prepared" and st.last_report == str(result.report_path)
     assert st.source_fingerprint["sha256"] == sha
     assert st.last_backup == str(result.backup.path)
+    assert st.extra["target"]["system_identifier"] and st.extra["target"]["database_oid"]
     assert file_sha256(source) == sha
 
     # again, through the command: same outcome, one more backup, one more transition

@@ -8,7 +8,6 @@ import psycopg
 import pytest
 
 from dbmigration.copy import (
-    TARGET_IDENTITY_SQL,
     _read_marks,
     _write_marks,
     done_tables,
@@ -76,7 +75,7 @@ def test_saved_marks_count_only_on_the_target_they_were_made_on(pg, tmp_path):
         here = target_identity(cur)
     params = pg.get_connection_params()
     with psycopg.connect(**{**params, "dbname": "postgres"}) as other_db:
-        elsewhere = other_db.execute(TARGET_IDENTITY_SQL).fetchone()[0]
+        elsewhere = target_identity(other_db.cursor())
     assert here != elsewhere  # same server, another database: another identity
     pending = [{"table": "t", "kind": "index", "name": "i", "definition": "CREATE INDEX i ON t"}]
     marks = {"source_sha256": "abc", "done": {"t": 3}, "pending_ddl": pending}

@@ -4,7 +4,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration import backup, conf
-from dbmigration.errors import MigrationError
+from dbmigration.errors import ConfigError, MigrationError
 from dbmigration.preflight import conninfo_from_settings
 
 
@@ -49,7 +49,10 @@ class Command(BaseCommand):
             return self._list(backup_dir)
         key = os.environ.get(backup.KEY_ENV) if opts["encrypt"] else None
         if opts["encrypt"] and not key:
-            raise CommandError(f"--encrypt needs the key in ${backup.KEY_ENV}; set it and retry.")
+            raise CommandError(
+                f"--encrypt needs the key in ${backup.KEY_ENV}; set it and retry.",
+                returncode=ConfigError.returncode,
+            )
         kind = self._active() if opts["backend"] == "active" else opts["backend"]
         progress = self.stdout.write if opts["verbosity"] > 1 else None
         try:

@@ -2,6 +2,8 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration import conf
+from dbmigration.errors import ConfigError, TargetError
+from dbmigration.pgurl import BadPostgresUrl, check_postgres_url
 from dbmigration.preflight import check_postgresql, conninfo_from_settings, conninfo_from_url
 
 
@@ -24,6 +26,11 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **opts):
+        if opts["url"]:
+            try:
+                check_postgres_url(opts["url"], name="--url")
+            except BadPostgresUrl as exc:
+                raise CommandError(str(exc), returncode=ConfigError.returncode) from None
         conninfo = (
             conninfo_from_url(opts["url"])
             if opts["url"]
@@ -38,6 +45,6 @@ class Command(BaseCommand):
             raise CommandError(
                 f"{len(report.failed)} check(s) failed: "
                 + "; ".join(c.name for c in report.failed),
-                returncode=3,
+                returncode=TargetError.returncode,
             )
         self.stdout.write(self.style.SUCCESS("All checks passed."))

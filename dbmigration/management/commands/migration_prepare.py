@@ -4,7 +4,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration import conf
 from dbmigration.backup import KEY_ENV
-from dbmigration.errors import MigrationError
+from dbmigration.errors import ConfigError, MigrationError
 from dbmigration.prepare import run_prepare
 
 
@@ -45,7 +45,10 @@ class Command(BaseCommand):
     def handle(self, *args, **opts):
         key = os.environ.get(KEY_ENV) if opts["encrypt"] else None
         if opts["encrypt"] and not key:
-            raise CommandError(f"--encrypt needs the key in ${KEY_ENV}; set it and retry.")
+            raise CommandError(
+                f"--encrypt needs the key in ${KEY_ENV}; set it and retry.",
+                returncode=ConfigError.returncode,
+            )
         progress = self.stdout.write if opts["verbosity"] > 1 else None
         try:
             r = run_prepare(

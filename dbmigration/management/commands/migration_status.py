@@ -25,7 +25,7 @@ class Command(BaseCommand):
         self.stdout.write(
             f"Last backup:    {b.path} ({b.kind}, {b.created_at}, verified)"
             if b
-            else "Last backup:    none verified yet (run db_backup)"
+            else f"Last backup:    none of {s.active_backend} verified yet (run db_backup)"
         )
         for reason in s.stale:
             self.stdout.write(self.style.WARNING(f"Stale prepare:  {reason}"))

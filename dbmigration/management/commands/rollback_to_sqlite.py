@@ -1,7 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration import conf, rollback
-from dbmigration.errors import MigrationError
+from dbmigration.errors import MigrationError, NotConfirmed
 from dbmigration.state import StateError, read_state
 
 
@@ -63,9 +63,9 @@ class Command(BaseCommand):
                 )
                 confirmed = input(prompt) == "discard"
                 if not confirmed:
-                    raise CommandError("Rollback cancelled.")
+                    raise CommandError("Rollback cancelled.", returncode=NotConfirmed.returncode)
             elif input("Roll back to SQLite?\n    Type 'yes' to continue: ") != "yes":
-                raise CommandError("Rollback cancelled.")
+                raise CommandError("Rollback cancelled.", returncode=NotConfirmed.returncode)
         progress = self.stdout.write if options["verbosity"] > 1 else None
         try:
             result = rollback.rollback_to_sqlite(
