@@ -149,9 +149,10 @@ def test_health_page_with_the_sqlite_file_missing_creates_nothing(
     assert not sqlite_missing.exists()  # Django's SQLite backend would have created it
     assert list(sqlite_missing.parent.iterdir()) == []
     assert response.status_code == 500  # the active backend is gone: the site is down
-    failing = {k: v for k, v in response.json().items() if not v.startswith(("OK", "Warning"))}
-    assert any("sqlite" in name for name in failing), response.json()
-    assert any("does not exist" in v for v in failing.values()), failing
+    checks = response.json()["checks"]
+    failing = {k: v for k, v in checks.items() if v["status"] == "down"}
+    assert any("sqlite" in key for key in failing), checks
+    assert any("does not exist" in v["message"] for v in failing.values()), failing
 
 
 def test_health_page_after_the_switch_only_warns_about_a_missing_sqlite_file(
@@ -164,8 +165,8 @@ def test_health_page_after_the_switch_only_warns_about_a_missing_sqlite_file(
     finally:
         middleware.watcher.backend = "sqlite"
     assert not sqlite_missing.exists()
-    sqlite_checks = {k: v for k, v in body.items() if "alias='sqlite'" in k}
-    assert sqlite_checks and all(v.startswith("Warning") for v in sqlite_checks.values()), body
+    sqlite_checks = {k: v for k, v in body["checks"].items() if k == "database_sqlite"}
+    assert sqlite_checks and all(v["status"] == "degraded" for v in sqlite_checks.values()), body
 
 
 def test_db_health_check_with_the_sqlite_file_missing_creates_nothing(state_file, sqlite_missing):
