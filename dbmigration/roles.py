@@ -55,6 +55,7 @@ PERSONAL_COLUMNS = {
 # Tables the application reads but never changes.
 READ_ONLY_TABLES = {"django_migrations"}
 DML = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"})
+MAX_ROUNDS = 3
 
 
 class RolesError(MigrationError):
@@ -410,18 +411,32 @@ def sync_roles(
         )
         if not apply or not changes:
             return RolesResult(names, changes, applied=False)
+        applied: list[Change] = []
         try:
             with conn.transaction():
-                for done, change in enumerate(changes, 1):
-                    conn.execute(change.secret or change.sql)
-                    if progress:
-                        progress("db_roles", change.what, done, len(changes))
+                # a new owner inherits the old owner's grants: the second round sees them
+                for _round in range(MAX_ROUNDS):
+                    for done, change in enumerate(changes, 1):
+                        conn.execute(change.secret or change.sql)
+                        if progress:
+                            progress("db_roles", change.what, done, len(changes))
+                    applied += changes
+                    changes = diff(
+                        read_catalog(conn, names=names), names=names, specs=specs, verifiers={}
+                    )
+                    if not changes:
+                        break
+                else:
+                    raise RolesError(
+                        f"db_roles did not converge: {changes[0].what}. Fix: look at that "
+                        "object's owner and grants by hand."
+                    )
         except psycopg.errors.InsufficientPrivilege as exc:
             raise RolesError(
                 f"db_roles was refused ({exc.diag.message_primary}). Fix: run it as a "
                 "superuser (POSTGRES_ADMIN_URL), which may create roles with BYPASSRLS."
             ) from None
-    return RolesResult(names, changes, applied=True)
+    return RolesResult(names, applied, applied=True)
 
 
 def drop_roles(*, conninfo: dict, names: RoleNames, new_owner: str) -> None:

@@ -53,8 +53,8 @@ TEST_SUFFIX = env.str("PROPCORE_TEST_SUFFIX", "")
 # The application connects as app_service (POSTGRES_URL); migrations and the runbook as the
 # owner (POSTGRES_OWNER_URL), which may change the schema and sees every row (BYPASSRLS).
 POSTGRES_OWNER_URL = env.str("POSTGRES_OWNER_URL", "")
-# db_roles creates roles with BYPASSRLS, so it needs a superuser.
-POSTGRES_ADMIN_URL = env.str("POSTGRES_ADMIN_URL", "") or POSTGRES_URL
+# db_roles creates roles with BYPASSRLS, so it needs a superuser (default: the postgresql alias).
+POSTGRES_ADMIN_URL = env.str("POSTGRES_ADMIN_URL", "")
 DB_ROLE_SUFFIX = env.str("PROPCORE_DB_ROLE_SUFFIX", "")  # several installations, one cluster
 OWNER_COMMANDS = {
     "migrate", "migration_prepare", "migrate_data", "switch_to_postgresql", "rollback_to_sqlite",

@@ -6,7 +6,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration.errors import MigrationError
-from dbmigration.preflight import conninfo_from_url
+from dbmigration.preflight import conninfo_from_settings, conninfo_from_url
 from dbmigration.roles import BASE_NAMES, role_names, sync_roles
 
 
@@ -40,7 +40,9 @@ class Command(BaseCommand):
         passwords = {} if opts["plan"] or opts["check"] else self._passwords(opts)
         try:
             result = sync_roles(
-                conninfo=conninfo_from_url(settings.POSTGRES_ADMIN_URL),
+                conninfo=conninfo_from_url(settings.POSTGRES_ADMIN_URL)
+                if settings.POSTGRES_ADMIN_URL
+                else conninfo_from_settings(settings.DATABASES["postgresql"]),
                 names=names,
                 passwords=passwords,
                 owner_login=opts["owner_login"] or None,

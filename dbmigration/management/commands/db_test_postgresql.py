@@ -1,7 +1,11 @@
+import contextlib
+
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from dbmigration.errors import TargetError
 from dbmigration.preflight import check_postgresql, conninfo_from_settings, conninfo_from_url
+from dbmigration.security import app_role_check
 
 
 class Command(BaseCommand):
@@ -23,14 +27,26 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **opts):
-        conninfo = (
+        app_conninfo = (
             conninfo_from_url(opts["url"])
             if opts["url"]
             else conninfo_from_settings(settings.DATABASES["postgresql"])
         )
+        # privileges to create the schema are the owner's, where migrations run
+        conninfo = (
+            conninfo_from_url(settings.POSTGRES_OWNER_URL)
+            if settings.POSTGRES_OWNER_URL and not opts["url"]
+            else app_conninfo
+        )
         report = check_postgresql(
             conninfo=conninfo, pool_max=opts["pool_max"] or settings.PROFILE.pool_max
         )
+        if report.ok:
+            # in prod the application must not be able to bypass row-level security
+            with contextlib.suppress(TargetError):  # no database yet: nothing to own
+                report.checks.append(
+                    app_role_check(conninfo=app_conninfo, strict=settings.PROFILE.name == "prod")
+                )
         self.stdout.write(f"PostgreSQL target {report.target}")
         for check in report.checks:
             style = self.style.SUCCESS if check.ok and not check.warning else self.style.WARNING
