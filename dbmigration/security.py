@@ -113,6 +113,20 @@ def check_security(*, conninfo: dict, app_role: str) -> SecurityReport:
                             "empty value left after a transaction could match rows",
                         )
                     )
+        for name, body in one(
+            "SELECT p.proname, p.prosrc FROM pg_proc p JOIN pg_namespace n "
+            "ON n.oid = p.pronamespace WHERE n.nspname = 'public' AND NOT EXISTS "
+            "(SELECT 1 FROM pg_depend d WHERE d.objid = p.oid AND d.deptype = 'e')"
+        ):
+            if UNGUARDED_SETTING.search(body.replace(" ", "")):
+                findings.append(
+                    Finding(
+                        "policy_open",
+                        f"function {name}",
+                        "reads app.user_id without nullif(..., ''): the empty value left "
+                        "after a transaction could match rows",
+                    )
+                )
         for (view,) in one(
             "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE n.nspname = 'public' AND c.relkind = 'v' AND NOT coalesce("

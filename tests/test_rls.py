@@ -152,6 +152,29 @@ def test_staff_role_sees_what_the_admin_needs(roles, people):
         assert conn.execute("SELECT count(*) FROM accounts_loginevent").fetchone()[0] == 7
 
 
+@pytest.mark.parametrize(
+    "table",
+    [
+        "accounts_user",
+        "accounts_kycverification",
+        "accounts_loginevent",
+        "accounts_membership",
+        "auditlog_logentry",
+    ],
+)
+def test_a_query_without_where_finds_the_users_rows_through_an_index(roles, people, table):
+    """The policy is the query's only filter (the API's plain querysets): it must use an index.
+
+    With "user_id = me OR staff" PostgreSQL could only scan the whole table.
+    """
+    with connect_as(roles.app) as conn, conn.transaction():
+        as_user(conn, people["a"].pk)
+        conn.execute("SET LOCAL enable_seqscan = off")  # tiny tables: make the choice visible
+        plan = "\n".join(row[0] for row in conn.execute(f"EXPLAIN SELECT * FROM {table}"))
+    assert "Seq Scan" not in plan, plan
+    assert "Index" in plan, plan
+
+
 def test_identity_does_not_outlive_its_transaction_on_a_pool_of_one(roles, people):
     """The leak of django-rls PR #69: one pooled connection, user A, then B, then nobody."""
     a, b = people["a"], people["b"]
