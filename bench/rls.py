@@ -53,7 +53,7 @@ INSERT INTO accounts_kycverification (id, user_id, document_type, document_refer
     document_country, status, notes, created_at, updated_at)
 SELECT md5('k' || i)::uuid, md5('u' || (1 + (i * 7919) %% %(users)s))::uuid, 'passport',
        'P' || i, 'IE', 'pending', '', now() - i * interval '1 second', now()
-  FROM generate_series(1, %(kyc)s) AS i
+  FROM generate_series(1::bigint, %(kyc)s) AS i
 """
 QUERIES = {
     "lookup": "SELECT * FROM accounts_user WHERE id = %s",
@@ -117,12 +117,12 @@ def main(argv: list[str] | None = None) -> int:
 
     url = database_url(DB)
     names = role_names(suffix=f"_bench{os.getpid()}")
-    t0 = time.perf_counter()
-    build(url, args.users)
-    print(f"built {args.users:,} users in {time.perf_counter() - t0:.1f} s", flush=True)
     admin = conninfo_from_url(url)
-    sync_roles(conninfo=admin, names=names)
     try:
+        t0 = time.perf_counter()
+        build(url, args.users)
+        print(f"built {args.users:,} users in {time.perf_counter() - t0:.1f} s", flush=True)
+        sync_roles(conninfo=admin, names=names)
         user_ids = sample_ids(url, args.samples, args.seed)
         per_round = max(1, len(user_ids) // args.rounds)
         results: dict[str, dict[str, list[float]]] = {"on": {}, "off": {}}

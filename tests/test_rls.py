@@ -11,7 +11,7 @@ import copy
 
 import psycopg
 import pytest
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS, ProgrammingError, connections
 from django.db.backends.postgresql.base import DatabaseWrapper
 from django.test import Client
 from django.urls import path
@@ -19,13 +19,16 @@ from psycopg_pool import ConnectionPool
 
 from accounts.models import KycVerification, LoginEvent, Membership, Organisation, User
 from dbmigration.roles import sync_roles
+from propcore.middleware import _close_default_pool
 from propcore.rls import db_identity
 from tests import rls_fixtures
+from tests import test_cutover as cutover_tests
 from tests.rls_fixtures import connect_as, superuser_conninfo
 
 pytestmark = pytest.mark.django_db(databases=["default", "postgresql", "sqlite"], transaction=True)
 
 roles = rls_fixtures.roles  # the module's roles, dropped at its end
+restore_default = cutover_tests.restore_default
 
 PASSWORD = "correct horse battery"
 PROTECTED = [
@@ -245,9 +248,28 @@ def test_db_identity_for_jobs(app_default, people):
         assert KycVerification.objects.count() == 6
 
 
+def test_a_job_writing_rows_of_nobody_says_it_is_the_system(app_default, people):
+    """Audit entries without an actor and unknown logins belong to no user: role 'system'."""
+    a = people["a"]
+
+    def check():
+        KycVerification.objects.create(user=a, document_type="passport", document_reference="J")
+
+    with pytest.raises(ProgrammingError, match="row-level security"), db_identity(user_id=a.pk):
+        check()  # its audit entry, actor-less, could not be read back (INSERT ... RETURNING)
+    with db_identity(user_id=a.pk, role="system"):
+        check()
+        LoginEvent.objects.create(email_attempted="who@x.ie", success=False)
+        assert LoginEvent.objects.filter(user__isnull=True).count() == 2
+    with db_identity(user_id=a.pk):
+        assert not LoginEvent.objects.filter(user__isnull=True).exists()
+    assert KycVerification.objects.using("postgresql").filter(user=a).count() == 3
+
+
 def logged_in(user) -> Client:
     client = Client()
-    with db_identity(user_id=user.pk):  # login() saves last_login: a row of the user's own
+    # login() saves last_login (through the database the user came from): a row of their own
+    with db_identity(user_id=user.pk, using=user._state.db or DEFAULT_DB_ALIAS):
         client.force_login(user)
     return client
 
@@ -351,3 +373,101 @@ def test_a_failed_request_rolls_its_writes_back(app_default, people):
     client.raise_request_exception = False
     assert client.get("/write-then-fail/").status_code == 500
     assert User.objects.using("postgresql").get(pk=a.pk).first_name == ""
+
+
+# --- the runbook as the owner, the application as app_service ----------------------------------
+
+
+@pytest.fixture
+def runbook_as_owner(roles, settings, tmp_path):
+    """The runbook's files in tmp_path; the postgresql alias logs in as the (non-superuser) owner.
+
+    The alias's settings dict is shared by every thread's connection, so the copy's worker
+    threads connect as the owner too.
+    """
+    from pathlib import Path
+
+    settings.SQLITE_PATH = Path(connections.settings["sqlite"]["NAME"])
+    settings.STATE_FILE = tmp_path / "state.json"
+    settings.BACKUP_DIR = tmp_path / "backups"
+    settings.REPORT_DIR = tmp_path / "reports"
+    settings.LOG_DIR = tmp_path / "logs"
+    pg_settings = connections.settings["postgresql"]
+    superuser = pg_settings["USER"]
+    connections["postgresql"].close()
+    connections["postgresql"].close_pool()
+    pg_settings["USER"] = roles.owner
+    try:
+        yield settings
+    finally:
+        connections["postgresql"].close()
+        connections["postgresql"].close_pool()
+        pg_settings["USER"] = superuser
+
+
+def run_command(name, *args):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    out = StringIO()
+    call_command(name, *args, stdout=out, stderr=StringIO(), verbosity=1)
+    return out.getvalue()
+
+
+def log_in_as(role: str) -> None:
+    """This process's postgresql alias (and so a re-pointed default) logs in as ``role``."""
+    for conn in connections.all(initialized_only=True):
+        conn.close()
+    connections["postgresql"].close_pool()
+    _close_default_pool()
+    connections.settings["postgresql"]["USER"] = role
+
+
+@pytest.mark.slow
+def test_runbook_end_to_end_with_the_app_as_app_service(roles, runbook_as_owner, restore_default):
+    """seed -> prepare -> migrate -> switch, as the owner -> requests and writes as app_service,
+    under RLS -> rollback, as the owner: every row, those writes included, comes back."""
+    from dbmigration.state import read_state
+
+    with connections["postgresql"].cursor() as cursor:
+        cursor.execute("SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user")
+        assert cursor.fetchone() == (roles.owner, False)
+    run_command("seed_demo", "--users", "25")
+    run_command("migration_prepare")
+    run_command("migrate_data")
+    run_command("switch_to_postgresql", "--noinput", "--drain-seconds", "0")
+    assert read_state(runbook_as_owner.STATE_FILE).active_backend == "postgresql"
+    # the owner sees every row (BYPASSRLS): the copy and its verification were complete
+    pg_users = User.all_objects.using("postgresql")
+    assert pg_users.count() == User.all_objects.using("sqlite").count() == 25
+    buyer = pg_users.filter(is_staff=False, deleted_at__isnull=True).first()
+    buyer_kyc = KycVerification.objects.using("postgresql").filter(user=buyer).count()
+
+    # the application: CutoverMiddleware moves 'default' to the postgresql alias, app_service
+    log_in_as(roles.app)
+    admin = Client()
+    response = admin.post(
+        "/admin/login/?next=/admin/", {"username": "admin1@prop.ie", "password": "propcore-demo"}
+    )
+    assert response.status_code == 302  # found through the SECURITY DEFINER lookup
+    assert connections[DEFAULT_DB_ALIAS].settings_dict["USER"] == roles.app
+    assert admin.get("/api/me/").json()["user"][0]["email"] == "admin1@prop.ie"
+    client = logged_in(buyer)
+    kyc = client.get("/api/me/kyc/").json()["kyc"]
+    assert {k["user_id"] for k in kyc} <= {str(buyer.pk)} and len(kyc) == buyer_kyc
+    # a job: for the buyer, as the system (its audit entry has no actor)
+    with db_identity(user_id=buyer.pk, role="system"):
+        written = KycVerification.objects.create(
+            user=buyer, document_type="passport", document_reference="E2E-1"
+        )
+        assert User.objects.count() == 1
+    assert User.objects.count() == 0  # no identity, no rows
+
+    log_in_as(roles.owner)
+    run_command("rollback_to_sqlite", "--noinput", "--drain-seconds", "0")
+    state = read_state(runbook_as_owner.STATE_FILE)
+    assert (state.phase, state.active_backend) == ("rolled_back", "sqlite")
+    back = KycVerification.objects.using("sqlite").get(pk=written.pk)
+    assert (back.user_id, back.document_reference) == (buyer.pk, "E2E-1")
+    assert KycVerification.objects.using("sqlite").filter(user=buyer).count() == buyer_kyc + 1

@@ -20,6 +20,9 @@ from accounts.pg_operations import PostgresOnlySQL
 
 ME = "nullif(current_setting('app.user_id', true), '')::uuid"
 STAFF = "current_setting('app.role', true) = 'staff'"
+# jobs and commands acting for nobody in particular (db_identity(role="system")): they may
+# read and write the rows that belong to no user (entries without an actor, unknown logins)
+STAFF_OR_SYSTEM = "current_setting('app.role', true) IN ('staff', 'system')"
 # The user ids a transaction may see, as a range: [me, me] for a user, every id for staff,
 # NULL (nothing) without an identity.  A range keeps the policy one index condition; the
 # obvious "user_id = me OR staff" has an OR the planner cannot use an index for, and every
@@ -84,14 +87,14 @@ POLICIES = [
     ("accounts_user", "user_visible", "ALL", _visible("id"), _visible("id")),
     ("accounts_kycverification", "kyc_visible", "ALL", _visible("user_id"), _visible("user_id")),
     ("accounts_loginevent", "login_visible", "ALL", _visible("user_id"), _visible("user_id")),
-    # failed attempts on unknown addresses: anyone records one, only staff read them
-    ("accounts_loginevent", "login_unknown_insert", "INSERT", None, "user_id IS NULL"),
+    # attempts on unknown addresses belong to nobody: staff, and the system recording them
+    # (Django inserts with RETURNING, so a writer must be able to read what it wrote)
     (
         "accounts_loginevent",
-        "login_unknown_staff",
+        "login_unattributed",
         "ALL",
-        f"user_id IS NULL AND {STAFF}",
-        f"user_id IS NULL AND {STAFF}",
+        f"user_id IS NULL AND {STAFF_OR_SYSTEM}",
+        f"user_id IS NULL AND {STAFF_OR_SYSTEM}",
     ),
     ("accounts_membership", "membership_visible", "SELECT", _visible("user_id"), None),
     (
@@ -124,7 +127,13 @@ POLICIES = [
     # audit entries: read your own (staff: all); written with you as actor, or by the system;
     # never changed or deleted through the application
     ("auditlog_logentry", "audit_visible", "SELECT", _visible("actor_id"), None),
-    ("auditlog_logentry", "audit_system_staff", "SELECT", f"actor_id IS NULL AND {STAFF}", None),
+    (
+        "auditlog_logentry",
+        "audit_unattributed",
+        "SELECT",
+        f"actor_id IS NULL AND {STAFF_OR_SYSTEM}",
+        None,
+    ),
     (
         "auditlog_logentry",
         "audit_insert",
