@@ -37,6 +37,7 @@ def _bound(extreme: str) -> str:
     return f"SELECT CASE WHEN {STAFF} THEN '{extreme}'::uuid ELSE {ME} END"
 
 
+# (signature, CREATE statement, whether every role may execute it)
 FUNCTIONS = [
     (
         "accounts_visible_user_low()",
