@@ -309,3 +309,18 @@ def test_runbook_commands_connect_with_the_owner_url():
     assert user_for("migrate_data") == "propcore_owner"
     assert user_for("runserver") == "app_service"
     assert user_for("db_test_postgresql") == "app_service"
+
+
+def test_db_test_postgresql_reports_the_app_role_and_fails_in_prod_for_a_superuser(settings):
+    from propcore.profiles import get_profile
+
+    out = io.StringIO()
+    call_command("db_test_postgresql", stdout=out)
+    user = superuser_conninfo()["user"]
+    assert f"app_role: warning - the application connects as {user} (superuser" in out.getvalue()
+    settings.PROFILE = get_profile("prod")
+    out = io.StringIO()
+    with pytest.raises(CommandError, match="app_role") as exc:
+        call_command("db_test_postgresql", "--pool-max", "10", stdout=out)
+    assert exc.value.returncode == 3
+    assert "Fix: connect POSTGRES_URL as app_service" in out.getvalue()
