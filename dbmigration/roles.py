@@ -25,7 +25,7 @@ import dataclasses
 from collections import defaultdict
 from collections.abc import Callable
 
-from dbmigration.errors import MigrationError
+from dbmigration.errors import RolesError
 
 BASE_NAMES = {
     "owner": "propcore_owner",
@@ -56,12 +56,6 @@ PERSONAL_COLUMNS = {
 READ_ONLY_TABLES = {"django_migrations"}
 DML = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"})
 MAX_ROUNDS = 3
-
-
-class RolesError(MigrationError):
-    """Roles could not be created or changed (missing privilege, missing password)."""
-
-    returncode = 3
 
 
 @dataclasses.dataclass(frozen=True)

@@ -324,3 +324,16 @@ def test_db_test_postgresql_reports_the_app_role_and_fails_in_prod_for_a_superus
         call_command("db_test_postgresql", "--pool-max", "10", stdout=out)
     assert exc.value.returncode == 3
     assert "Fix: connect POSTGRES_URL as app_service" in out.getvalue()
+
+
+def test_db_roles_without_a_superuser_says_what_to_do(roles):
+    from dbmigration.errors import RolesError
+
+    names = role_names(suffix=run_suffix("refused"))
+    with pytest.raises(RolesError, match="run it as a superuser \\(POSTGRES_ADMIN_URL\\)") as exc:
+        sync_roles(conninfo={**superuser_conninfo(), "user": roles.app}, names=names)
+    assert exc.value.returncode == 3
+    with as_superuser() as conn:
+        assert not conn.execute(
+            "SELECT 1 FROM pg_roles WHERE rolname = ANY(%s)", [names.all()]
+        ).fetchall()
