@@ -214,6 +214,24 @@ def test_the_owner_is_bound_by_force_and_sees_all_through_bypassrls(roles, peopl
         assert conn.execute("SELECT count(*) FROM accounts_kycverification").fetchone()[0] == 6
 
 
+def test_a_deploy_login_granted_the_owner_role_runs_as_the_owner(roles, people):
+    """NOLOGIN owner: the deploy login is granted it and sets it with libpq's options."""
+    deploy = f"deploy{rls_fixtures.run_suffix()}"
+    with psycopg.connect(**superuser_conninfo(), autocommit=True) as su:
+        su.execute(f'CREATE ROLE "{deploy}" LOGIN NOINHERIT')
+        su.execute(f'GRANT "{roles.owner}" TO "{deploy}"')
+    try:
+        denied = pytest.raises(psycopg.errors.InsufficientPrivilege)
+        with connect_as(deploy) as conn, denied:  # without the role: nothing of its own
+            conn.execute("SELECT count(*) FROM accounts_user")
+        with connect_as(deploy, options=f"-c role={roles.owner}") as conn:
+            assert conn.execute("SELECT current_user").fetchone()[0] == roles.owner
+            assert conn.execute("SELECT count(*) FROM accounts_user").fetchone()[0] == 4
+    finally:
+        with psycopg.connect(**superuser_conninfo(), autocommit=True) as su:
+            su.execute(f'DROP ROLE "{deploy}"')
+
+
 # --- Django as app_service: db_identity, the middleware, the API, the login --------------
 
 
