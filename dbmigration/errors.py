@@ -49,6 +49,12 @@ class VerificationError(MigrationError):
     returncode = 6
 
 
+class RolesError(MigrationError):
+    """Database roles or grants could not be changed (db_roles without a superuser)."""
+
+    returncode = 3
+
+
 class PhaseError(MigrationError):
     """A command was run out of order (see state.py)."""
 

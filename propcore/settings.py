@@ -1,5 +1,6 @@
 """propcore settings: profiles, database aliases, the active backend."""
 
+import sys
 from pathlib import Path
 
 import environ
@@ -54,9 +55,28 @@ if PROFILE.needs_secrets and not (env.str("POSTGRES_URL", "") or env.str("PGPASS
 # Lets parallel checkouts share one server without sharing test databases.
 TEST_SUFFIX = env.str("PROPCORE_TEST_SUFFIX", "")
 
+# --- Database roles (dbmigration/roles.py, README "Security model") -----------------------
+# The application connects as app_service (POSTGRES_URL); migrations and the runbook as the
+# owner (POSTGRES_OWNER_URL), which may change the schema and sees every row (BYPASSRLS).
+POSTGRES_OWNER_URL = env.str("POSTGRES_OWNER_URL", "")
+# db_roles creates roles with BYPASSRLS, so it needs a superuser (default: the postgresql alias).
+POSTGRES_ADMIN_URL = env.str("POSTGRES_ADMIN_URL", "")
+DB_ROLE_SUFFIX = env.str("PROPCORE_DB_ROLE_SUFFIX", "")  # several installations, one cluster
+OWNER_COMMANDS = {
+    "migrate", "migration_prepare", "migrate_data", "switch_to_postgresql", "rollback_to_sqlite",
+    "db_backup", "db_restore", "refresh_analytics", "security_check", "sqlflush", "flush",
+    # operator tools that act for no user: under the policies they would see no row
+    "createsuperuser", "changepassword", "loaddata", "dumpdata",
+}  # fmt: skip
+
+
+def _runs_as_owner(argv: list[str]) -> bool:
+    """A runbook or schema command: it connects with POSTGRES_OWNER_URL when that is set."""
+    return bool(POSTGRES_OWNER_URL) and len(argv) > 1 and argv[1] in OWNER_COMMANDS
+
 
 def _postgres_alias() -> dict:
-    config = env.db_url_config(POSTGRES_URL)
+    config = env.db_url_config(POSTGRES_OWNER_URL if _runs_as_owner(sys.argv) else POSTGRES_URL)
     config["ENGINE"] = "django.db.backends.postgresql"
     config["CONN_MAX_AGE"] = 0  # required by the pool
     config.setdefault("OPTIONS", {})
@@ -103,6 +123,8 @@ DBMIGRATION = {
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 AUTH_USER_MODEL = "accounts.User"
+# finds the user through a SECURITY DEFINER function, since RLS hides every row before login
+AUTHENTICATION_BACKENDS = ["propcore.rls.RlsModelBackend"]
 
 # --- Applications -----------------------------------------------------------------
 INSTALLED_APPS = [
@@ -128,6 +150,8 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # the request's transaction, carrying app.user_id / app.role for row-level security
+    "propcore.rls.RlsIdentityMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "auditlog.middleware.AuditlogMiddleware",

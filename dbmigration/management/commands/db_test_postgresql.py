@@ -1,3 +1,5 @@
+import contextlib
+
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
@@ -5,6 +7,7 @@ from dbmigration import conf
 from dbmigration.errors import ConfigError, TargetError
 from dbmigration.pgurl import BadPostgresUrl, check_postgres_url
 from dbmigration.preflight import check_postgresql, conninfo_from_settings, conninfo_from_url
+from dbmigration.security import app_role_check
 
 
 class Command(BaseCommand):
@@ -31,12 +34,21 @@ class Command(BaseCommand):
                 check_postgres_url(opts["url"], name="--url")
             except BadPostgresUrl as exc:
                 raise CommandError(str(exc), returncode=ConfigError.returncode) from None
-        conninfo = (
+        app_conninfo = (
             conninfo_from_url(opts["url"])
             if opts["url"]
             else conninfo_from_settings(settings.DATABASES["postgresql"])
         )
+        # privileges to create the schema are the owner's, where migrations run
+        owner_url = getattr(settings, "POSTGRES_OWNER_URL", "")
+        conninfo = conninfo_from_url(owner_url) if owner_url and not opts["url"] else app_conninfo
         report = check_postgresql(conninfo=conninfo, pool_max=opts["pool_max"] or conf.pool_max())
+        if report.ok:
+            # in prod the application must not be able to bypass row-level security
+            profile = getattr(getattr(settings, "PROFILE", None), "name", "")
+            with contextlib.suppress(TargetError):  # no database yet: nothing to own
+                role = app_role_check(conninfo=app_conninfo, strict=profile == "prod")
+                report.checks.append(role)
         self.stdout.write(f"PostgreSQL target {report.target}")
         for check in report.checks:
             style = self.style.SUCCESS if check.ok and not check.warning else self.style.WARNING

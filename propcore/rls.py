@@ -1,0 +1,104 @@
+"""Who is asking, told to PostgreSQL per transaction, for the row-level security policies.
+
+The policies (accounts/migrations/0004_row_level_security.py) read
+``nullif(current_setting('app.user_id', true), '')`` and ``current_setting('app.role', true)``.
+Both are set with ``set_config(..., true)``: transaction-local, so a pooled connection can
+never carry one request's identity into the next one (a session-level setting would: the
+django-rls leak).  Nothing set means no rows.
+
+- ``RlsIdentityMiddleware`` runs each request inside one transaction on the default
+  database, with the session's user (and ``app.role = 'staff'`` for an authenticated staff
+  user) set at its start.
+- ``db_identity()`` does the same for jobs and commands, which state their identity.
+- ``RlsModelBackend`` finds the user logging in through ``accounts_login_user_id()``, a
+  SECURITY DEFINER function: before login no row of accounts_user is visible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+
+from django.contrib.auth import SESSION_KEY
+from django.contrib.auth.backends import ModelBackend
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
+
+STAFF = "staff"
+
+
+def set_identity(*, user_id: uuid.UUID | str | None, role: str = "", using: str) -> None:
+    """Set app.user_id / app.role for the current transaction of ``using`` (PostgreSQL only)."""
+    connection = connections[using]
+    if connection.vendor != "postgresql":
+        return
+    if not connection.in_atomic_block:
+        raise RuntimeError("set_identity() needs a transaction: the setting would outlive it")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT set_config('app.user_id', %s, true), set_config('app.role', %s, true)",
+            [str(user_id) if user_id else "", role],
+        )
+
+
+@contextlib.contextmanager
+def db_identity(*, user_id: uuid.UUID | str | None = None, role: str = "", using=DEFAULT_DB_ALIAS):
+    """A transaction in which the policies see ``user_id`` (and ``role``): for jobs and commands."""
+    with transaction.atomic(using=using):
+        set_identity(user_id=user_id, role=role, using=using)
+        yield
+
+
+def _as_uuid(value) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(str(value)) if value else None
+    except ValueError:
+        return None
+
+
+class RlsIdentityMiddleware:
+    """Run the rest of the request in one transaction that carries the user's identity."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        using = DEFAULT_DB_ALIAS
+        if connections[using].vendor != "postgresql":
+            return self.get_response(request)
+        with transaction.atomic(using=using):
+            # the session names the user; it must be set before request.user loads the row
+            session_user = (
+                _as_uuid(request.session.get(SESSION_KEY)) if hasattr(request, "session") else None
+            )
+            set_identity(user_id=session_user, using=using)
+            user = getattr(request, "user", None)
+            if user is not None and user.is_authenticated:
+                set_identity(user_id=user.pk, role=STAFF if user.is_staff else "", using=using)
+            elif session_user:
+                set_identity(user_id=None, using=using)  # the session no longer holds
+            response = self.get_response(request)
+            if response.status_code >= 500:
+                transaction.set_rollback(True, using=using)
+            return response
+
+
+class RlsModelBackend(ModelBackend):
+    """Django's backend, finding the user by email through a SECURITY DEFINER function."""
+
+    def authenticate(self, request, username=None, password=None, **kwargs):
+        connection = connections[DEFAULT_DB_ALIAS]
+        if connection.vendor != "postgresql" or username is None or password is None:
+            return super().authenticate(request, username, password, **kwargs)
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT accounts_login_user_id(%s)", [username])
+                user_id = cursor.fetchone()[0]
+            if user_id is None:
+                # as Django does: spend the hashing time so a missing address is not faster
+                return super().authenticate(request, username, password, **kwargs)
+            set_identity(user_id=user_id, using=DEFAULT_DB_ALIAS)
+            user = super().authenticate(request, username, password, **kwargs)
+            if user is None:
+                # keep nothing of the attempt's identity
+                transaction.set_rollback(True)
+            return user
