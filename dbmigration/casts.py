@@ -49,6 +49,19 @@ _DJANGO_PG_INT = {
 }
 
 
+class Misfiled(bytes):
+    """A TEXT value where Django writes a BLOB (BinaryField), or a BLOB where it writes text.
+
+    The source is read with text as bytes, so the bytes alone cannot tell the two storage
+    classes apart; the readers (``misfiled_sql``, _copytext.c) mark such values with this
+    type, and every converter refuses them: Django on SQLite reads str from one and bytes
+    from the other, so PostgreSQL's column could not hold what Django read.
+    """
+
+
+TEXT_CLASS, BLOB_CLASS = 1, 2  # SQLite storage classes, as _copytext.c numbers them
+
+
 class Rejection(Exception):
     """A value that cannot arrive exactly in PostgreSQL."""
 
@@ -169,12 +182,9 @@ def reference_converter(column: PlannedColumn) -> Converter:
     code = _MALFORMED_CODE.get(column.internal_type, "malformed")
     integer = column.internal_type in _DJANGO_PG_INT
     json_field = column.internal_type == "JSONField"
-    stored_as = STORED_AS.get(column.internal_type)
     fraction = column.internal_type in ("DateTimeField", "TimeField")
 
     def convert(value: Any) -> Any:
-        if stored_as is not None and type(value) is not stored_as:
-            raise Rejection("class", _misstored(column.internal_type, value))
         if fraction and _LONG_FRACTION.search(value):
             raise Rejection(
                 code,
@@ -210,23 +220,7 @@ def reference_converter(column: PlannedColumn) -> Converter:
     return convert
 
 
-# The Python type Django on SQLite reads for the kinds whose converters would also take
-# another type and change it on the way (float('1.5') from text, timedelta(0, 0, 1.5) from a
-# REAL, bytes(5) from an INTEGER): anything else was not written by Django, so it is refused.
-# (Text arrives here decoded, a BinaryField's value as bytes.)
-STORED_AS: dict[str, type] = {
-    "FloatField": float,
-    "DurationField": int,
-    "BinaryField": bytes,
-    "DateTimeField": str,
-    "TimeField": str,
-}
 _LONG_FRACTION = re.compile(r"[.,][0-9]{7}")
-
-
-def _misstored(kind: str, value: Any) -> str:
-    held = "text" if isinstance(value, str) else type(value).__name__
-    return f"{held} value {excerpt(value)} in a {kind} column: Django on SQLite never writes it"
 
 
 # --- the fast paths ----------------------------------------------------------------------
@@ -407,6 +401,76 @@ def _int_range(column: PlannedColumn, target: TargetColumn) -> tuple[int, int] |
     return bounds
 
 
+# The raw type (text and BLOB as bytes) Django on SQLite writes for the kinds whose
+# converters would also take another type and change it on the way (float('1.5') from
+# text, timedelta(0, 0, 1.5) from a REAL, bytes(5) from an INTEGER): anything else was
+# not written by Django, so it is refused.
+STORED_AS: dict[str, type] = {
+    "FloatField": float,
+    "DurationField": int,
+    "BinaryField": bytes,
+    "DateField": bytes,
+    "DateTimeField": bytes,
+    "TimeField": bytes,
+}
+
+
+# Django internal type -> the storage class Django on SQLite writes, where a value of the
+# other class would also arrive as bytes (numbers arrive as int/float: their types tell)
+STORAGE_CLASS: dict[str, int] = {
+    "BinaryField": BLOB_CLASS,
+    **dict.fromkeys(
+        (
+            "CharField",
+            "TextField",
+            "EmailField",
+            "SlugField",
+            "URLField",
+            "FileField",
+            "FilePathField",
+            "GenericIPAddressField",
+            "IPAddressField",
+            "UUIDField",
+            "DateField",
+            "DateTimeField",
+            "TimeField",
+            "DecimalField",
+            "JSONField",
+        ),
+        TEXT_CLASS,
+    ),
+}
+
+
+def storage_class(column: PlannedColumn) -> int:
+    """The storage class Django writes for the column (0: not known, e.g. a custom field)."""
+    return STORAGE_CLASS.get(column.internal_type, 0)
+
+
+def misfiled_sql(columns: tuple[PlannedColumn, ...], quote: Callable[[str], str]) -> str | None:
+    """An extra SELECT column: NULL, or one '0'/'1' per column, '1' where the value's storage
+    class is the other one of TEXT and BLOB (see ``mark_misfiled``)."""
+    tests = []
+    for column in columns:
+        expected = storage_class(column)
+        other = "blob" if expected == TEXT_CLASS else "text"
+        tests.append(f"(typeof({quote(column.name)}) = '{other}')" if expected else "0")
+    if not any(t != "0" for t in tests):
+        return None
+    return f"CASE WHEN {' OR '.join(t for t in tests if t != '0')} THEN {' || '.join(tests)} END"
+
+
+def mark_misfiled(row: tuple) -> tuple:
+    """Drop the ``misfiled_sql`` column from a row, wrapping the values it flags."""
+    flags = row[-1]
+    if flags is None:
+        return row[:-1]
+    return tuple(
+        Misfiled(value) if flag == 49 else value  # "1"
+        for value, flag in zip(row[:-1], flags, strict=True)
+    )
+
+
 def build_converter(
     column: PlannedColumn,
     target: TargetColumn | None = None,
@@ -431,12 +495,27 @@ def build_converter(
     name = column.name
     boolean = column.internal_type == "BooleanField"
     is_json = column.internal_type == "JSONField"
+    stored_as = STORED_AS.get(column.internal_type)
+    misfiled_reason = (
+        f"{'TEXT' if binary else 'BLOB'} value in a {column.internal_type} column: Django on "
+        f"SQLite reads {'str' if binary else 'bytes'} from it, which PostgreSQL's "
+        f"{target.type_name} cannot hold"
+    )
 
     def convert(value: Any) -> Any:
         if value is None:
             if not_null:
                 raise Rejection("null", "NULL in a NOT NULL column")
             return None
+        if type(value) is Misfiled:
+            raise Rejection("class", misfiled_reason)
+        if stored_as is not None and type(value) is not stored_as:
+            held = "text" if type(value) is bytes else type(value).__name__
+            raise Rejection(
+                "class",
+                f"{held} value {excerpt(value)} in a {column.internal_type} column: Django on "
+                "SQLite never writes it",
+            )
         if boolean and not (type(value) is int and (value == 0 or value == 1)):
             # Django would also read 't'/'True'/'1' text as true: a silent change, so refuse
             raise Rejection("bool", f"boolean column holds {excerpt(value)}, not 0 or 1")

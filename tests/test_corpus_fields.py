@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import json
 import sqlite3
 import uuid
 from io import StringIO
 from pathlib import Path
 
 import pytest
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.db import connections, models
 
 from dbmigration.copy import scan_source
@@ -179,3 +180,106 @@ def test_boundary_and_hostile_values_arrive_exactly(tmp_path):
         json_null.json is None
         and EveryField.objects.using("postgresql").filter(json=JSON_NULL).count() == 1
     )
+
+
+# (column, SQL expression planted straight into SQLite, rejection code): each a value
+# Django on SQLite would not have written, or one PostgreSQL would refuse or change
+PLANTED = [
+    ("big", "'abc'", "kind"),
+    ("big", "1.5", "kind"),
+    ("integer", "2147483648", "range"),
+    ("small", "40000", "range"),
+    ("positive_big", "-1", "range"),
+    ("positive", "-1", "range"),
+    ("positive_small", "-1", "range"),
+    ("floating", "'1.5 apples'", "class"),
+    ("floating", "x'00'", "class"),
+    ("decimal", "'abc'", "decimal"),
+    ("decimal", "x'31'", "class"),
+    ("char", "x'41'", "class"),
+    ("char", "'a' || char(0) || 'b'", "nul"),
+    ("char", "CAST(x'61ff62' AS TEXT)", "utf8"),
+    ("char", "printf('%.201c', 'x')", "length"),
+    ("text", "x'41'", "class"),
+    ("slug", "x'41'", "class"),
+    ("email", "x'41'", "class"),
+    ("url", "x'41'", "class"),
+    ("file_path", "x'41'", "class"),
+    ("file", "x'41'", "class"),
+    ("ip", "'999.1.1.1'", "ip"),
+    ("ip", "x'41'", "class"),
+    ("flag", "2", "bool"),
+    ("flag", "'true'", "bool"),
+    ("maybe", "'t'", "bool"),
+    ("date", "'2026-02-30'", "date"),
+    ("date", "20260102", "class"),
+    ("date", "x'41'", "class"),
+    ("datetime", "'yesterday'", "datetime"),
+    ("datetime", "'2026-01-02 03:04:05.1234567'", "datetime"),
+    ("datetime", "x'41'", "class"),
+    ("time", "'12:00:00.1234567'", "time"),
+    ("time", "'25:00'", "time"),
+    ("time", "1.5", "class"),
+    ("duration", "1.5", "class"),
+    ("duration", "'1 day'", "class"),
+    ("uuid", "'not-a-uuid'", "uuid"),
+    ("uuid", "x'41'", "class"),
+    ("binary", "'text, not a blob'", "class"),
+    ("binary", "5", "class"),
+    ("json", "'{bad'", "json"),
+    ("json", "'\"\\ud800\"'", "json"),  # a lone surrogate
+    ("json", "'[-0.0]'", "json"),
+    ("json", "'1e400'", "json"),
+    ("json", '\'{"a": "\\u0000"}\'', "nul"),
+    ("json", "x'7b7d'", "class"),
+    ("tagged", "'{bad'", "json"),
+    ("stream", "'{bad'", "json"),
+    ("pair", "'no comma'", "malformed"),
+]
+
+
+def planted_source(tmp_path: Path) -> tuple[Path, set, set]:
+    """The test database with one clean row and one row per planted value; returns the
+    file, the expected (pk, column, code) refusals and the clean pks."""
+    clean = {EveryField.objects.using("sqlite").create(**BOUNDARY_ROWS[0]).pk}
+    planted = [EveryField.objects.using("sqlite").create().pk for _ in PLANTED]
+    clean.add(EveryField.objects.using("sqlite").create().pk)
+    path = source_copy(tmp_path)
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA ignore_check_constraints = ON")  # an old table may lack them
+    for pk, (column, expression, _code) in zip(planted, PLANTED, strict=True):
+        sql = f'UPDATE corpus_fields_everyfield SET "{column}" = {expression} WHERE id = ?'
+        conn.execute(sql, [pk])
+    conn.commit()
+    conn.close()
+    expected = {(pk, column, code) for pk, (column, _, code) in zip(planted, PLANTED, strict=True)}
+    return path, expected, clean
+
+
+def named(rows) -> set:
+    return {(r["pk"], r["column"], r["code"]) for r in rows}
+
+
+@ALL
+def test_planted_values_are_named_refusals_in_the_dry_run_the_copy_and_quarantine(tmp_path):
+    source, expected, clean = planted_source(tmp_path)
+    listed = dry_run(source)
+    assert all(r.table == "corpus_fields_everyfield" and r.reason for r in listed)
+    assert named(r.as_dict() for r in listed) == expected
+
+    with pytest.raises(CommandError) as caught:
+        migrate(tmp_path, source)
+    assert caught.value.returncode == 5
+    assert "corpus_fields_everyfield pk=" in str(caught.value)
+    reject_file = Path(
+        str(caught.value).split("Every row is listed in ")[1].split(".jsonl")[0] + ".jsonl"
+    )
+    assert named(map(json.loads, reject_file.read_text().splitlines())) == expected
+    assert not EveryField.objects.using("postgresql").exists()  # nothing of the table kept
+
+    out = migrate(tmp_path, source, "--quarantine")
+    assert "quarantined" in out and "migrate_data (copy) done." in out
+    assert set(EveryField.objects.using("postgresql").values_list("pk", flat=True)) == clean
+    for pk in clean:
+        lite = EveryField.objects.using("sqlite").get(pk=pk)
+        assert comparable(lite) == comparable(EveryField.objects.using("postgresql").get(pk=pk))
