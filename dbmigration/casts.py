@@ -711,7 +711,7 @@ def _check_json_finite(text: str) -> None:
 
 # Text worth a closer look before jsonb gets it: \u0000, inf/nan words, \uD8xx escapes,
 # a float with a positive exponent (1e+16) or a negative zero (-0.0)
-_JSON_SUSPECT = re.compile(r"\\u0000|Infinity|NaN|\\u[dD][89abAB]|[0-9][eE]\+?[0-9]|-0[.eE]")
+_JSON_SUSPECT = re.compile(r"\\u0000|Infinity|NaN|\\u[dD][89a-fA-F]|[0-9][eE]\+?[0-9]|-0[.eE]")
 _JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?')
 
 
