@@ -383,3 +383,22 @@ def test_verification_tells_a_text_in_a_binary_column_from_the_bytes_copied():
     conn.close()
     (check,) = verify(source=lite, target=pg, plan=plan).tables
     assert not check.ok and check.different == ["7"]
+
+
+@ALL
+def test_sync_refuses_a_text_written_into_a_binary_column_after_the_copy(tmp_path):
+    from dbmigration.copy import RowsRejected, copy_data
+    from dbmigration.sync import sync_to_postgresql
+
+    source = Path(connections["sqlite"].settings_dict["NAME"])
+    row = EveryField.objects.using("sqlite").create(binary=b"bytes")
+    copy_data(sqlite_path=source, state_file=tmp_path / "state.json")
+    conn = sqlite3.connect(source)
+    conn.execute("UPDATE corpus_fields_everyfield SET binary = 'text now'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(RowsRejected) as caught:
+        sync_to_postgresql(sqlite_path=source, state_file=tmp_path / "state.json")
+    ((rejected),) = caught.value.result.rejections
+    assert (rejected.pk, rejected.column, rejected.code) == (row.pk, "binary", "class")
+    assert bytes(EveryField.objects.using("postgresql").get().binary) == b"bytes"
