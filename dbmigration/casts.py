@@ -465,8 +465,10 @@ def mark_misfiled(row: tuple) -> tuple:
     flags = row[-1]
     if flags is None:
         return row[:-1]
+    if isinstance(flags, str):  # a connection that decodes text
+        flags = flags.encode()
     return tuple(
-        Misfiled(value) if flag == 49 else value  # "1"
+        Misfiled(value) if flag == ord("1") else value
         for value, flag in zip(row[:-1], flags, strict=True)
     )
 
@@ -712,6 +714,7 @@ def _check_json_finite(text: str) -> None:
 # Text worth a closer look before jsonb gets it: \u0000, inf/nan words, \uD8xx escapes,
 # a float with a positive exponent (1e+16) or a negative zero (-0.0)
 _JSON_SUSPECT = re.compile(r"\\u0000|Infinity|NaN|\\u[dD][89a-fA-F]|[0-9][eE]\+?[0-9]|-0[.eE]")
+_JSON_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 _JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?')
 
 
@@ -729,7 +732,7 @@ def jsonb_exact(text: str) -> str:
         raise Rejection("nul", "JSON text holds \\u0000, which PostgreSQL's jsonb rejects")
     if "Infinity" in text or "NaN" in text:
         _check_json_finite(text)
-    if "\\u" in text:
+    if _JSON_SURROGATE.search(text):
         try:  # a lone surrogate cannot be encoded: jsonb refuses it
             json.dumps(json.loads(text), ensure_ascii=False).encode()
         except UnicodeEncodeError as exc:
