@@ -402,3 +402,23 @@ def test_sync_refuses_a_text_written_into_a_binary_column_after_the_copy(tmp_pat
     ((rejected),) = caught.value.result.rejections
     assert (rejected.pk, rejected.column, rejected.code) == (row.pk, "binary", "class")
     assert bytes(EveryField.objects.using("postgresql").get().binary) == b"bytes"
+
+
+@ALL
+def test_sync_carries_changed_hostile_values_exactly(tmp_path):
+    from dbmigration.copy import copy_data
+    from dbmigration.sync import sync_to_postgresql
+
+    make_boundary_rows()
+    source = Path(connections["sqlite"].settings_dict["NAME"])
+    copy_data(sqlite_path=source, state_file=tmp_path / "state.json")
+    lite = EveryField.objects.using("sqlite")
+    # each boundary row takes the next one's values; a new row and a deleted one
+    for pk, values in zip(range(1, 4), BOUNDARY_ROWS[1:], strict=True):
+        blank = {f.name: None for f in value_fields() if f.null}
+        lite.filter(pk=pk).update(**{**blank, "flag": False, **values})
+    lite.filter(pk=4).delete()
+    lite.create(**BOUNDARY_ROWS[0])
+    result = sync_to_postgresql(sqlite_path=source, state_file=tmp_path / "state.json")
+    assert result.rows_written == 4 and result.rows_deleted >= 1
+    assert assert_same_everywhere() == len(BOUNDARY_ROWS)
