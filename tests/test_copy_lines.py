@@ -98,6 +98,13 @@ CANONICAL = {
     ("accounts_kycverification", "notes"): st.text()
     .filter(lambda t: "\x00" not in t)
     .map(lambda t: t.encode("utf-8", "surrogatepass")),
+    # FileField and FilePathField hold their text as is: C prints them too
+    ("corpus_fields_everyfield", "file"): st.text(max_size=100)
+    .filter(lambda t: "\x00" not in t)
+    .map(lambda t: t.encode("utf-8", "surrogatepass")),
+    ("corpus_fields_everyfield", "file_path"): st.text(max_size=100)
+    .filter(lambda t: "\x00" not in t)
+    .map(lambda t: t.encode("utf-8", "surrogatepass")),
     ("accounts_user", "preferences"): st.dictionaries(
         st.text(max_size=5), st.integers() | st.booleans() | st.none() | st.text(max_size=5)
     ).map(lambda d: __import__("json").dumps(d).encode()),

@@ -162,22 +162,22 @@ BOUNDARY_ROWS = [
 ]
 
 
-def make_boundary_rows() -> None:
-    for row in BOUNDARY_ROWS:
-        EveryField.objects.using("sqlite").create(**row)
+def make_boundary_rows() -> list[int]:
+    pks = [EveryField.objects.using("sqlite").create(**row).pk for row in BOUNDARY_ROWS]
     UUIDKeyed.objects.using("sqlite").create(id=uuid.UUID(int=1), label=ASTRAL)
+    return pks
 
 
 @ALL
 def test_boundary_and_hostile_values_arrive_exactly(tmp_path):
-    make_boundary_rows()
+    pks = make_boundary_rows()
     source = source_copy(tmp_path)
     assert dry_run(source) == []
     out = migrate(tmp_path, source)
     assert "migrate_data (copy) done." in out
     assert assert_same_everywhere() == len(BOUNDARY_ROWS)
     assert assert_same_everywhere(UUIDKeyed) == 1
-    json_null = EveryField.objects.using("postgresql").get(pk=2)
+    json_null = EveryField.objects.using("postgresql").get(pk=pks[1])
     assert (
         json_null.json is None
         and EveryField.objects.using("postgresql").filter(json=JSON_NULL).count() == 1
@@ -409,15 +409,15 @@ def test_sync_carries_changed_hostile_values_exactly(tmp_path):
     from dbmigration.copy import copy_data
     from dbmigration.sync import sync_to_postgresql
 
-    make_boundary_rows()
+    pks = make_boundary_rows()
     source = Path(connections["sqlite"].settings_dict["NAME"])
     copy_data(sqlite_path=source, state_file=tmp_path / "state.json")
     lite = EveryField.objects.using("sqlite")
     # each boundary row takes the next one's values; a new row and a deleted one
-    for pk, values in zip(range(1, 4), BOUNDARY_ROWS[1:], strict=True):
+    for pk, values in zip(pks, BOUNDARY_ROWS[1:], strict=False):
         blank = {f.name: None for f in value_fields() if f.null}
         lite.filter(pk=pk).update(**{**blank, "flag": False, **values})
-    lite.filter(pk=4).delete()
+    lite.filter(pk=pks[-1]).delete()
     lite.create(**BOUNDARY_ROWS[0])
     result = sync_to_postgresql(sqlite_path=source, state_file=tmp_path / "state.json")
     assert result.rows_written == 4 and result.rows_deleted >= 1
