@@ -21,8 +21,7 @@ from hypothesis import strategies as st
 
 from dbmigration.copy import scan_source
 from tests.corpus.fields.models import EveryField, Pair, Stream, UUIDKeyed
-from tests.test_migrate_data import prepared
-from tests.test_prepare import as_settings, dirs
+from tests.test_prepare import as_settings
 
 ALL = pytest.mark.django_db(databases="__all__", transaction=True)
 UTC = dt.UTC
@@ -73,16 +72,21 @@ def source_copy(tmp_path: Path) -> Path:
     return path
 
 
-def dry_run(source: Path) -> list:
-    """What migration_prepare's phase 5 lists (its schema check of TimeField columns is
-    another item of issue 9, so the corpus runs the dry run and migrate_data directly)."""
-    return scan_source(sqlite_path=source).rejections
+def prepare(tmp_path: Path, source: Path) -> list[dict]:
+    """Run migration_prepare; return the rows its dry run lists (from its report)."""
+    out = StringIO()
+    with as_settings(tmp_path, source):
+        call_command("migration_prepare", stdout=out, stderr=StringIO())
+    report = Path(out.getvalue().split("Report: ")[1].split()[0])
+    (validation,) = [
+        s for s in json.loads(report.read_text())["steps"] if s["name"] == "5_validation"
+    ]
+    return validation["details"].get("rejections", [])
 
 
 def migrate(tmp_path: Path, source: Path, *args: str) -> str:
     out = StringIO()
     with as_settings(tmp_path, source):
-        prepared(source, dirs(tmp_path)["state_file"])
         call_command("migrate_data", *args, stdout=out, stderr=StringIO())
     return out.getvalue()
 
@@ -172,7 +176,8 @@ def make_boundary_rows() -> list[int]:
 def test_boundary_and_hostile_values_arrive_exactly(tmp_path):
     pks = make_boundary_rows()
     source = source_copy(tmp_path)
-    assert dry_run(source) == []
+    assert prepare(tmp_path, source) == []
+    assert scan_source(sqlite_path=source).rejections == []
     out = migrate(tmp_path, source)
     assert "migrate_data (copy) done." in out
     assert assert_same_everywhere() == len(BOUNDARY_ROWS)
@@ -265,9 +270,11 @@ def named(rows) -> set:
 @ALL
 def test_planted_values_are_named_refusals_in_the_dry_run_the_copy_and_quarantine(tmp_path):
     source, expected, clean = planted_source(tmp_path)
-    listed = dry_run(source)
-    assert all(r.table == "corpus_fields_everyfield" and r.reason for r in listed)
-    assert named(r.as_dict() for r in listed) == expected
+    listed = prepare(tmp_path, source)
+    assert all(r["table"] == "corpus_fields_everyfield" and r["reason"] for r in listed)
+    assert {(int(r["pk"]), r["column"]) for r in listed} == {(p, c) for p, c, _ in expected}
+    scan = scan_source(sqlite_path=source).rejections  # the dry run's codes
+    assert named(r.as_dict() for r in scan) == expected
 
     with pytest.raises(CommandError) as caught:
         migrate(tmp_path, source)
