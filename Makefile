@@ -10,6 +10,7 @@ DEMO_USERS ?= 10000
 $(STAMP): pyproject.toml dbmigration/_copytext.c
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 11)' 2>/dev/null || { echo "Python 3.11 is required (found: $(PYTHON))"; exit 1; }
 	@test -f /usr/include/sqlite3.h || apt-get install -y -q libsqlite3-dev || { echo "SQLite's C headers are missing: install libsqlite3-dev (the copy's C formatter needs them)"; exit 1; }
+	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; } || { echo "Chromium is missing: install Debian's chromium package (the admin's browser tests drive it)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
@@ -35,13 +36,14 @@ DEMO_MANAGE := $(DEMO_ENV) $(PY) manage.py
 demo: install
 	rm -rf $(DEMO_DIR) && mkdir -p $(DEMO_DIR)
 	$(DEMO_MANAGE) ensure_postgres --recreate
-	$(DEMO_MANAGE) migrate --database sqlite -v 0
+	$(DEMO_MANAGE) migrate -v 0
 	$(DEMO_MANAGE) seed_demo --users $(DEMO_USERS)
 	$(DEMO_MANAGE) db_backup
 	$(DEMO_MANAGE) migration_prepare
 	$(DEMO_MANAGE) migrate_data
 	$(DEMO_MANAGE) switch_to_postgresql --noinput
 	$(DEMO_MANAGE) refresh_analytics
+	$(DEMO_MANAGE) db_backup
 	$(DEMO_MANAGE) db_health_check
 	@echo "Demo done. State, backups, reports and logs: $(DEMO_DIR)/"
 

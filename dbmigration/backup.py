@@ -481,9 +481,9 @@ def list_backups(backup_dir: Path) -> list[BackupInfo]:
     return found
 
 
-def last_verified_backup(backup_dir: Path) -> BackupInfo | None:
-    """Return the newest verified backup, or None."""
-    backups = list_backups(backup_dir)
+def last_verified_backup(backup_dir: Path, *, kind: str | None = None) -> BackupInfo | None:
+    """Return the newest verified backup (of kind, sqlite or postgresql, if given), or None."""
+    backups = [b for b in list_backups(backup_dir) if kind is None or b.kind == kind]
     return backups[-1] if backups else None
 
 

@@ -42,6 +42,7 @@ from dbmigration.casts import (
 from dbmigration.copy_lines import BINARY_HEADER, BINARY_TRAILER, LinePlan, line_plan
 from dbmigration.errors import DataError, SourceError, TargetError
 from dbmigration.plan import Plan, PlannedTable, build_plan
+from dbmigration.preflight import identity_row
 from dbmigration.sqlite_source import file_sha256, open_readonly
 
 BATCH_ROWS = 5000
@@ -527,19 +528,42 @@ SELECT c.relname, i.relname, pg_get_indexdef(ix.indexrelid),
   JOIN pg_class c ON c.oid = ix.indrelid
  WHERE c.relname = ANY(%s) AND pg_table_is_visible(c.oid)
 """
+# the tables' own constraints, and the foreign keys of any other table that point at them
+# (a table the plan leaves out still holds a key that blocks dropping their primary key)
 CONSTRAINTS_SQL = """
 SELECT c.relname, k.conname, k.contype::text, pg_get_constraintdef(k.oid)
   FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
- WHERE c.relname = ANY(%s) AND pg_table_is_visible(c.oid)
+ WHERE pg_table_is_visible(c.oid)
+   AND (c.relname = ANY(%s)
+        OR k.confrelid IN (SELECT oid FROM pg_class p
+                            WHERE p.relname = ANY(%s) AND pg_table_is_visible(p.oid)))
 """
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class SchemaObject:
+    """An index or constraint, as the catalog prints it (pg_get_indexdef/constraintdef).
+
+    Two objects are the same when they have the same table, kind and name: PostgreSQL does
+    not always print a re-created definition as it printed the original (``IN (...)`` in a
+    partial index predicate comes back as ``ANY (ARRAY[...])`` with other casts), so a text
+    comparison would call a rebuilt index missing and try to create it again.
+    """
+
     table: str
     kind: str  # index | constraint-p | constraint-u | constraint-f | constraint-c ...
     name: str
     definition: str
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.table, self.kind, self.name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SchemaObject) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
 
     @property
     def create_sql(self) -> str:
@@ -561,7 +585,7 @@ def schema_snapshot(cursor, tables: Iterable[str]) -> set[SchemaObject]:
     cursor.execute(INDEXES_SQL, [names])
     for table, name, definition, _backs in cursor.fetchall():
         found.add(SchemaObject(table, "index", name, definition))
-    cursor.execute(CONSTRAINTS_SQL, [names])
+    cursor.execute(CONSTRAINTS_SQL, [names, names])
     for table, name, contype, definition in cursor.fetchall():
         found.add(SchemaObject(table, f"constraint-{contype}", name, definition))
     return found
@@ -655,10 +679,22 @@ class Rebuilder:
 # --- done markers in the state file -------------------------------------------------------
 
 
-def _read_marks(state_file: Path | None) -> dict:
+def target_identity(cursor) -> str:
+    """The target database's identity: the cluster's system identifier and the database's
+    oid.  A recreated database or another server gets another one."""
+    system, oid = identity_row(cursor)
+    return f"{system}/{oid}"
+
+
+def _read_marks(state_file: Path | None, *, target: str | None = None) -> dict:
+    """The copy's marks; with ``target``, only if they were made on that target database
+    (done tables and saved index definitions mean nothing for another one)."""
     if state_file is None:
         return {}
-    return dict(state_mod.read_state(state_file).extra.get(STATE_KEY, {}))
+    marks = dict(state_mod.read_state(state_file).extra.get(STATE_KEY, {}))
+    if target is not None and marks.get("target") != target:
+        return {}
+    return marks
 
 
 def _write_marks(state_file: Path | None, marks: dict) -> None:
@@ -669,9 +705,12 @@ def _write_marks(state_file: Path | None, marks: dict) -> None:
     state_mod.write_state(state_file, state)
 
 
-def done_tables(state_file: Path | None, *, source_sha256: str) -> dict[str, int]:
-    """Return {table: rows} copied from this exact source file (other sources don't count)."""
-    marks = _read_marks(state_file)
+def done_tables(
+    state_file: Path | None, *, source_sha256: str, target: str | None = None
+) -> dict[str, int]:
+    """Return {table: rows} copied from this exact source file (other sources don't count),
+    into the ``target`` database when given."""
+    marks = _read_marks(state_file, target=target)
     if marks.get("source_sha256") != source_sha256:
         return {}
     return dict(marks.get("done", {}))
@@ -706,9 +745,12 @@ def copy_data(
         )
     plan = build_plan(only=tables)
     sha = source_sha256 or file_sha256(sqlite_path)
-    marks = _read_marks(state_file)
-    done = done_tables(state_file, source_sha256=sha)
+    with connections[alias].cursor() as cur:
+        target = target_identity(cur)
+    marks = _read_marks(state_file, target=target)
+    done = done_tables(state_file, source_sha256=sha, target=target)
     marks = {
+        "target": target,
         "source_sha256": sha,
         "done": done,
         "pending_ddl": marks.get("pending_ddl", []),
@@ -1249,6 +1291,7 @@ def migrate_data(
 ) -> MigrateDataResult:
     """Phase 6: check the state, copy (or sync), verify, write the report, move the state."""
     from dbmigration.errors import PhaseError, VerificationError
+    from dbmigration.preflight import conninfo_from_settings, require_same_target
     from dbmigration.reports import RunReport
     from dbmigration.sqlite_source import source_fingerprint
     from dbmigration.verify import Side
@@ -1259,14 +1302,23 @@ def migrate_data(
         state_mod.require_phase(state, "data_migrated")
     except state_mod.StateError as exc:
         raise PhaseError(str(exc)) from exc
+    # the target migration_prepare checked, reachable: exit 3 with the fix, not a traceback
+    require_same_target(
+        state.extra.get("target"), conninfo_from_settings(connections.settings["postgresql"])
+    )
     fingerprint = source_fingerprint(sqlite_path)
     if state.source_fingerprint and not (sync or verify_only):
         # a changed source needs a fresh prepare (or --sync after a finished copy)
         reasons = state_mod.stale_reasons(state, fingerprint)
         if reasons:
+            # one next step: a finished copy catches up; an unfinished one starts over
+            fix = (
+                "Run migrate_data --sync to carry the changes."
+                if state.phase == "data_migrated"
+                else "Run migration_prepare again."
+            )
             raise SourceError(
-                f"The SQLite source changed since it was prepared ({'; '.join(reasons)}). "
-                "Run migration_prepare again, or migrate_data --sync to carry the changes."
+                f"The SQLite source changed since it was prepared ({'; '.join(reasons)}). {fix}"
             )
     mode = "verify-only" if verify_only else "sync" if sync else "copy"
     run = RunReport.open("migrate_data", report_dir=report_dir, log_dir=log_dir)

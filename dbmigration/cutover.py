@@ -20,13 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
 from django.db import connections
 
+from dbmigration import conf
 from dbmigration import freeze as fz
 from dbmigration.errors import PhaseError, VerificationError
-from dbmigration.reports import RunReport
-from dbmigration.state import MigrationState, read_state, transition
+from dbmigration.reports import RunReport, error_text
+from dbmigration.state import NEXT_COMMAND, MigrationState, read_state, transition
 
 Progress = Callable[[str], None] | None
 SWITCH_STEPS = (
@@ -91,11 +91,14 @@ def plan_switch(*, state_file: Path) -> SwitchPlan:
     state = read_state(state_file)
     problems = []
     if state.phase == "switched" and state.active_backend == "postgresql":
-        problems.append("Already switched: PostgreSQL is the active backend.")
+        problems.append(
+            "Already switched: PostgreSQL is the active backend. Nothing more is needed; "
+            "migration_status says what to watch."
+        )
     elif state.phase != "data_migrated":
         problems.append(
             f"The migration is in phase '{state.phase}'; switch_to_postgresql needs "
-            "'data_migrated'. Run migration_prepare and migrate_data first."
+            f"'data_migrated'. Run {NEXT_COMMAND[state.phase] or 'rollback_to_sqlite'} next."
         )
     else:
         ok, why = migration_verified(state)
@@ -360,19 +363,26 @@ def switch_to_postgresql(
     progress: Progress = None,
 ) -> SwitchResult:
     """Cut over to PostgreSQL; on any failure the application stays on SQLite, unfrozen."""
-    state_file = Path(state_file or settings.STATE_FILE)
+    state_file = Path(state_file or conf.state_file())
     sqlite_path = Path(sqlite_path or connections.settings["sqlite"]["NAME"])
     plan = plan_switch(state_file=state_file)
     if not plan.ready:
         raise PhaseError(" ".join(plan.problems))
     from dbmigration.plan import build_plan
+    from dbmigration.preflight import conninfo_from_settings, require_same_target
+
+    # the target migrate_data filled, reachable: exit 3 with the fix, not a traceback
+    require_same_target(
+        read_state(state_file).extra.get("target"),
+        conninfo_from_settings(connections.settings["postgresql"]),
+    )
 
     tables = build_plan()
     note = progress or (lambda message: None)
     run = RunReport.open(
         "switch_to_postgresql",
-        report_dir=Path(report_dir or settings.REPORT_DIR),
-        log_dir=Path(log_dir or settings.LOG_DIR),
+        report_dir=Path(report_dir or conf.report_dir()),
+        log_dir=Path(log_dir or conf.log_dir()),
     )
     start = time.perf_counter()
     flag = fz.freeze_path_for(state_file)
@@ -432,7 +442,7 @@ def switch_to_postgresql(
             step.details = {"active_backend": "postgresql"}
             note("active backend is now postgresql")
     except BaseException as exc:
-        run.facts["error"] = str(exc) or type(exc).__name__
+        run.facts["error"] = error_text(exc)
         run.facts["active_backend"] = read_state(state_file).active_backend
         raise
     finally:

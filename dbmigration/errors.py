@@ -2,6 +2,14 @@
 
 Commands turn them into ``CommandError(str(exc), returncode=exc.returncode)``.
 Messages name the cause and the fix, and never hold a password.
+
+The exit codes, the same in every command (README, "Exit codes", lists them too):
+0 done; 1 an unexpected error (a bug: the traceback is printed), or db_health_check
+degraded; 2 the SQLite source, or db_health_check down (and argparse's usage errors);
+3 the PostgreSQL target; 4 a backup; 5 rows that would be rejected; 6 verification;
+7 out of order; 8 the write freeze; 9 not confirmed (cancelled at the prompt, or a
+destructive step without its flag); 78 settings (manage.py, sysexits' EX_CONFIG);
+130 interrupted.
 """
 
 
@@ -45,6 +53,18 @@ class PhaseError(MigrationError):
     """A command was run out of order (see state.py)."""
 
     returncode = 7
+
+
+class NotConfirmed(MigrationError):
+    """A destructive step was cancelled at its prompt, or asked for without its flag."""
+
+    returncode = 9
+
+
+class ConfigError(MigrationError):
+    """A setting or option is malformed (e.g. a POSTGRES_URL that names no database)."""
+
+    returncode = 78
 
 
 class Interrupted(MigrationError):

@@ -16,6 +16,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import connections
 
+from dbmigration import conf
 from dbmigration.freeze import FREEZE_FILENAME, freeze_path_for, read_freeze
 from dbmigration.state import StateError, read_active_backend, read_state
 
@@ -58,10 +59,10 @@ def _limit(name: str, default: float) -> float:
 
 
 def process_backend() -> str:
-    """The backend this process sends 'default' queries to (follows reloads)."""
-    from propcore.middleware import watcher
-
-    return watcher.backend
+    """The backend this process sends 'default' queries to: the project's hook
+    (DBMIGRATION['PROCESS_BACKEND'], e.g. one that follows reloads), else the state file's."""
+    reporter = conf.hook("PROCESS_BACKEND")
+    return reporter() if reporter else read_active_backend(conf.state_file())
 
 
 def _pg_connect(alias: str = "postgresql", *, timeout: int = 3):
@@ -78,21 +79,46 @@ def _pg_connect(alias: str = "postgresql", *, timeout: int = 3):
     return psycopg.connect(**params)
 
 
-def _probe(alias: str) -> float:
-    """Run a trivial query on alias; return milliseconds.  Raises on failure."""
+def expected_tables() -> list[str]:
+    """The tables the code's models live in: a backend without them does not really answer."""
+    from dbmigration.plan import copied_models
+
+    return sorted({model._meta.db_table for model in copied_models()})
+
+
+def _probe(alias: str) -> tuple[float, list[str]]:
+    """Run a trivial query on alias; return milliseconds and the model tables it lacks.
+
+    Raises on failure.  Opens SQLite read-only, so a missing file is reported, not created.
+    """
     start = time.perf_counter()
+    wanted = expected_tables()
     if connections.settings[alias]["ENGINE"].endswith("sqlite3"):
         from dbmigration.sqlite_source import open_readonly
 
         conn = open_readonly(Path(connections.settings[alias]["NAME"]), timeout=3)
         try:
-            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            present = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         finally:
             conn.close()
     else:
         with _pg_connect(alias) as conn:
-            conn.execute("SELECT 1").fetchone()
-    return round((time.perf_counter() - start) * 1000, 2)
+            present = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+                )
+            }
+    ms = round((time.perf_counter() - start) * 1000, 2)
+    return ms, [name for name in wanted if name not in present]
+
+
+# what to do when the active backend lost its tables
+RESTORE_ADVICE = {
+    "sqlite": "restore the file with db_restore (db_backup --list shows the backups)",
+    "postgresql": "restore it from its last PostgreSQL backup with pg_restore (db_backup --list), "
+    "or run rollback_to_sqlite --discard-postgres-writes",
+}
 
 
 def _error_text(exc: Exception) -> str:
@@ -103,17 +129,26 @@ def _error_text(exc: Exception) -> str:
 def check_active_backend() -> CheckResult:
     """The backend the state file names answers a query."""
     try:
-        backend = read_active_backend(settings.STATE_FILE)
+        backend = read_active_backend(conf.state_file())
     except StateError as exc:
         return CheckResult("active_backend", DOWN, str(exc))
     try:
-        ms = _probe(backend)
+        ms, missing = _probe(backend)
     except Exception as exc:  # any failure to answer is 'down'; say which and why
         return CheckResult(
             "active_backend",
             DOWN,
             f"{backend} does not answer: {_error_text(exc)}",
             {"backend": backend},
+        )
+    if missing:
+        return CheckResult(
+            "active_backend",
+            DOWN,
+            f"{backend} answers but lacks {len(missing)} of the application's tables "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+            f"{RESTORE_ADVICE[backend]}",
+            {"backend": backend, "ms": ms, "missing_tables": missing},
         )
     return CheckResult(
         "active_backend", OK, f"{backend} answers in {ms} ms", {"backend": backend, "ms": ms}
@@ -123,8 +158,8 @@ def check_active_backend() -> CheckResult:
 def check_process_backend() -> CheckResult:
     """This process uses the backend the state file names (not stale)."""
     try:
-        wanted = read_active_backend(settings.STATE_FILE)
-        on_file = read_state(settings.STATE_FILE).active_backend
+        wanted = read_active_backend(conf.state_file())
+        on_file = read_state(conf.state_file()).active_backend
     except StateError as exc:
         return CheckResult("process_backend", DOWN, str(exc))
     using = process_backend()
@@ -150,11 +185,11 @@ def check_process_backend() -> CheckResult:
 def check_migration_phase() -> CheckResult:
     """The runbook phase, and whether a write freeze is on."""
     try:
-        state = read_state(settings.STATE_FILE)
+        state = read_state(conf.state_file())
     except StateError as exc:
         return CheckResult("migration_phase", DOWN, str(exc))
     details = {"phase": state.phase, "active_backend": state.active_backend}
-    flag = freeze_path_for(settings.STATE_FILE)
+    flag = freeze_path_for(conf.state_file())
     freeze = read_freeze(flag)
     if freeze is not None:
         details["write_freeze"] = {"reason": freeze.reason, "since": freeze.started_iso}
@@ -185,30 +220,42 @@ def check_migration_phase() -> CheckResult:
 
 
 def check_backup_age() -> CheckResult:
-    """The newest verified backup is younger than HEALTH_BACKUP_MAX_AGE_HOURS."""
+    """The newest verified backup of the active backend is younger than the limit.
+
+    Only backups of the active backend count: after the switch, a SQLite snapshot holds
+    none of the writes made on PostgreSQL.  The limit is HEALTH_BACKUP_MAX_AGE_HOURS.
+    """
     max_hours = _limit("BACKUP_MAX_AGE_HOURS", 26.0)
+    from dbmigration.backup import last_verified_backup
+
     try:
-        from dbmigration.backup import last_verified_backup
-    except ImportError:
-        return CheckResult("backup_age", DEGRADED, "backup module not installed")
-    info = last_verified_backup(Path(settings.BACKUP_DIR))
+        backend = read_active_backend(conf.state_file())
+    except StateError as exc:
+        return CheckResult("backup_age", DOWN, str(exc))
+    info = last_verified_backup(conf.backup_dir(), kind=backend)
     if info is None:
+        other = "sqlite" if backend == "postgresql" else "postgresql"
         return CheckResult(
-            "backup_age", DEGRADED, f"no verified backup under {settings.BACKUP_DIR}; run db_backup"
+            "backup_age",
+            DEGRADED,
+            f"no verified {backend} backup under {conf.backup_dir()} (backups of {other} "
+            "do not count); run db_backup",
+            {"backend": backend},
         )
     created = datetime.fromisoformat(info.created_at)
     if created.tzinfo is None:
         created = created.replace(tzinfo=UTC)
     hours = round((datetime.now(UTC) - created).total_seconds() / 3600, 2)
-    details = {"backup": str(info.path), "kind": info.kind, "age_hours": hours}
+    details = {"backend": backend, "backup": str(info.path), "age_hours": hours}
     if hours > max_hours:
         return CheckResult(
             "backup_age",
             DEGRADED,
-            f"last verified backup is {hours} h old (limit {max_hours:g} h); run db_backup",
+            f"last verified {backend} backup is {hours} h old (limit {max_hours:g} h); "
+            "run db_backup",
             details,
         )
-    return CheckResult("backup_age", OK, f"last verified backup {hours} h old", details)
+    return CheckResult("backup_age", OK, f"last verified {backend} backup {hours} h old", details)
 
 
 def check_pool() -> CheckResult:
@@ -278,8 +325,9 @@ def check_replication() -> CheckResult:
 
 def check_slow_queries() -> CheckResult:
     """Slow queries this process logged in the last HEALTH_SLOW_QUERY_WINDOW_SECONDS."""
-    from propcore.query_timing import slow_queries_since
-
+    slow_queries_since = conf.hook("SLOW_QUERIES")
+    if slow_queries_since is None:
+        return CheckResult("slow_queries", OK, "not tracked (DBMIGRATION['SLOW_QUERIES'] unset)")
     window = _limit("SLOW_QUERY_WINDOW_SECONDS", 300.0)
     warn = int(_limit("SLOW_QUERY_WARN", 10))
     count = slow_queries_since(window)

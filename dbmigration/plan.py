@@ -93,12 +93,18 @@ def value_field(field: models.Field) -> models.Field:
 
 
 def copied_models() -> list[type[models.Model]]:
-    """Return every concrete, managed, non-proxy model, auto-created m2m tables included."""
+    """Return every concrete, managed, non-proxy model, auto-created m2m tables included,
+    except those whose policy is to skip them (dbmigration.policies)."""
+    from dbmigration.conf import SKIP
+    from dbmigration.policies import policy_for
+
     found = []
     for model in apps.get_models(include_auto_created=True):
         opts = model._meta
         if opts.proxy or not opts.managed or opts.swapped or opts.abstract:
             continue
+        if policy_for(model).policy == SKIP:
+            continue  # the project rebuilds it on the new engine (e.g. a search index)
         found.append(model)
     return found
 

@@ -142,6 +142,46 @@ def connect(conninfo: dict, *, timeout: int = CONNECT_TIMEOUT):
         ) from None
 
 
+def target_identity(conninfo: dict) -> dict:
+    """Which cluster and which database conninfo reaches (raises TargetError if none).
+
+    The cluster's system identifier survives a renamed host; the database's oid changes
+    when it is dropped and created again.
+    """
+    with connect(conninfo) as conn:
+        system, oid = identity_row(conn.cursor())
+    return {"where": describe(conninfo), "system_identifier": system, "database_oid": oid}
+
+
+def identity_row(cursor) -> tuple[str, int]:
+    """(cluster system identifier, database oid) of the database cursor is connected to."""
+    cursor.execute(
+        "SELECT (pg_control_system()).system_identifier::text, "
+        "(SELECT oid::bigint FROM pg_database WHERE datname = current_database())"
+    )
+    return cursor.fetchone()
+
+
+def require_same_target(recorded: dict | None, conninfo: dict) -> None:
+    """Raise TargetError unless conninfo reaches the database migration_prepare checked."""
+    now = target_identity(conninfo)  # also: unreachable is exit 3 now, not a pool timeout later
+    if not recorded:
+        return  # a state written before targets were recorded
+    keys = ("system_identifier", "database_oid")
+    if all(now[key] == recorded.get(key) for key in keys):
+        return
+    why = (
+        "another server"
+        if now["system_identifier"] != recorded.get("system_identifier")
+        else "a database dropped and created again since"
+    )
+    raise TargetError(
+        f"PostgreSQL at {now['where']} is not the target migration_prepare checked "
+        f"({recorded.get('where')}): it is {why}. Point POSTGRES_URL back at it, or run "
+        "migration_prepare to start over on this one."
+    )
+
+
 # --- PostgreSQL checks (db_test_postgresql, phase 3) -----------------------------------------
 
 
@@ -379,6 +419,35 @@ def code_migrations() -> list[str]:
     return sorted(f"{app}.{name}" for app, name in loader.graph.nodes)
 
 
+def known_migrations() -> set[str]:
+    """Every name a database migrated by this code may record: each migration of the graph
+    and each one a squashed migration replaces (Django records those when it applies one)."""
+    from django.db.migrations.loader import MigrationLoader
+
+    loader = MigrationLoader(None, ignore_no_migrations=True)
+    names = {f"{app}.{name}" for app, name in loader.graph.nodes}
+    for migration in loader.disk_migrations.values():
+        names.update(f"{app}.{name}" for app, name in migration.replaces)
+    return names
+
+
+def unapplied_migrations(applied) -> list[str]:
+    """The code's migrations a database has not applied, judged as Django does: a squashed
+    migration counts as applied when all the migrations it replaces are."""
+    from django.db.migrations.loader import MigrationLoader
+
+    applied = set(applied)
+    loader = MigrationLoader(None, ignore_no_migrations=True)
+    missing = []
+    for key, migration in loader.graph.nodes.items():
+        name = f"{key[0]}.{key[1]}"
+        replaced = [f"{app}.{n}" for app, n in migration.replaces]
+        if name in applied or (replaced and all(r in applied for r in replaced)):
+            continue
+        missing.append(name)
+    return sorted(missing)
+
+
 def check_sqlite_source(*, sqlite_path: Path, lock_timeout: float = 5.0) -> CheckReport:
     """Integrity, foreign keys and applied migrations of the source; raise SourceError early."""
     sqlite_path = Path(sqlite_path)
@@ -425,7 +494,7 @@ def check_sqlite_source(*, sqlite_path: Path, lock_timeout: float = 5.0) -> Chec
         )
     )
     expected = code_migrations()
-    missing = sorted(set(expected) - set(applied))
+    missing = unapplied_migrations(applied)
     report.facts["applied_migrations"] = applied
     report.checks.append(
         Check(
@@ -434,7 +503,7 @@ def check_sqlite_source(*, sqlite_path: Path, lock_timeout: float = 5.0) -> Chec
             f"all {len(expected)} migrations applied"
             if not missing
             else f"{len(missing)} not applied on SQLite: {', '.join(missing[:5])}",
-            "run 'manage.py migrate --database sqlite' first, then prepare again",
+            "run 'manage.py migrate' while SQLite is the active backend, then prepare again",
         )
     )
     return report
@@ -457,10 +526,10 @@ def check_disk_space(*, directory: Path, needed_bytes: int) -> Check:
 
 
 def our_relations() -> set[str]:
-    """Every table and view our code creates on PostgreSQL."""
+    """Every table the installed models create on PostgreSQL."""
     from django.apps import apps
 
-    names = {"django_migrations", "accounts_daily_analytics"}
+    names = {"django_migrations"}
     for model in apps.get_models(include_auto_created=True):
         if model._meta.managed and not model._meta.proxy:
             names.add(model._meta.db_table)
@@ -468,7 +537,11 @@ def our_relations() -> set[str]:
 
 
 def check_target_is_ours(*, conninfo: dict) -> Check:
-    """The target database is absent, empty, or holds only our schema: never foreign data."""
+    """The target database is absent, empty, or holds only our schema: never foreign data.
+
+    Only tables count: views and materialized views hold no data of their own that a copy
+    could overwrite, and a project's migrations may create any number of them.
+    """
     try:
         conn = connect(conninfo)
     except TargetError as exc:
@@ -478,7 +551,7 @@ def check_target_is_ours(*, conninfo: dict) -> Check:
     with conn:
         rels = conn.execute(
             "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n "
-            "ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') "
+            "ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p', 'f') "
             "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
             "AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'"
         ).fetchall()
@@ -491,7 +564,7 @@ def check_target_is_ours(*, conninfo: dict) -> Check:
             applied = {
                 f"{a}.{n}" for a, n in conn.execute("SELECT app, name FROM django_migrations")
             }
-            foreign_migrations = sorted(applied - set(code_migrations()))
+            foreign_migrations = sorted(applied - known_migrations())
     if foreign or foreign_migrations:
         what = ", ".join((foreign + foreign_migrations)[:5])
         more = len(foreign) + len(foreign_migrations) - 5

@@ -8,11 +8,11 @@
 from __future__ import annotations
 
 import dataclasses
-import io
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from django.apps import apps
 
 from dbmigration import state as state_mod
 from dbmigration.backup import BackupInfo, create_sqlite_backup, signals_as_errors
@@ -24,6 +24,7 @@ from dbmigration.errors import (
     SourceError,
     TargetError,
 )
+from dbmigration.policies import skipped_models
 from dbmigration.preflight import (
     CheckReport,
     check_disk_space,
@@ -32,8 +33,10 @@ from dbmigration.preflight import (
     check_target_is_ours,
     connect,
     describe,
+    target_identity,
 )
 from dbmigration.reports import RunReport
+from dbmigration.schema_child import migrate_target
 from dbmigration.sqlite_source import source_fingerprint
 
 Progress = Callable[[str], None] | None
@@ -200,8 +203,15 @@ def _phases(
             raise TargetError(_lines(pg.failed))
 
     with run.step("4_schema") as step:
-        step.details = _create_schema(pg_alias, conninfo)
+        step.details = _create_schema(pg_alias, conninfo, sqlite_path=sqlite_path, log=run.log)
         note("phase 4: schema migrated on PostgreSQL")
+        skipped = skipped_models(apps.get_models(include_auto_created=True))
+        step.details["skipped_models"] = [dataclasses.asdict(p) for p in skipped]
+        step.warnings.extend(
+            f"{p.label} is not copied ({p.reason}); after the switch, refill it with: "
+            + (" ".join(p.rebuild) if p.rebuild else "the project's own rebuild command")
+            for p in skipped
+        )
 
     with run.step("5_validation") as step:
         result.schema_problems = compare_schema(pg_alias)
@@ -209,7 +219,10 @@ def _phases(
         if result.schema_problems:
             raise TargetError(
                 f"{len(result.schema_problems)} schema differences on PostgreSQL, first: "
-                f"{result.schema_problems[0]}. Fix: drop the target database and prepare again."
+                f"{result.schema_problems[0]}. Fix: if the target was migrated by other code, "
+                "drop it and prepare again; if the project's migrations make that column or "
+                "table differ by vendor on purpose, give the model a policy in "
+                "DBMIGRATION['MODEL_POLICIES'] (README: per-model policies)."
             )
         _dry_run(sqlite_path, result, step, note, pg_alias=pg_alias)
         if result.rejections:
@@ -242,7 +255,10 @@ def _phases(
     result.ok = True
     result.report_path = run.report_path
     run.facts["fingerprint"] = result.fingerprint_before
+    # later steps refuse a POSTGRES_URL that reaches another server or a re-created database
+    target = target_identity(conninfo)
     try:
+        extra = state_mod.read_state(state_file).extra
         state_mod.transition(
             state_file,
             "prepared",
@@ -250,6 +266,7 @@ def _phases(
             source_fingerprint=result.fingerprint_before,
             last_report=str(run.report_path),
             last_backup=str(result.backup.path),
+            extra={**extra, "target": target},
         )
     except state_mod.StateError as exc:  # another command moved the state meanwhile
         raise PhaseError(str(exc)) from exc
@@ -283,65 +300,41 @@ def _lines(failed: list) -> str:
     return "\n".join(c.line() for c in failed)
 
 
-def _url(conninfo: dict) -> str:
-    """The conninfo as a URL for pgserver.ensure_database (ssl options kept)."""
-    from urllib.parse import quote, urlencode
-
-    from dbmigration.preflight import LIBPQ_OPTIONS
-
-    auth = quote(conninfo.get("user", ""))
-    if conninfo.get("password"):
-        auth += ":" + quote(str(conninfo["password"]), safe="")
-    host = conninfo.get("host", "127.0.0.1")
-    query = urlencode({k: v for k, v in conninfo.items() if k in LIBPQ_OPTIONS})
-    url = f"postgres://{auth}@{host}:{conninfo.get('port', 5432)}/{conninfo['dbname']}"
-    return f"{url}?{query}" if query else url
-
-
-def _create_schema(pg_alias: str, conninfo: dict) -> dict:
-    """Create the database if missing, then Django migrate on the PostgreSQL alias."""
+def _ensure_database(conninfo: dict) -> bool:
+    """Create the target database if it does not exist; return whether it was created."""
     import psycopg
-    from django.core.management import call_command
-    from django.db.migrations.executor import MigrationExecutor
+    from psycopg import sql
 
-    from propcore.pgserver import ensure_database
-
+    name = conninfo["dbname"]
     try:
-        created = ensure_database(_url(conninfo))
+        with connect({**conninfo, "dbname": "postgres"}) as conn:
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+                return False
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} ENCODING 'UTF8' TEMPLATE template0").format(
+                    sql.Identifier(name)
+                )
+            )
+            return True
     except psycopg.Error as exc:
         raise TargetError(
-            f"Could not create database {conninfo['dbname']} ({str(exc).strip()}). Fix: create it "
+            f"Could not create database {name} ({str(exc).strip()}). Fix: create it "
             "as an administrator, owned by the migration role."
         ) from None
-    from django.db import connections
-
-    executor = MigrationExecutor(connections[pg_alias])
-    pending = executor.migration_plan(executor.loader.graph.leaf_nodes())
-    out = io.StringIO()
-    call_command("migrate", database=pg_alias, interactive=False, verbosity=1, stdout=out)
-    return {
-        "database_created": created,
-        "migrations_applied": [f"{m.app_label}.{m.name}" for m, _ in pending],
-        "migrate_output": out.getvalue().strip().splitlines()[-20:],
-    }
 
 
-_TYPE_ALIASES = [
-    (re.compile(r"^varchar\((\d+)\)$"), r"character varying(\1)"),
-    (re.compile(r"^numeric\((\d+), ?(\d+)\)$"), r"numeric(\1,\2)"),
-    (re.compile(r"^timestamp with time zone$"), "timestamp with time zone"),
-]
+def _create_schema(
+    pg_alias: str, conninfo: dict, *, sqlite_path: Path, log: Callable[[str], None]
+) -> dict:
+    """Create the database if missing, then run Django's migrate against it with ``default``
+    pointing at it and the source read-only (in a child process: schema_child.py says why)."""
+    created = _ensure_database(conninfo)
+    outcome = migrate_target(target_alias=pg_alias, source_path=sqlite_path, log=log)
+    return {"database_created": created, **outcome}
 
 
-def _normalise(db_type: str) -> str:
-    db_type = db_type.strip().lower()
-    for pattern, repl in _TYPE_ALIASES:
-        db_type = pattern.sub(repl, db_type)
-    return {"serial": "integer", "bigserial": "bigint", "smallserial": "smallint"}.get(
-        db_type, db_type
-    )
-
-
+# column types PostgreSQL may hold wider than Django asks for, nothing lost (e.g. the ids of
+# auto-created m2m tables), in format_type's spelling
 _WIDENINGS = {
     ("smallint", "integer"),
     ("smallint", "bigint"),
@@ -349,49 +342,81 @@ _WIDENINGS = {
 }
 
 
+def canonical_types(conn, type_names) -> dict[str, str]:
+    """PostgreSQL's own spelling of each type name (format_type of a probe column).
+
+    ``time`` becomes ``time without time zone``, ``varchar(20)`` ``character varying(20)``,
+    ``serial`` ``integer``: comparing these with the catalog needs no alias table of ours.
+    A name PostgreSQL does not know maps to itself (and then differs from what it finds).
+    """
+    import psycopg
+    from psycopg import sql
+
+    found = {}
+    with conn.transaction(force_rollback=True):
+        for name in sorted(set(type_names)):
+            try:
+                with conn.transaction():
+                    conn.execute(
+                        sql.SQL("CREATE TEMP TABLE dbmigration_type_probe (c {})").format(
+                            sql.SQL(name)
+                        )
+                    )
+                    found[name] = conn.execute(
+                        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                        "WHERE attrelid = 'dbmigration_type_probe'::regclass AND attname = 'c'"
+                    ).fetchone()[0]
+                    conn.execute("DROP TABLE dbmigration_type_probe")
+            except psycopg.Error:
+                found[name] = name
+    return found
+
+
 def compare_schema(pg_alias: str) -> list[str]:
-    """Every model's table and columns exist on PostgreSQL with the expected types."""
-    from django.apps import apps
+    """Every copied model's table and columns exist on PostgreSQL with the expected types."""
     from django.db import connections
 
+    from dbmigration.plan import copied_models
+
     connection = connections[pg_alias]
-    problems = []
-    with connection.cursor() as cursor:
-        cursor.execute(
+    with connect(_conninfo(connection.settings_dict)) as conn:
+        actual: dict[str, dict[str, tuple[str, str]]] = {}
+        for table, column, type_, typtype in conn.execute(
             "SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), t.typtype "
             "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
             "JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_type t ON t.oid = a.atttypid "
             "WHERE n.nspname = current_schema() AND a.attnum > 0 AND NOT a.attisdropped "
             "AND c.relkind IN ('r', 'p')"
-        )
-        actual: dict[str, dict[str, tuple[str, str]]] = {}
-        for table, column, type_, typtype in cursor.fetchall():
+        ):
             actual.setdefault(table, {})[column] = (type_, typtype)
-    for model in apps.get_models(include_auto_created=True):
-        meta = model._meta
-        if not meta.managed or meta.proxy:
-            continue
-        columns = actual.get(meta.db_table)
-        if columns is None:
-            problems.append(f"table {meta.db_table} is missing")
-            continue
-        for field in meta.local_concrete_fields:
-            expected = field.db_type(connection)
-            if expected is None:
-                continue
-            got = columns.get(field.column)
-            if got is None:
-                problems.append(f"{meta.db_table}.{field.column} is missing")
-                continue
-            type_, typtype = got
-            if typtype == "e" and _normalise(expected).startswith(("character varying", "text")):
-                continue  # our 0002 migration turns choice columns into PostgreSQL enums
-            if (_normalise(expected), _normalise(type_)) in _WIDENINGS:
-                continue  # e.g. auto-created m2m ids: wider on PostgreSQL, nothing lost
-            if _normalise(expected) != _normalise(type_):
+        expected: dict[tuple[str, str], str] = {}
+        problems = []
+        for model in copied_models():
+            meta = model._meta
+            columns = actual.get(meta.db_table)
+            if columns is None:
                 problems.append(
-                    f"{meta.db_table}.{field.column} is {type_}, expected {_normalise(expected)}"
+                    f"table {meta.db_table} is missing (if {meta.label}'s migrations create it "
+                    "on SQLite only, give it a policy in DBMIGRATION['MODEL_POLICIES'])"
                 )
+                continue
+            for field in meta.local_concrete_fields:
+                db_type = field.db_type(connection)
+                if db_type is None:
+                    continue
+                if field.column not in columns:
+                    problems.append(f"{meta.db_table}.{field.column} is missing")
+                    continue
+                expected[(meta.db_table, field.column)] = db_type
+        canonical = canonical_types(conn, expected.values())
+    for (table, column), db_type in expected.items():
+        want = canonical[db_type]
+        got, typtype = actual[table][column]
+        if typtype == "e" and want.startswith(("character varying", "text")):
+            continue  # a migration turned a choice column into a PostgreSQL enum
+        if got == want or (want, got) in _WIDENINGS:
+            continue
+        problems.append(f"{table}.{column} is {got}, expected {want}")
     return problems
 
 

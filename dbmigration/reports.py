@@ -19,6 +19,13 @@ from typing import Any
 logger = logging.getLogger("dbmigration")
 
 
+def error_text(exc: BaseException) -> str:
+    """What a report says about the exception that ended a step or a run."""
+    if isinstance(exc, KeyboardInterrupt):  # the SIGTERM handlers raise it as "signal N"
+        return f"interrupted by {'SIGTERM' if 'signal' in str(exc) else 'Ctrl-C'}"
+    return str(exc) or type(exc).__name__
+
+
 @dataclasses.dataclass
 class StepResult:
     name: str
@@ -78,7 +85,7 @@ class RunReport:
             yield result
         except BaseException as exc:
             result.status = "failed"
-            result.error = str(exc) or type(exc).__name__
+            result.error = error_text(exc)
             raise
         else:
             if result.status == "running":

@@ -21,15 +21,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
 from django.db import connections, models, transaction
-from django.db.migrations.executor import MigrationExecutor
 from django.db.models.expressions import RawSQL
 from django.db.utils import load_backend
 
+from dbmigration import conf
 from dbmigration import freeze as fz
-from dbmigration.errors import MigrationError, VerificationError
-from dbmigration.reports import RunReport
+from dbmigration.errors import MigrationError, TargetError, VerificationError
+from dbmigration.reports import RunReport, error_text
 from dbmigration.state import MigrationState, read_state, transition
 from dbmigration.sync import diff_table
 from dbmigration.verify import Side, verify
@@ -204,13 +203,42 @@ def swap_in(copy: Path, sqlite_path: Path) -> None:
         os.close(dir_fd)
 
 
+def require_postgres_tables(tables, state: MigrationState, alias: str = "postgresql") -> None:
+    """Raise TargetError, before anything changes, unless PostgreSQL is the switched-to database
+    and still has the tables we carry back (another database would make every row look deleted).
+    """
+    from dbmigration.preflight import connect, conninfo_from_settings, require_same_target
+
+    conninfo = conninfo_from_settings(connections.settings[alias])
+    require_same_target(state.extra.get("target"), conninfo)  # unreachable: cause and fix now
+    with connect(conninfo) as conn:
+        present = {
+            row[0]
+            for row in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+            )
+        }
+    missing = sorted(t.db_table for t in tables if t.db_table not in present)
+    if missing:
+        raise TargetError(
+            f"PostgreSQL lacks {len(missing)} of the application's tables ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}): was its database dropped? Nothing was "
+            "changed. Restore it from its last backup with pg_restore (db_backup --list), or run "
+            "rollback_to_sqlite --discard-postgres-writes to go back to SQLite as of the switch."
+        )
+
+
 def drop_postgres_copy(alias: str = "postgresql") -> list[str]:
-    """Unapply every migration on alias (tables, enum types, views); return what was undone."""
-    executor = MigrationExecutor(connections[alias])
-    targets = [(app, None) for app in sorted(executor.loader.migrated_apps)]
-    plan = executor.migration_plan(targets)
-    executor.migrate(targets, plan=plan)
-    return [f"{m.app_label}.{m.name}" for m, _backwards in plan]
+    """Unapply every migration on alias (tables, enum types, views); return what was undone.
+
+    As migration_prepare applies them: in a child process whose ``default`` is the alias and
+    whose SQLite is read-only, so a reversed data migration never writes to SQLite.
+    """
+    from dbmigration.schema_child import migrate_target
+
+    source = connections.settings[conf.SOURCE_ALIAS]["NAME"]
+    outcome = migrate_target(target_alias=alias, source_path=Path(source), unapply=True)
+    return outcome["migrations_unapplied"]
 
 
 # --- the rollback -----------------------------------------------------------------------------
@@ -321,9 +349,9 @@ def rollback_to_sqlite(
     """Return the application to SQLite; after the switch, carry PostgreSQL's writes back."""
     from dbmigration.plan import build_plan
 
-    state_file = Path(state_file or settings.STATE_FILE)
+    state_file = Path(state_file or conf.state_file())
     sqlite_path = Path(sqlite_path or connections.settings["sqlite"]["NAME"])
-    backup_dir = Path(backup_dir or settings.BACKUP_DIR)
+    backup_dir = Path(backup_dir or conf.backup_dir())
     note = progress or (lambda message: None)
     state = read_state(state_file)
     if discard_postgres_writes and not discard_confirmed:
@@ -334,8 +362,8 @@ def rollback_to_sqlite(
         )
     run = RunReport.open(
         "rollback_to_sqlite",
-        report_dir=Path(report_dir or settings.REPORT_DIR),
-        log_dir=Path(log_dir or settings.LOG_DIR),
+        report_dir=Path(report_dir or conf.report_dir()),
+        log_dir=Path(log_dir or conf.log_dir()),
     )
     start = time.perf_counter()
     was_switched = state.active_backend == "postgresql"
@@ -355,6 +383,7 @@ def rollback_to_sqlite(
             )
         else:
             if not discard_postgres_writes:  # discarding leaves the SQLite file as it is
+                require_postgres_tables(build_plan().tables, state)
                 with run.step("pre_rollback_backup") as step:
                     from dbmigration.backup import create_sqlite_backup
 
@@ -390,7 +419,7 @@ def rollback_to_sqlite(
                 step.details = {"unapplied": drop_postgres_copy("postgresql")}
                 note("PostgreSQL copy dropped")
     except BaseException as exc:
-        run.facts["error"] = str(exc) or type(exc).__name__
+        run.facts["error"] = error_text(exc)
         raise
     finally:
         if freeze is not None:

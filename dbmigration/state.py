@@ -84,7 +84,10 @@ def read_active_backend(path: Path, *, environ: dict | None = None) -> str:
     override = environ.get("DATABASE_ACTIVE")
     if override:
         if override not in BACKENDS:
-            raise StateError(f"DATABASE_ACTIVE={override!r}; expected one of {BACKENDS}.")
+            raise StateError(
+                f"DATABASE_ACTIVE={override!r} is not a backend; set it to "
+                f"{' or '.join(BACKENDS)}, or unset it to follow the state file."
+            )
         return override
     return read_state(path).active_backend
 
@@ -115,16 +118,47 @@ def write_state(path: Path, state: MigrationState) -> None:
     write_file_atomic(path, json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True))
 
 
+# the one command that moves the runbook forward from each phase (none: PostgreSQL is live)
+NEXT_COMMAND: dict[str, str | None] = {
+    "nothing": "migration_prepare",
+    "prepared": "migrate_data",
+    "data_migrated": "switch_to_postgresql",
+    "switched": None,
+    "rolled_back": "migration_prepare",
+}
+
+
 def require_phase(state: MigrationState, target: str) -> None:
-    """Raise StateError saying what to run first unless state may move to target."""
+    """Raise StateError naming the one command to run next unless state may move to target."""
     if target in TRANSITIONS[state.phase]:
         return
-    needed = [p for p, nexts in TRANSITIONS.items() if target in nexts and p != target]
-    first = " or ".join(COMMAND_FOR_PHASE.get(p, p) for p in needed if p in COMMAND_FOR_PHASE)
+    command = COMMAND_FOR_PHASE.get(target, target)
+    following = NEXT_COMMAND.get(state.phase)
+    if following is None:
+        raise StateError(
+            f"Cannot run {command} now: PostgreSQL is live (phase '{state.phase}'), the "
+            "migration is done. Nothing more is needed; to go back to SQLite run "
+            "rollback_to_sqlite."
+        )
     raise StateError(
-        f"Cannot run {COMMAND_FOR_PHASE.get(target, target)} now: the migration is in phase "
-        f"'{state.phase}'. Run {first or 'the earlier steps'} first."
+        f"Cannot run {command} now: the migration is in phase '{state.phase}'. "
+        f"Run {following} next."
     )
+
+
+def why_precious(state: MigrationState, backend: str) -> str | None:
+    """Say why replacing or dropping backend's database would lose data (None: it would not)."""
+    if backend == "sqlite":
+        if state.active_backend == "sqlite":
+            return "the application runs on it: writes made since the backup would be lost"
+        return None  # after the switch rollback carries every PostgreSQL row back into it
+    if state.active_backend == "postgresql":
+        return (
+            "the application runs on it (phase switched): every write since the switch lives there"
+        )
+    if state.phase == "data_migrated":
+        return "it holds the migrated, verified copy that switch_to_postgresql would go live on"
+    return None
 
 
 def transition(

@@ -10,12 +10,12 @@ from dbmigration import state as state_mod
 from dbmigration.backup import BackupInfo, last_verified_backup
 from dbmigration.errors import MigrationError, PhaseError
 
+# the same next command the refusals name (state.NEXT_COMMAND), with a word on the ends
 NEXT_STEP = {
-    "nothing": "migration_prepare",
-    "prepared": "migrate_data",
-    "data_migrated": "switch_to_postgresql",
-    "switched": "nothing: PostgreSQL is live (rollback_to_sqlite if you must go back)",
-    "rolled_back": "migration_prepare, when ready to try again",
+    **state_mod.NEXT_COMMAND,
+    "switched": "PostgreSQL is live: back it up daily (db_backup) and watch db_health_check; "
+    "rollback_to_sqlite only if you must go back",
+    "rolled_back": f"{state_mod.NEXT_COMMAND['rolled_back']}, when ready to try again",
 }
 
 
@@ -60,16 +60,23 @@ def migration_status(
             stale = state_mod.stale_reasons(current, source_fingerprint(sqlite_path))
         except MigrationError as exc:
             stale = [str(exc)]
+    # the backup that protects the data the application writes now
+    last_backup = last_verified_backup(backup_dir, kind=current.active_backend)
     next_step = NEXT_STEP[current.phase]
     if stale:
         next_step = "migration_prepare (the source changed since it ran)"
+    elif current.phase == "switched" and last_backup is None:
+        next_step = (
+            "db_backup: nothing protects the live PostgreSQL yet (the SQLite backups hold none "
+            "of its writes)"
+        )
     return StatusResult(
         phase=current.phase,
         active_backend=current.active_backend,
         next_step=next_step,
         last_report=last_report,
         last_report_status=report_status,
-        last_backup=last_verified_backup(backup_dir),
+        last_backup=last_backup,
         stale=stale,
         history=current.history[-5:],
     )

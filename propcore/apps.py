@@ -1,4 +1,5 @@
 from django.apps import AppConfig
+from django.contrib.admin.apps import AdminConfig
 from django.db.backends.signals import connection_created
 
 
@@ -12,3 +13,9 @@ class PropcoreConfig(AppConfig):
         routers.connect_before_auditlog()
 
         connection_created.connect(query_timing.install, dispatch_uid="propcore.slow_query")
+
+
+class ConsoleAdminConfig(AdminConfig):
+    """Django's admin with the "Database migration" section (propcore/admin_console.py)."""
+
+    default_site = "propcore.admin_console.ConsoleAdminSite"

@@ -129,6 +129,13 @@ class BackendWatcher:
 
 
 watcher = BackendWatcher()
+
+
+def process_backend() -> str:
+    """The backend this process uses now (the engine's health checks ask: DBMIGRATION)."""
+    return watcher.backend
+
+
 _signal_installed = False
 
 

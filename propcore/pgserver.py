@@ -13,7 +13,9 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from dbmigration.pgurl import BadPostgresUrl, check_postgres_url  # noqa: F401 (re-exported)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5432
@@ -115,10 +117,15 @@ def resolve_postgres_url(*, environ: dict | None = None, private_root: Path) -> 
     """Return the URL of the PostgreSQL server to use, starting one if needed."""
     environ = os.environ if environ is None else environ
     if environ.get("POSTGRES_URL"):
-        return environ["POSTGRES_URL"]
+        return check_postgres_url(environ["POSTGRES_URL"])
     if port_answers(DEFAULT_HOST, DEFAULT_PORT):
         return f"postgres://postgres@{DEFAULT_HOST}:{DEFAULT_PORT}/{DEFAULT_DATABASE}"
     return start_private_cluster(private_root)
+
+
+def database_name(url: str) -> str:
+    """The database a URL names (the default one when it names none)."""
+    return unquote(urlsplit(url).path.lstrip("/")) or DEFAULT_DATABASE
 
 
 def _maintenance_connection(url: str):
@@ -126,7 +133,7 @@ def _maintenance_connection(url: str):
     import psycopg
 
     parts = urlsplit(url)
-    name = parts.path.lstrip("/") or DEFAULT_DATABASE
+    name = database_name(url)
     maintenance = urlunsplit(parts._replace(path="/postgres"))
     return psycopg.connect(maintenance, autocommit=True, connect_timeout=10), name
 

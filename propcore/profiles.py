@@ -5,6 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 
+class UnknownProfile(ValueError):
+    """PROPCORE_ENV names no profile."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Profile:
     name: str
@@ -28,6 +32,6 @@ def get_profile(name: str) -> Profile:
     try:
         return PROFILES[name]
     except KeyError:
-        raise ValueError(
-            f"PROPCORE_ENV={name!r} is not a profile; use one of {', '.join(PROFILES)}."
+        raise UnknownProfile(
+            f"PROPCORE_ENV={name!r} is not a profile; set it to one of {', '.join(PROFILES)}."
         ) from None

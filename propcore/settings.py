@@ -5,21 +5,27 @@ from pathlib import Path
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
-from dbmigration.state import read_active_backend
-from propcore.pgserver import PostgresUnavailable, resolve_postgres_url
-from propcore.profiles import get_profile
+from dbmigration.state import StateError, read_active_backend
+from propcore.pgserver import BadPostgresUrl, PostgresUnavailable, resolve_postgres_url
+from propcore.profiles import UnknownProfile, get_profile
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
 environ.Env.read_env(BASE_DIR / ".env")  # optional; the environment wins
 
-PROFILE = get_profile(env.str("PROPCORE_ENV", "dev"))
+# Settings errors are ImproperlyConfigured with one line (variable, problem, fix): manage.py
+# prints that line alone instead of a traceback.
+try:
+    PROFILE = get_profile(env.str("PROPCORE_ENV", "dev"))
+except UnknownProfile as exc:
+    raise ImproperlyConfigured(str(exc)) from None
 DEBUG = env.bool("DEBUG", PROFILE.debug)
 
 if PROFILE.needs_secrets and not env.str("SECRET_KEY", ""):
     raise ImproperlyConfigured(
-        f"SECRET_KEY must be set in the environment for the {PROFILE.name} profile."
+        f"SECRET_KEY must be set in the environment for the {PROFILE.name} profile; set it to "
+        "a long random string (python -c 'import secrets; print(secrets.token_urlsafe(50))')."
     )
 SECRET_KEY = env.str("SECRET_KEY", "dev-only-insecure-key-not-for-staging-or-prod")
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["*"] if DEBUG else [])
@@ -36,13 +42,13 @@ PRIVATE_PG_ROOT = BASE_DIR / "var" / "postgres"
 SQLITE_PATH = Path(env.str("SQLITE_PATH", str(DATABASE_DIR / "propcore.sqlite3")))
 try:
     POSTGRES_URL = resolve_postgres_url(private_root=PRIVATE_PG_ROOT)
-except PostgresUnavailable as exc:
-    raise ImproperlyConfigured(str(exc)) from exc
+except (PostgresUnavailable, BadPostgresUrl) as exc:
+    raise ImproperlyConfigured(str(exc)) from None
 
 if PROFILE.needs_secrets and not (env.str("POSTGRES_URL", "") or env.str("PGPASSWORD", "")):
     raise ImproperlyConfigured(
         f"POSTGRES_URL (with its password) must be set in the environment for the "
-        f"{PROFILE.name} profile."
+        f"{PROFILE.name} profile; set it as postgres://USER:PASSWORD@HOST:5432/DATABASE."
     )
 
 # Lets parallel checkouts share one server without sharing test databases.
@@ -76,17 +82,31 @@ DATABASES = {
     },
     "postgresql": _postgres_alias(),
 }
-ACTIVE_BACKEND = read_active_backend(STATE_FILE)
+try:
+    ACTIVE_BACKEND = read_active_backend(STATE_FILE)
+except StateError as exc:
+    raise ImproperlyConfigured(str(exc)) from None
 DATABASES["default"] = {**DATABASES[ACTIVE_BACKEND], "TEST": {"MIRROR": ACTIVE_BACKEND}}
 
 DATABASE_ROUTERS = ["propcore.routers.AuditRouter"]
+
+# --- The migration engine (every key: dbmigration/conf.py; README "Using the engine in your
+# own Django project").  STATE_FILE, BACKUP_DIR, REPORT_DIR, LOG_DIR and SQLITE_PATH above
+# are read by it too (and by propcore's middleware and tests).
+DBMIGRATION = {
+    "STATE_DIR": DATABASE_DIR,
+    "POOL_MAX": PROFILE.pool_max,
+    "MODEL_POLICIES": {},
+    "PROCESS_BACKEND": "propcore.middleware.process_backend",
+    "SLOW_QUERIES": "propcore.query_timing.slow_queries_since",
+}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 AUTH_USER_MODEL = "accounts.User"
 
 # --- Applications -----------------------------------------------------------------
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "propcore.apps.ConsoleAdminConfig",  # django.contrib.admin + the migration console
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -148,7 +168,13 @@ STATIC_ROOT = BASE_DIR / "var" / "static"
 AUDITLOG_DISABLE_ON_RAW_SAVE = True  # loaddata and raw saves are data moves, not user actions
 
 # --- Slow queries -------------------------------------------------------------------
-SLOW_QUERY_MS = env.float("SLOW_QUERY_MS", 1000.0)
+try:  # float() itself: django-environ would read '1s' as 1.0 without a word
+    SLOW_QUERY_MS = float(env.str("SLOW_QUERY_MS", "") or 1000.0)
+except ValueError:
+    raise ImproperlyConfigured(
+        f"SLOW_QUERY_MS={env.str('SLOW_QUERY_MS')!r} is not a number; set it to milliseconds, "
+        "e.g. 1000."
+    ) from None
 
 LOGGING = {
     "version": 1,

@@ -1,5 +1,8 @@
 """Shared fixtures.  Tests run against the real PostgreSQL server and real SQLite files."""
 
+import os
+
+import psycopg
 import pytest
 from django.db import connections
 
@@ -14,3 +17,38 @@ def pg():
 def lite():
     """The SQLite test connection (a real file)."""
     return connections["sqlite"]
+
+
+@pytest.fixture
+def empty_postgres_database():
+    """The postgresql alias pointed at an empty database, as after a drop and re-create."""
+    name = f"propcore_empty_{os.getpid()}"
+    admin = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    connection = connections["postgresql"]
+    connection.close()  # its connection and pool still point at the test database
+    connection.close_pool()
+    saved = connection.settings_dict["NAME"]
+    connection.settings_dict["NAME"] = name
+    yield name
+    connection.close()
+    connection.close_pool()
+    connection.settings_dict["NAME"] = saved
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_down():
+    """Point the postgresql alias at a port nobody listens on, then put it back."""
+    connection = connections["postgresql"]
+    connection.close_pool()
+    cfg = connection.settings_dict  # the same dict as connections.settings["postgresql"]
+    saved = cfg["PORT"], cfg["OPTIONS"]["pool"]
+    cfg["PORT"] = 1
+    cfg["OPTIONS"]["pool"] = {**saved[1], "timeout": 1.0}
+    yield
+    connection.close_pool()
+    cfg["PORT"], cfg["OPTIONS"]["pool"] = saved

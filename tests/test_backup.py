@@ -183,7 +183,7 @@ def test_encrypted_backup_round_trip(tmp_path, monkeypatch):
     assert result.safety_backup is not None
 
 
-def test_restore_keeps_current_database_and_verifies(tmp_path):
+def test_restore_keeps_current_database_and_verifies(tmp_path, monkeypatch):
     source = make_source(tmp_path / "src.sqlite3", rows=10)
     backup_dir = tmp_path / "b"
     info = backup.create_sqlite_backup(sqlite_path=source, backup_dir=backup_dir)
@@ -191,9 +191,12 @@ def test_restore_keeps_current_database_and_verifies(tmp_path):
     conn.execute("DELETE FROM item WHERE id > 3")
     conn.commit()
     conn.close()
-    with override_settings(SQLITE_PATH=source, BACKUP_DIR=backup_dir):
+    monkeypatch.setattr("builtins.input", lambda prompt: "src.sqlite3")  # the typed file name
+    with override_settings(
+        SQLITE_PATH=source, BACKUP_DIR=backup_dir, STATE_FILE=tmp_path / "state.json"
+    ):
         out = StringIO()
-        call_command("db_restore", info.name, stdout=out)
+        call_command("db_restore", info.name, "--replace-live-database", stdout=out)
     assert "Previous database kept as backup" in out.getvalue()
     assert row_counts(sqlite3.connect(source))["item"] == 10
     safety = [b for b in backup.list_backups(backup_dir) if b.label == "pre-restore"]
@@ -377,19 +380,22 @@ def test_pg_dump_backup_with_verify_restore(tmp_path):
         assert cur.fetchone()[0] == 0
 
 
-def test_restore_dry_run_writes_nothing_and_a_corrupt_database_is_replaced(tmp_path):
+def test_restore_dry_run_writes_nothing_and_a_corrupt_database_is_replaced(tmp_path, monkeypatch):
     backup_dir = tmp_path / "b"
     source = make_source(tmp_path / "src.sqlite3", rows=2000)
     info = backup.create_sqlite_backup(sqlite_path=source, backup_dir=backup_dir)
     _corrupt(source)
     damaged = source.read_bytes()
-    with override_settings(SQLITE_PATH=source, BACKUP_DIR=backup_dir):
+    monkeypatch.setattr("builtins.input", lambda prompt: "src.sqlite3")  # the typed file name
+    with override_settings(
+        SQLITE_PATH=source, BACKUP_DIR=backup_dir, STATE_FILE=tmp_path / "state.json"
+    ):
         out = StringIO()
         call_command("db_restore", info.name, "--dry-run", stdout=out)
         assert "would keep the current database" in out.getvalue()
         assert source.read_bytes() == damaged and len(list_dirs(backup_dir)) == 1
         out = StringIO()
-        call_command("db_restore", info.name, stdout=out)
+        call_command("db_restore", info.name, "--replace-live-database", stdout=out)
     assert "raw copy in" in out.getvalue()
     (raw,) = [p for p in list_dirs(backup_dir) if p.name.endswith("pre-restore-raw")]
     assert (raw / "src.sqlite3").read_bytes() == damaged

@@ -124,7 +124,7 @@ def run_switch(*args):
     ("phase", "message"),
     [
         ("nothing", "phase 'nothing'; switch_to_postgresql needs 'data_migrated'"),
-        ("prepared", "Run migration_prepare and migrate_data first"),
+        ("prepared", "Run migrate_data next"),
         ("data_migrated", "migrate_data has not copied"),
     ],
 )
@@ -169,8 +169,9 @@ def test_typed_confirmation_other_than_yes_cancels(state_file, monkeypatch):
         migrated_state(),
     )
     monkeypatch.setattr("builtins.input", lambda prompt: "no")
-    with pytest.raises(CommandError, match="Switch cancelled"):
+    with pytest.raises(CommandError, match="Switch cancelled") as exc:
         run_switch()
+    assert exc.value.returncode == 9
     assert read_state(state_file).phase == "data_migrated"
 
 

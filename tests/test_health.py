@@ -36,30 +36,16 @@ def set_state(state_file, phase="nothing", backend="sqlite"):
     write_state(state_file, MigrationState(phase=phase, active_backend=backend))
 
 
-def make_backup(backup_dir, *, age_hours: float, verified=True):
+def make_backup(backup_dir, *, age_hours: float, verified=True, kind="sqlite"):
     """A backup directory as db_backup leaves it (manifest only: the check reads nothing else)."""
     from dbmigration.backup import MANIFEST, BackupInfo
 
     created = (datetime.now(UTC) - timedelta(hours=age_hours)).isoformat()
     path = backup_dir / created.replace(":", "")
     path.mkdir(parents=True)
-    info = BackupInfo(path=path, kind="sqlite", created_at=created, verified=verified)
+    info = BackupInfo(path=path, kind=kind, created_at=created, verified=verified)
     (path / MANIFEST).write_text(json.dumps(info.to_manifest()))
     return path
-
-
-@pytest.fixture
-def postgres_down():
-    """Point the postgresql alias at a port nobody listens on, then put it back."""
-    connection = connections["postgresql"]
-    connection.close_pool()
-    cfg = connection.settings_dict  # the same dict as connections.settings["postgresql"]
-    saved = cfg["PORT"], cfg["OPTIONS"]["pool"]
-    cfg["PORT"] = 1
-    cfg["OPTIONS"]["pool"] = {**saved[1], "timeout": 1.0}
-    yield
-    connection.close_pool()
-    cfg["PORT"], cfg["OPTIONS"]["pool"] = saved
 
 
 def test_active_backend_answers_on_each_engine(state_file):
@@ -103,7 +89,7 @@ def test_phase_reports_write_freeze(state_file):
 
 
 def test_backup_age(settings, state_file):
-    assert "no verified backup" in health.run_check("backup_age").message
+    assert "no verified sqlite backup" in health.run_check("backup_age").message
     make_backup(settings.BACKUP_DIR, age_hours=50)
     make_backup(settings.BACKUP_DIR, age_hours=1, verified=False)
     result = health.run_check("backup_age")
@@ -111,6 +97,85 @@ def test_backup_age(settings, state_file):
     make_backup(settings.BACKUP_DIR, age_hours=2)
     result = health.run_check("backup_age")
     assert result.status == health.OK and 1.9 < result.details["age_hours"] < 2.1
+
+
+def test_backup_age_after_the_switch_counts_only_postgresql_backups(settings, state_file):
+    make_backup(settings.BACKUP_DIR, age_hours=1)  # the SQLite snapshot taken before the switch
+    set_state(state_file, "switched", "postgresql")
+    result = health.run_check("backup_age")
+    assert result.status == health.DEGRADED, result.message
+    assert "no verified postgresql backup" in result.message and "run db_backup" in result.message
+    make_backup(settings.BACKUP_DIR, age_hours=3, kind="postgresql")
+    result = health.run_check("backup_age")
+    assert result.status == health.OK and result.details["backend"] == "postgresql"
+    assert 2.9 < result.details["age_hours"] < 3.1  # the PostgreSQL one, not the newer SQLite one
+
+
+def test_a_live_postgresql_without_its_tables_is_down(state_file, empty_postgres_database):
+    set_state(state_file, "switched", "postgresql")
+    result = health.run_check("active_backend")
+    assert result.status == health.DOWN, result.message
+    assert result.message.startswith("postgresql answers but lacks")
+    assert "accounts_organisation" in result.details["missing_tables"]
+    assert "pg_restore" in result.message
+    with pytest.raises(CommandError, match="down: active_backend") as exc:
+        call_command("db_health_check", "--check", "active_backend", stdout=StringIO())
+    assert exc.value.returncode == 2
+
+
+@pytest.fixture
+def sqlite_missing(tmp_path):
+    """The sqlite (and default) aliases pointed at a file that does not exist."""
+    missing = tmp_path / "gone" / "propcore.sqlite3"
+    missing.parent.mkdir()
+    aliases = [
+        a for a in ("sqlite", "default") if connections.settings[a]["ENGINE"].endswith("sqlite3")
+    ]
+    saved = {a: connections.settings[a]["NAME"] for a in aliases}
+    for alias in aliases:
+        connections[alias].close()
+        connections.settings[alias]["NAME"] = str(missing)
+    yield missing
+    for alias in aliases:
+        connections[alias].close()
+        connections.settings[alias]["NAME"] = saved[alias]
+
+
+def test_health_page_with_the_sqlite_file_missing_creates_nothing(
+    client, state_file, sqlite_missing
+):
+    set_state(state_file, "nothing", "sqlite")
+    response = client.get("/health/", {"format": "json"})
+    assert not sqlite_missing.exists()  # Django's SQLite backend would have created it
+    assert list(sqlite_missing.parent.iterdir()) == []
+    assert response.status_code == 500  # the active backend is gone: the site is down
+    failing = {k: v for k, v in response.json().items() if not v.startswith(("OK", "Warning"))}
+    assert any("sqlite" in name for name in failing), response.json()
+    assert any("does not exist" in v for v in failing.values()), failing
+
+
+def test_health_page_after_the_switch_only_warns_about_a_missing_sqlite_file(
+    client, state_file, sqlite_missing
+):
+    set_state(state_file, "switched", "postgresql")
+    middleware.watcher.backend = "postgresql"  # this process follows the state file
+    try:
+        body = client.get("/health/", {"format": "json"}).json()
+    finally:
+        middleware.watcher.backend = "sqlite"
+    assert not sqlite_missing.exists()
+    sqlite_checks = {k: v for k, v in body.items() if "alias='sqlite'" in k}
+    assert sqlite_checks and all(v.startswith("Warning") for v in sqlite_checks.values()), body
+
+
+def test_db_health_check_with_the_sqlite_file_missing_creates_nothing(state_file, sqlite_missing):
+    set_state(state_file, "nothing", "sqlite")
+    with pytest.raises(CommandError) as exc:
+        call_command("db_health_check", stdout=StringIO())
+    assert exc.value.returncode == 2
+    # the worst first, the milder ones named as such
+    assert str(exc.value) == ("database health is down: active_backend (also degraded: backup_age)")
+    assert list(sqlite_missing.parent.iterdir()) == []
 
 
 def test_pool_usage(settings, state_file):
@@ -156,24 +221,24 @@ def test_command_degraded_exits_1(state_file):
     with pytest.raises(CommandError, match="degraded: backup_age") as exc:
         call_command("db_health_check", "--check", "backup_age", stdout=out)
     assert exc.value.returncode == 1
-    assert "no verified backup" in out.getvalue()
+    assert "no verified sqlite backup" in out.getvalue()
 
 
 def test_health_page_degraded_is_200_and_shows_backend(client, state_file):
     set_state(state_file, "nothing", "sqlite")
     response = client.get("/health/", {"format": "json"})
     assert response.status_code == 200, response.content
-    body = response.json()
-    assert "Migration(check='process_backend', detail='process uses sqlite; not stale')" in body
-    assert any("backup_age" in k and v.startswith("Warning") for k, v in body.items())
+    checks = response.json()["checks"]
+    assert checks["process_backend"]["message"] == "process uses sqlite; not stale"
+    assert checks["backup_age"]["status"] == "degraded"
 
 
 def test_health_page_down_is_500(client, state_file, postgres_down):
     set_state(state_file, "nothing", "sqlite")
     response = client.get("/health/", {"format": "json"})
     assert response.status_code == 500
-    failing = [name for name, status in response.json().items() if status.startswith("Unavail")]
-    assert any("postgresql" in name for name in failing), response.json()
+    checks = response.json()["checks"]
+    assert checks["database_postgresql"]["status"] == "down", checks
 
 
 # --- replication lag against a real streaming replica (private primary + standby) ---

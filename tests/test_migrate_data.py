@@ -52,12 +52,21 @@ def test_refuses_before_prepare(dirs):
 
 
 @ALL
-def test_refuses_a_stale_prepare(dirs):
+@pytest.mark.parametrize(
+    ("phase", "advice"),
+    [("prepared", "Run migration_prepare again."), ("data_migrated", "Run migrate_data --sync")],
+)
+def test_refuses_a_stale_prepare(dirs, phase, advice):
     make_people(1)
     prepared(source_path(), dirs / "state.json", sha256="0" * 64)
+    state = state_mod.read_state(dirs / "state.json")
+    state.phase = phase
+    state_mod.write_state(dirs / "state.json", state)
     with pytest.raises(CommandError, match="changed since it was prepared") as caught:
         run()
     assert caught.value.returncode == 2
+    assert advice in str(caught.value)
+    assert str(caught.value).count("Run ") == 1  # one next step, not a choice
 
 
 @ALL

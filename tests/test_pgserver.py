@@ -81,3 +81,58 @@ def test_ensure_postgres_recreate_drops_and_creates_the_database(settings):
         tables = conn.execute("SELECT count(*) FROM pg_tables WHERE tablename = 'marker'")
         assert tables.fetchone() == (0,)
     pgserver.drop_database(settings.POSTGRES_URL)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgres://app:pw@db.internal:6432/prop?sslmode=require",
+        "postgresql://postgres@127.0.0.1/propcore",
+        "postgres://app:p%2Fw%40x@[::1]:5432/prop",
+        "postgres:///propcore?host=/var/run/postgresql",
+    ],
+)
+def test_a_well_formed_url_passes_unchanged(url):
+    assert pgserver.check_postgres_url(url) == url
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("127.0.0.1:5432/x", "must start with postgres://"),
+        ("postgresql:/127.0.0.1/x", "must start with postgres://"),
+        ("mysql://app:s3cret@db/x", "must start with postgres://"),
+        ("postgres://app:s3c/ret@db:5432/x", "must be percent-encoded"),
+        ("postgres://app:s3c#ret@db:5432/x", "must be percent-encoded"),
+        ("postgres://app:s3c?ret@db:5432/x", "must be percent-encoded"),
+        ("postgres://app:s3cret@db:54x2/x", "port that is not a number"),
+        ("postgres://app:s3cret@db:99999/x", "port that is not a number"),
+        ("postgres://app:s3cret@db:5432", "names no database"),
+        ("postgres://app:s3cret@db:5432/a/b", "holds a '/'"),
+    ],
+)
+def test_a_malformed_url_is_refused_naming_the_problem_never_the_password(url, problem):
+    with pytest.raises(pgserver.BadPostgresUrl) as exc:
+        pgserver.check_postgres_url(url)
+    message = str(exc.value)
+    assert message.startswith("POSTGRES_URL ") and problem in message
+    assert "s3c" not in message and "\n" not in message
+
+
+def test_resolve_refuses_a_malformed_postgres_url(tmp_path):
+    with pytest.raises(pgserver.BadPostgresUrl, match="POSTGRES_URL must start"):
+        pgserver.resolve_postgres_url(
+            environ={"POSTGRES_URL": "127.0.0.1:5432/x"}, private_root=tmp_path
+        )
+
+
+def test_db_test_postgresql_refuses_a_malformed_url_instead_of_checking_another_database():
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    out = StringIO()
+    with pytest.raises(CommandError, match="--url must start with postgres://") as exc:
+        call_command("db_test_postgresql", "--url", "127.0.0.1:5432/x", stdout=out)
+    assert exc.value.returncode == 78
+    assert "All checks passed" not in out.getvalue() and out.getvalue() == ""

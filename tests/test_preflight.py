@@ -265,7 +265,8 @@ def test_sqlite_checks_find_fk_violations_and_unapplied_migrations(tmp_path):
     assert checks["foreign_key_check"].warning
     assert "child rowid 1 -> parent" in checks["foreign_key_check"].detail
     assert code_migrations()[-1] in failed["migrations_applied"].detail
-    assert "migrate --database sqlite" in failed["migrations_applied"].line()
+    line = failed["migrations_applied"].line()
+    assert "manage.py migrate' while SQLite is the active backend" in line
 
 
 def test_sqlite_integrity_failure_raises(tmp_path):
@@ -281,3 +282,25 @@ def test_sqlite_check_never_writes(tmp_path):
     check_sqlite_source(sqlite_path=path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["s.sqlite3"]
+
+
+def test_squashed_migrations_are_judged_as_django_judges_them():
+    from django.conf import settings
+    from django.test import override_settings
+
+    from dbmigration.preflight import known_migrations, unapplied_migrations
+
+    shop = "tests.minimal_project.shop"  # 0001 and 0002 squashed, then 0003 and 0004
+    with override_settings(INSTALLED_APPS=[*settings.INSTALLED_APPS, shop]):
+        ours = [m for m in code_migrations() if not m.startswith("shop.")]
+        later = ["shop.0003_source_write_probe", "shop.0004_featured"]
+        assert code_migrations() == sorted([*ours, "shop.0001_squashed_0002_seed", *later])
+        # a target migrated by Django records the replaced names beside the squashed one
+        replaced = {"shop.0001_initial", "shop.0002_seed"}
+        assert replaced | {"shop.0001_squashed_0002_seed"} <= known_migrations()
+        # a source migrated before the squash existed has only the replaced names: applied
+        assert unapplied_migrations([*ours, *replaced, *later]) == []
+        # one replaced migration missing: the squashed one is not applied
+        assert unapplied_migrations([*ours, "shop.0001_initial", *later]) == [
+            "shop.0001_squashed_0002_seed"
+        ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from io import StringIO
 from pathlib import Path
@@ -97,12 +98,13 @@ def test_prepare_runs_phases_1_to_5_and_is_idempotent(tmp_path):
     assert st.phase == "prepared" and st.last_report == str(result.report_path)
     assert st.source_fingerprint["sha256"] == sha
     assert st.last_backup == str(result.backup.path)
+    assert st.extra["target"]["system_identifier"] and st.extra["target"]["database_oid"]
     assert file_sha256(source) == sha
 
     # again, through the command: same outcome, one more backup, one more transition
     out = StringIO()
     with as_settings(tmp_path, source):
-        call_command("migration_prepare", stdout=out)
+        call_command("migration_prepare", "--noinput", stdout=out)  # accepted like the others
     assert "Prepared. Next: migrate_data" in out.getvalue() and "Report:" in out.getvalue()
     st = state_mod.read_state(dirs(tmp_path)["state_file"])
     assert [h["to"] for h in st.history] == ["prepared", "prepared"]
@@ -300,3 +302,59 @@ def test_schema_comparison_names_a_changed_column():
         with connections["postgresql"].cursor() as cur:
             cur.execute("ALTER TABLE accounts_organisation ALTER COLUMN phone TYPE varchar(32)")
     assert problems == ["accounts_organisation.phone is text, expected character varying(32)"]
+
+
+def test_types_are_compared_in_postgresqls_own_spelling():
+    """A TimeField's 'time' is PostgreSQL's 'time without time zone' (it made prepare refuse)."""
+    from dbmigration.prepare import canonical_types, connect_target
+
+    names = ["time", "varchar(20)", "numeric(10, 2)", "timestamp with time zone", "serial"]
+    with connect_target("postgresql") as conn:
+        spelled = canonical_types(conn, [*names, "interval", "no_such_type"])
+    assert spelled == {
+        "time": "time without time zone",
+        "varchar(20)": "character varying(20)",
+        "numeric(10, 2)": "numeric(10,2)",
+        "timestamp with time zone": "timestamp with time zone",
+        "serial": "integer",
+        "interval": "interval",
+        "no_such_type": "no_such_type",  # unknown: kept, so it differs from the catalog's
+    }
+
+
+def test_every_value_field_type_passes_the_schema_check(monkeypatch):
+    """Django's own column types, created by its schema editor, all match (TimeField failed)."""
+    from django.db import models
+    from django.test.utils import isolate_apps
+
+    from dbmigration import plan
+    from dbmigration.prepare import compare_schema
+
+    with isolate_apps("tests.corpus.fields"):
+
+        class EveryType(models.Model):  # noqa: DJ008
+            t = models.TimeField()
+            d = models.DurationField()
+            dt = models.DateTimeField()
+            dec = models.DecimalField(max_digits=12, decimal_places=3)
+            f = models.FloatField()
+            u = models.UUIDField()
+            j = models.JSONField()
+            b = models.BinaryField()
+            ip = models.GenericIPAddressField()
+            c = models.CharField(max_length=7)
+            small = models.PositiveSmallIntegerField()
+
+            class Meta:
+                app_label = "fields"
+                db_table = f"prepare_every_type_{os.getpid()}"
+
+    pg = connections["postgresql"]
+    with pg.schema_editor() as editor:
+        editor.create_model(EveryType)
+    monkeypatch.setattr(plan, "copied_models", lambda: [EveryType])
+    try:
+        assert compare_schema("postgresql") == []
+    finally:
+        with pg.schema_editor() as editor:
+            editor.delete_model(EveryType)

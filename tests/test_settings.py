@@ -94,3 +94,53 @@ def test_slow_queries_are_logged_with_alias_and_without_parameters(settings, cap
     assert messages[0].startswith("slow query on postgresql: ")
     assert "pg_sleep" in messages[0]
     assert "secret-iban" not in messages[0]
+
+
+def manage_py(*args: str, **env) -> subprocess.CompletedProcess:
+    """Run manage.py in a fresh process under the given environment."""
+    full_env = {**os.environ, "DJANGO_SETTINGS_MODULE": "propcore.settings", **env}
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"PROPCORE_ENV": "prod", "SECRET_KEY": ""}, ["SECRET_KEY", "prod profile", "set it"]),
+        ({"PROPCORE_ENV": "production"}, ["PROPCORE_ENV='production'", "dev, staging, prod"]),
+        ({"PROPCORE_ENV": "staging", "SECRET_KEY": "k", "POSTGRES_URL": ""}, ["POSTGRES_URL"]),
+        # a '/' in the password ends the host part early: it must be percent-encoded
+        ({"POSTGRES_URL": "postgres://app:s3cr/et@127.0.0.1:5432/x"}, ["POSTGRES_URL", "%2F"]),
+        ({"POSTGRES_URL": "postgres://app:s3cret@127.0.0.1:54x2/x"}, ["POSTGRES_URL", "port"]),
+        # no scheme, and a typo: both used to check another database without a word
+        ({"POSTGRES_URL": "127.0.0.1:5432/x"}, ["POSTGRES_URL", "postgres://"]),
+        ({"POSTGRES_URL": "postgresql:/127.0.0.1/x"}, ["POSTGRES_URL", "postgres://"]),
+        ({"POSTGRES_URL": "postgres://app:s3cret@127.0.0.1:5432"}, ["names no database"]),
+        ({"DATABASE_ACTIVE": "mysql"}, ["DATABASE_ACTIVE='mysql'", "sqlite or postgresql"]),
+        ({"SLOW_QUERY_MS": "1s"}, ["SLOW_QUERY_MS='1s' is not a number", "milliseconds"]),
+    ],
+)
+def test_a_settings_mistake_is_one_line_naming_the_variable_and_the_fix(env, names):
+    result = manage_py("check", **env)
+    assert result.returncode == 78, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr  # no traceback
+    assert lines[0].startswith("Settings error: ")
+    for name in names:
+        assert name in lines[0]
+    assert "s3cr" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_a_good_postgres_url_still_passes(tmp_path):
+    result = manage_py(
+        "check", POSTGRES_URL="postgres://app:s3cr%2Fet@127.0.0.1:5432/x?sslmode=prefer"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "System check identified no issues" in result.stdout

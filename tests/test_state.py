@@ -14,14 +14,14 @@ from tests.test_backup import make_source
 
 def test_transitions_record_history_and_refuse_out_of_order(tmp_path):
     path = tmp_path / "state.json"
-    with pytest.raises(state_mod.StateError, match="Run migration_prepare .*first"):
+    with pytest.raises(state_mod.StateError, match="Run migration_prepare next"):
         state_mod.transition(path, "data_migrated")
     st = state_mod.transition(path, "prepared", note="t", source_fingerprint={"sha256": "a"})
     assert st.phase == "prepared" and st.history[-1]["from"] == "nothing"
     assert "@" in st.history[-1]["by"] and st.history[-1]["at"]
     on_disk = json.loads(path.read_text())
     assert on_disk["phase"] == "prepared" and on_disk["source_fingerprint"] == {"sha256": "a"}
-    with pytest.raises(state_mod.StateError, match="Run migrate_data first"):
+    with pytest.raises(state_mod.StateError, match="Run migrate_data next"):
         state_mod.transition(path, "switched")
     assert not list(tmp_path.glob(".state-*"))  # no temp files left by atomic writes
 

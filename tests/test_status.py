@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from io import StringIO
 
@@ -30,7 +31,7 @@ def _status(tmp_path, source) -> str:
 def test_fresh_install_says_prepare_first(tmp_path):
     out = _status(tmp_path, make_source(tmp_path / "s.sqlite3"))
     assert "Phase:          nothing" in out
-    assert "none verified yet (run db_backup)" in out
+    assert "none of sqlite verified yet (run db_backup)" in out
     assert "Next:           migration_prepare" in out
 
 
@@ -81,3 +82,37 @@ def test_a_newer_failed_report_is_shown(tmp_path):
     assert result.last_report.endswith("20260102T000000000000Z.json")
     assert result.last_report_status == "migration_prepare: failed"
     assert result.next_step == "migration_prepare"
+
+
+def test_after_the_switch_next_is_a_postgresql_backup_not_nothing(tmp_path):
+    source = make_source(tmp_path / "s.sqlite3")
+    create_sqlite_backup(sqlite_path=source, backup_dir=tmp_path / "backups")
+    state_mod.write_state(
+        tmp_path / "state.json",
+        state_mod.MigrationState(phase="switched", active_backend="postgresql"),
+    )
+    out = _status(tmp_path, source)
+    # the SQLite backup holds none of PostgreSQL's writes: it is not the last backup any more
+    assert "Last backup:    none of postgresql verified yet (run db_backup)" in out
+    assert "Next:           db_backup: nothing protects the live PostgreSQL yet" in out
+    assert "Next:           nothing" not in out
+
+
+def test_after_the_switch_and_a_postgresql_backup_next_is_watching(tmp_path):
+    from dbmigration.backup import MANIFEST, BackupInfo
+
+    source = make_source(tmp_path / "s.sqlite3")
+    path = tmp_path / "backups" / "20260101T000000Z-postgresql"
+    path.mkdir(parents=True)
+    info = BackupInfo(
+        path=path, kind="postgresql", created_at="2026-01-01T00:00:00+00:00", verified=True
+    )
+    (path / MANIFEST).write_text(json.dumps(info.to_manifest()))
+    state_mod.write_state(
+        tmp_path / "state.json",
+        state_mod.MigrationState(phase="switched", active_backend="postgresql"),
+    )
+    out = _status(tmp_path, source)
+    assert f"Last backup:    {path} (postgresql" in out
+    assert "Next:           PostgreSQL is live: back it up daily (db_backup)" in out
+    assert "rollback_to_sqlite only if you must go back" in out

@@ -3,8 +3,8 @@ import os
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from dbmigration import backup
-from dbmigration.errors import MigrationError
+from dbmigration import backup, conf
+from dbmigration.errors import ConfigError, MigrationError
 from dbmigration.preflight import conninfo_from_settings
 
 
@@ -44,13 +44,16 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **opts):
-        backup_dir = opts["backup_dir"] or settings.BACKUP_DIR
+        backup_dir = opts["backup_dir"] or conf.backup_dir()
         if opts["list"]:
             return self._list(backup_dir)
         key = os.environ.get(backup.KEY_ENV) if opts["encrypt"] else None
         if opts["encrypt"] and not key:
-            raise CommandError(f"--encrypt needs the key in ${backup.KEY_ENV}; set it and retry.")
-        kind = settings.ACTIVE_BACKEND if opts["backend"] == "active" else opts["backend"]
+            raise CommandError(
+                f"--encrypt needs the key in ${backup.KEY_ENV}; set it and retry.",
+                returncode=ConfigError.returncode,
+            )
+        kind = self._active() if opts["backend"] == "active" else opts["backend"]
         progress = self.stdout.write if opts["verbosity"] > 1 else None
         try:
             if kind == "postgresql":
@@ -64,7 +67,7 @@ class Command(BaseCommand):
                 )
             else:
                 info = backup.create_sqlite_backup(
-                    sqlite_path=settings.SQLITE_PATH,
+                    sqlite_path=conf.sqlite_path(),
                     backup_dir=backup_dir,
                     encrypt_key=key,
                     keep=opts["keep"],
@@ -92,3 +95,9 @@ class Command(BaseCommand):
                 f"{sum(info.row_counts.values()):>9} rows  {len(info.migrations)} migrations"
                 f"{'  encrypted' if info.encrypted else ''}"
             )
+
+    def _active(self) -> str:
+        # propcore's settings name the backend this process uses; any project: the state file
+        from dbmigration.state import read_active_backend
+
+        return getattr(settings, "ACTIVE_BACKEND", None) or read_active_backend(conf.state_file())

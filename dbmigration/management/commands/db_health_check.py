@@ -42,8 +42,10 @@ class Command(BaseCommand):
                     self.stdout.write(f"{'':<26}{json.dumps(result.details, default=str)}")
             self.stdout.write(f"overall: {report.status}")
         if report.exit_code:
-            problems = [c.name for c in report.checks if c.status != health.OK]
+            worst = [c.name for c in report.checks if c.status == report.status]
+            milder = [c.name for c in report.checks if c.status not in (health.OK, report.status)]
+            also = f" (also degraded: {', '.join(milder)})" if milder else ""
             raise CommandError(
-                f"database health is {report.status}: {', '.join(problems)}",
+                f"database health is {report.status}: {', '.join(worst)}{also}",
                 returncode=report.exit_code,
             )

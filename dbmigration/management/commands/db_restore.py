@@ -1,18 +1,19 @@
 import os
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from dbmigration import backup
-from dbmigration.errors import MigrationError
+from dbmigration import backup, conf
+from dbmigration.errors import MigrationError, NotConfirmed, PhaseError
 from dbmigration.preflight import code_migrations
+from dbmigration.state import StateError, read_state, why_precious
 
 
 class Command(BaseCommand):
     help = (
         "Restore the SQLite database from a verified backup: checksums are verified first, the "
         "current database is kept as a backup of its own, and a backup whose migrations do not "
-        "match the code is refused."
+        "match the code is refused. Replacing the file the application runs on needs "
+        "--replace-live-database and its file name typed at the prompt."
     )
 
     def add_arguments(self, parser):
@@ -29,20 +30,37 @@ class Command(BaseCommand):
             default=20.0,
             help="Seconds to wait for other SQLite connections to let go.",
         )
+        parser.add_argument(
+            "--replace-live-database",
+            action="store_true",
+            help="Allow replacing the SQLite file the application runs on (writes since the "
+            "backup are lost), after you type its file name; never with --noinput.",
+        )
+        parser.add_argument(
+            "--noinput",
+            "--no-input",
+            action="store_false",
+            dest="interactive",
+            help="Never prompt; replacing the live database is then refused.",
+        )
 
     def handle(self, *args, **opts):
         progress = self.stdout.write if opts["verbosity"] > 1 else None
+        restore = dict(
+            backup=opts["backup"],
+            sqlite_path=conf.sqlite_path(),
+            backup_dir=opts["backup_dir"] or conf.backup_dir(),
+            code_migrations=code_migrations(),
+            encrypt_key=os.environ.get(backup.KEY_ENV),
+            lock_timeout=opts["lock_timeout"],
+            progress=progress,
+        )
         try:
-            result = backup.restore_sqlite_backup(
-                backup=opts["backup"],
-                sqlite_path=settings.SQLITE_PATH,
-                backup_dir=opts["backup_dir"] or settings.BACKUP_DIR,
-                code_migrations=code_migrations(),
-                encrypt_key=os.environ.get(backup.KEY_ENV),
-                lock_timeout=opts["lock_timeout"],
-                dry_run=opts["dry_run"],
-                progress=progress,
-            )
+            # verified first: never ask to confirm a restore that would fail anyway
+            checked = backup.restore_sqlite_backup(**restore, dry_run=True)
+            if not opts["dry_run"]:
+                self._confirm_replace(checked, opts)
+            result = checked if opts["dry_run"] else backup.restore_sqlite_backup(**restore)
         except MigrationError as exc:
             raise CommandError(str(exc), returncode=exc.returncode) from exc
         if result.dry_run:
@@ -63,3 +81,34 @@ class Command(BaseCommand):
                 f"({sum(result.row_counts.values())} rows verified, {result.seconds:.2f}s)"
             )
         )
+
+    def _confirm_replace(self, checked, opts) -> None:
+        """Refuse to replace the SQLite file the application runs on, unless typed out."""
+        try:
+            reason = why_precious(read_state(conf.state_file()), "sqlite")
+        except StateError as exc:
+            raise CommandError(str(exc), returncode=PhaseError.returncode) from exc
+        live = conf.sqlite_path()
+        if reason is None or not live.exists():
+            return  # nothing the application still writes would be lost
+        if not opts["replace_live_database"]:
+            raise CommandError(
+                f"Refusing to replace {live}: {reason}. If that is intended, run db_restore "
+                f"{opts['backup']} --replace-live-database and type its file name.",
+                returncode=NotConfirmed.returncode,
+            )
+        if not opts["interactive"]:
+            raise CommandError(
+                f"Refusing to replace {live} under --noinput: {reason}. Run the command at a "
+                "terminal and type the file name to confirm.",
+                returncode=NotConfirmed.returncode,
+            )
+        rows = sum(checked.row_counts.values())
+        self.stdout.write(
+            f"Backup {checked.restored_from.name} verified ({rows} rows). This REPLACES "
+            f"{live}: {reason}.\nThe current file is kept as a backup first."
+        )
+        if input(f"    Type the file name '{live.name}' to continue: ") != live.name:
+            raise CommandError(
+                "Cancelled: nothing was restored.", returncode=NotConfirmed.returncode
+            )

@@ -1,6 +1,9 @@
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from dbmigration import conf
+from dbmigration.errors import ConfigError, TargetError
+from dbmigration.pgurl import BadPostgresUrl, check_postgres_url
 from dbmigration.preflight import check_postgresql, conninfo_from_settings, conninfo_from_url
 
 
@@ -23,14 +26,17 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **opts):
+        if opts["url"]:
+            try:
+                check_postgres_url(opts["url"], name="--url")
+            except BadPostgresUrl as exc:
+                raise CommandError(str(exc), returncode=ConfigError.returncode) from None
         conninfo = (
             conninfo_from_url(opts["url"])
             if opts["url"]
             else conninfo_from_settings(settings.DATABASES["postgresql"])
         )
-        report = check_postgresql(
-            conninfo=conninfo, pool_max=opts["pool_max"] or settings.PROFILE.pool_max
-        )
+        report = check_postgresql(conninfo=conninfo, pool_max=opts["pool_max"] or conf.pool_max())
         self.stdout.write(f"PostgreSQL target {report.target}")
         for check in report.checks:
             style = self.style.SUCCESS if check.ok and not check.warning else self.style.WARNING
@@ -39,6 +45,6 @@ class Command(BaseCommand):
             raise CommandError(
                 f"{len(report.failed)} check(s) failed: "
                 + "; ".join(c.name for c in report.failed),
-                returncode=3,
+                returncode=TargetError.returncode,
             )
         self.stdout.write(self.style.SUCCESS("All checks passed."))

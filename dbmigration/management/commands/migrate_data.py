@@ -1,8 +1,8 @@
 import signal
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from dbmigration import conf
 from dbmigration.casts import REPAIR_RULES
 from dbmigration.copy import migrate_data
 from dbmigration.errors import Interrupted, MigrationError
@@ -55,10 +55,10 @@ class Command(BaseCommand):
         try:
             with bars:
                 r = migrate_data(
-                    sqlite_path=settings.SQLITE_PATH,
-                    state_file=settings.STATE_FILE,
-                    report_dir=settings.REPORT_DIR,
-                    log_dir=settings.LOG_DIR,
+                    sqlite_path=conf.sqlite_path(),
+                    state_file=conf.state_file(),
+                    report_dir=conf.report_dir(),
+                    log_dir=conf.log_dir(),
                     tables=opts["tables"],
                     quarantine=opts["quarantine"],
                     repairs=opts["repair"],
@@ -72,8 +72,7 @@ class Command(BaseCommand):
         except KeyboardInterrupt as exc:
             name = "SIGTERM" if "signal" in str(exc) else "Ctrl-C"
             raise CommandError(
-                f"Interrupted by {name}. The tables being loaded were rolled back; finished "
-                "ones are kept as done. Run migrate_data again to go on from there.",
+                f"Interrupted by {name} {_what_was_interrupted(opts)}",
                 returncode=Interrupted.returncode,
             ) from None
         finally:
@@ -107,6 +106,24 @@ class Command(BaseCommand):
             )
         self.stdout.write(f"Report: {r.report_path}\nLog:    {r.log_path}")
         self.stdout.write(self.style.SUCCESS(f"migrate_data ({r.mode}) done."))
+
+
+def _what_was_interrupted(opts) -> str:
+    """The rest of the interruption message: what stopped, what it left, what to run."""
+    if opts["verify_only"]:
+        return (
+            "during verification: nothing was copied or changed. Run migrate_data "
+            "--verify-only again."
+        )
+    if opts["sync"]:
+        return (
+            "during the --sync catch-up: its one transaction rolled back, PostgreSQL is as "
+            "before. Run migrate_data --sync again."
+        )
+    return (
+        "during the copy. The tables being loaded were rolled back; finished ones are kept "
+        "as done. Run migrate_data again to go on from there."
+    )
 
 
 def _interrupt(signum, frame):

@@ -1,10 +1,10 @@
 import os
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from dbmigration import conf
 from dbmigration.backup import KEY_ENV
-from dbmigration.errors import MigrationError
+from dbmigration.errors import ConfigError, MigrationError
 from dbmigration.prepare import run_prepare
 
 
@@ -29,6 +29,13 @@ class Command(BaseCommand):
             help="Seconds to wait for a SQLite writer's lock before giving up.",
         )
         parser.add_argument(
+            "--noinput",
+            "--no-input",
+            action="store_false",
+            dest="interactive",
+            help="Accepted like the other runbook commands; prepare never asks anything.",
+        )
+        parser.add_argument(
             "--strict",
             action="store_true",
             help="Fail (exit 5) when any row would be rejected, instead of listing them and "
@@ -38,16 +45,20 @@ class Command(BaseCommand):
     def handle(self, *args, **opts):
         key = os.environ.get(KEY_ENV) if opts["encrypt"] else None
         if opts["encrypt"] and not key:
-            raise CommandError(f"--encrypt needs the key in ${KEY_ENV}; set it and retry.")
+            raise CommandError(
+                f"--encrypt needs the key in ${KEY_ENV}; set it and retry.",
+                returncode=ConfigError.returncode,
+            )
         progress = self.stdout.write if opts["verbosity"] > 1 else None
         try:
             r = run_prepare(
-                sqlite_path=settings.SQLITE_PATH,
-                state_file=settings.STATE_FILE,
-                backup_dir=settings.BACKUP_DIR,
-                report_dir=settings.REPORT_DIR,
-                log_dir=settings.LOG_DIR,
-                pool_max=settings.PROFILE.pool_max,
+                sqlite_path=conf.sqlite_path(),
+                state_file=conf.state_file(),
+                backup_dir=conf.backup_dir(),
+                report_dir=conf.report_dir(),
+                log_dir=conf.log_dir(),
+                pg_alias=conf.TARGET_ALIAS,
+                pool_max=conf.pool_max(),
                 keep=opts["keep"],
                 encrypt_key=key,
                 lock_timeout=opts["lock_timeout"],

@@ -1,6 +1,6 @@
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from dbmigration import conf
 from dbmigration.errors import MigrationError
 from dbmigration.status import migration_status
 
@@ -11,10 +11,10 @@ class Command(BaseCommand):
     def handle(self, *args, **opts):
         try:
             s = migration_status(
-                state_file=settings.STATE_FILE,
-                backup_dir=settings.BACKUP_DIR,
-                sqlite_path=settings.SQLITE_PATH,
-                report_dir=settings.REPORT_DIR,
+                state_file=conf.state_file(),
+                backup_dir=conf.backup_dir(),
+                sqlite_path=conf.sqlite_path(),
+                report_dir=conf.report_dir(),
             )
         except MigrationError as exc:
             raise CommandError(str(exc), returncode=exc.returncode) from exc
@@ -25,7 +25,7 @@ class Command(BaseCommand):
         self.stdout.write(
             f"Last backup:    {b.path} ({b.kind}, {b.created_at}, verified)"
             if b
-            else "Last backup:    none verified yet (run db_backup)"
+            else f"Last backup:    none of {s.active_backend} verified yet (run db_backup)"
         )
         for reason in s.stale:
             self.stdout.write(self.style.WARNING(f"Stale prepare:  {reason}"))

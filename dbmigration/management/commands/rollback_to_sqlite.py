@@ -1,8 +1,7 @@
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from dbmigration import rollback
-from dbmigration.errors import MigrationError
+from dbmigration import conf, rollback
+from dbmigration.errors import MigrationError, NotConfirmed
 from dbmigration.state import StateError, read_state
 
 
@@ -49,7 +48,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         try:
-            state = read_state(settings.STATE_FILE)
+            state = read_state(conf.state_file())
         except StateError as exc:
             raise CommandError(str(exc), returncode=7) from exc
         discard = options["discard_postgres_writes"]
@@ -64,9 +63,9 @@ class Command(BaseCommand):
                 )
                 confirmed = input(prompt) == "discard"
                 if not confirmed:
-                    raise CommandError("Rollback cancelled.")
+                    raise CommandError("Rollback cancelled.", returncode=NotConfirmed.returncode)
             elif input("Roll back to SQLite?\n    Type 'yes' to continue: ") != "yes":
-                raise CommandError("Rollback cancelled.")
+                raise CommandError("Rollback cancelled.", returncode=NotConfirmed.returncode)
         progress = self.stdout.write if options["verbosity"] > 1 else None
         try:
             result = rollback.rollback_to_sqlite(

@@ -1,8 +1,7 @@
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from dbmigration import cutover
-from dbmigration.errors import MigrationError
+from dbmigration import conf, cutover
+from dbmigration.errors import MigrationError, NotConfirmed, PhaseError
 from dbmigration.state import StateError
 
 
@@ -41,24 +40,28 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         try:
-            plan = cutover.plan_switch(state_file=settings.STATE_FILE)
+            plan = cutover.plan_switch(state_file=conf.state_file())
         except StateError as exc:
-            raise CommandError(str(exc), returncode=7) from exc
+            raise CommandError(str(exc), returncode=PhaseError.returncode) from exc
+        if not plan.ready:  # the refusal alone: a plan that will not run only confuses
+            raise CommandError(" ".join(plan.problems), returncode=PhaseError.returncode)
         self.stdout.write(f"Phase {plan.phase}, active backend {plan.active_backend}. Plan:")
         for number, step in enumerate(plan.steps, 1):
             self.stdout.write(f"  {number}. {step}")
-        if not plan.ready:
-            raise CommandError(" ".join(plan.problems), returncode=7)
         if options["dry_run"]:
             self.stdout.write("Dry run: nothing was changed.")
             return
         if options["interactive"]:
             answer = input(
-                "This freezes writes for a few seconds and moves the application to "
-                "PostgreSQL.\n    Type 'yes' to continue, or 'no' to cancel: "
+                "This runs the plan above: writes answer 503 for a few seconds (at least "
+                f"--drain-seconds {options['drain_seconds']:g}), then the application runs on "
+                "PostgreSQL; SQLite is kept for rollback_to_sqlite.\n"
+                "    Type 'yes' to continue, or 'no' to cancel: "
             )
             if answer != "yes":
-                raise CommandError("Switch cancelled.")
+                raise CommandError(
+                    "Switch cancelled: nothing was changed.", returncode=NotConfirmed.returncode
+                )
         progress = self.stdout.write if options["verbosity"] > 1 else None
         try:
             result = cutover.switch_to_postgresql(
@@ -69,7 +72,7 @@ class Command(BaseCommand):
         except (MigrationError, StateError) as exc:
             raise CommandError(
                 f"{exc}\nThe application stays on SQLite; the write freeze was lifted.",
-                returncode=getattr(exc, "returncode", 7),
+                returncode=getattr(exc, "returncode", PhaseError.returncode),
             ) from exc
         self.stdout.write(
             self.style.SUCCESS(

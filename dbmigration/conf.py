@@ -1,0 +1,147 @@
+"""The engine's settings: one ``DBMIGRATION`` dict in the project's Django settings.
+
+Every key is optional::
+
+    DBMIGRATION = {
+        "STATE_DIR": BASE_DIR / "database",   # state.json, backups/, reports/, logs/ go here
+        "STATE_FILE": ...,                    # default STATE_DIR / "state.json"
+        "BACKUP_DIR": ...,                    # default STATE_DIR / "backups"
+        "REPORT_DIR": ...,                    # default STATE_DIR / "reports"
+        "LOG_DIR": ...,                       # default STATE_DIR / "logs"
+        "SQLITE_PATH": ...,                   # default: the 'sqlite' alias's NAME
+        "POOL_MAX": 10,                       # connections per app process (max_connections check)
+        "MODEL_POLICIES": {},                 # per-model handling, see model_policies()
+        "PROCESS_BACKEND": None,              # dotted path: callable -> backend this process uses
+        "SLOW_QUERIES": None,                 # dotted path: callable(window_s) -> slow query count
+    }
+
+The engine's database aliases are named after the backends: ``sqlite`` (the source) and
+``postgresql`` (the target); ``default`` follows the active one (see the README).
+
+Every module of the engine reads its settings here and nowhere else.  The path keys also
+accept a top-level Django setting of the same name when the dict leaves them out
+(propcore's own layout, which its tests override one by one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+SOURCE_ALIAS = "sqlite"
+TARGET_ALIAS = "postgresql"
+
+# per-model policies (MODEL_POLICIES values)
+COPY = "copy"  # the default: every row is copied and verified
+SKIP = "skip"  # not copied, verified, synced or carried back; `rebuild` (a command) refills it
+
+_PATH_DEFAULTS = {
+    "STATE_FILE": "state.json",
+    "BACKUP_DIR": "backups",
+    "REPORT_DIR": "reports",
+    "LOG_DIR": "logs",
+}
+
+
+def _options() -> dict:
+    options = getattr(settings, "DBMIGRATION", None) or {}
+    if not isinstance(options, dict):
+        raise ImproperlyConfigured("settings.DBMIGRATION must be a dict (see dbmigration/conf.py).")
+    return options
+
+
+def sqlite_path() -> Path:
+    """The SQLite source file."""
+    options = _options()
+    if options.get("SQLITE_PATH"):
+        return Path(options["SQLITE_PATH"])
+    if getattr(settings, "SQLITE_PATH", None):
+        return Path(settings.SQLITE_PATH)
+    source = settings.DATABASES.get(SOURCE_ALIAS)
+    if not source:
+        raise ImproperlyConfigured(
+            f"DATABASES has no '{SOURCE_ALIAS}' alias: add it (the SQLite source) or set "
+            "DBMIGRATION['SQLITE_PATH']."
+        )
+    return Path(source["NAME"])
+
+
+def state_dir() -> Path:
+    """Where the state file, backups, reports and logs go unless set one by one."""
+    options = _options()
+    if options.get("STATE_DIR"):
+        return Path(options["STATE_DIR"])
+    return sqlite_path().resolve().parent / "dbmigration"
+
+
+def _path(name: str) -> Path:
+    options = _options()
+    if options.get(name):
+        return Path(options[name])
+    if getattr(settings, name, None):
+        return Path(getattr(settings, name))
+    return state_dir() / _PATH_DEFAULTS[name]
+
+
+def state_file() -> Path:
+    return _path("STATE_FILE")
+
+
+def backup_dir() -> Path:
+    return _path("BACKUP_DIR")
+
+
+def report_dir() -> Path:
+    return _path("REPORT_DIR")
+
+
+def log_dir() -> Path:
+    return _path("LOG_DIR")
+
+
+def pool_max() -> int:
+    """Connections one application process may hold (sizes the max_connections check)."""
+    return int(_options().get("POOL_MAX", 10))
+
+
+def hook(name: str):
+    """The callable a dotted-path key names, or None."""
+    from django.utils.module_loading import import_string
+
+    path = _options().get(name)
+    return import_string(path) if path else None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPolicy:
+    label: str  # app_label.ModelName
+    policy: str  # COPY or SKIP
+    rebuild: tuple[str, ...] = ()  # the management command (and arguments) that refills it
+    reason: str = ""  # why: configured, or what the metadata showed
+
+
+def configured_policies() -> dict[str, ModelPolicy]:
+    """MODEL_POLICIES as ModelPolicy objects, keyed by lower-case model label.
+
+    A value is a policy name or a dict: ``{"policy": "skip", "rebuild": ["update_index"]}``.
+    """
+    found = {}
+    for label, value in (_options().get("MODEL_POLICIES") or {}).items():
+        spec = {"policy": value} if isinstance(value, str) else dict(value)
+        policy = spec.get("policy", COPY)
+        if policy not in (COPY, SKIP):
+            raise ImproperlyConfigured(
+                f"DBMIGRATION['MODEL_POLICIES'][{label!r}]: unknown policy {policy!r}; use "
+                f"'{COPY}' or '{SKIP}'."
+            )
+        rebuild = spec.get("rebuild") or ()
+        found[label.lower()] = ModelPolicy(
+            label=label,
+            policy=policy,
+            rebuild=(rebuild,) if isinstance(rebuild, str) else tuple(rebuild),
+            reason=spec.get("reason", "configured in DBMIGRATION['MODEL_POLICIES']"),
+        )
+    return found
