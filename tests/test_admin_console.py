@@ -130,7 +130,7 @@ def test_health_checks_page_names_checks_readably(client, staff, runbook):
     page = client.get(f"{CONSOLE}health/").content.decode()
     for label in ("Active backend", "Backup age", "Migration phase", "Connection pool"):
         assert f"<td>{label}</td>" in page
-    assert "last verified backup" in page
+    assert "last verified sqlite backup" in page
 
 
 def test_only_reports_and_files_under_their_folders_are_served(client, superuser, runbook):
