@@ -912,6 +912,7 @@ static int parse_spec(PyObject *spec, Column **columns, Py_ssize_t *count) {
         if (!PyArg_ParseTuple(PyTuple_GET_ITEM(spec, i), "iiLLOii", &col->kind, &col->nullable,
                               &col->a, &col->b, &col->obj, &col->width, &col->storage)) {
             PyMem_Free(*columns);
+            *columns = NULL; /* the Reader frees its columns again when it is dropped */
             return -1;
         }
     }

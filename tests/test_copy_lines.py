@@ -498,3 +498,27 @@ def test_fields_built_on_json_take_the_reference_path(name):
         convert(b'[{"type": "h", "value": 1e+16}]')
         == '[{"type": "h", "value": 10000000000000000.0}]'
     )
+
+
+def test_a_malformed_spec_is_a_type_error_not_a_crash(tmp_path):
+    """Regression: the Reader freed its columns twice when a spec tuple did not parse (an
+    old six-item spec, say), which aborted the process."""
+    import os
+    import subprocess
+    import sys
+
+    uri, _ = odd_table(tmp_path)
+    old_spec = ((1, 0, 0, 0, None, 0),)
+    code = (
+        "import gc\n"
+        "from dbmigration import _copytext\n"
+        "try:\n"
+        f"    _copytext.Reader({uri!r}, 'SELECT id FROM t', {old_spec!r}, None, 0)\n"
+        "except TypeError as exc:\n"
+        "    print('refused:', exc)\n"
+        "gc.collect()\n"
+    )
+    env = {**os.environ, "PYTHONMALLOC": "debug"}  # a double free is fatal there
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert done.stdout.startswith(b"refused:")
