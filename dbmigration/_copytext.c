@@ -9,7 +9,9 @@
  * format_rows(rows, spec, skip, pk_index) -> (bytes, fallback indexes, skipped)
  *     the same for rows already fetched (the tests compare both with the reference path).
  *
- * spec:  one (kind, nullable, a, b, obj, width) tuple per column, in the SELECT's order.
+ * spec:  one (kind, nullable, a, b, obj, width, storage) tuple per column, in the SELECT's
+ *        order; storage: the SQLite storage class Django writes there (1 TEXT, 2 BLOB, 0 not
+ *        known).  A value of the other one sends its row to Python, marked by `misfiled`.
  * binary: COPY's binary format (rows only; the caller writes header and trailer), in
  *        which values C cannot encode itself send their row to Python instead.
  * skip:  a set of primary keys to leave out (quarantined rows), or None.
@@ -47,6 +49,7 @@ typedef struct {
     long long a, b;
     PyObject *obj; /* borrowed from spec */
     int width;     /* binary COPY: bytes of an integer column (2, 4 or 8) */
+    int storage;   /* TEXT or BLOB: what Django writes; 0 not known */
 } Column;
 
 typedef struct {
@@ -56,6 +59,7 @@ typedef struct {
 
 /* One raw value, from a Python tuple (format_rows) or straight from SQLite (Reader). */
 enum { R_NULL, R_INT, R_FLOAT, R_BYTES, R_BIG_INT, R_OTHER };
+enum { S_UNKNOWN = 0, S_TEXT = 1, S_BLOB = 2 }; /* casts.TEXT_CLASS, casts.BLOB_CLASS */
 
 typedef struct {
     int type;
@@ -63,6 +67,7 @@ typedef struct {
     double d;
     const char *s;
     Py_ssize_t n;
+    int storage;   /* R_BYTES straight from SQLite: S_TEXT or S_BLOB */
     PyObject *obj; /* the value as Python's sqlite3 (text as bytes) gives it, when needed */
     int owned;     /* obj made here, to release */
 } Raw;
@@ -730,8 +735,15 @@ static int put_numeric(Buffer *buf, const Decimal *d) {
 
 static int hexval(char c) { return c <= '9' ? c - '0' : c - 'a' + 10; }
 
+/* A TEXT value where Django writes BLOBs or the other way round: Python refuses it. */
+static int misfiled(const Column *col, const Raw *raw) {
+    return col->storage && raw->storage && raw->storage != col->storage;
+}
+
 /* Write one value in binary; 1 written, 0 fallback (the row goes to Python), -1 error. */
 static int put_value_binary(Buffer *buf, const Column *col, Raw *raw) {
+    if (misfiled(col, raw))
+        return 0;
     if (raw->type == R_NULL)
         return col->nullable ? (put_be(buf, 0xffffffffULL, 4) < 0 ? -1 : 1) : 0;
     if (col->kind == K_INT || col->kind == K_BOOL) {
@@ -823,6 +835,8 @@ static int put_value_binary(Buffer *buf, const Column *col, Raw *raw) {
 
 /* Write one value; 1 written, 0 fallback, -1 error. */
 static int put_value(Buffer *buf, const Column *col, Raw *raw) {
+    if (misfiled(col, raw))
+        return 0;
     if (raw->type == R_NULL) {
         if (col->kind == K_PYTHON)
             return put_converted(buf, col->obj, raw);
@@ -895,9 +909,10 @@ static int parse_spec(PyObject *spec, Column **columns, Py_ssize_t *count) {
     }
     for (Py_ssize_t i = 0; i < *count; i++) {
         Column *col = &(*columns)[i];
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(spec, i), "iiLLOi", &col->kind, &col->nullable,
-                              &col->a, &col->b, &col->obj, &col->width)) {
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(spec, i), "iiLLOii", &col->kind, &col->nullable,
+                              &col->a, &col->b, &col->obj, &col->width, &col->storage)) {
             PyMem_Free(*columns);
+            *columns = NULL; /* the Reader frees its columns again when it is dropped */
             return -1;
         }
     }
@@ -993,6 +1008,7 @@ typedef struct {
     sqlite3_stmt *stmt;
     PyObject *spec; /* columns borrow their objects from it */
     PyObject *skip;
+    PyObject *misfiled; /* a bytes subclass: wraps misfiled values in fallback rows */
     Column *columns;
     Py_ssize_t ncols, pk_index;
     int binary; /* COPY's binary format instead of text */
@@ -1025,16 +1041,20 @@ static void reader_dealloc(Reader *self) {
     PyMem_Free(self->columns);
     Py_XDECREF(self->spec);
     Py_XDECREF(self->skip);
+    Py_XDECREF(self->misfiled);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static int reader_init(Reader *self, PyObject *args, PyObject *kwargs) {
     const char *uri, *sql;
-    PyObject *spec, *skip;
+    PyObject *spec, *skip, *misfiled_type = (PyObject *)&PyBytes_Type;
     Py_ssize_t pk_index;
     self->binary = 0;
-    if (!PyArg_ParseTuple(args, "ssOOn|p", &uri, &sql, &spec, &skip, &pk_index, &self->binary))
+    if (!PyArg_ParseTuple(args, "ssOOn|pO", &uri, &sql, &spec, &skip, &pk_index, &self->binary,
+                          &misfiled_type))
         return -1;
+    Py_INCREF(misfiled_type);
+    Py_XSETREF(self->misfiled, misfiled_type);
     if (parse_spec(spec, &self->columns, &self->ncols) < 0)
         return -1;
     Py_INCREF(spec);
@@ -1075,11 +1095,13 @@ static void raw_from_sqlite(Raw *raw, sqlite3_stmt *stmt, int column) {
         break;
     case SQLITE_TEXT:
         raw->type = R_BYTES; /* as the copy's sqlite3 connection gives text: bytes */
+        raw->storage = S_TEXT;
         raw->s = (const char *)sqlite3_column_text(stmt, column);
         raw->n = sqlite3_column_bytes(stmt, column);
         break;
     case SQLITE_BLOB:
         raw->type = R_BYTES;
+        raw->storage = S_BLOB;
         raw->s = (const char *)sqlite3_column_blob(stmt, column);
         raw->n = sqlite3_column_bytes(stmt, column);
         break;
@@ -1088,7 +1110,8 @@ static void raw_from_sqlite(Raw *raw, sqlite3_stmt *stmt, int column) {
     }
 }
 
-/* The whole current row as Python's sqlite3 would give it (text as bytes). */
+/* The whole current row as Python's sqlite3 would give it (text as bytes), misfiled
+ * values wrapped in the `misfiled` type (as copy.read_rows marks them). */
 static PyObject *current_row(Reader *self) {
     PyObject *row = PyTuple_New(self->ncols);
     if (!row)
@@ -1097,6 +1120,11 @@ static PyObject *current_row(Reader *self) {
         Raw raw;
         raw_from_sqlite(&raw, self->stmt, (int)c);
         PyObject *value = raw_object(&raw);
+        if (value && misfiled(&self->columns[c], &raw)) {
+            PyObject *marked = PyObject_CallOneArg(self->misfiled, value);
+            Py_DECREF(value);
+            value = marked;
+        }
         if (!value) {
             Py_DECREF(row);
             return NULL;
@@ -1195,7 +1223,8 @@ static PyTypeObject ReaderType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "dbmigration._copytext.Reader",
     .tp_basicsize = sizeof(Reader),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Reader(uri, select, spec, skip, pk_index, binary=False): COPY batches of a SELECT.",
+    .tp_doc = "Reader(uri, select, spec, skip, pk_index, binary=False, misfiled=bytes): COPY "
+              "batches of a SELECT.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)reader_init,
     .tp_dealloc = (destructor)reader_dealloc,

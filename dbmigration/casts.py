@@ -16,12 +16,14 @@ import datetime as dt
 import decimal
 import ipaddress
 import json
+import math
 import re
 from collections.abc import Callable
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.db import connections
+from django.db import connections, models
+from psycopg import Binary
 from psycopg.adapt import PyFormat, Transformer
 
 from dbmigration.plan import PlannedColumn, value_field
@@ -45,6 +47,19 @@ _DJANGO_PG_INT = {
     "BigIntegerField": "int8",
     "PositiveBigIntegerField": "int8",
 }
+
+
+class Misfiled(bytes):
+    """A TEXT value where Django writes a BLOB (BinaryField), or a BLOB where it writes text.
+
+    The source is read with text as bytes, so the bytes alone cannot tell the two storage
+    classes apart; the readers (``misfiled_sql``, _copytext.c) mark such values with this
+    type, and every converter refuses them: Django on SQLite reads str from one and bytes
+    from the other, so PostgreSQL's column could not hold what Django read.
+    """
+
+
+TEXT_CLASS, BLOB_CLASS = 1, 2  # SQLite storage classes, as _copytext.c numbers them
 
 
 class Rejection(Exception):
@@ -97,7 +112,7 @@ def guessed_target(column: PlannedColumn) -> TargetColumn:
     """Describe the PostgreSQL column from Django's field when no catalog is at hand."""
     field = column.field
     max_length = getattr(value_field(field), "max_length", None)
-    if column.internal_type not in ("CharField", "SlugField", "EmailField", "URLField"):
+    if column.internal_type not in _VARCHAR_TYPES:
         max_length = None
     return TargetColumn(
         name=column.name,
@@ -135,8 +150,12 @@ _TRANSFORMER = Transformer()
 def _dump_text(value: Any) -> Any:
     if value is None:
         return None
+    if isinstance(value, Binary):  # BinaryField's get_db_prep_value wraps its bytes
+        value = value.obj
     if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value)  # COPY's bytea dumper escapes raw bytes itself
+        # bytea's hex input as text: a Transformer without a connection would escape
+        # bytes for an SQL literal (every ' doubled), not for COPY
+        return "\\x" + bytes(value).hex()
     if isinstance(value, str):
         return value
     return bytes(_TRANSFORMER.get_dumper(value, PyFormat.TEXT).dump(value)).decode()
@@ -163,8 +182,15 @@ def reference_converter(column: PlannedColumn) -> Converter:
     code = _MALFORMED_CODE.get(column.internal_type, "malformed")
     integer = column.internal_type in _DJANGO_PG_INT
     json_field = column.internal_type == "JSONField"
+    fraction = column.internal_type in ("DateTimeField", "TimeField")
 
     def convert(value: Any) -> Any:
+        if fraction and _LONG_FRACTION.search(value):
+            raise Rejection(
+                code,
+                f"{excerpt(value)} has more than 6 fractional digits: Django reads "
+                "microseconds and drops the rest",
+            )
         if json_field:
             parsed, value = _strict_json(value)  # Django would keep malformed JSON as a string
             if parsed is None:
@@ -194,6 +220,9 @@ def reference_converter(column: PlannedColumn) -> Converter:
     return convert
 
 
+_LONG_FRACTION = re.compile(r"[.,][0-9]{7}")
+
+
 # --- the fast paths ----------------------------------------------------------------------
 
 
@@ -216,10 +245,19 @@ def _strict_json(value: Any) -> tuple[Any, str]:
         raise Rejection("json", f"malformed JSON: {exc}") from None
 
 
-def fast_json(column: PlannedColumn, reference: Converter) -> Converter:
+def plain_json_field(column: PlannedColumn) -> bool:
+    """Is the column exactly Django's JSONField, without an encoder or decoder of its own?
+
+    Anything else built on JSON (a subclass, a field that only calls itself a JSONField,
+    like Wagtail's StreamField) is Django's business: it takes the reference path.
+    """
     field = value_field(column.field)
-    if field.decoder is not None or field.encoder is not None:
-        return reference  # custom encoders are Django's business
+    return type(field) is models.JSONField and field.encoder is None and field.decoder is None
+
+
+def fast_json(column: PlannedColumn, reference: Converter) -> Converter:
+    if not plain_json_field(column):
+        return reference
 
     def convert(value: Any) -> str:
         return json.dumps(_strict_json(value)[0])
@@ -363,6 +401,78 @@ def _int_range(column: PlannedColumn, target: TargetColumn) -> tuple[int, int] |
     return bounds
 
 
+# The raw type (text and BLOB as bytes) Django on SQLite writes for the kinds whose
+# converters would also take another type and change it on the way (float('1.5') from
+# text, timedelta(0, 0, 1.5) from a REAL, bytes(5) from an INTEGER): anything else was
+# not written by Django, so it is refused.
+STORED_AS: dict[str, type] = {
+    "FloatField": float,
+    "DurationField": int,
+    "BinaryField": bytes,
+    "DateField": bytes,
+    "DateTimeField": bytes,
+    "TimeField": bytes,
+}
+
+
+# Django internal type -> the storage class Django on SQLite writes, where a value of the
+# other class would also arrive as bytes (numbers arrive as int/float: their types tell)
+STORAGE_CLASS: dict[str, int] = {
+    "BinaryField": BLOB_CLASS,
+    **dict.fromkeys(
+        (
+            "CharField",
+            "TextField",
+            "EmailField",
+            "SlugField",
+            "URLField",
+            "FileField",
+            "FilePathField",
+            "GenericIPAddressField",
+            "IPAddressField",
+            "UUIDField",
+            "DateField",
+            "DateTimeField",
+            "TimeField",
+            "DecimalField",
+            "JSONField",
+        ),
+        TEXT_CLASS,
+    ),
+}
+
+
+def storage_class(column: PlannedColumn) -> int:
+    """The storage class Django writes for the column (0: not known, e.g. a custom field)."""
+    return STORAGE_CLASS.get(column.internal_type, 0)
+
+
+def misfiled_sql(columns: tuple[PlannedColumn, ...], quote: Callable[[str], str]) -> str | None:
+    """An extra SELECT column: NULL, or one '0'/'1' per column, '1' where the value's storage
+    class is the other one of TEXT and BLOB (see ``mark_misfiled``)."""
+    tests = []
+    for column in columns:
+        expected = storage_class(column)
+        other = "blob" if expected == TEXT_CLASS else "text"
+        tests.append(f"(typeof({quote(column.name)}) = '{other}')" if expected else "0")
+    if not any(t != "0" for t in tests):
+        return None
+    return f"CASE WHEN {' OR '.join(t for t in tests if t != '0')} THEN {' || '.join(tests)} END"
+
+
+def mark_misfiled(row: tuple) -> tuple:
+    """Drop the ``misfiled_sql`` column from a row, wrapping the values it flags."""
+    flags = row[-1]
+    if flags is None:
+        return row[:-1]
+    if isinstance(flags, str):  # a connection that decodes text
+        flags = flags.encode()
+    return tuple(
+        Misfiled(value) if flag == ord("1") else value
+        for value, flag in zip(row[:-1], flags, strict=True)
+    )
+
+
 def build_converter(
     column: PlannedColumn,
     target: TargetColumn | None = None,
@@ -387,12 +497,27 @@ def build_converter(
     name = column.name
     boolean = column.internal_type == "BooleanField"
     is_json = column.internal_type == "JSONField"
+    stored_as = STORED_AS.get(column.internal_type)
+    misfiled_reason = (
+        f"{'TEXT' if binary else 'BLOB'} value in a {column.internal_type} column: Django on "
+        f"SQLite reads {'str' if binary else 'bytes'} from it, which PostgreSQL's "
+        f"{target.type_name} cannot hold"
+    )
 
     def convert(value: Any) -> Any:
         if value is None:
             if not_null:
                 raise Rejection("null", "NULL in a NOT NULL column")
             return None
+        if type(value) is Misfiled:
+            raise Rejection("class", misfiled_reason)
+        if stored_as is not None and type(value) is not stored_as:
+            held = "text" if type(value) is bytes else type(value).__name__
+            raise Rejection(
+                "class",
+                f"{held} value {excerpt(value)} in a {column.internal_type} column: Django on "
+                "SQLite never writes it",
+            )
         if boolean and not (type(value) is int and (value == 0 or value == 1)):
             # Django would also read 't'/'True'/'1' text as true: a silent change, so refuse
             raise Rejection("bool", f"boolean column holds {excerpt(value)}, not 0 or 1")
@@ -432,10 +557,8 @@ def build_converter(
                 raise Rejection("enum", f"{out!r} is not a value of PostgreSQL {target.type_name}")
             if "\x00" in out:
                 raise Rejection("nul", "NUL character (PostgreSQL rejects it)")
-            if is_json and "\\u0000" in out and _JSON_NUL.search(out):
-                raise Rejection("nul", "JSON text holds \\u0000, which PostgreSQL's jsonb rejects")
-            if is_json and ("Infinity" in out or "NaN" in out):
-                _check_json_finite(out)
+            if is_json:
+                out = jsonb_exact(out)
         return out
 
     if not fast or strip_nul:
@@ -443,10 +566,14 @@ def build_converter(
     return _shortcut(column, target, convert) or convert
 
 
+_VARCHAR_TYPES = frozenset(
+    {"CharField", "SlugField", "EmailField", "URLField", "FileField", "FilePathField"}
+)
 _IP = re.compile(
     r"(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\Z"
 )
-_TEXT_TYPES = frozenset({"CharField", "TextField", "EmailField", "SlugField", "URLField"})
+# kinds whose Python value is the stored text itself (FileField: its name)
+_TEXT_TYPES = frozenset({"TextField", *_VARCHAR_TYPES})
 
 
 def _shortcut(column: PlannedColumn, target: TargetColumn, general: Converter) -> Converter | None:
@@ -480,7 +607,7 @@ def _shortcut(column: PlannedColumn, target: TargetColumn, general: Converter) -
                     out = dumps(decode(value.decode()))
                 except ValueError:  # UnicodeDecodeError and JSONDecodeError included
                     return general(value)
-                if not ("\\u0000" in out or "Infinity" in out or "NaN" in out):
+                if not _JSON_SUSPECT.search(out):
                     return out
             return general(value)
 
@@ -584,6 +711,55 @@ def _check_json_finite(text: str) -> None:
         raise Rejection("json", f"JSON number PostgreSQL cannot hold: {exc}") from None
 
 
+# Text worth a closer look before jsonb gets it: \u0000, inf/nan words, \uD8xx escapes,
+# a float with a positive exponent (1e+16) or a negative zero (-0.0)
+_JSON_SUSPECT = re.compile(r"\\u0000|Infinity|NaN|\\u[dD][89a-fA-F]|[0-9][eE]\+?[0-9]|-0[.eE]")
+_JSON_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?')
+
+
+def jsonb_exact(text: str) -> str:
+    """Return JSON text jsonb stores as the document Django reads back, or raise Rejection.
+
+    jsonb refuses \\u0000, inf/nan and lone surrogates.  It keeps numbers as numeric and
+    prints them without an exponent, so a float whose literal has no digits after the
+    point once expanded (1e16, 1.5e1) would come back as an integer: it is written as
+    10000000000000000.0 instead, the same double.  A negative zero cannot be kept.
+    """
+    if not _JSON_SUSPECT.search(text):
+        return text
+    if "\\u0000" in text and _JSON_NUL.search(text):
+        raise Rejection("nul", "JSON text holds \\u0000, which PostgreSQL's jsonb rejects")
+    if "Infinity" in text or "NaN" in text:
+        _check_json_finite(text)
+    if _JSON_SURROGATE.search(text):
+        try:  # a lone surrogate cannot be encoded: jsonb refuses it
+            json.dumps(json.loads(text), ensure_ascii=False).encode()
+        except UnicodeEncodeError as exc:
+            raise Rejection(
+                "json",
+                f"JSON string holds a lone surrogate {exc.object[exc.start]!r}, which "
+                "PostgreSQL's jsonb rejects",
+            ) from None
+    return _JSON_TOKEN.sub(_exact_number, text)
+
+
+def _exact_number(match: re.Match) -> str:
+    token = match.group()
+    if token[0] == '"' or not ("." in token or "e" in token or "E" in token):
+        return token  # a string, or an integer (jsonb and Python agree on those)
+    number = decimal.Decimal(token)
+    if not math.isfinite(float(token)):
+        raise Rejection("json", f"JSON number {token} is beyond a double (Django reads inf)")
+    if number.is_zero() and number.is_signed():
+        raise Rejection(
+            "json", f"JSON number {token} is a negative zero, which jsonb stores as 0.0"
+        )
+    if number.as_tuple().exponent < 0:
+        return token  # jsonb prints digits after the point: a float again
+    return format(number, "f") + ".0"
+
+
 # --- the native paths: the copy's C formatter prints clean values --------------------------
 #
 # A Python call per value is the copy's bottleneck, so dbmigration/_copytext.c checks and
@@ -622,9 +798,8 @@ def _native_int(column: PlannedColumn, target: TargetColumn) -> NativeCast | Non
 
 
 def _native_json(column: PlannedColumn, target: TargetColumn) -> NativeCast | None:
-    field = value_field(column.field)
-    if field.decoder is not None or field.encoder is not None:
-        return None  # custom encoders are Django's business
+    if not plain_json_field(column) or target.type_name not in ("jsonb", "JSONField"):
+        return None  # custom JSON fields are Django's business
     return NativeCast(JSON)
 
 

@@ -35,6 +35,8 @@ from dbmigration.casts import (
     TargetColumn,
     build_converter,
     excerpt,
+    mark_misfiled,
+    misfiled_sql,
     target_columns,
 )
 from dbmigration.copy_lines import BINARY_HEADER, BINARY_TRAILER, LinePlan, line_plan
@@ -149,11 +151,15 @@ def plain(value: Any) -> Any:
 
 
 def read_rows(conn, table: PlannedTable, *, where: str = "", params=()) -> Iterator[list[tuple]]:
-    """Yield batches of raw rows (text as bytes) in bounded memory."""
+    """Yield batches of raw rows (text as bytes, a value of the wrong one of TEXT and BLOB
+    as casts.Misfiled) in bounded memory."""
     cols = ", ".join(qi(c) for c in table.column_names)
+    misfiled = misfiled_sql(table.columns, qi)
+    if misfiled is not None:
+        cols += f", {misfiled}"
     cur = conn.execute(f"SELECT {cols} FROM {qi(table.db_table)} {where}", params)
     while batch := cur.fetchmany(BATCH_ROWS):
-        yield batch
+        yield batch if misfiled is None else list(map(mark_misfiled, batch))
 
 
 def count_rows(conn, db_table: str) -> int:

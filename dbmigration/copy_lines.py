@@ -26,9 +26,11 @@ from dbmigration.casts import (
     PYTHON,
     TEXT,
     UUID,
+    Misfiled,
     TargetColumn,
     build_converter,
     native_cast,
+    storage_class,
 )
 from dbmigration.plan import PlannedTable
 
@@ -54,7 +56,7 @@ class Lines:
 class LinePlan:
     table: PlannedTable
     select: str
-    spec: tuple  # per column: (kind, nullable, a, b, obj, width) as _copytext.c reads it
+    spec: tuple  # per column: (kind, nullable, a, b, obj, width, storage) as _copytext.c reads it
     binary: bool = False  # COPY's binary format: every column has a binary form in C
 
     def format(self, batch: list[tuple], *, skip: set | None = None) -> Lines:
@@ -68,7 +70,7 @@ class LinePlan:
         """Read the table straight from the SQLite file (a read-only URI) in C, in batches:
         Python objects only for the values and rows that need Python."""
         reader = _copytext.Reader(
-            uri, self.select, self.spec, skip, self.table.pk_index, self.binary
+            uri, self.select, self.spec, skip, self.table.pk_index, self.binary, Misfiled
         )
         try:
             while True:
@@ -117,16 +119,17 @@ def line_plan(
         nullable = (not target.not_null) if target is not None else column.null
         width = _INT_WIDTHS.get(target.type_name, 0) if target is not None else 0
         binary = binary and target is not None and _binary_form(cast, target)
+        storage = storage_class(column)
         if cast.kind in (PYTHON, IP, DECIMAL):
             # in the text format, values C does not print itself go through this
             # converter; built without repairs, so a value a repair rule would change takes
             # the whole-row path, which records the repair
             convert: Callable[[Any], Any] = build_converter(column, target)
-            spec.append((cast.kind, nullable, cast.low, cast.high, convert, width))
+            spec.append((cast.kind, nullable, cast.low, cast.high, convert, width, storage))
         elif cast.kind == TEXT:
-            spec.append((TEXT, nullable, cast.low, 0, cast.labels, width))
+            spec.append((TEXT, nullable, cast.low, 0, cast.labels, width, storage))
         else:
-            spec.append((cast.kind, nullable, cast.low, cast.high, None, width))
+            spec.append((cast.kind, nullable, cast.low, cast.high, None, width, storage))
     columns = ", ".join(_qi(c.name) for c in table.columns)
     select = f"SELECT {columns} FROM {_qi(table.db_table)}"
     return LinePlan(table=table, select=select, spec=tuple(spec), binary=binary)

@@ -40,6 +40,7 @@ from dbmigration.copy import (
     _write_marks,
     plan_targets,
     qi,
+    read_rows,
     relational_rejections,
 )
 from dbmigration.errors import DataError, TargetError
@@ -180,11 +181,11 @@ def sync_to_postgresql(
                     for chunk in _chunks(wanted):
                         keys = [pk_field.get_db_prep_value(v, lite) for v in chunk]
                         marks = ", ".join("?" * len(keys))
-                        rows = conn.execute(
-                            f"SELECT {cols} FROM {qi(table.db_table)} "
-                            f"WHERE {qi(table.pk_column)} IN ({marks})",
-                            keys,
-                        ).fetchall()
+                        where = f"WHERE {qi(table.pk_column)} IN ({marks})"
+                        # as the copy reads them: a TEXT/BLOB of the wrong class is marked
+                        rows = [
+                            r for b in read_rows(conn, table, where=where, params=keys) for r in b
+                        ]
                         for raw in rows:
                             try:
                                 cp.write_row(rc.convert(raw))

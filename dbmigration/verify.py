@@ -25,7 +25,7 @@ from typing import Any
 
 from django.db import connections
 
-from dbmigration.casts import django_utc_text
+from dbmigration.casts import Misfiled, django_utc_text, mark_misfiled, misfiled_sql
 from dbmigration.plan import INTEGER_TYPES, Plan, PlannedTable, build_plan
 from dbmigration.sqlite_source import open_readonly
 
@@ -170,6 +170,10 @@ def _shortcut(kind: str, vendor: str, general: Callable[[Any], str | None]):
 _PLAIN_TEXT = frozenset({"CharField", "TextField", "EmailField", "SlugField", "URLField"})
 
 
+def _json_document(value, expression, connection):
+    return None if value is None else json.loads(value)
+
+
 def column_readers(
     table: PlannedTable, connection, *, fast: bool = True
 ) -> list[Callable[[Any], str | None]]:
@@ -181,6 +185,11 @@ def column_readers(
             connection
         )
         is_json = column.internal_type == "JSONField"
+        if is_json:
+            # the stored document, read as plain JSON: a field's own decoder may give
+            # values json cannot print (Wagtail's StreamValue); a document that reads the
+            # same gives the same value through any decoder
+            steps = [_json_document]
         is_text = connection.vendor == "sqlite" and column.internal_type != "BinaryField"
         # Django saves an IPv6 address in its compressed form (the copy does the same), so
         # "2001:0DB8::1" stored in SQLite is the value PostgreSQL holds as "2001:db8::1"
@@ -198,6 +207,8 @@ def column_readers(
         ):
             if is_text and type(value) is bytes:
                 value = value.decode("utf-8", "surrogateescape")
+            elif type(value) is Misfiled:  # no value of the other side can equal it
+                return "\x00misfiled:" + value.hex()
             try:
                 for step in steps:
                     value = step(value, expression, connection)
@@ -243,11 +254,15 @@ def iter_rows(
     cols = ", ".join(_qi(c) for c in (columns or table.column_names))
     sql = f"SELECT {cols} FROM {_qi(table.db_table)}"
     if side.sqlite_path is not None:
+        # whole rows mark a TEXT/BLOB of the wrong class, as the copy reads them
+        misfiled = None if columns else misfiled_sql(table.columns, _qi)
+        if misfiled is not None:
+            sql = f"SELECT {cols}, {misfiled} FROM {_qi(table.db_table)}"
         conn = open_readonly(side.sqlite_path, raw_text=True)
         try:
             cur = conn.execute(sql)
             while batch := cur.fetchmany(BATCH_ROWS):
-                yield batch
+                yield batch if misfiled is None else list(map(mark_misfiled, batch))
         finally:
             conn.close()
         return

@@ -8,7 +8,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dbmigration.casts import FAST_PATHS, Rejection, RepairLog, TargetColumn, build_converter
+from dbmigration.casts import (
+    FAST_PATHS,
+    Misfiled,
+    Rejection,
+    RepairLog,
+    TargetColumn,
+    build_converter,
+)
 from dbmigration.plan import build_plan
 
 PLAN = build_plan()
@@ -120,6 +127,27 @@ CASES = {
     "PositiveSmallIntegerField": (("django_admin_log", "action_flag"), junk),
     "PositiveIntegerField": (("auditlog_logentry", "remote_port"), junk),
     "BigIntegerField": (("auditlog_logentry", "object_id"), junk),
+    # the fields corpus (tests/corpus/fields): kinds the accounts schema does not have
+    "FloatField": (
+        ("corpus_fields_everyfield", "floating"),
+        st.one_of(st.floats(allow_nan=False), junk),
+    ),
+    "DurationField": (
+        ("corpus_fields_everyfield", "duration"),
+        st.one_of(st.integers(-(2**63), 2**63 - 1), junk),
+    ),
+    "TimeField": (
+        ("corpus_fields_everyfield", "time"),
+        st.one_of(
+            st.times().map(lambda t: str(t).encode()),
+            st.text(alphabet="0123456789:.", max_size=18).map(str.encode),
+            junk,
+        ),
+    ),
+    "BinaryField": (("corpus_fields_everyfield", "binary"), st.one_of(st.binary(), junk)),
+    "FilePathField": (("corpus_fields_everyfield", "file_path"), junk),
+    "FileField": (("corpus_fields_everyfield", "file"), junk),
+    "SlugField": (("corpus_fields_everyfield", "slug"), junk),
 }
 
 
@@ -173,6 +201,18 @@ def test_every_fast_path_is_covered_or_shares_a_builder():
         # not compressed: Django's clean_ipv6_address rewrites it, so the fast path must not
         ("accounts_loginevent", "ip_address", b"2001:0DB8:0:0::0001", "2001:db8::1"),
         ("accounts_user", "first_name", "Seán".encode(), "Seán"),
+        # bytea's hex input: COPY text escapes its backslash (regression: every ' doubled)
+        ("corpus_fields_everyfield", "binary", b"'\\\x00", "\\x275c00"),
+        ("corpus_fields_everyfield", "duration", -(2**63), "-106751992 days 19:59:05.224192"),
+        ("corpus_fields_everyfield", "time", b"23:59:59.999999", "23:59:59.999999"),
+        ("corpus_fields_everyfield", "floating", float("-inf"), "-inf"),
+        # floats jsonb would print as integers: the same double, with digits after the point
+        ("accounts_user", "preferences", b"[1e+16]", "[10000000000000000.0]"),
+        ("accounts_user", "preferences", b"[1.5e1, 2E+2]", "[15.0, 200.0]"),
+        ("accounts_user", "preferences", b"[1e-07, -0.5]", "[1e-07, -0.5]"),
+        ("accounts_user", "preferences", b'{"1e+16": "-0.0"}', '{"1e+16": "-0.0"}'),
+        ("accounts_user", "preferences", b'["\\\\ud800"]', '["\\\\ud800"]'),  # no escape
+        ("accounts_user", "preferences", b'"\\ud83d\\ude00"', '"\\ud83d\\ude00"'),
     ],
 )
 def test_exact_values(table, name, raw, expected):
@@ -205,6 +245,28 @@ def test_exact_values(table, name, raw, expected):
         ("django_admin_log", "action_flag", 40000, "range"),
         ("django_admin_log", "action_flag", -1, "range"),  # PositiveSmallIntegerField CHECK
         ("accounts_loginevent", "id", 2**63, "range"),
+        # values Django on SQLite never writes (issue 9, item 8), and what jsonb would change
+        ("corpus_fields_everyfield", "duration", 1.5, "class"),  # was rounded to 2 µs
+        ("corpus_fields_everyfield", "duration", b"1 day", "class"),
+        ("corpus_fields_everyfield", "floating", b"1.5", "class"),
+        ("corpus_fields_everyfield", "floating", 3, "class"),
+        ("corpus_fields_everyfield", "binary", 5, "class"),
+        ("corpus_fields_everyfield", "binary", Misfiled(b"text"), "class"),
+        ("corpus_fields_everyfield", "char", Misfiled(b"blob"), "class"),
+        ("corpus_fields_everyfield", "json", Misfiled(b"{}"), "class"),
+        ("corpus_fields_everyfield", "time", b"12:00:00.1234567", "time"),  # was truncated
+        ("corpus_fields_everyfield", "time", 43200, "class"),
+        ("corpus_fields_everyfield", "datetime", b"2026-01-02 03:04:05.1234567", "datetime"),
+        ("corpus_fields_everyfield", "date", 20260102, "class"),
+        ("accounts_user", "preferences", b'"\\ud800"', "json"),  # a lone surrogate
+        ("accounts_user", "preferences", b'{"a": "x\\udc00"}', "json"),
+        ("accounts_user", "preferences", b"[-0.0]", "json"),
+        ("accounts_user", "preferences", b"-0e3", "json"),
+        ("accounts_user", "preferences", b"[1e999]", "json"),
+        ("corpus_fields_everyfield", "stream", b"{bad", "json"),
+        ("corpus_fields_everyfield", "stream", b"[-0.0]", "json"),
+        ("corpus_fields_everyfield", "tagged", b'["\\udfff"]', "json"),
+        ("corpus_fields_everyfield", "pair", b"no comma", "malformed"),
     ],
 )
 @pytest.mark.parametrize("fast", [True, False])

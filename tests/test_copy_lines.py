@@ -1,6 +1,7 @@
 """copy_lines.py and _copytext.c: the C formatter prints exactly what Django's reference
 path gives, and hands every other value back to the Python path (hypothesis)."""
 
+import json
 import sqlite3
 
 import pytest
@@ -95,6 +96,13 @@ CANONICAL = {
     ("accounts_loginevent", "id"): st.integers(-(2**63), 2**63 - 1),
     ("accounts_loginevent", "ip_address"): st.ip_addresses().map(lambda ip: str(ip).encode()),
     ("accounts_kycverification", "notes"): st.text()
+    .filter(lambda t: "\x00" not in t)
+    .map(lambda t: t.encode("utf-8", "surrogatepass")),
+    # FileField and FilePathField hold their text as is: C prints them too
+    ("corpus_fields_everyfield", "file"): st.text(max_size=100)
+    .filter(lambda t: "\x00" not in t)
+    .map(lambda t: t.encode("utf-8", "surrogatepass")),
+    ("corpus_fields_everyfield", "file_path"): st.text(max_size=100)
     .filter(lambda t: "\x00" not in t)
     .map(lambda t: t.encode("utf-8", "surrogatepass")),
     ("accounts_user", "preferences"): st.dictionaries(
@@ -403,3 +411,114 @@ def test_reader_binary_gives_what_format_gives(tmp_path):
     assert [r for b in batches for r in b.fallback] == expected.fallback
     # in binary, an IP address C cannot encode sends its row to Python too
     assert [r[0] for r in expected.fallback] == [2, 3, 4, 5, 7, 8, 10]
+
+
+# --- storage classes: a TEXT where Django writes a BLOB, or the other way round ------------
+
+
+def test_values_of_the_other_storage_class_are_marked_by_both_readers(tmp_path):
+    """TEXT and BLOB both arrive as bytes; C and copy.read_rows mark the wrong one, so the
+    Python path refuses it (regression: TEXT in a BinaryField column arrived as bytea)."""
+    from dbmigration.casts import Misfiled
+    from dbmigration.copy import RowConverter, _RowRejected, read_rows
+
+    table = PLAN.table("corpus_fields_everyfield")
+    names = [c.name for c in table.columns]
+    path = tmp_path / "classes.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute(f"CREATE TABLE corpus_fields_everyfield ({', '.join(names)})")
+    insert = "INSERT INTO corpus_fields_everyfield (id, flag, binary, char) VALUES (?, 0, ?, ?)"
+    conn.execute(insert, [1, b"\x00'", "text"])  # as Django writes them
+    conn.execute(insert, [2, "text in a blob column", "x"])
+    conn.execute(insert, [3, b"", b"a blob in a text column"])
+    conn.commit()
+    conn.close()
+    binary, char = names.index("binary"), names.index("char")
+
+    lines = line_plan(table, {})
+    (batch,) = lines.read(f"{path.as_uri()}?mode=ro", batch_rows=10)
+    reader = sqlite3.connect(path)
+    reader.text_factory = bytes
+    (rows,) = read_rows(reader, table)
+    reader.close()
+    assert [r[0] for r in batch.fallback] == [2, 3] and batch.data.count(b"\n") == 1
+    for fallback in (batch.fallback, [r for r in rows if r[0] != 1]):
+        assert [type(r[binary]) for r in fallback] == [Misfiled, bytes]
+        assert [type(r[char]) for r in fallback] == [bytes, Misfiled]
+    assert type(rows[0][binary]) is bytes and type(rows[0][char]) is bytes
+
+    converter = RowConverter(table, None)
+    for row, name in zip(rows[1:], ["binary", "char"], strict=True):
+        with pytest.raises(_RowRejected) as caught:
+            converter.convert(row)
+        ((rejected),) = caught.value.rows
+        assert (rejected.column, rejected.code) == (name, "class")
+        assert "Django on SQLite reads" in rejected.reason
+
+
+@PG
+@given(st.binary(max_size=300))
+@SETTINGS
+def test_bytea_arrives_byte_for_byte(raw):
+    """Regression: bytes were escaped for an SQL literal (every ' doubled) by a
+    connection-less Transformer, the one the copy's text formatter uses."""
+    value = build_converter(column("corpus_fields_everyfield", "binary"))(raw)
+    formatter = TextFormatter(Transformer())
+    line = bytes(formatter.write_row([value])) + bytes(formatter.end())
+    assert bytes.fromhex(stored("bytea", line, binary=False)[2:]) == raw
+    assert c_line(column("corpus_fields_everyfield", "binary"), raw) == line
+
+
+@PG
+@given(st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**70), 2**70))
+@SETTINGS
+def test_json_numbers_come_back_as_the_same_python_number(number):
+    """jsonb keeps numbers as numeric and prints them without an exponent: 1e16 would come
+    back as an integer and -0.0 as 0.0.  Written exactly, or refused."""
+    col = column("accounts_user", "preferences")
+    raw = json.dumps([number]).encode()
+    try:
+        value = build_converter(col)(raw)
+    except Rejection as exc:
+        assert number == 0 and str(number).startswith("-"), exc.reason  # only -0.0
+        return
+    formatter = TextFormatter(Transformer())
+    line = bytes(formatter.write_row([value])) + bytes(formatter.end())
+    (back,) = json.loads(jsonb_text(line))
+    assert (type(back), repr(back)) == (type(number), repr(number))
+
+
+@pytest.mark.parametrize("name", ["stream", "tagged"])
+def test_fields_built_on_json_take_the_reference_path(name):
+    """Regression: a StreamField-like field (no `decoder` attribute) crashed the fast path."""
+    col = column("corpus_fields_everyfield", name)
+    assert native_cast(col).kind == PYTHON
+    convert = build_converter(col)
+    assert (
+        convert(b'[{"type": "h", "value": 1e+16}]')
+        == '[{"type": "h", "value": 10000000000000000.0}]'
+    )
+
+
+def test_a_malformed_spec_is_a_type_error_not_a_crash(tmp_path):
+    """Regression: the Reader freed its columns twice when a spec tuple did not parse (an
+    old six-item spec, say), which aborted the process."""
+    import os
+    import subprocess
+    import sys
+
+    uri, _ = odd_table(tmp_path)
+    old_spec = ((1, 0, 0, 0, None, 0),)
+    code = (
+        "import gc\n"
+        "from dbmigration import _copytext\n"
+        "try:\n"
+        f"    _copytext.Reader({uri!r}, 'SELECT id FROM t', {old_spec!r}, None, 0)\n"
+        "except TypeError as exc:\n"
+        "    print('refused:', exc)\n"
+        "gc.collect()\n"
+    )
+    env = {**os.environ, "PYTHONMALLOC": "debug"}  # a double free is fatal there
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert done.stdout.startswith(b"refused:")
