@@ -40,7 +40,7 @@ from dbmigration.casts import (
 from dbmigration.copy_lines import BINARY_HEADER, BINARY_TRAILER, LinePlan, line_plan
 from dbmigration.errors import DataError, SourceError, TargetError
 from dbmigration.plan import Plan, PlannedTable, build_plan
-from dbmigration.sqlite_source import file_sha256, open_readonly
+from dbmigration.sqlite_source import file_sha256, open_readonly, snapshot_to
 
 BATCH_ROWS = 5000
 MAX_KEPT_REJECTIONS = 100_000  # beyond this only counted, so memory stays bounded
@@ -1259,8 +1259,8 @@ def migrate_data(
         reasons = state_mod.stale_reasons(state, fingerprint)
         if reasons:
             raise SourceError(
-                f"The SQLite source changed since it was prepared ({'; '.join(reasons)}). "
-                "Run migration_prepare again, or migrate_data --sync to carry the changes."
+                f"The SQLite schema changed since migration_prepare ({'; '.join(reasons)}). "
+                "Run migration_prepare again: it brings PostgreSQL's schema up to date."
             )
     mode = "verify-only" if verify_only else "sync" if sync else "copy"
     run = RunReport.open("migrate_data", report_dir=report_dir, log_dir=log_dir)
@@ -1278,7 +1278,11 @@ def migrate_data(
         }
     )
     status = "failed"
+    # the application may go on writing: every step reads one consistent snapshot of the
+    # file; --sync and the switch's catch-up carry what is written after it
+    live_path, sqlite_path = sqlite_path, _snapshot_path(sqlite_path, run.started_at)
     try:
+        snapshot_to(live_path, sqlite_path)
         plan = build_plan(only=tables)
         exclude: dict[str, set[str]] = {}
         if mode == "copy":
@@ -1371,8 +1375,14 @@ def migrate_data(
             )
         status = "ok" if not (result.copy and result.copy.rejected_total) else "warning"
     finally:
+        sqlite_path.unlink(missing_ok=True)
         run.finish(status)
     return result
+
+
+def _snapshot_path(sqlite_path: Path, started_at: str) -> Path:
+    stamp = "".join(ch for ch in started_at[:26] if ch.isdigit())
+    return sqlite_path.with_name(f"{sqlite_path.name}.migrate_data-{stamp}")
 
 
 def _record_copy(run, step, copy: CopyResult) -> None:

@@ -27,6 +27,7 @@ from django.db.migrations.executor import MigrationExecutor
 from django.db.models.expressions import RawSQL
 from django.db.utils import load_backend
 
+from dbmigration import fence
 from dbmigration import freeze as fz
 from dbmigration.errors import MigrationError, VerificationError
 from dbmigration.reports import RunReport
@@ -36,6 +37,7 @@ from dbmigration.verify import Side, verify
 
 Progress = Callable[[str], None] | None
 COPY_ALIAS = "rollback_copy"
+PG_ALIAS = "postgresql"
 PG = Side(alias="postgresql")
 BATCH = 500
 SAMPLE = 50  # primary keys listed per table and kind in the report
@@ -344,12 +346,15 @@ def rollback_to_sqlite(
     discarded: list[TableCarry] = []
     backup_path: Path | None = None
     freeze = None
+    pg_fenced = False
     frozen_for = 0.0
     run.facts.update(phase_before=state.phase, active_before=state.active_backend)
     try:
         if not was_switched:
             if flag.exists() and fz.read_freeze(flag) is None:
                 fz.freeze_off(flag)  # an expired leftover of an interrupted switch
+            if fence.lift_sqlite_fence(sqlite_path):  # a killed switch fenced it, then died
+                run.facts["lifted_sqlite_fence"] = True
             new_state = transition(
                 state_file, "rolled_back", active_backend="sqlite", note="rollback_to_sqlite"
             )
@@ -368,14 +373,31 @@ def rollback_to_sqlite(
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
             copy = sqlite_path.with_name(f"{sqlite_path.name}.rollback-{stamp}")
 
-            def hold_freeze() -> fz.Freeze:
-                nonlocal freeze
+            def hold_freeze(*, best_effort: bool = False) -> fz.Freeze:
+                """Freeze, drain and fence PostgreSQL (best_effort: PostgreSQL may be gone)."""
+                nonlocal freeze, pg_fenced
                 with run.step("write_freeze_on"):
                     freeze = fz.freeze_on(
                         flag, reason="rollback_to_sqlite", max_seconds=freeze_max_seconds
                     )
                     note("write freeze on")
-                time.sleep(drain_seconds)  # requests that began before the freeze finish
+                with run.step("drain_and_fence_postgresql") as step:
+                    try:
+                        step.details["drain"] = fence.drain_postgres(
+                            PG_ALIAS, timeout=drain_seconds
+                        )
+                        pg_fenced = True  # from here on, a failure lifts even a partial fence
+                        step.details["fence"] = fence.fence_postgres(
+                            PG_ALIAS,
+                            [t.db_table for t in build_plan().tables],
+                            reason="rolled back to SQLite",
+                            lock_timeout=max(1.0, drain_seconds),
+                        )
+                    except Exception as exc:
+                        if not best_effort:
+                            raise
+                        step.warnings.append(f"could not fence PostgreSQL: {exc}")
+                note("PostgreSQL drained and fenced: any later write to it fails")
                 return freeze
 
             try:
@@ -387,10 +409,16 @@ def rollback_to_sqlite(
                 copy.unlink(missing_ok=True)
         if drop_postgres:
             with run.step("drop_postgres") as step:
+                fence.lift_postgres_fence(PG_ALIAS)  # its tables go; its function would stay
                 step.details = {"unapplied": drop_postgres_copy("postgresql")}
                 note("PostgreSQL copy dropped")
     except BaseException as exc:
         run.facts["error"] = str(exc) or type(exc).__name__
+        if pg_fenced and read_state(state_file).active_backend == "postgresql":
+            try:  # PostgreSQL stays the active store: it must take writes again
+                fence.lift_postgres_fence(PG_ALIAS)
+            except Exception as lift_error:
+                run.facts["postgres_fence_left"] = str(lift_error)
         raise
     finally:
         if freeze is not None:
@@ -422,7 +450,7 @@ def _carry_back(run, state_file, sqlite_path, copy, plan, discard, hold_freeze, 
     tables = plan.tables
     flag = fz.freeze_path_for(state_file)
     if discard:
-        hold_freeze()
+        hold_freeze(best_effort=True)
         with run.step("find_discarded") as step:
             live = Side(sqlite_path=sqlite_path)
             try:
@@ -435,6 +463,7 @@ def _carry_back(run, state_file, sqlite_path, copy, plan, discard, hold_freeze, 
                 discarded = _summarise(tables, diffs)
                 step.details = {t.table: [t.inserted, t.updated, t.deleted] for t in discarded}
         note(f"discarding {sum(t.inserted + t.updated + t.deleted for t in discarded)} rows")
+        fence.lift_sqlite_fence(sqlite_path)  # the switch fenced it; it is live again
         new_state = transition(
             state_file,
             "rolled_back",
@@ -447,6 +476,7 @@ def _carry_back(run, state_file, sqlite_path, copy, plan, discard, hold_freeze, 
     with run.step("fresh_copy") as step:
         horizon = pg_horizon()
         fresh_copy(sqlite_path, copy)
+        fence.lift_sqlite_fence(copy)  # the switch fenced the file; the copy becomes live
         step.details = {"copy": str(copy), "pg_xmin_horizon": horizon}
     with run.step("find_changes") as step:
         fresh = Side(sqlite_path=copy)

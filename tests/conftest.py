@@ -14,3 +14,22 @@ def pg():
 def lite():
     """The SQLite test connection (a real file)."""
     return connections["sqlite"]
+
+
+@pytest.fixture(autouse=True)
+def _lift_write_fences(request):
+    """A switch leaves the SQLite test file fenced and a rollback the PostgreSQL test database:
+    lift both after each database test, before pytest-django flushes them for the next one."""
+    yield
+    if request.node.get_closest_marker("django_db") is None:
+        return
+    import psycopg
+
+    from dbmigration import fence
+
+    fence.lift_sqlite_fence(connections.settings["sqlite"]["NAME"])
+    cfg = connections.settings["postgresql"]
+    params = {"dbname": cfg["NAME"], "host": cfg["HOST"], "user": cfg["USER"]}
+    with psycopg.connect(**params, port=cfg["PORT"] or 5432, autocommit=True) as conn:
+        conn.execute(f"DROP FUNCTION IF EXISTS {fence.PG_FUNCTION}() CASCADE")
+        conn.execute(f"DROP TABLE IF EXISTS {fence.FENCE_TABLE}")
