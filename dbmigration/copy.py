@@ -26,6 +26,7 @@ from typing import Any
 from django.core.management.color import no_style
 from django.db import connections, transaction
 
+from dbmigration import fence
 from dbmigration import state as state_mod
 from dbmigration.casts import (
     REPAIR_RULES,
@@ -1283,6 +1284,8 @@ def migrate_data(
     live_path, sqlite_path = sqlite_path, _snapshot_path(sqlite_path, run.started_at)
     try:
         snapshot_to(live_path, sqlite_path)
+        if mode != "verify-only" and fence.lift_postgres_fence(alias):
+            run.facts["lifted_postgres_fence"] = True  # the last rollback left it; we write now
         plan = build_plan(only=tables)
         exclude: dict[str, set[str]] = {}
         if mode == "copy":

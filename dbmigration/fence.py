@@ -149,14 +149,27 @@ def _drop_sqlite_fence(conn: sqlite3.Connection) -> bool:
 
 def lift_sqlite_fence(path: Path, *, timeout: float = 20.0) -> bool:
     """Remove the fence from a SQLite file (ours, or a killed run's); return whether it had one."""
-    if not Path(path).exists():
-        return False
+    if not Path(path).exists() or not _has_sqlite_fence(path):
+        return False  # checked first without the write lock, which may be busy
     conn = sqlite3.connect(Path(path), timeout=timeout, isolation_level=None)
     try:
         conn.execute("BEGIN IMMEDIATE")
         had = _drop_sqlite_fence(conn)
         conn.execute("COMMIT" if had else "ROLLBACK")
         return had
+    finally:
+        conn.close()
+
+
+def _has_sqlite_fence(path: Path) -> bool:
+    conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        return bool(
+            conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = ? OR substr(name, 1, ?) = ?",
+                [FENCE_TABLE, len(TRIGGER_PREFIX), TRIGGER_PREFIX],
+            ).fetchone()
+        )
     finally:
         conn.close()
 

@@ -30,13 +30,23 @@ def open_readonly(
             f"SQLite database {path} does not exist. Check SQLITE_PATH or the 'sqlite' entry "
             "in DATABASES."
         )
-    with open(path, "rb") as fh:
-        if fh.read(16) != SQLITE_MAGIC:
-            raise SourceError(
-                f"{path} is not a SQLite database (bad header). Point SQLITE_PATH at the "
-                "platform's database file."
-            )
+    not_sqlite = SourceError(
+        f"{path} is not a SQLite database (bad header). Point SQLITE_PATH at the "
+        "platform's database file."
+    )
+    # the header is checked by SQLite itself, never by opening the file here: closing any
+    # descriptor of the file drops every POSIX lock this process holds on it, such as the
+    # write lock the switch holds while it reads the last changes (see fence.py)
+    if path.stat().st_size == 0:
+        raise not_sqlite
     conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout)
+    try:
+        conn.execute("PRAGMA schema_version")
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        if "not a database" in str(exc):
+            raise not_sqlite from None
+        raise translate_sqlite_error(path, exc) from exc
     if raw_text:
         conn.text_factory = bytes  # text as stored: invalid UTF-8 must be seen, not replaced
     return conn
