@@ -15,7 +15,8 @@ fence closes that gap where no process can step around it:
 - PostgreSQL, during the rollback: the drain is observed in ``pg_stat_activity``: wait until
   no session of the database still runs a transaction that began before the freeze; past
   the bound, end those sessions (``pg_terminate_backend``).  Then statement-level triggers on
-  every copied table raise ``propcore write fence: ...``.  Triggers, unlike revokes or
+  every copied table raise ``propcore write fence: ...`` (who fenced and when: the comment
+  of their function).  Triggers, unlike revokes or
   ``default_transaction_read_only``, bind every session at once, pooled ones included, and
   bind a superuser too (the application and the runbook connect as the same role in dev).
   Creating a trigger waits for the transactions that already wrote to that table, so once
@@ -29,6 +30,7 @@ the middleware answers it 503 (retry), like the freeze, never 500.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -241,12 +243,10 @@ def fence_postgres(alias: str, tables: Iterable[str], *, reason: str, lock_timeo
             f"$$BEGIN RAISE EXCEPTION USING MESSAGE = {_literal(_message(reason))}, "
             "ERRCODE = 'read_only_sql_transaction'; END$$"
         )
-        cur.execute(
-            f"CREATE TABLE IF NOT EXISTS {FENCE_TABLE} (reason text NOT NULL, "
-            "since timestamptz NOT NULL DEFAULT now())"
-        )
-        cur.execute(f"DELETE FROM {FENCE_TABLE}")
-        cur.execute(f"INSERT INTO {FENCE_TABLE} (reason) VALUES (%s)", [reason])
+        # who fenced and when: the function's comment (a table would look like foreign data
+        # to migration_prepare's check of the target)
+        about = json.dumps({"reason": reason, "since": time.time()})
+        cur.execute(f"COMMENT ON FUNCTION {PG_FUNCTION}() IS {_literal(about)}")
         cur.execute(f"SET lock_timeout = {int(lock_timeout * 1000)}")
         try:
             # one table per statement (autocommit): we never hold one table's lock while
@@ -294,7 +294,6 @@ def lift_postgres_fence(alias: str) -> bool:
         had = cur.fetchone()[0]
         # dropping the function drops every trigger that calls it
         cur.execute(f"DROP FUNCTION IF EXISTS {PG_FUNCTION}() CASCADE")
-        cur.execute(f"DROP TABLE IF EXISTS {FENCE_TABLE}")
     return bool(had)
 
 
@@ -303,9 +302,6 @@ def postgres_fence(alias: str) -> dict | None:
     from django.db import connections
 
     with connections[alias].cursor() as cur:
-        cur.execute("SELECT to_regclass(%s) IS NOT NULL", [FENCE_TABLE])
-        if not cur.fetchone()[0]:
-            return None
-        cur.execute(f"SELECT reason, extract(epoch FROM since)::float8 FROM {FENCE_TABLE}")
-        row = cur.fetchone()
-    return {"reason": row[0], "since": row[1]} if row else None
+        cur.execute("SELECT obj_description(to_regproc(%s), 'pg_proc')", [PG_FUNCTION])
+        about = cur.fetchone()[0]
+    return json.loads(about) if about else None
