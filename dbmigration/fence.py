@@ -16,12 +16,14 @@ fence closes that gap where no process can step around it:
   no session of the database still runs a transaction that began before the freeze; past
   the bound, end those sessions (``pg_terminate_backend``).  Then statement-level triggers on
   every copied table raise ``propcore write fence: ...`` (who fenced and when: the comment
-  of their function).  Triggers, unlike revokes or
-  ``default_transaction_read_only``, bind every session at once, pooled ones included, and
-  bind a superuser too (the application and the runbook connect as the same role in dev).
-  Creating a trigger waits for the transactions that already wrote to that table, so once
-  every table is fenced no uncommitted write is left anywhere.  The fence stays on the
-  inactive PostgreSQL until the runbook writes to it again (migrate_data, the next switch).
+  of their function).  Triggers, unlike revokes or ``default_transaction_read_only``, bind
+  every session at once, pooled ones included, and bind a superuser too (the application and
+  the runbook connect as the same role in dev).  Creating a trigger waits for the
+  transactions that already wrote to that table, so once every table is fenced no
+  uncommitted write is left anywhere.  Until the rollback has flipped the state, the fence
+  holds only while the runbook's session lives (a lease: a killed rollback leaves PostgreSQL
+  writable); then it stays on the inactive PostgreSQL until the runbook writes to it again
+  (migrate_data, the next switch).
 
 A write refused by either fence raises a database error whose text holds ``FENCE_MARK``;
 the middleware answers it 503 (retry), like the freeze, never 500.
@@ -231,22 +233,40 @@ def drain_postgres(alias: str, *, timeout: float, poll: float = 0.1) -> dict:
     }
 
 
+def _refuse_function(reason: str, *, holder: tuple[int, object] | None) -> str:
+    """The trigger function: refuse always, or only while the holder's session lives."""
+    refuse = (
+        f"RAISE EXCEPTION USING MESSAGE = {_literal(_message(reason))}, "
+        "ERRCODE = 'read_only_sql_transaction';"
+    )
+    if holder is not None:
+        pid, started = holder
+        refuse = (
+            "IF EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = "
+            f"{int(pid)} AND backend_start = {_literal(str(started))}::timestamptz) "
+            f"THEN {refuse} END IF; RETURN NULL;"
+        )
+    # SECURITY DEFINER: the application's role may not see the runbook's session otherwise
+    return (
+        f"CREATE OR REPLACE FUNCTION {PG_FUNCTION}() RETURNS trigger LANGUAGE plpgsql "
+        f"SECURITY DEFINER SET search_path = pg_catalog AS $$BEGIN {refuse} END$$"
+    )
+
+
 def fence_postgres(alias: str, tables: Iterable[str], *, reason: str, lock_timeout: float) -> dict:
-    """Make every write to tables fail, in every session; wait for writers already in them."""
+    """Make every write to tables fail, in every session; wait for writers already in them.
+
+    The fence is a lease: it holds while this session lives, so a rollback killed under it
+    does not leave PostgreSQL refusing writes.  ``keep_postgres_fence`` makes it permanent.
+    """
     from django.db import connections
 
     tables = list(tables)
     ended = 0
     with connections[alias].cursor() as cur:
-        cur.execute(
-            f"CREATE OR REPLACE FUNCTION {PG_FUNCTION}() RETURNS trigger LANGUAGE plpgsql AS "
-            f"$$BEGIN RAISE EXCEPTION USING MESSAGE = {_literal(_message(reason))}, "
-            "ERRCODE = 'read_only_sql_transaction'; END$$"
-        )
-        # who fenced and when: the function's comment (a table would look like foreign data
-        # to migration_prepare's check of the target)
-        about = json.dumps({"reason": reason, "since": time.time()})
-        cur.execute(f"COMMENT ON FUNCTION {PG_FUNCTION}() IS {_literal(about)}")
+        cur.execute("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+        cur.execute(_refuse_function(reason, holder=cur.fetchone()))
+        _describe(cur, reason)
         cur.execute(f"SET lock_timeout = {int(lock_timeout * 1000)}")
         try:
             # one table per statement (autocommit): we never hold one table's lock while
@@ -256,6 +276,22 @@ def fence_postgres(alias: str, tables: Iterable[str], *, reason: str, lock_timeo
         finally:
             cur.execute("RESET lock_timeout")
     return {"tables_fenced": len(tables), "sessions_ended": ended}
+
+
+def keep_postgres_fence(alias: str, *, reason: str) -> None:
+    """Make the fence outlive this session: PostgreSQL is now the store left behind."""
+    from django.db import connections
+
+    with connections[alias].cursor() as cur:
+        cur.execute(_refuse_function(reason, holder=None))
+        _describe(cur, reason)
+
+
+def _describe(cur, reason: str) -> None:
+    # who fenced and when: the function's comment (a table would look like foreign data to
+    # migration_prepare's check of the target)
+    about = json.dumps({"reason": reason, "since": time.time()})
+    cur.execute(f"COMMENT ON FUNCTION {PG_FUNCTION}() IS {_literal(about)}")
 
 
 def _fence_table(cur, table: str) -> int:

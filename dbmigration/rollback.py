@@ -6,7 +6,10 @@ back: under a write freeze, into a fresh copy of the SQLite file (online backup 
 written through Django's SQLite backend exactly as Django stores them (raw inserts and
 queryset updates: no signals, no audit entries of our own).  The copy is verified against
 PostgreSQL, the pre-rollback file is kept as a verified backup, the copy atomically
-replaces the file, and only then does the state flip back to SQLite.
+replaces the file, and only then does the state flip back to SQLite.  Under the freeze,
+PostgreSQL is drained (observed) and fenced before the last rows are read (fence.py); the
+copy loses the fence the switch left on SQLite, and PostgreSQL keeps its own unless the
+rollback fails.
 """
 
 from __future__ import annotations
@@ -407,6 +410,12 @@ def rollback_to_sqlite(
                 )  # fmt: skip
             finally:
                 copy.unlink(missing_ok=True)
+            if pg_fenced:  # SQLite is live: the fence on PostgreSQL outlives this command
+                with run.step("keep_postgresql_fence") as step:
+                    try:
+                        fence.keep_postgres_fence(PG_ALIAS, reason="rolled back to SQLite")
+                    except Exception as exc:  # PostgreSQL gone: nothing can write to it
+                        step.warnings.append(f"could not keep the PostgreSQL fence: {exc}")
         if drop_postgres:
             with run.step("drop_postgres") as step:
                 fence.lift_postgres_fence(PG_ALIAS)  # its tables go; its function would stay

@@ -3,6 +3,7 @@
 import json
 import os
 import sqlite3
+import time
 import uuid
 from io import StringIO
 from pathlib import Path
@@ -340,3 +341,36 @@ def test_rollback_before_the_switch_lifts_a_killed_switch_fence(state_file):
     run_rollback()
     assert fence.sqlite_fence(Path(sqlite_file())) is None
     Organisation.objects.using("sqlite").create(name="Writes again", kind="developer")
+
+
+def other_session_writes() -> str:
+    """One insert from a session that is not the runbook's; its outcome."""
+    cfg = connections.settings["postgresql"]
+    params = {"dbname": cfg["NAME"], "host": cfg["HOST"], "user": cfg["USER"]}
+    with psycopg.connect(**params, port=cfg["PORT"] or 5432, autocommit=True) as conn:
+        try:
+            conn.execute("DELETE FROM django_session")
+        except psycopg.Error as exc:
+            return str(exc).splitlines()[0]
+    return "written"
+
+
+def test_the_postgresql_fence_dies_with_its_session_until_kept():
+    pg = connections["postgresql"]
+    tables = [t.db_table for t in build_plan().tables]
+    fence.fence_postgres("postgresql", tables, reason="rolled back to SQLite", lock_timeout=5)
+    assert other_session_writes().startswith("propcore write fence: rolled back to SQLite")
+    pg.close()
+    pg.close_pool()  # the rollback killed under its freeze: its sessions end
+    deadline = time.monotonic() + 5  # the server notices the closed socket at once
+    while (outcome := other_session_writes()) != "written" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert outcome == "written"  # no manual action needed
+
+    fence.fence_postgres("postgresql", tables, reason="rolled back to SQLite", lock_timeout=5)
+    fence.keep_postgres_fence("postgresql", reason="rolled back to SQLite")  # the state flipped
+    pg.close()
+    pg.close_pool()
+    time.sleep(0.5)
+    assert other_session_writes().startswith("propcore write fence")
+    assert fence.postgres_fence("postgresql")["reason"] == "rolled back to SQLite"
