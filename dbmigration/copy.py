@@ -12,8 +12,10 @@ table's transaction committed; an interrupted table is simply redone from clean.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
+import os
 import tempfile
 import threading
 import time
@@ -41,7 +43,7 @@ from dbmigration.casts import (
 from dbmigration.copy_lines import BINARY_HEADER, BINARY_TRAILER, LinePlan, line_plan
 from dbmigration.errors import DataError, SourceError, TargetError
 from dbmigration.plan import Plan, PlannedTable, build_plan
-from dbmigration.sqlite_source import file_sha256, open_readonly, snapshot_to
+from dbmigration.sqlite_source import file_sha256, open_readonly, schema_sha256, snapshot_to
 
 BATCH_ROWS = 5000
 MAX_KEPT_REJECTIONS = 100_000  # beyond this only counted, so memory stays bounded
@@ -1281,9 +1283,12 @@ def migrate_data(
     status = "failed"
     # the application may go on writing: every step reads one consistent snapshot of the
     # file; --sync and the switch's catch-up carry what is written after it
-    live_path, sqlite_path = sqlite_path, _snapshot_path(sqlite_path, run.started_at)
+    live_path, temporary = sqlite_path, False
     try:
-        snapshot_to(live_path, sqlite_path)
+        sqlite_path, temporary = _consistent_source(state, live_path, mode)
+        run.facts["read_from"] = str(sqlite_path)
+        # the prepare's snapshot never changes: a resume survives the site's writes
+        copied_sha256 = fingerprint["sha256"] if temporary else file_sha256(sqlite_path)
         if mode != "verify-only" and fence.lift_postgres_fence(alias):
             run.facts["lifted_postgres_fence"] = True  # the last rollback left it; we write now
         plan = build_plan(only=tables)
@@ -1301,7 +1306,7 @@ def migrate_data(
                         reject_file=reject_file,
                         state_file=state_file,
                         progress=progress,
-                        source_sha256=fingerprint["sha256"],
+                        source_sha256=copied_sha256,
                     )
                 except RowsRejected as exc:
                     _record_copy(run, step, exc.result)
@@ -1378,14 +1383,37 @@ def migrate_data(
             )
         status = "ok" if not (result.copy and result.copy.rejected_total) else "warning"
     finally:
-        sqlite_path.unlink(missing_ok=True)
+        if temporary:
+            sqlite_path.unlink(missing_ok=True)
         run.finish(status)
     return result
 
 
-def _snapshot_path(sqlite_path: Path, started_at: str) -> Path:
-    stamp = "".join(ch for ch in started_at[:26] if ch.isdigit())
-    return sqlite_path.with_name(f"{sqlite_path.name}.migrate_data-{stamp}")
+def _consistent_source(state, live_path: Path, mode: str) -> tuple[Path, bool]:
+    """The file to read and whether it is a temporary snapshot of the live one.
+
+    A copy reads the prepare's verified backup when it is a plain SQLite file of the same
+    schema (no extra copy: 1.4 s for 100k users' 351 MB); otherwise, and for --sync and
+    --verify-only (they need the newest rows), a fresh snapshot with the online backup API.
+    """
+    from dbmigration.backup import SNAPSHOT, load_backup
+    from dbmigration.errors import BackupError
+
+    if mode == "copy" and state.last_backup:
+        candidate = Path(state.last_backup) / SNAPSHOT
+        with contextlib.suppress(BackupError):
+            info = load_backup(Path(state.last_backup))
+            if info.kind == "sqlite" and not info.encrypted and candidate.exists():
+                conn = open_readonly(candidate)
+                try:
+                    schema = schema_sha256(conn)
+                finally:
+                    conn.close()
+                if schema == state.source_fingerprint.get("schema_sha256"):
+                    return candidate, False
+    stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+    snapshot = live_path.with_name(f"{live_path.name}.migrate_data-{stamp}")
+    return snapshot_to(live_path, snapshot), True
 
 
 def _record_copy(run, step, copy: CopyResult) -> None:

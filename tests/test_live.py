@@ -206,6 +206,13 @@ def test_live_runbook_loses_no_acknowledged_write(site, tmp_path):
         run("migration_prepare")
         run("migrate_data")
         run("migrate_data", "--sync")
+        copies = [json.loads(p.read_text()) for p in (tmp_path / "reports").glob("*.json")]
+        read_from = {
+            r["facts"]["mode"]: r["facts"]["read_from"] for r in copies if "mode" in r["facts"]
+        }
+        assert read_from["copy"].startswith(str(settings.BACKUP_DIR))  # the prepare's snapshot
+        assert ".migrate_data-" in read_from["sync"]  # a fresh one, removed afterwards
+        assert not list(settings.SQLITE_PATH.parent.glob("*.migrate_data-*"))
 
         switch_start = time.monotonic()
         switched = cutover.switch_to_postgresql(drain_seconds=10, progress=mark)
