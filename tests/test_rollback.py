@@ -374,3 +374,16 @@ def test_the_postgresql_fence_dies_with_its_session_until_kept():
     time.sleep(0.5)
     assert other_session_writes().startswith("propcore write fence")
     assert fence.postgres_fence("postgresql")["reason"] == "rolled back to SQLite"
+
+
+def test_a_writer_that_began_after_the_drain_is_ended_by_the_fence(pre_freeze_writer):
+    # (the fixture's transaction stands for one that began after the drain looked)
+    tables = [t.db_table for t in build_plan().tables]
+    fenced = fence.fence_postgres(
+        "postgresql", tables, reason="rolled back to SQLite", lock_timeout=0.5
+    )
+    assert fenced == {"tables_fenced": len(tables), "sessions_ended": 1}
+    with pytest.raises(psycopg.OperationalError):
+        pre_freeze_writer.commit()
+    assert not Organisation.objects.using("postgresql").filter(name="Never committed").exists()
+    assert other_session_writes().startswith("propcore write fence")
