@@ -57,10 +57,11 @@ class DrainTimeout(MigrationError):
 
 def is_fence_refusal(exc: BaseException) -> bool:
     """Whether a database error is a fence refusing a write or ending a straggler's session."""
-    seen = exc
-    while seen is not None:
+    seen, visited = exc, set()
+    while seen is not None and id(seen) not in visited:  # a chain may loop back on itself
         if FENCE_MARK in str(seen) or getattr(seen, "sqlstate", None) == ADMIN_SHUTDOWN:
             return True
+        visited.add(id(seen))
         seen = seen.__cause__
     return False
 
