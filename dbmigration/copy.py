@@ -12,8 +12,10 @@ table's transaction committed; an interrupted table is simply redone from clean.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
+import os
 import tempfile
 import threading
 import time
@@ -26,6 +28,7 @@ from typing import Any
 from django.core.management.color import no_style
 from django.db import connections, transaction
 
+from dbmigration import fence
 from dbmigration import state as state_mod
 from dbmigration.casts import (
     REPAIR_RULES,
@@ -43,7 +46,7 @@ from dbmigration.copy_lines import BINARY_HEADER, BINARY_TRAILER, LinePlan, line
 from dbmigration.errors import DataError, SourceError, TargetError
 from dbmigration.plan import Plan, PlannedTable, build_plan
 from dbmigration.preflight import identity_row
-from dbmigration.sqlite_source import file_sha256, open_readonly
+from dbmigration.sqlite_source import file_sha256, open_readonly, schema_sha256, snapshot_to
 
 BATCH_ROWS = 5000
 MAX_KEPT_REJECTIONS = 100_000  # beyond this only counted, so memory stays bounded
@@ -1308,17 +1311,13 @@ def migrate_data(
     )
     fingerprint = source_fingerprint(sqlite_path)
     if state.source_fingerprint and not (sync or verify_only):
-        # a changed source needs a fresh prepare (or --sync after a finished copy)
+        # rows may change (the copy reads a snapshot; --sync carries the rest); a changed schema
+        # or set of migrations needs the prepare again, however far the copy got
         reasons = state_mod.stale_reasons(state, fingerprint)
         if reasons:
-            # one next step: a finished copy catches up; an unfinished one starts over
-            fix = (
-                "Run migrate_data --sync to carry the changes."
-                if state.phase == "data_migrated"
-                else "Run migration_prepare again."
-            )
             raise SourceError(
-                f"The SQLite source changed since it was prepared ({'; '.join(reasons)}). {fix}"
+                f"The SQLite schema changed since migration_prepare ({'; '.join(reasons)}). "
+                "Run migration_prepare again: it brings PostgreSQL's schema up to date."
             )
     mode = "verify-only" if verify_only else "sync" if sync else "copy"
     run = RunReport.open("migrate_data", report_dir=report_dir, log_dir=log_dir)
@@ -1336,7 +1335,16 @@ def migrate_data(
         }
     )
     status = "failed"
+    # the application may go on writing: every step reads one consistent snapshot of the
+    # file; --sync and the switch's catch-up carry what is written after it
+    live_path, temporary = sqlite_path, False
     try:
+        sqlite_path, temporary = _consistent_source(state, live_path, mode)
+        run.facts["read_from"] = str(sqlite_path)
+        # the prepare's snapshot never changes: a resume survives the site's writes
+        copied_sha256 = fingerprint["sha256"] if temporary else file_sha256(sqlite_path)
+        if mode != "verify-only" and fence.lift_postgres_fence(alias):
+            run.facts["lifted_postgres_fence"] = True  # the last rollback left it; we write now
         plan = build_plan(only=tables)
         exclude: dict[str, set[str]] = {}
         if mode == "copy":
@@ -1352,7 +1360,7 @@ def migrate_data(
                         reject_file=reject_file,
                         state_file=state_file,
                         progress=progress,
-                        source_sha256=fingerprint["sha256"],
+                        source_sha256=copied_sha256,
                     )
                 except RowsRejected as exc:
                     _record_copy(run, step, exc.result)
@@ -1429,8 +1437,37 @@ def migrate_data(
             )
         status = "ok" if not (result.copy and result.copy.rejected_total) else "warning"
     finally:
+        if temporary:
+            sqlite_path.unlink(missing_ok=True)
         run.finish(status)
     return result
+
+
+def _consistent_source(state, live_path: Path, mode: str) -> tuple[Path, bool]:
+    """The file to read and whether it is a temporary snapshot of the live one.
+
+    A copy reads the prepare's verified backup when it is a plain SQLite file of the same
+    schema (no extra copy: 1.4 s for 100k users' 351 MB); otherwise, and for --sync and
+    --verify-only (they need the newest rows), a fresh snapshot with the online backup API.
+    """
+    from dbmigration.backup import SNAPSHOT, load_backup
+    from dbmigration.errors import BackupError
+
+    if mode == "copy" and state.last_backup:
+        candidate = Path(state.last_backup) / SNAPSHOT
+        with contextlib.suppress(BackupError):
+            info = load_backup(Path(state.last_backup))
+            if info.kind == "sqlite" and not info.encrypted and candidate.exists():
+                conn = open_readonly(candidate)
+                try:
+                    schema = schema_sha256(conn)
+                finally:
+                    conn.close()
+                if schema == state.source_fingerprint.get("schema_sha256"):
+                    return candidate, False
+    stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+    snapshot = live_path.with_name(f"{live_path.name}.migrate_data-{stamp}")
+    return snapshot_to(live_path, snapshot), True
 
 
 def _record_copy(run, step, copy: CopyResult) -> None:

@@ -3,12 +3,14 @@
 Stage 1, while the application still writes: snapshot SQLite (online backup API), run
 ``migrate_data --sync`` from the snapshot and verify every table by range checksums.  This
 is the slow part (a full scan of both sides), so it happens before the freeze.
-Stage 2, frozen: find what changed in SQLite since the snapshot by comparing the two files
-inside SQLite (exact stored values, C speed), write only those rows to PostgreSQL with the
-copy's own conversion, verify (every table's count, every changed row's digest, deletions,
-foreign keys, sequences, migrations), flip the active backend, lift the freeze.  The freeze
-is lifted in a ``finally``: whatever fails, the application goes on writing to SQLite with
-the state file untouched (it is written only as the last step, atomically).
+Stage 2, frozen: take SQLite's write lock (the drain: see fence.py), find what changed in
+SQLite since the snapshot by comparing the two files inside SQLite (exact stored values, C
+speed), write only those rows to PostgreSQL with the copy's own conversion, verify (every
+table's count, every changed row's digest, deletions, foreign keys, sequences, migrations),
+fence SQLite in the same transaction as the lock, flip the active backend, lift the freeze.
+The lock and the freeze are released in a ``finally``: whatever fails, the application goes
+on writing to SQLite with the state file untouched (it is written only as the last step,
+atomically) and no fence left behind.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 from django.db import connections
 
-from dbmigration import conf
+from dbmigration import conf, fence
 from dbmigration import freeze as fz
 from dbmigration.errors import PhaseError, VerificationError
 from dbmigration.reports import RunReport, error_text
@@ -33,9 +35,10 @@ SWITCH_STEPS = (
     "check that migrate_data finished and verified",
     "snapshot SQLite; migrate_data --sync from the snapshot; verify all tables (writes go on)",
     "write freeze on (writes answer 503, reads go on)",
-    "drain: wait for in-flight write requests",
-    "final catch-up: rows changed in SQLite since the snapshot",
+    "drain: take SQLite's write lock (transactions in flight commit first; nothing commits after)",
+    "final catch-up, under the lock: rows changed in SQLite since the snapshot",
     "verify: every count, every changed row, deletions, FKs, sequences, migrations",
+    "fence SQLite (triggers refuse every later write, from any process) and release the lock",
     "flip the active backend to postgresql in the state file",
     "write freeze off (application processes reload on their next request)",
 )
@@ -357,12 +360,15 @@ def switch_to_postgresql(
     state_file: Path | None = None,
     report_dir: Path | None = None,
     log_dir: Path | None = None,
-    drain_seconds: float = 2.0,
+    drain_seconds: float = 10.0,
     freeze_max_seconds: float = fz.DEFAULT_MAX_SECONDS,
     sqlite_path: Path | None = None,
     progress: Progress = None,
 ) -> SwitchResult:
-    """Cut over to PostgreSQL; on any failure the application stays on SQLite, unfrozen."""
+    """Cut over to PostgreSQL; on any failure the application stays on SQLite, unfrozen.
+
+    ``drain_seconds``: the longest wait for SQLite's write lock after the freeze begins.
+    """
     state_file = Path(state_file or conf.state_file())
     sqlite_path = Path(sqlite_path or connections.settings["sqlite"]["NAME"])
     plan = plan_switch(state_file=state_file)
@@ -389,8 +395,16 @@ def switch_to_postgresql(
     stamp = run.started_at[:26].replace(":", "").replace("-", "").replace(".", "")
     snapshot = sqlite_path.with_name(f"{sqlite_path.name}.cutover-{stamp}")
     freeze = None
+    lock: fence.SqliteWriteLock | None = None
     frozen_for = 0.0
     try:
+        with run.step("lift_old_fences") as step:
+            # PostgreSQL is written from here on (the last rollback fenced it); SQLite is
+            # still the active store, so a fence on it is the leftover of a killed switch
+            step.details = {
+                "postgresql": fence.lift_postgres_fence("postgresql"),
+                "sqlite": fence.lift_sqlite_fence(sqlite_path),
+            }
         with run.step("presync") as step:
             note("stage 1 (writes go on): snapshot SQLite, sync PostgreSQL to it, verify")
             synced, checked = presync(
@@ -410,8 +424,9 @@ def switch_to_postgresql(
             step.details = {"flag": str(flag), "expires_in_seconds": freeze_max_seconds}
             note("write freeze on")
         with run.step("drain") as step:
-            time.sleep(drain_seconds)  # requests that began before the freeze finish writing
-            step.details = {"seconds": drain_seconds}
+            note("drain: waiting for SQLite's write lock")
+            lock = fence.hold_sqlite_write_lock(sqlite_path, timeout=drain_seconds)
+            step.details = {"waited_seconds": lock.waited_seconds, "bound_seconds": drain_seconds}
         with run.step("catch_up") as step:
             note("stage 2 (frozen): final catch-up of what changed since the snapshot")
             changes = source_changes(sqlite_path=sqlite_path, snapshot=snapshot, plan=tables)
@@ -424,6 +439,10 @@ def switch_to_postgresql(
             note("verifying PostgreSQL against the frozen SQLite")
             verified = verify_source_changes(sqlite_path=sqlite_path, changes=changes, plan=tables)
             step.details = verified
+        with run.step("fence_sqlite") as step:
+            lock.fence([t.db_table for t in tables.tables], reason="switched to PostgreSQL")
+            step.details = {"tables": len(tables.tables)}
+            note("SQLite fenced: any later write to it fails")
         with run.step("flip_active_backend") as step:
             if not fz.still_held(flag, freeze):
                 # the freeze expired or was removed: writes may have reached SQLite since
@@ -444,8 +463,12 @@ def switch_to_postgresql(
     except BaseException as exc:
         run.facts["error"] = error_text(exc)
         run.facts["active_backend"] = read_state(state_file).active_backend
+        if lock is not None and lock.fenced:  # SQLite stays the active store: unfence it
+            fence.lift_sqlite_fence(sqlite_path)
         raise
     finally:
+        if lock is not None:
+            lock.release()
         snapshot.unlink(missing_ok=True)
         if freeze is not None:
             frozen_for = fz.freeze_off(flag, freeze) or 0.0

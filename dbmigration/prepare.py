@@ -247,10 +247,10 @@ def _phases(
             state_mod.MigrationState(source_fingerprint=before), after
         )
         if changed:
+            # rows may change meanwhile (the site keeps writing); the schema may not
             raise SourceError(
-                f"The SQLite file changed while prepare ran ({', '.join(changed)}): another "
-                "process writes to it. Fix: pause the application's writes and run "
-                "migration_prepare again."
+                f"The SQLite schema changed while prepare ran ({', '.join(changed)}): a "
+                "deploy migrated it meanwhile. Run migration_prepare again once it is done."
             )
     result.ok = True
     result.report_path = run.report_path

@@ -6,7 +6,10 @@ back: under a write freeze, into a fresh copy of the SQLite file (online backup 
 written through Django's SQLite backend exactly as Django stores them (raw inserts and
 queryset updates: no signals, no audit entries of our own).  The copy is verified against
 PostgreSQL, the pre-rollback file is kept as a verified backup, the copy atomically
-replaces the file, and only then does the state flip back to SQLite.
+replaces the file, and only then does the state flip back to SQLite.  Under the freeze,
+PostgreSQL is drained (observed) and fenced before the last rows are read (fence.py); the
+copy loses the fence the switch left on SQLite, and PostgreSQL keeps its own unless the
+rollback fails.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from django.db import connections, models, transaction
 from django.db.models.expressions import RawSQL
 from django.db.utils import load_backend
 
-from dbmigration import conf
+from dbmigration import conf, fence
 from dbmigration import freeze as fz
 from dbmigration.errors import MigrationError, TargetError, VerificationError
 from dbmigration.reports import RunReport, error_text
@@ -35,6 +38,7 @@ from dbmigration.verify import Side, verify
 
 Progress = Callable[[str], None] | None
 COPY_ALIAS = "rollback_copy"
+PG_ALIAS = "postgresql"
 PG = Side(alias="postgresql")
 BATCH = 500
 SAMPLE = 50  # primary keys listed per table and kind in the report
@@ -372,12 +376,15 @@ def rollback_to_sqlite(
     discarded: list[TableCarry] = []
     backup_path: Path | None = None
     freeze = None
+    pg_fenced = False
     frozen_for = 0.0
     run.facts.update(phase_before=state.phase, active_before=state.active_backend)
     try:
         if not was_switched:
             if flag.exists() and fz.read_freeze(flag) is None:
                 fz.freeze_off(flag)  # an expired leftover of an interrupted switch
+            if fence.lift_sqlite_fence(sqlite_path):  # a killed switch fenced it, then died
+                run.facts["lifted_sqlite_fence"] = True
             new_state = transition(
                 state_file, "rolled_back", active_backend="sqlite", note="rollback_to_sqlite"
             )
@@ -397,14 +404,31 @@ def rollback_to_sqlite(
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
             copy = sqlite_path.with_name(f"{sqlite_path.name}.rollback-{stamp}")
 
-            def hold_freeze() -> fz.Freeze:
-                nonlocal freeze
+            def hold_freeze(*, best_effort: bool = False) -> fz.Freeze:
+                """Freeze, drain and fence PostgreSQL (best_effort: PostgreSQL may be gone)."""
+                nonlocal freeze, pg_fenced
                 with run.step("write_freeze_on"):
                     freeze = fz.freeze_on(
                         flag, reason="rollback_to_sqlite", max_seconds=freeze_max_seconds
                     )
                     note("write freeze on")
-                time.sleep(drain_seconds)  # requests that began before the freeze finish
+                with run.step("drain_and_fence_postgresql") as step:
+                    try:
+                        step.details["drain"] = fence.drain_postgres(
+                            PG_ALIAS, timeout=drain_seconds
+                        )
+                        pg_fenced = True  # from here on, a failure lifts even a partial fence
+                        step.details["fence"] = fence.fence_postgres(
+                            PG_ALIAS,
+                            [t.db_table for t in build_plan().tables],
+                            reason="rolled back to SQLite",
+                            lock_timeout=max(1.0, drain_seconds),
+                        )
+                    except Exception as exc:
+                        if not best_effort:
+                            raise
+                        step.warnings.append(f"could not fence PostgreSQL: {exc}")
+                note("PostgreSQL drained and fenced: any later write to it fails")
                 return freeze
 
             try:
@@ -414,12 +438,24 @@ def rollback_to_sqlite(
                 )  # fmt: skip
             finally:
                 copy.unlink(missing_ok=True)
+            if pg_fenced:  # SQLite is live: the fence on PostgreSQL outlives this command
+                with run.step("keep_postgresql_fence") as step:
+                    try:
+                        fence.keep_postgres_fence(PG_ALIAS, reason="rolled back to SQLite")
+                    except Exception as exc:  # PostgreSQL gone: nothing can write to it
+                        step.warnings.append(f"could not keep the PostgreSQL fence: {exc}")
         if drop_postgres:
             with run.step("drop_postgres") as step:
+                fence.lift_postgres_fence(PG_ALIAS)  # its tables go; its function would stay
                 step.details = {"unapplied": drop_postgres_copy("postgresql")}
                 note("PostgreSQL copy dropped")
     except BaseException as exc:
         run.facts["error"] = error_text(exc)
+        if pg_fenced and read_state(state_file).active_backend == "postgresql":
+            try:  # PostgreSQL stays the active store: it must take writes again
+                fence.lift_postgres_fence(PG_ALIAS)
+            except Exception as lift_error:
+                run.facts["postgres_fence_left"] = str(lift_error)
         raise
     finally:
         if freeze is not None:
@@ -451,7 +487,7 @@ def _carry_back(run, state_file, sqlite_path, copy, plan, discard, hold_freeze, 
     tables = plan.tables
     flag = fz.freeze_path_for(state_file)
     if discard:
-        hold_freeze()
+        hold_freeze(best_effort=True)
         with run.step("find_discarded") as step:
             live = Side(sqlite_path=sqlite_path)
             try:
@@ -464,6 +500,7 @@ def _carry_back(run, state_file, sqlite_path, copy, plan, discard, hold_freeze, 
                 discarded = _summarise(tables, diffs)
                 step.details = {t.table: [t.inserted, t.updated, t.deleted] for t in discarded}
         note(f"discarding {sum(t.inserted + t.updated + t.deleted for t in discarded)} rows")
+        fence.lift_sqlite_fence(sqlite_path)  # the switch fenced it; it is live again
         new_state = transition(
             state_file,
             "rolled_back",
@@ -476,6 +513,7 @@ def _carry_back(run, state_file, sqlite_path, copy, plan, discard, hold_freeze, 
     with run.step("fresh_copy") as step:
         horizon = pg_horizon()
         fresh_copy(sqlite_path, copy)
+        fence.lift_sqlite_fence(copy)  # the switch fenced the file; the copy becomes live
         step.details = {"copy": str(copy), "pg_xmin_horizon": horizon}
     with run.step("find_changes") as step:
         fresh = Side(sqlite_path=copy)

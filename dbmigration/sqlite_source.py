@@ -30,16 +30,40 @@ def open_readonly(
             f"SQLite database {path} does not exist. Check SQLITE_PATH or the 'sqlite' entry "
             "in DATABASES."
         )
-    with open(path, "rb") as fh:
-        if fh.read(16) != SQLITE_MAGIC:
-            raise SourceError(
-                f"{path} is not a SQLite database (bad header). Point SQLITE_PATH at the "
-                "platform's database file."
-            )
+    not_sqlite = SourceError(
+        f"{path} is not a SQLite database (bad header). Point SQLITE_PATH at the "
+        "platform's database file."
+    )
+    # the header is checked by SQLite itself, never by opening the file here: closing any
+    # descriptor of the file drops every POSIX lock this process holds on it, such as the
+    # write lock the switch holds while it reads the last changes (see fence.py)
+    if path.stat().st_size == 0:
+        raise not_sqlite
     conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout)
+    try:
+        conn.execute("PRAGMA schema_version")
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        if "not a database" in str(exc):
+            raise not_sqlite from None
+        raise translate_sqlite_error(path, exc) from exc
     if raw_text:
         conn.text_factory = bytes  # text as stored: invalid UTF-8 must be seen, not replaced
     return conn
+
+
+def snapshot_to(path: Path, dest: Path) -> Path:
+    """Copy the live file as of one instant (online backup API: consistent, WAL included)."""
+    src = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=20)
+    dst = sqlite3.connect(dest)
+    try:
+        src.backup(dst)
+    except sqlite3.Error as exc:
+        raise translate_sqlite_error(Path(path), exc) from exc
+    finally:
+        dst.close()
+        src.close()
+    return Path(dest)
 
 
 def data_version_and_schema(conn: sqlite3.Connection) -> dict:
@@ -106,12 +130,26 @@ def _s(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def schema_sha256(conn: sqlite3.Connection) -> str:
+    """A hash of the schema's SQL (tables, indexes, views, triggers), without the write fence's
+    objects: the runbook adds and removes those, the application's schema is the rest."""
+    rows = conn.execute(
+        "SELECT type, name, tbl_name, coalesce(sql, '') FROM sqlite_master "
+        "WHERE substr(name, 1, 7) <> 'sqlite_' AND substr(name, 1, 14) <> 'propcore_fence' "
+        "ORDER BY type, name"
+    ).fetchall()
+    return hashlib.sha256(repr(rows).encode()).hexdigest()
+
+
 def source_fingerprint(path: Path, *, timeout: float = 5.0) -> dict:
-    """Facts that change whenever the source changes: file and WAL hashes, schema, counts."""
+    """Facts about the source: file and WAL hashes, counts, and the schema and migrations
+    (only the last two must stay equal for a prepare to hold: rows change on a live site)."""
     path = Path(path)
     conn = open_readonly(path, timeout=timeout)
     try:
         facts = data_version_and_schema(conn)
+        facts["schema_sha256"] = schema_sha256(conn)
+        facts["migrations"] = applied_migrations(conn)
         counts = row_counts(conn)
     except sqlite3.Error as exc:
         raise translate_sqlite_error(path, exc) from exc

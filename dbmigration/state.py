@@ -189,12 +189,14 @@ def transition(
 
 # --- added for prepare (issue 3) -----------------------------------------------------
 
-# the fingerprint keys that must be equal for a prepare to still hold
-FINGERPRINT_KEYS = ("sha256", "size", "wal_sha256", "schema_version", "row_counts")
+# the fingerprint keys that must be equal for a prepare to still hold: the schema and the
+# applied migrations.  Rows may change (the site keeps writing); --sync and the switch's
+# catch-up carry them.
+FINGERPRINT_KEYS = ("schema_sha256", "migrations")
 
 
 def stale_reasons(state: MigrationState, current: dict) -> list[str]:
-    """Return why the prepared source differs from current (empty list: still fresh)."""
+    """Return why the prepare no longer holds for current (empty list: still fresh)."""
     prepared = state.source_fingerprint or {}
     if not prepared:
         return ["no source fingerprint recorded; run migration_prepare"]

@@ -28,6 +28,7 @@ from django.conf import settings
 from django.db import DatabaseError, connections
 from django.http import HttpResponse
 
+from dbmigration.fence import is_fence_refusal
 from dbmigration.freeze import Freeze, freeze_path_for, read_freeze
 from dbmigration.state import StateError, read_active_backend
 
@@ -201,3 +202,13 @@ class CutoverMiddleware:
         if refused:
             return _frozen_response(freeze, "a write during a read request")
         return response
+
+    def process_exception(self, request, exception):
+        """A write the database fence refused (a straggler on the store being left): 503."""
+        if not is_fence_refusal(exception):
+            return None
+        freeze = read_freeze(freeze_path_for(settings.STATE_FILE))
+        if freeze is None:  # the switch is over: the retry goes to the new active store
+            now = time.time()
+            freeze = Freeze("the database was switched", now, now + 1, "", "")
+        return _frozen_response(freeze, f"{request.method} request")

@@ -30,7 +30,15 @@ def _forget(sender, action=None, **kwargs):
 
 def connect_before_auditlog() -> None:
     """Call before models are registered with auditlog."""
-    for signal in (signals.pre_save, signals.pre_delete, signals.m2m_changed):
+    # post_* too: a cascading delete sends every pre_delete, then every post_delete, and the
+    # first post_delete's _forget would send the other rows' entries to 'default'
+    for signal in (
+        signals.pre_save,
+        signals.pre_delete,
+        signals.post_save,
+        signals.post_delete,
+        signals.m2m_changed,
+    ):
         signal.connect(_remember, dispatch_uid=f"propcore.audit_alias.{id(signal)}")
 
 

@@ -229,3 +229,20 @@ def test_user_history_page_shows_the_audit_entries(client, staff, trail):
     assert "Audit log: buyer@example.ie" in page
     assert "Status" in page and "active" in page  # the system's update, with its change
     assert f"?actor={buyer.pk}" in page  # what this user did, in the filtered list
+
+
+def test_a_cascading_delete_on_postgresql_logs_every_row_there():
+    # regression: the first post_delete forgot the alias, so the cascaded rows' entries went
+    # to 'default' (SQLite here), the store a switch leaves behind (and fences)
+    pg = "postgresql"
+    user = User.objects.db_manager(pg).create_user("cascade@example.ie", "pw")
+    kyc = KycVerification.objects.using(pg).create(
+        user=user, document_type="passport", document_reference="P9"
+    )
+    user.hard_delete(using=pg)  # deletes the KYC check too
+    assert (
+        LogEntry.objects.using(pg)
+        .filter(object_pk=str(kyc.pk), action=LogEntry.Action.DELETE)
+        .exists()
+    )
+    assert not LogEntry.objects.using("sqlite").exists()

@@ -3,18 +3,23 @@
 import json
 import os
 import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
 from io import StringIO
 from pathlib import Path
 
 import pytest
 from django.conf import settings
 from django.core.management import CommandError, call_command
-from django.db import connections
+from django.db import IntegrityError, connections, transaction
 from django.http import HttpResponse
 from django.urls import path
 
 from accounts.models import LoginEvent, Organisation, User
-from dbmigration import cutover
+from dbmigration import cutover, fence
 from dbmigration import freeze as fz
 from dbmigration.plan import build_plan
 from dbmigration.state import MigrationState, read_state, write_state
@@ -26,7 +31,12 @@ def count_view(request):
     return HttpResponse(f"{connections['default'].vendor}:{Organisation.objects.count()}")
 
 
-urlpatterns = [path("count/", count_view)]
+def create_view(request):
+    Organisation.objects.using("sqlite").create(name="Straggler", kind="developer")
+    return HttpResponse("created", status=201)
+
+
+urlpatterns = [path("count/", count_view), path("create/", create_view)]
 
 
 @pytest.fixture
@@ -147,7 +157,8 @@ def test_dry_run_shows_plan_and_changes_nothing(state_file):
     write_state(state_file, state)
     before = state_file.read_bytes()
     out = run_switch("--dry-run")
-    assert "final catch-up: rows changed in SQLite since the snapshot" in out
+    assert "final catch-up, under the lock: rows changed in SQLite since the snapshot" in out
+    assert "fence SQLite (triggers refuse every later write, from any process)" in out
     assert "Dry run" in out
     assert state_file.read_bytes() == before
     assert not fz.freeze_path_for(state_file).exists()
@@ -254,3 +265,130 @@ def test_interrupted_switch_stays_on_sqlite_and_loses_nothing(state_file, migrat
     for pk in (new.pk, again.pk):
         assert User.objects.using("postgresql").filter(pk=pk).exists()
     assert_same_everywhere()
+
+
+# --- the fence: SQLite's write lock is the drain, triggers refuse every later write ----------
+
+
+def sqlite_path() -> Path:
+    return Path(connections.settings["sqlite"]["NAME"])
+
+
+def write_from_another_process(path: Path, timeout: float = 0.3) -> str:
+    """Try one write through a plain sqlite3 connection in a new process; return its outcome."""
+    script = (
+        "import sqlite3, sys\n"
+        "c = sqlite3.connect(sys.argv[1], timeout=float(sys.argv[2]))\n"
+        "try:\n"
+        "    c.execute(\"INSERT INTO item (name) VALUES ('other process')\"); c.commit()\n"
+        "    print('written')\n"
+        "except sqlite3.Error as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path), str(timeout)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def test_reading_the_source_keeps_the_write_lock(tmp_path):
+    # regression: open_readonly checked the header with open()/close() in Python, and closing
+    # any descriptor of the file dropped the process's POSIX locks: the switch's write lock
+    path = tmp_path / "live.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE item (id INTEGER PRIMARY KEY, name TEXT)")
+    conn.commit()
+    conn.close()
+    lock = fence.hold_sqlite_write_lock(path, timeout=1)
+    try:
+        from dbmigration.sqlite_source import open_readonly
+
+        open_readonly(path).close()
+        assert write_from_another_process(path) == "database is locked"
+        lock.fence(["item"], reason="switched to PostgreSQL")
+    finally:
+        lock.release()
+    refused = write_from_another_process(path)
+    assert refused.startswith("propcore write fence: switched to PostgreSQL")
+    assert fence.sqlite_fence(path)["reason"] == "switched to PostgreSQL"
+    assert fence.lift_sqlite_fence(path) and fence.sqlite_fence(path) is None
+    assert write_from_another_process(path) == "written"
+
+
+@pytest.mark.django_db(databases="__all__", transaction=True)
+def test_switch_waits_for_a_transaction_in_flight_and_fences_sqlite(state_file, migrated):
+    committed = threading.Event()
+    started = threading.Event()
+
+    def slow_request():
+        # began before the freeze, still inside its transaction when the freeze starts
+        with transaction.atomic(using="sqlite"):
+            Organisation.objects.using("sqlite").create(name="Slow", kind="developer")
+            started.set()
+            time.sleep(1.0)
+        committed.set()
+        connections.close_all()
+
+    thread = threading.Thread(target=slow_request)
+
+    def at(message):
+        if message == "write freeze on":
+            thread.start()
+            started.wait(10)
+
+    result = cutover.switch_to_postgresql(state_file=state_file, drain_seconds=10, progress=at)
+    thread.join()
+    assert committed.is_set()
+    assert Organisation.objects.using("postgresql").filter(name="Slow").exists()  # carried
+    steps = {s["name"]: s for s in json.loads(result.report_path.read_text())["steps"]}
+    assert steps["drain"]["details"]["waited_seconds"] >= 0.5
+    assert steps["fence_sqlite"]["status"] == "ok"
+    # SQLite refuses every later write, from this process and from any other
+    with pytest.raises(IntegrityError, match="propcore write fence"):
+        Organisation.objects.using("sqlite").create(name="Too late", kind="developer")
+    assert fence.sqlite_fence(sqlite_path())["reason"] == "switched to PostgreSQL"
+
+
+@pytest.mark.django_db(databases="__all__", transaction=True)
+def test_a_transaction_longer_than_the_drain_bound_stops_the_switch(state_file, migrated):
+    holding, release = threading.Event(), threading.Event()
+
+    def long_transaction():
+        with transaction.atomic(using="sqlite"):
+            Organisation.objects.using("sqlite").create(name="Long", kind="developer")
+            holding.set()
+            release.wait(10)
+        connections.close_all()
+
+    thread = threading.Thread(target=long_transaction)
+    thread.start()
+    holding.wait(10)
+    try:
+        with pytest.raises(fence.DrainTimeout, match="more than 0.5 s .* raise --drain-seconds"):
+            cutover.switch_to_postgresql(state_file=state_file, drain_seconds=0.5)
+    finally:
+        release.set()
+        thread.join()
+    state = read_state(state_file)
+    assert (state.phase, state.active_backend) == ("data_migrated", "sqlite")
+    assert not fz.freeze_path_for(state_file).exists()
+    assert fence.sqlite_fence(sqlite_path()) is None  # the application goes on writing
+    assert Organisation.objects.using("sqlite").filter(name="Long").exists()
+
+
+@pytest.mark.urls(__name__)
+@pytest.mark.django_db(databases="__all__", transaction=True)
+def test_a_write_refused_by_the_fence_answers_503_not_500(client, state_file):
+    lock = fence.hold_sqlite_write_lock(sqlite_path(), timeout=5)
+    lock.fence([Organisation._meta.db_table], reason="switched to PostgreSQL")
+    lock.release()
+    response = client.post("/create/")  # a straggler past the freeze check, on the old store
+    assert response.status_code == 503
+    assert response.json()["error"] == "write_freeze"
+    assert int(response["Retry-After"]) >= 1
+    fence.lift_sqlite_fence(sqlite_path())
+    assert client.post("/create/").status_code == 201

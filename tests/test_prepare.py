@@ -232,7 +232,7 @@ def test_out_of_order_refused(tmp_path):
     assert state_mod.read_state(d["state_file"]).phase == "switched"
 
 
-def test_a_write_during_prepare_fails_the_read_only_proof(tmp_path):
+def test_writes_during_prepare_pass_a_schema_change_fails_it(tmp_path):
     source = migrated_source(tmp_path)
 
     def app_writes(message):
@@ -243,9 +243,20 @@ def test_a_write_during_prepare_fails_the_read_only_proof(tmp_path):
             conn.commit()
             conn.close()
 
-    with pytest.raises(SourceError, match="changed while prepare ran"):
-        run_prepare(sqlite_path=source, progress=app_writes, **dirs(tmp_path))
-    assert state_mod.read_state(dirs(tmp_path)["state_file"]).phase == "nothing"
+    run_prepare(sqlite_path=source, progress=app_writes, **dirs(tmp_path))  # a live site
+    assert state_mod.read_state(dirs(tmp_path)["state_file"]).phase == "prepared"
+
+    def deploy_migrates(message):
+        if message.startswith("phase 5"):
+            conn = sqlite3.connect(source)
+            conn.execute("CREATE INDEX user_first_name ON accounts_user (first_name)")
+            conn.commit()
+            conn.close()
+
+    elsewhere = dirs(tmp_path / "again")
+    with pytest.raises(SourceError, match="schema changed while prepare ran"):
+        run_prepare(sqlite_path=source, progress=deploy_migrates, **elsewhere)
+    assert state_mod.read_state(elsewhere["state_file"]).phase == "nothing"
 
 
 def test_sigterm_during_prepare_leaves_nothing_marked(tmp_path):

@@ -3,6 +3,7 @@
 import json
 import os
 import sqlite3
+import time
 import uuid
 from io import StringIO
 from pathlib import Path
@@ -12,14 +13,14 @@ import pytest
 from auditlog.models import LogEntry
 from django.core.management import CommandError, call_command
 from django.core.management.color import no_style
-from django.db import connections
+from django.db import DatabaseError, connections
 from django.db.migrations.executor import MigrationExecutor
 from django.db.utils import load_backend
 from django.utils import timezone
 
 from accounts.models import KycVerification, LoginEvent, Membership, Organisation, User
+from dbmigration import fence, rollback
 from dbmigration import freeze as fz
-from dbmigration import rollback
 from dbmigration.plan import build_plan
 from dbmigration.state import MigrationState, read_state, write_state
 
@@ -260,3 +261,129 @@ def test_writes_during_stage_1_are_caught_under_the_freeze(state_file):
     net = {t.label: (t.inserted, t.updated, t.deleted) for t in result.carried}
     assert net["accounts.User"] == (2, 3, 2)
     assert net["accounts.LoginEvent"] == (0, 1, 0)  # inserted then deleted: nothing net
+
+
+# --- the fence on PostgreSQL: an observed drain, then triggers refuse every later write -------
+
+
+def fence_sqlite_as_the_switch_does():
+    lock = fence.hold_sqlite_write_lock(Path(sqlite_file()), timeout=5)
+    lock.fence([t.db_table for t in build_plan().tables], reason="switched to PostgreSQL")
+    lock.release()
+
+
+@pytest.fixture
+def pre_freeze_writer():
+    """A session of the application inside a transaction that wrote and never ends."""
+    cfg = connections.settings["postgresql"]
+    conn = psycopg.connect(
+        dbname=cfg["NAME"], host=cfg["HOST"], port=cfg["PORT"] or 5432, user=cfg["USER"]
+    )
+    conn.execute(
+        "INSERT INTO accounts_organisation (id, name, kind, cro_number, vat_number, "
+        "psra_licence, email, phone, address_line1, address_line2, town, county, eircode, "
+        "website, metadata, created_at, updated_at) VALUES (%s, 'Never committed', 'developer', "
+        "'', '', '', '', '', '', '', '', '', '', '', '{}', now(), now())",
+        [uuid.uuid4().hex],
+    )
+    yield conn
+    conn.close()
+
+
+def test_rollback_drains_fences_postgresql_and_unfences_sqlite(state_file, pre_freeze_writer):
+    org, users = seed_both()
+    write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))
+    new = write_on_postgresql(org, users)  # (its audit entries go through 'default': SQLite)
+    fence_sqlite_as_the_switch_does()
+
+    result = rollback.rollback_to_sqlite(state_file=state_file, drain_seconds=0.5)
+
+    steps = {s["name"]: s for s in json.loads(result.report_path.read_text())["steps"]}
+    drained = steps["drain_and_fence_postgresql"]["details"]
+    assert drained["drain"]["sessions_ended"] == 1  # the transaction past the bound was ended
+    assert drained["drain"]["waited_seconds"] >= 0.5
+    assert drained["fence"]["tables_fenced"] == len(build_plan().tables)
+    with pytest.raises(psycopg.OperationalError):  # its write was never acknowledged
+        pre_freeze_writer.commit()
+    assert not Organisation.objects.using("sqlite").filter(name="Never committed").exists()
+    assert User.objects.using("sqlite").filter(pk=new.pk).exists()
+    assert_same_everywhere()
+    # PostgreSQL refuses every later write; SQLite, live again, takes them
+    with pytest.raises(DatabaseError, match="propcore write fence: rolled back to SQLite"):
+        Organisation.objects.using("postgresql").create(name="Too late", kind="developer")
+    assert fence.postgres_fence("postgresql")["reason"] == "rolled back to SQLite"
+    assert fence.sqlite_fence(Path(sqlite_file())) is None
+    Organisation.objects.using("sqlite").create(name="Back on SQLite", kind="developer")
+
+
+def test_a_failed_rollback_lifts_the_postgresql_fence(state_file):
+    org, users = seed_both()
+    fence_sqlite_as_the_switch_does()
+    write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))
+
+    def fails_under_the_freeze(message):
+        if message.startswith("stage 2:"):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        rollback.rollback_to_sqlite(
+            state_file=state_file, drain_seconds=0, progress=fails_under_the_freeze
+        )
+    assert read_state(state_file).active_backend == "postgresql"
+    assert fence.postgres_fence("postgresql") is None  # PostgreSQL is live: it takes writes
+    Organisation.objects.using("postgresql").create(name="Still live", kind="developer")
+    assert fence.sqlite_fence(Path(sqlite_file())) is not None  # SQLite stays fenced
+
+
+def test_rollback_before_the_switch_lifts_a_killed_switch_fence(state_file):
+    write_state(state_file, MigrationState(phase="data_migrated"))
+    fence_sqlite_as_the_switch_does()  # the switch fenced SQLite, then died before the flip
+    run_rollback()
+    assert fence.sqlite_fence(Path(sqlite_file())) is None
+    Organisation.objects.using("sqlite").create(name="Writes again", kind="developer")
+
+
+def other_session_writes() -> str:
+    """One insert from a session that is not the runbook's; its outcome."""
+    cfg = connections.settings["postgresql"]
+    params = {"dbname": cfg["NAME"], "host": cfg["HOST"], "user": cfg["USER"]}
+    with psycopg.connect(**params, port=cfg["PORT"] or 5432, autocommit=True) as conn:
+        try:
+            conn.execute("DELETE FROM django_session")
+        except psycopg.Error as exc:
+            return str(exc).splitlines()[0]
+    return "written"
+
+
+def test_the_postgresql_fence_dies_with_its_session_until_kept():
+    pg = connections["postgresql"]
+    tables = [t.db_table for t in build_plan().tables]
+    fence.fence_postgres("postgresql", tables, reason="rolled back to SQLite", lock_timeout=5)
+    assert other_session_writes().startswith("propcore write fence: rolled back to SQLite")
+    pg.close()
+    pg.close_pool()  # the rollback killed under its freeze: its sessions end
+    deadline = time.monotonic() + 5  # the server notices the closed socket at once
+    while (outcome := other_session_writes()) != "written" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert outcome == "written"  # no manual action needed
+
+    fence.fence_postgres("postgresql", tables, reason="rolled back to SQLite", lock_timeout=5)
+    fence.keep_postgres_fence("postgresql", reason="rolled back to SQLite")  # the state flipped
+    pg.close()
+    pg.close_pool()
+    time.sleep(0.5)
+    assert other_session_writes().startswith("propcore write fence")
+    assert fence.postgres_fence("postgresql")["reason"] == "rolled back to SQLite"
+
+
+def test_a_writer_that_began_after_the_drain_is_ended_by_the_fence(pre_freeze_writer):
+    # (the fixture's transaction stands for one that began after the drain looked)
+    tables = [t.db_table for t in build_plan().tables]
+    fenced = fence.fence_postgres(
+        "postgresql", tables, reason="rolled back to SQLite", lock_timeout=0.5
+    )
+    assert fenced == {"tables_fenced": len(tables), "sessions_ended": 1}
+    with pytest.raises(psycopg.OperationalError):
+        pre_freeze_writer.commit()
+    assert not Organisation.objects.using("postgresql").filter(name="Never committed").exists()
+    assert other_session_writes().startswith("propcore write fence")

@@ -33,7 +33,7 @@ def test_unreadable_state_file_says_what_to_do(tmp_path):
         state_mod.read_state(path)
 
 
-def test_fingerprint_staleness_follows_every_kind_of_change(tmp_path):
+def test_staleness_follows_the_schema_and_migrations_not_the_rows(tmp_path):
     source = make_source(tmp_path / "s.sqlite3", rows=5)
     prepared = state_mod.MigrationState(phase="prepared")
     assert state_mod.stale_reasons(prepared, source_fingerprint(source)) == [
@@ -41,30 +41,35 @@ def test_fingerprint_staleness_follows_every_kind_of_change(tmp_path):
     ]
     prepared.source_fingerprint = source_fingerprint(source)
     assert state_mod.stale_reasons(prepared, source_fingerprint(source)) == []
-    assert not state_mod.is_prepare_stale(prepared, source_fingerprint(source))
 
     conn = sqlite3.connect(source)
     conn.execute("UPDATE item SET name = 'same length!' WHERE id = 1")
+    conn.execute("INSERT INTO item (name) VALUES ('late')")
+    conn.commit()
+    current = source_fingerprint(source)
+    assert current["sha256"] != prepared.source_fingerprint["sha256"]  # the rows changed...
+    assert not state_mod.is_prepare_stale(prepared, current)  # ...which --sync carries
+
+    conn.execute("CREATE INDEX item_name ON item (name)")
+    conn.commit()
+    assert state_mod.stale_reasons(prepared, source_fingerprint(source)) == [
+        "schema_sha256 changed since migration_prepare"
+    ]
+    conn.execute("DROP INDEX item_name")
+    conn.execute("INSERT INTO django_migrations (app, name) VALUES ('accounts', '0099_new')")
     conn.commit()
     conn.close()
-    reasons = state_mod.stale_reasons(prepared, source_fingerprint(source))
-    assert "sha256 changed since migration_prepare" in reasons
-    assert state_mod.is_prepare_stale(prepared, source_fingerprint(source))
-
-
-def test_wal_commits_not_yet_checkpointed_make_a_prepare_stale(tmp_path):
-    source = make_source(tmp_path / "w.sqlite3", rows=5, wal=True)
-    keep_open = sqlite3.connect(source)  # holds the WAL so it is not checkpointed on close
-    keep_open.execute("PRAGMA wal_autocheckpoint=0")
-    prepared = state_mod.MigrationState(
-        phase="prepared", source_fingerprint=source_fingerprint(source)
+    assert "migrations changed since migration_prepare" in state_mod.stale_reasons(
+        prepared, source_fingerprint(source)
     )
-    main_before = prepared.source_fingerprint["sha256"]
-    keep_open.execute("INSERT INTO item (name) VALUES ('late')")
-    keep_open.commit()
-    current = source_fingerprint(source)
-    assert current["sha256"] == main_before  # the main file did not change...
-    reasons = state_mod.stale_reasons(prepared, current)
-    assert "wal_sha256 changed since migration_prepare" in reasons  # ...the WAL did
-    assert "row_counts changed since migration_prepare" in reasons
-    keep_open.close()
+
+
+def test_the_write_fence_is_not_a_schema_change(tmp_path):
+    from dbmigration import fence
+
+    source = make_source(tmp_path / "f.sqlite3", rows=5)
+    prepared = state_mod.MigrationState(source_fingerprint=source_fingerprint(source))
+    lock = fence.hold_sqlite_write_lock(source, timeout=1)
+    lock.fence(["item"], reason="test")
+    lock.release()
+    assert not state_mod.is_prepare_stale(prepared, source_fingerprint(source))

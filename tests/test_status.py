@@ -55,11 +55,14 @@ def test_prepared_then_stale(tmp_path):
     assert "Next:           migrate_data" in out and "Stale" not in out
 
     conn = sqlite3.connect(source)
-    conn.execute("INSERT INTO item (name) VALUES ('new')")
+    conn.execute("INSERT INTO item (name) VALUES ('new')")  # rows change on a live site
+    conn.commit()
+    assert "Stale" not in _status(tmp_path, source)
+    conn.execute("CREATE INDEX item_name ON item (name)")  # the schema must not
     conn.commit()
     conn.close()
     out = _status(tmp_path, source)
-    assert "Stale prepare:  row_counts changed since migration_prepare" in out
+    assert "Stale prepare:  schema_sha256 changed since migration_prepare" in out
     assert "Next:           migration_prepare (the source changed since it ran)" in out
 
 

@@ -42,8 +42,9 @@ class Command(BaseCommand):
         parser.add_argument(
             "--drain-seconds",
             type=float,
-            default=2.0,
-            help="Seconds to wait after the freeze starts, so in-flight writes finish (2).",
+            default=10.0,
+            help="Longest wait for transactions begun before the freeze to end; those left "
+            "are ended (10).",
         )
 
     def handle(self, *args, **options):

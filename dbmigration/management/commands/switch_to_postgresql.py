@@ -28,8 +28,8 @@ class Command(BaseCommand):
         parser.add_argument(
             "--drain-seconds",
             type=float,
-            default=2.0,
-            help="Seconds to wait after the freeze starts, so in-flight writes finish (2).",
+            default=10.0,
+            help="Longest wait after the freeze starts for SQLite's write lock (10).",
         )
         parser.add_argument(
             "--freeze-timeout",

@@ -1,0 +1,344 @@
+"""The write fence: the store being left refuses every write at the database itself.
+
+The freeze (freeze.py) is honoured by the application's middleware at the start of a request;
+a request already past that point, a cron job, a worker or a shell never looks at it.  The
+fence closes that gap where no process can step around it:
+
+- SQLite, during the switch: the runbook takes SQLite's write lock (``BEGIN IMMEDIATE``).
+  Getting it *is* the drain: every transaction that started writing has committed by then,
+  and no other connection can commit until it is released.  The last changes are read and
+  carried under the lock, and before releasing it the runbook creates, in the same
+  transaction, a one-row table ``propcore_fence`` and ``BEFORE INSERT/UPDATE/DELETE``
+  triggers on every copied table that ``RAISE(ABORT, 'propcore write fence: ...')``.  Any
+  later write on the file fails.  The data is never touched: the fence is schema objects the
+  runbook owns, and the rollback removes them when it makes SQLite live again.
+- PostgreSQL, during the rollback: the drain is observed in ``pg_stat_activity``: wait until
+  no session of the database still runs a transaction that began before the freeze; past
+  the bound, end those sessions (``pg_terminate_backend``).  Then statement-level triggers on
+  every copied table raise ``propcore write fence: ...`` (who fenced and when: the comment
+  of their function).  Triggers, unlike revokes or ``default_transaction_read_only``, bind
+  every session at once, pooled ones included, and bind a superuser too (the application and
+  the runbook connect as the same role in dev).  Creating a trigger waits for the
+  transactions that already wrote to that table, so once every table is fenced no
+  uncommitted write is left anywhere.  Until the rollback has flipped the state, the fence
+  holds only while the runbook's session lives (a lease: a killed rollback leaves PostgreSQL
+  writable); then it stays on the inactive PostgreSQL until the runbook writes to it again
+  (migrate_data, the next switch).
+
+A write refused by either fence raises a database error whose text holds ``FENCE_MARK``;
+the middleware answers it 503 (retry), like the freeze, never 500.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from dbmigration.errors import MigrationError
+
+FENCE_MARK = "propcore write fence"
+FENCE_TABLE = "propcore_fence"
+TRIGGER_PREFIX = "propcore_fence__"  # SQLite: one trigger per table and operation
+PG_FUNCTION = "propcore_fence_refuse"
+PG_TRIGGER = "propcore_fence"
+ADMIN_SHUTDOWN = "57P01"  # the SQLSTATE a session ended by pg_terminate_backend sees
+LOCK_NOT_AVAILABLE = "55P03"
+
+
+class DrainTimeout(MigrationError):
+    """A transaction that began before the freeze was still open at the drain's bound."""
+
+    returncode = 8
+
+
+def is_fence_refusal(exc: BaseException) -> bool:
+    """Whether a database error is a fence refusing a write or ending a straggler's session."""
+    seen, visited = exc, set()
+    while seen is not None and id(seen) not in visited:  # a chain may loop back on itself
+        if FENCE_MARK in str(seen) or getattr(seen, "sqlstate", None) == ADMIN_SHUTDOWN:
+            return True
+        visited.add(id(seen))
+        seen = seen.__cause__
+    return False
+
+
+def _message(reason: str) -> str:
+    return f"{FENCE_MARK}: {reason}; retry the request (it goes to the active database)"
+
+
+def _qi(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+# --- SQLite -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SqliteWriteLock:
+    """SQLite's write lock, held by the runbook in an open ``BEGIN IMMEDIATE`` transaction."""
+
+    path: Path
+    conn: sqlite3.Connection
+    waited_seconds: float
+    fenced: bool = False
+
+    def fence(self, tables: Iterable[str], *, reason: str) -> None:
+        """Create the fence in the held transaction and commit: the lock ends, the fence holds."""
+        _create_sqlite_fence(self.conn, tables, reason=reason)
+        self.conn.execute("COMMIT")
+        self.fenced = True
+
+    def release(self) -> None:
+        """Let writers in again; without a committed fence nothing of ours remains."""
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+        self.conn.close()
+
+
+def hold_sqlite_write_lock(path: Path, *, timeout: float) -> SqliteWriteLock:
+    """Wait (at most timeout s) for SQLite's write lock and keep it: the SQLite drain."""
+    conn = sqlite3.connect(Path(path), timeout=timeout, isolation_level=None)
+    started = time.monotonic()
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        conn.close()
+        if "locked" not in str(exc) and "busy" not in str(exc):
+            raise
+        raise DrainTimeout(
+            f"Another connection held SQLite's write lock for more than {timeout:g} s after "
+            f"the write freeze began (a long transaction in {path}); nothing was switched and "
+            "the application keeps writing to SQLite. Find that transaction or raise "
+            "--drain-seconds, then run the command again."
+        ) from None
+    return SqliteWriteLock(Path(path), conn, round(time.monotonic() - started, 3))
+
+
+def _create_sqlite_fence(conn: sqlite3.Connection, tables: Iterable[str], *, reason: str) -> None:
+    _drop_sqlite_fence(conn)  # a leftover of a killed run, replaced by ours
+    conn.execute(f"CREATE TABLE {FENCE_TABLE} (reason TEXT NOT NULL, since REAL NOT NULL)")
+    conn.execute(f"INSERT INTO {FENCE_TABLE} VALUES (?, ?)", [reason, time.time()])
+    refuse = f"SELECT RAISE(ABORT, {_literal(_message(reason))})"
+    for table in tables:
+        for operation in ("INSERT", "UPDATE", "DELETE"):
+            name = f"{TRIGGER_PREFIX}{table}__{operation.lower()}"
+            conn.execute(
+                f"CREATE TRIGGER {_qi(name)} BEFORE {operation} ON {_qi(table)} BEGIN {refuse}; END"
+            )
+
+
+def _drop_sqlite_fence(conn: sqlite3.Connection) -> bool:
+    triggers = [
+        row[0]
+        for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger' AND substr(name, 1, ?) = ?",
+            [len(TRIGGER_PREFIX), TRIGGER_PREFIX],
+        )
+    ]
+    table = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [FENCE_TABLE]
+    ).fetchone()
+    for name in triggers:
+        conn.execute(f"DROP TRIGGER IF EXISTS {_qi(name)}")
+    conn.execute(f"DROP TABLE IF EXISTS {FENCE_TABLE}")
+    return bool(triggers or table)
+
+
+def lift_sqlite_fence(path: Path, *, timeout: float = 20.0) -> bool:
+    """Remove the fence from a SQLite file (ours, or a killed run's); return whether it had one."""
+    if not Path(path).exists() or not _has_sqlite_fence(path):
+        return False  # checked first without the write lock, which may be busy
+    conn = sqlite3.connect(Path(path), timeout=timeout, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        had = _drop_sqlite_fence(conn)
+        conn.execute("COMMIT" if had else "ROLLBACK")
+        return had
+    finally:
+        conn.close()
+
+
+def _has_sqlite_fence(path: Path) -> bool:
+    conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        return bool(
+            conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = ? OR substr(name, 1, ?) = ?",
+                [FENCE_TABLE, len(TRIGGER_PREFIX), TRIGGER_PREFIX],
+            ).fetchone()
+        )
+    finally:
+        conn.close()
+
+
+def sqlite_fence(path: Path) -> dict | None:
+    """The fence on a SQLite file ({reason, since}), or None; read-only."""
+    if not Path(path).exists():
+        return None
+    conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        row = conn.execute(f"SELECT reason, since FROM {FENCE_TABLE}").fetchone()
+    except sqlite3.OperationalError:  # no such table: no fence
+        return None
+    finally:
+        conn.close()
+    return {"reason": row[0], "since": row[1]} if row else None
+
+
+# --- PostgreSQL ---------------------------------------------------------------------------------
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    return getattr(exc.__cause__, "sqlstate", None) or getattr(exc, "sqlstate", None)
+
+
+def _old_transactions(cur, since) -> list[tuple[int, float]]:
+    """Other sessions of this database inside a transaction that began before `since`."""
+    cur.execute(
+        "SELECT pid, extract(epoch FROM now() - xact_start)::float8 FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+        "AND backend_type = 'client backend' AND xact_start < %s",
+        [since],
+    )
+    return cur.fetchall()
+
+
+def drain_postgres(alias: str, *, timeout: float, poll: float = 0.1) -> dict:
+    """Call right after the freeze: wait until no transaction that began before is still
+    open; end the sessions of those left after timeout seconds."""
+    from django.db import connections
+
+    started = time.monotonic()
+    with connections[alias].cursor() as cur:
+        cur.execute("SELECT clock_timestamp()")  # the server's clock: no skew with ours
+        (since,) = cur.fetchone()
+        while (old := _old_transactions(cur, since)) and time.monotonic() - started < timeout:
+            time.sleep(poll)
+        ended = []
+        for pid, _age in old:
+            cur.execute("SELECT pg_terminate_backend(%s)", [pid])
+            if cur.fetchone()[0]:
+                ended.append(pid)
+    return {
+        "waited_seconds": round(time.monotonic() - started, 3),
+        "bound_seconds": timeout,
+        "sessions_ended": len(ended),
+    }
+
+
+def _refuse_function(reason: str, *, holder: tuple[int, object] | None) -> str:
+    """The trigger function: refuse always, or only while the holder's session lives."""
+    refuse = (
+        f"RAISE EXCEPTION USING MESSAGE = {_literal(_message(reason))}, "
+        "ERRCODE = 'read_only_sql_transaction';"
+    )
+    if holder is not None:
+        pid, started = holder
+        refuse = (
+            "IF EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = "
+            f"{int(pid)} AND backend_start = {_literal(str(started))}::timestamptz) "
+            f"THEN {refuse} END IF; RETURN NULL;"
+        )
+    # SECURITY DEFINER: the application's role may not see the runbook's session otherwise
+    return (
+        f"CREATE OR REPLACE FUNCTION {PG_FUNCTION}() RETURNS trigger LANGUAGE plpgsql "
+        f"SECURITY DEFINER SET search_path = pg_catalog AS $$BEGIN {refuse} END$$"
+    )
+
+
+def fence_postgres(alias: str, tables: Iterable[str], *, reason: str, lock_timeout: float) -> dict:
+    """Make every write to tables fail, in every session; wait for writers already in them.
+
+    The fence is a lease: it holds while this session lives, so a rollback killed under it
+    does not leave PostgreSQL refusing writes.  ``keep_postgres_fence`` makes it permanent.
+    """
+    from django.db import connections
+
+    tables = list(tables)
+    ended = 0
+    with connections[alias].cursor() as cur:
+        cur.execute("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+        cur.execute(_refuse_function(reason, holder=cur.fetchone()))
+        _describe(cur, reason)
+        cur.execute(f"SET lock_timeout = {int(lock_timeout * 1000)}")
+        try:
+            # one table per statement (autocommit): we never hold one table's lock while
+            # waiting for another's, so the application's transactions cannot deadlock with us
+            for table in tables:
+                ended += _fence_table(cur, table)
+        finally:
+            cur.execute("RESET lock_timeout")
+    return {"tables_fenced": len(tables), "sessions_ended": ended}
+
+
+def keep_postgres_fence(alias: str, *, reason: str) -> None:
+    """Make the fence outlive this session: PostgreSQL is now the store left behind."""
+    from django.db import connections
+
+    with connections[alias].cursor() as cur:
+        cur.execute(_refuse_function(reason, holder=None))
+        _describe(cur, reason)
+
+
+def _describe(cur, reason: str) -> None:
+    # who fenced and when: the function's comment (a table would look like foreign data to
+    # migration_prepare's check of the target)
+    about = json.dumps({"reason": reason, "since": time.time()})
+    cur.execute(f"COMMENT ON FUNCTION {PG_FUNCTION}() IS {_literal(about)}")
+
+
+def _fence_table(cur, table: str) -> int:
+    """Create the trigger on table; if a writer holds it past lock_timeout, end it and retry."""
+    from django.db import OperationalError
+
+    create = (
+        f"CREATE OR REPLACE TRIGGER {PG_TRIGGER} BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE "
+        f"ON {_qi(table)} FOR EACH STATEMENT EXECUTE FUNCTION {PG_FUNCTION}()"
+    )
+    try:
+        cur.execute(create)
+        return 0
+    except OperationalError as exc:
+        if _sqlstate(exc) != LOCK_NOT_AVAILABLE:
+            raise
+    # a transaction that started after the freeze (a request already past the middleware)
+    # still writes this table: end it, as the drain ends the old ones
+    cur.execute(
+        "SELECT pg_terminate_backend(l.pid) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+        "WHERE l.relation = %s::regclass AND l.pid <> pg_backend_pid() "
+        "AND a.datname = current_database()",
+        [_qi(table)],
+    )
+    ended = sum(1 for (done,) in cur.fetchall() if done)
+    cur.execute(create)
+    return ended
+
+
+def lift_postgres_fence(alias: str) -> bool:
+    """Remove the fence from PostgreSQL (the function, its triggers, the table); say if any."""
+    from django.db import connections
+
+    with connections[alias].cursor() as cur:
+        cur.execute("SELECT to_regproc(%s) IS NOT NULL", [PG_FUNCTION])
+        had = cur.fetchone()[0]
+        # dropping the function drops every trigger that calls it
+        cur.execute(f"DROP FUNCTION IF EXISTS {PG_FUNCTION}() CASCADE")
+    return bool(had)
+
+
+def postgres_fence(alias: str) -> dict | None:
+    """The fence on PostgreSQL ({reason, since}), or None."""
+    from django.db import connections
+
+    with connections[alias].cursor() as cur:
+        cur.execute("SELECT obj_description(to_regproc(%s), 'pg_proc')", [PG_FUNCTION])
+        about = cur.fetchone()[0]
+    return json.loads(about) if about else None
