@@ -89,7 +89,7 @@ def diff_table(
         if ours.buckets.get(b) != theirs.buckets.get(b)
     }
     if bad:
-        diff.mismatched_ranges = [ranges.describe(b, table.pk_column) for b in sorted(bad, key=str)]
+        diff.mismatched_ranges = [ranges.describe(b, table.pk_label) for b in sorted(bad, key=str)]
         left = row_digests(source, table, ranges, bad, exclude=exclude)
         right = row_digests(target, table, ranges, bad)
         diff.inserted_pks = [left[k][1] for k in sorted(set(left) - set(right))]
@@ -164,13 +164,11 @@ def sync_to_postgresql(
             for table, diff in zip(plan.tables, diffs, strict=True):
                 if not diff.changed:
                     continue
-                pk_field = table.columns[table.pk_index].field
                 gone = diff.deleted_pks + diff.updated_pks
                 for chunk in _chunks(gone):
-                    values = [pk_field.get_db_prep_value(v, pg) for v in chunk]
                     cur.execute(
-                        f"DELETE FROM {qi(table.db_table)} WHERE {qi(table.pk_column)} = ANY(%s)",
-                        [values],
+                        f"DELETE FROM {qi(table.db_table)} WHERE {table.key_in(len(chunk), '%s')}",
+                        table.key_params(chunk, pg),
                     )
                     result.rows_deleted += cur.rowcount
                 wanted = diff.inserted_pks + diff.updated_pks
@@ -178,12 +176,10 @@ def sync_to_postgresql(
                 cols = ", ".join(qi(c) for c in table.column_names)
                 with cur.cursor.copy(f"COPY {qi(table.db_table)} ({cols}) FROM STDIN") as cp:
                     for chunk in _chunks(wanted):
-                        keys = [pk_field.get_db_prep_value(v, lite) for v in chunk]
-                        marks = ", ".join("?" * len(keys))
                         rows = conn.execute(
                             f"SELECT {cols} FROM {qi(table.db_table)} "
-                            f"WHERE {qi(table.pk_column)} IN ({marks})",
-                            keys,
+                            f"WHERE {table.key_in(len(chunk))}",
+                            table.key_params(chunk, lite),
                         ).fetchall()
                         for raw in rows:
                             try:

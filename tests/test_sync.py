@@ -104,3 +104,31 @@ def test_sync_rejects_new_rows_pointing_nowhere(tmp_path):
     with pytest.raises(RowsRejected, match="points to a missing accounts_user.id"):
         sync_to_postgresql(sqlite_path=source_path(), state_file=state)
     assert LoginEvent.objects.using("postgresql").count() == 1
+
+
+@ALL
+def test_sync_by_composite_key(tmp_path):
+    """Issue 9.3: --sync finds and writes rows of a CompositePrimaryKey table by its tuple."""
+    from tests.corpus.relations.models import AutoKey, CompositeKey
+
+    owner = AutoKey.objects.using("sqlite").create(name="o")
+    for slot in "abc":
+        CompositeKey.objects.using("sqlite").create(owner=owner, slot=slot, note=slot)
+    state = tmp_path / "state.json"
+    copy_data(sqlite_path=source_path(), state_file=state)
+    lite = CompositeKey.objects.using("sqlite")
+    lite.filter(pk=(owner.pk, "a")).update(note="changed")
+    lite.filter(pk=(owner.pk, "b")).delete()
+    lite.create(owner=owner, slot="d", note="new")
+    table = build_plan().table("corpus_relations_compositekey")
+    diff = diff_table(
+        source=Side(sqlite_path=source_path()), target=Side(alias="postgresql"), table=table
+    )
+    assert (diff.inserted_pks, diff.updated_pks, diff.deleted_pks) == (
+        [(owner.pk, "d")],
+        [(owner.pk, "a")],
+        [(owner.pk, "b")],
+    )
+    sync_to_postgresql(sqlite_path=source_path(), state_file=state)
+    pg = CompositeKey.objects.using("postgresql")
+    assert sorted(pg.values_list("slot", "note")) == [("a", "changed"), ("c", "c"), ("d", "new")]
