@@ -854,6 +854,7 @@ class _Run:
     marks: dict  # done markers and pending DDL, mirrored in the state file
     skip: dict[str, set] = dataclasses.field(default_factory=dict)  # quarantined raw pks
     quarantine: bool = False
+    refused: list[RejectedRow] = dataclasses.field(default_factory=list)  # by COPY, set aside
     state_file: Path | None = None
     progress: Progress | None = None
     sqlite_path: Path | None = None
@@ -956,6 +957,8 @@ def _load(
         # biggest first, so the two lanes end close together
         failed = _load_in_lanes(run, sorted(todo, key=lambda t: -sizes[t.db_table]), early, drop)
         run.save_marks()
+        if run.refused and not failed:
+            _set_aside(run, run.refused)  # and the rows pointing at them: keys build next
         if not failed:  # every table is in: foreign keys can build too, and the data-only
             early.submit(drop, stage=1)  # steps run meanwhile
             _reset_and_refresh(pg, run.plan)
@@ -1245,10 +1248,12 @@ class _Chunk:
     repaired: list[RepairedRow]
     in_python: int = 0  # rows converted value by value in Python
     text: bytes = b""  # COPY text of those rows when data is in the binary format
+    keys: list | None = None  # raw keys of the rows in data, in order (Python path only)
 
 
-def _convert_rows(rc: RowConverter, batch, skip, emit) -> _Chunk:
-    """Convert a batch; good rows go to emit(row), bad ones into the chunk."""
+def _convert_rows(rc: RowConverter, batch, skip, emit, keys: list | None = None) -> _Chunk:
+    """Convert a batch; good rows go to emit(row) (their keys to keys), bad ones into
+    the chunk."""
     rejected: list[RejectedRow] = []
     repaired: list[RepairedRow] = []
     written = 0
@@ -1267,6 +1272,8 @@ def _convert_rows(rc: RowConverter, batch, skip, emit) -> _Chunk:
                 for column, rule in rc.log.applied
             )
         emit(row)
+        if keys is not None:
+            keys.append(key_of(raw))
         written += 1
     return _Chunk(None, len(batch), written, rejected, repaired, in_python=len(batch))
 
@@ -1274,8 +1281,9 @@ def _convert_rows(rc: RowConverter, batch, skip, emit) -> _Chunk:
 def _python_chunks(conn, rc: RowConverter, skip) -> Iterator[_Chunk]:
     for batch in read_rows(conn, rc.table):
         rows: list = []
-        chunk = _convert_rows(rc, batch, skip, rows.append)
-        chunk.data = rows
+        keys: list = []
+        chunk = _convert_rows(rc, batch, skip, rows.append, keys)
+        chunk.data, chunk.keys = rows, keys
         yield chunk
 
 
@@ -1300,17 +1308,78 @@ def _formatted_chunks(
 
 def _copy_table(run: _Run, table: PlannedTable, conn) -> None:
     """Load one table; if PostgreSQL refuses a value the C formatter let through, redo the
-    table value by value in Python, which finds and names the row."""
+    table value by value in Python, which finds and names the row: refused (nothing of the
+    table kept), or under --quarantine set aside and the table loaded again without it."""
     lines = line_plan(table, run.targets[table.db_table])
     if table.composite and run.skip.get(table.db_table):
         lines = None  # the C reader skips rows by a one-column key only
     rejected_before = run.sink.total
+    refused = None
     try:
         _load_table(run, table, lines, conn)
+        return
     except TargetError as exc:
         if lines is None or run.sink.total != rejected_before or not _value_refused(exc):
             raise
-        _load_table(run, table, None, conn)
+    except _CopyRefused as exc:
+        refused = exc.row
+    for _ in range(MAX_REFUSED_RETRIES):
+        try:
+            if refused is None:
+                _load_table(run, table, None, conn)  # names the row if PostgreSQL refuses again
+                return
+            if not run.quarantine:
+                run.sink.extend([refused])
+                raise _TableRejected(table.db_table)
+            # set aside, with the rows pointing at it (before the foreign keys build)
+            run.refused.append(refused)
+            run.skip.setdefault(table.db_table, set()).add(refused.raw_pk)
+            refused = None
+        except _CopyRefused as exc:
+            refused = exc.row
+    raise TargetError(
+        f"PostgreSQL refused more than {MAX_REFUSED_RETRIES} rows of {table.db_table} that "
+        "the checks before COPY let through; nothing of this table was kept."
+    )
+
+
+MAX_REFUSED_RETRIES = 100  # rows PostgreSQL refuses at COPY set aside, one reload each
+
+
+def _refused_row(
+    table: PlannedTable, exc: Exception, keys: list | None, conn
+) -> RejectedRow | None:
+    """The row a COPY refusal names by line ("COPY t, line 3"), when every line was one
+    row we wrote in Python (a generated ``a + b`` that overflows int4 in PostgreSQL's own
+    arithmetic, a value our casts let through)."""
+    import re
+
+    diag = getattr(exc, "diag", None) or getattr(exc.__cause__, "diag", None)
+    found = re.search(r"\bline (\d+)", (diag and diag.context) or "")
+    if keys is None or found is None or not 0 < int(found.group(1)) <= len(keys):
+        return None
+    key = keys[int(found.group(1)) - 1]
+    column = re.search(r", column (.+?):", diag.context or "")
+    computed = ", ".join(f"{c.name} = {c.field.expression!r}" for c in table.generated)
+    return RejectedRow(
+        table=table.db_table,
+        pk=plain_key(key),
+        raw_pk=key,
+        column=column.group(1) if column else ",".join(c.name for c in table.generated) or "?",
+        code="postgresql",
+        reason=f"PostgreSQL refused the row: {diag.message_primary}"
+        + (f" (it computes {computed})" if computed and not column else ""),
+        excerpt=excerpt(plain_key(key)),
+        values=fetch_row(conn, table, key),
+    )
+
+
+class _CopyRefused(Exception):
+    """PostgreSQL refused one row of a COPY (named by its line); nothing of the table kept."""
+
+    def __init__(self, row: RejectedRow):
+        super().__init__(row.reason)
+        self.row = row
 
 
 def _value_refused(exc: BaseException) -> bool:
@@ -1345,6 +1414,7 @@ def _load_table(run: _Run, table: PlannedTable, lines: LinePlan | None, conn) ->
     repaired: list[RepairedRow] = []
     read = written = in_python = 0
     binary = lines is not None and lines.binary
+    copied_keys: list = []  # Python path: line N of the COPY is copied_keys[N - 1]
     try:
         with (
             transaction.atomic(using=pg.alias),
@@ -1367,6 +1437,8 @@ def _load_table(run: _Run, table: PlannedTable, lines: LinePlan | None, conn) ->
                         else:
                             for row in chunk.data:
                                 cp.write_row(row)
+                            if chunk.keys is not None:
+                                copied_keys += chunk.keys
                         spool.write(chunk.text)
                         written += chunk.written
                     read += chunk.read
@@ -1392,6 +1464,10 @@ def _load_table(run: _Run, table: PlannedTable, lines: LinePlan | None, conn) ->
         from django.db import DatabaseError
 
         if isinstance(exc, psycopg.Error | DatabaseError):
+            refused = _refused_row(table, exc, copied_keys if lines is None else None, conn)
+            if refused is not None:
+                out.rows_read, out.seconds = read, round(time.perf_counter() - started, 3)
+                raise _CopyRefused(refused) from exc
             raise TargetError(
                 f"PostgreSQL refused {table.db_table}: {exc}. Nothing of this table was kept."
             ) from exc

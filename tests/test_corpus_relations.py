@@ -65,6 +65,15 @@ def prepared(state_file: Path) -> None:
     state_mod.write_state(state_file, state)
 
 
+def prepared_again(state_file: Path) -> None:
+    """The source was fixed: record its new fingerprint, keeping the copy's markers (what
+    an earlier run dropped and could not rebuild is still owed)."""
+    state = state_mod.read_state(state_file)
+    state.phase = "prepared"
+    state.source_fingerprint = source_fingerprint(source_path())
+    state_mod.write_state(state_file, state)
+
+
 def run(name: str, *args) -> str:
     out = StringIO()
     call_command(name, *args, stdout=out, stderr=StringIO(), verbosity=1)
@@ -159,7 +168,7 @@ def test_every_shape_is_planned():
     assert composite.key_of((7, "x", "note")) == (7, "x")
     computed = plan.table("corpus_relations_computed")
     assert "total" not in computed.column_names
-    assert [c.name for c in computed.generated] == ["total", "lowered"]
+    assert [c.name for c in computed.generated] == ["total", "lowered", "product"]
     loose = plan.table("corpus_relations_looselink")
     assert loose.foreign_keys == ()  # no constraint in the database: nothing to enforce
 
@@ -214,7 +223,17 @@ def plant_postgresql_only_refusals() -> dict:
     pointing = m.ToFieldChild.objects.using(LITE).create(target=target, to_uuid=twin)
     keep = m.Indexed.objects.using(LITE).create(kind="Äpfel", rank=7)
     clash = m.Indexed.objects.using(LITE).create(kind="äpfel", rank=8)
-    return {"over": over.pk, "pointing": pointing.pk, "keep": keep.pk, "clash": clash.pk}
+    # a * b fits the bigint column, but PostgreSQL computes it in int4: refused at COPY
+    product = m.Computed.objects.using(LITE).create(a=65536, b=65536, name="product")
+    uses = m.ToFieldChild.objects.using(LITE).create(target=target, computed=product)
+    return {
+        "over": over.pk,
+        "pointing": pointing.pk,
+        "keep": keep.pk,
+        "clash": clash.pk,
+        "product": product.pk,
+        "uses": uses.pk,
+    }
 
 
 @ALL
@@ -223,6 +242,7 @@ def test_dry_run_predicts_what_it_can(runbook):
     the functional unique only PostgreSQL can judge (README says so)."""
     fill()
     planted = plant_postgresql_only_refusals()
+    assert m.Computed.objects.using(LITE).get(pk=planted["product"]).product == 1 << 32
     found = {
         (r.table, r.pk, r.column): r for r in scan_source(sqlite_path=source_path()).rejections
     }
@@ -245,7 +265,18 @@ def test_default_run_names_postgresql_only_refusals_and_leaves_no_half_schema(ru
     m.Computed.objects.using(LITE).filter(pk=planted["over"]).delete()
     raw_sql("DELETE FROM corpus_relations_tofieldchild WHERE id = ?", [planted["pointing"]])
     raw_sql("DELETE FROM corpus_relations_uuidkey WHERE id = ?", [UPPER.lower()])
+    # the product PostgreSQL computes in int4: refused at COPY, named by the line it was on
     prepared(runbook.STATE_FILE)
+    with pytest.raises(CommandError) as caught:
+        run("migrate_data")
+    assert caught.value.returncode == 5
+    message = str(caught.value)
+    assert f"corpus_relations_computed pk={planted['product']}" in message
+    assert "integer out of range" in message and "product = " in message
+    raw_sql("DELETE FROM corpus_relations_tofieldchild WHERE id = ?", [planted["uses"]])
+    raw_sql("DELETE FROM corpus_relations_computed WHERE id = ?", [planted["product"]])
+    # then the functional unique, found by asking PostgreSQL why its index did not build
+    prepared_again(runbook.STATE_FILE)
     with pytest.raises(CommandError) as caught:
         run("migrate_data")
     assert caught.value.returncode == 5
@@ -261,7 +292,7 @@ def test_default_run_names_postgresql_only_refusals_and_leaves_no_half_schema(ru
     assert {"corpus_indexed_lower_kind_uniq", "corpus_indexed_rank_active"} <= indexes
     # fixed in SQLite, the next run copies and verifies everything
     m.Indexed.objects.using(LITE).filter(pk=planted["clash"]).delete()
-    prepared(runbook.STATE_FILE)
+    prepared_again(runbook.STATE_FILE)
     assert "migrate_data (copy) done." in run("migrate_data")
     assert_orm_equal()
 
@@ -283,6 +314,8 @@ def test_quarantine_sets_postgresql_only_refusals_aside(runbook):
             json.dumps(planted["clash"]),
             "corpus_indexed_lower_kind_uniq",
         ),
+        ("corpus_relations_computed", json.dumps(planted["product"]), "total,lowered,product"),
+        ("corpus_relations_tofieldchild", json.dumps(planted["uses"]), "computed_id"),
     }
     assert not m.Indexed.objects.using(PG).filter(pk=planted["clash"]).exists()
     assert m.Indexed.objects.using(PG).filter(pk=planted["keep"]).exists()

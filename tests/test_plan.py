@@ -153,4 +153,5 @@ def test_generated_columns_are_kept_apart_for_verification():
     assert [(c.name, c.internal_type) for c in computed.generated] == [
         ("total", "IntegerField"),
         ("lowered", "CharField"),
+        ("product", "BigIntegerField"),
     ]

@@ -68,6 +68,7 @@ class ToFieldChild(models.Model):
     target = models.ForeignKey(ToFieldTarget, to_field="code", on_delete=models.CASCADE)
     to_uuid = models.ForeignKey(UUIDKey, null=True, on_delete=models.SET_NULL)
     to_char = models.ForeignKey(CharKey, null=True, on_delete=models.SET_NULL)
+    computed = models.ForeignKey("Computed", null=True, on_delete=models.SET_NULL)
 
 
 class Node(models.Model):
@@ -169,6 +170,12 @@ class Computed(models.Model):
     name = models.CharField(max_length=50)
     lowered = models.GeneratedField(
         expression=Lower("name"), output_field=models.CharField(max_length=50), db_persist=True
+    )
+    # a bigint column, but PostgreSQL multiplies two int4 in int4: only it can judge
+    product = models.GeneratedField(
+        expression=models.F("a") * models.F("b"),
+        output_field=models.BigIntegerField(),
+        db_persist=True,
     )
 
 
