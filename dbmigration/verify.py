@@ -352,15 +352,17 @@ def side_sums(
 ) -> SideSums:
     """Count rows and sum row hashes per primary-key range on one side."""
     readers = column_readers(table, side.django_connection)
-    key, stored_key = key_text(table), stored_key_text(table)
+    key, stored = key_text(table), _stored_key(side, table, exclude)
     sums = SideSums()
     buckets = sums.buckets
     for batch in iter_rows(side, table):
         for raw in batch:
-            if exclude and stored_key(raw) in exclude:
+            if stored is not None and stored(raw) in exclude:
                 continue
             values = list(map(_call, readers, raw))
             pk = key(values)
+            if exclude and stored is None and pk in exclude:
+                continue
             digest = row_digest(values)
             slot = buckets.get(ranges.bucket(pk))
             if slot is None:
@@ -461,17 +463,17 @@ def row_digests(
 ) -> dict[str, tuple[int, Any]]:
     """Return {canonical pk: (row hash, Django's pk value)} for rows in the given ranges."""
     readers = column_readers(table, side.django_connection)
-    key, stored_key = key_text(table), stored_key_text(table)
+    key, stored = key_text(table), _stored_key(side, table, exclude)
     connection = side.django_connection
     python_key = key_reader(table, connection)
     found = {}
     for batch in iter_rows(side, table):
         for raw in batch:
-            if exclude and stored_key(raw) in exclude:
+            if stored is not None and stored(raw) in exclude:
                 continue
             values = list(map(_call, readers, raw))
             pk = key(values)
-            if ranges.bucket(pk) not in buckets:
+            if (exclude and stored is None and pk in exclude) or ranges.bucket(pk) not in buckets:
                 continue
             found[pk] = (row_digest(values), python_key(raw))
     return found
@@ -502,6 +504,12 @@ def stored_key_text(table: PlannedTable) -> Callable[[tuple], str]:
         return lambda raw: text(raw[at])
     indexes = table.pk_indexes
     return lambda raw: KEY_SEPARATOR.join([text(raw[i]) for i in indexes])
+
+
+def _stored_key(side: Side, table: PlannedTable, exclude) -> Callable[[tuple], str] | None:
+    """How a SQLite side matches quarantined keys: by the key as stored (None: elsewhere,
+    or nothing to exclude, the canonical key is matched)."""
+    return stored_key_text(table) if exclude and side.sqlite_path is not None else None
 
 
 def key_reader(table: PlannedTable, connection) -> Callable[[tuple], Any]:
@@ -632,13 +640,15 @@ def compare_generated(
     sides = []
     for side in (source, target):
         readers = column_readers(view, side.django_connection)
-        stored_key = stored_key_text(view)
+        stored = _stored_key(side, view, exclude) if side is source else None
         values = {}
         for batch in iter_rows(side, view):
             for raw in batch:
-                if exclude and side is source and stored_key(raw) in exclude:
+                if stored is not None and stored(raw) in exclude:
                     continue
                 row = list(map(_call, readers, raw))
+                if side is source and exclude and stored is None and key(row) in exclude:
+                    continue
                 values[key(row)] = row[len(keys) :]
         sides.append(values)
     ours, theirs = sides
