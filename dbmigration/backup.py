@@ -667,8 +667,7 @@ def _pg_counts(conn) -> dict[str, int]:
     counts = {}
     for schema, table in tables:
         key = table if schema == "public" else f"{schema}.{table}"
-        name = f"{quote_ident(schema)}.{quote_ident(table)}"
-        counts[key] = conn.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
+        counts[key] = conn.execute(f'SELECT count(*) FROM "{schema}"."{table}"').fetchone()[0]
     return counts
 
 

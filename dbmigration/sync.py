@@ -5,7 +5,8 @@ Public API (direction-agnostic; a ``Side`` is a SQLite file or a Django alias):
     diff_table(*, source: Side, target: Side, table: PlannedTable,
                exclude: set[str] | None = None) -> TableDiff
         rows to insert/update/delete on target so that it equals source.  Primary keys are
-        the Python values Django uses (UUID, int, str): ``inserted_pks``/``updated_pks`` as
+        the Python values Django uses (UUID, int, str; a tuple of them for a
+        CompositePrimaryKey): ``inserted_pks``/``updated_pks`` as
         read on the source, ``deleted_pks`` as read on the target.  Reads only.
     diff_tables(*, source, target, plan=None, tables=None, progress=None) -> list[TableDiff]
     sync_to_postgresql(*, sqlite_path, alias="postgresql", tables=None, state_file=None,
