@@ -251,6 +251,11 @@ def test_dry_run_predicts_what_it_can(runbook):
     dup = found[("corpus_relations_uuidkey", UPPER.lower(), "id")]
     assert dup.code == "unique" and "duplicate of pk" in dup.reason
     assert len(found) == 2
+    # the command lists them too (the product and the functional unique: only at COPY)
+    out = run("migration_prepare")
+    assert "2 rows would be rejected:" in out
+    assert f"corpus_relations_computed pk={planted['over']} total:" in out
+    assert f"corpus_relations_uuidkey pk={UPPER.lower()} id:" in out
 
 
 @ALL
