@@ -37,6 +37,7 @@ from dbmigration.copy import (
     RowConverter,
     RowsRejected,
     _read_marks,
+    _refused_row,
     _source_tables,
     _write_marks,
     plan_targets,
@@ -154,6 +155,7 @@ def sync_to_postgresql(
     targets = plan_targets(plan, alias)
     pg, lite = connections[alias], connections["sqlite"]
     rejected: list[RejectedRow] = []
+    copying: tuple[PlannedTable, list] | None = None  # the COPY in flight, a key per line
     conn = open_readonly(sqlite_path, raw_text=True)
     try:
         # broken keys and CHECKs by query first, as the full copy does
@@ -175,6 +177,7 @@ def sync_to_postgresql(
                 wanted = diff.inserted_pks + diff.updated_pks
                 rc = RowConverter(table, targets[table.db_table])
                 cols = ", ".join(qi(c) for c in table.column_names)
+                copying = (table, [])
                 with cur.cursor.copy(f"COPY {qi(table.db_table)} ({cols}) FROM STDIN") as cp:
                     for chunk in _chunks(wanted):
                         rows = conn.execute(
@@ -185,12 +188,14 @@ def sync_to_postgresql(
                         for raw in rows:
                             try:
                                 cp.write_row(rc.convert(raw))
+                                copying[1].append(table.key_of(raw))
                                 result.rows_written += 1
                             except Exception as exc:  # _RowRejected carries the rows
                                 rows_ = getattr(exc, "rows", None)
                                 if rows_ is None:
                                     raise
                                 rejected.extend(rows_)
+                copying = None
                 if rejected:
                     raise _SyncRejected()
             for statement in pg.ops.sequence_reset_sql(no_style(), plan.models):
@@ -200,6 +205,12 @@ def sync_to_postgresql(
         failed.rejected_total = len(rejected)
         raise RowsRejected(failed) from None
     except (psycopg.Error, DatabaseError) as exc:
+        # a row PostgreSQL refused although every check passed: named by its COPY line
+        refused = _refused_row(copying[0], exc, copying[1], conn) if copying else None
+        if refused is not None:
+            failed = CopyResult(tables=[], rejections=[refused], repairs=[], source_sha256=sha)
+            failed.rejected_total = 1
+            raise RowsRejected(failed) from exc
         raise TargetError(
             f"PostgreSQL refused the sync: {exc}. Nothing of it was kept; fix the rows in "
             "SQLite and run migrate_data --sync again."

@@ -132,3 +132,22 @@ def test_sync_by_composite_key(tmp_path):
     sync_to_postgresql(sqlite_path=source_path(), state_file=state)
     pg = CompositeKey.objects.using("postgresql")
     assert sorted(pg.values_list("slot", "note")) == [("a", "changed"), ("c", "c"), ("d", "new")]
+
+
+@ALL
+def test_sync_names_a_row_postgresql_refuses_at_copy(tmp_path):
+    """Issue 9.5/9.6: a new row whose generated a * b PostgreSQL computes in int4 stopped the
+    sync with "integer out of range" and no row named."""
+    from dbmigration.copy import RowsRejected
+    from tests.corpus.relations.models import Computed
+
+    state = tmp_path / "state.json"
+    copy_data(sqlite_path=source_path(), state_file=state)
+    Computed.objects.using("sqlite").create(a=1, b=2, name="fine")
+    bad = Computed.objects.using("sqlite").create(a=65536, b=65536, name="product")
+    with pytest.raises(RowsRejected) as caught:
+        sync_to_postgresql(sqlite_path=source_path(), state_file=state)
+    (row,) = caught.value.result.rejections
+    assert (row.table, row.pk) == ("corpus_relations_computed", bad.pk)
+    assert "integer out of range" in row.reason and "product = " in row.reason
+    assert not Computed.objects.using("postgresql").exists()  # nothing of the sync kept
