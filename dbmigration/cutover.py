@@ -213,11 +213,11 @@ def apply_source_changes(
     *, sqlite_path: Path, changes: list[SourceChanges], plan, progress: Progress
 ) -> dict:
     """Write the changed rows to PostgreSQL in one transaction, converted as migrate_data does."""
+    import psycopg
     from django.core.management.color import no_style
     from django.db import transaction
 
-    from dbmigration.copy import RowConverter, plan_targets
-    from dbmigration.errors import DataError
+    from dbmigration.copy import RowConverter, _refused_row, plan_targets
     from dbmigration.sqlite_source import open_readonly
 
     pg = connections["postgresql"]
@@ -243,28 +243,31 @@ def apply_source_changes(
                     continue
                 converter = RowConverter(table, targets[table.db_table])
                 cols = ", ".join(_qi(c) for c in table.column_names)
-                with cur.cursor.copy(f"COPY {_qi(table.db_table)} ({cols}) FROM STDIN") as copy:
-                    for chunk in _chunks([rowid for rowid, _, _ in change.upserts]):
-                        marks = ", ".join("?" * len(chunk))
-                        rows = conn.execute(
-                            f"SELECT {cols} FROM {_qi(table.db_table)} WHERE rowid IN ({marks})",
-                            chunk,
-                        ).fetchall()
-                        for raw in rows:
-                            try:
-                                copy.write_row(converter.convert(raw))
-                            except Exception as exc:
-                                bad = getattr(exc, "rows", None)
-                                if bad is None:
-                                    raise
-                                lines = "; ".join(
-                                    f"{r.table} pk={r.pk!r} {r.column}: {r.reason}" for r in bad
-                                )
-                                raise DataError(
-                                    f"A row written since migrate_data cannot arrive exactly: "
-                                    f"{lines}. Fix it in SQLite, then switch again."
-                                ) from None
-                            written += 1
+                copied: list = []  # a key per COPY line, to name a row PostgreSQL refuses
+                try:
+                    with cur.cursor.copy(f"COPY {_qi(table.db_table)} ({cols}) FROM STDIN") as copy:
+                        for chunk in _chunks([rowid for rowid, _, _ in change.upserts]):
+                            marks = ", ".join("?" * len(chunk))
+                            rows = conn.execute(
+                                f"SELECT {cols} FROM {_qi(table.db_table)} "
+                                f"WHERE rowid IN ({marks})",
+                                chunk,
+                            ).fetchall()
+                            for raw in rows:
+                                try:
+                                    copy.write_row(converter.convert(raw))
+                                except Exception as exc:
+                                    bad = getattr(exc, "rows", None)
+                                    if bad is None:
+                                        raise
+                                    raise _cannot_arrive(bad) from None
+                                copied.append(table.key_of(raw))
+                                written += 1
+                except psycopg.Error as exc:
+                    refused = _refused_row(table, exc, copied, conn)
+                    if refused is None:
+                        raise
+                    raise _cannot_arrive([refused]) from exc
             for statement in pg.ops.sequence_reset_sql(no_style(), plan.models):
                 cur.execute(statement)
         with pg.cursor() as cur:
@@ -278,6 +281,16 @@ def apply_source_changes(
         "rows_deleted": deleted,
         "tables": {c.table: c.counts for c in changes if any(c.counts)},
     }
+
+
+def _cannot_arrive(rows) -> Exception:
+    from dbmigration.errors import DataError
+
+    lines = "; ".join(f"{r.table} pk={r.pk!r} {r.column}: {r.reason}" for r in rows)
+    return DataError(
+        f"A row written since migrate_data cannot arrive exactly: {lines}. Fix it in "
+        "SQLite, then switch again."
+    )
 
 
 def verify_source_changes(*, sqlite_path: Path, changes: list[SourceChanges], plan) -> dict:

@@ -373,6 +373,29 @@ def test_generated_value_the_engines_compute_differently_is_a_named_warning(runb
     assert state_mod.read_state(runbook.STATE_FILE).active_backend == PG
 
 
+@ALL
+def test_switch_names_a_row_postgresql_refuses_in_the_catch_up(runbook):
+    """A row written while the switch ran, which PostgreSQL refuses although every check
+    passed, is named; the application stays on SQLite."""
+    from dbmigration import cutover
+    from dbmigration.errors import DataError
+
+    fill()
+    prepared(runbook.STATE_FILE)
+    run("migrate_data")
+    late = []
+
+    def write_during_the_switch(message: str) -> None:
+        if message == "write freeze on":
+            late.append(m.Computed.objects.using(LITE).create(a=65536, b=65536, name="late"))
+
+    with pytest.raises(DataError, match="integer out of range") as caught:
+        cutover.switch_to_postgresql(drain_seconds=0, progress=write_during_the_switch)
+    assert f"corpus_relations_computed pk={late[0].pk!r}" in str(caught.value)
+    assert caught.value.returncode == 5
+    assert state_mod.read_state(runbook.STATE_FILE).active_backend == LITE
+
+
 def change_on(alias: str, made: dict) -> None:
     """Inserts, updates and deletes of every key kind, through the ORM."""
     owner = m.AutoKey.objects.using(alias).get(pk=made["owner"].pk)
