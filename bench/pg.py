@@ -91,9 +91,9 @@ def capture_schema(url: str) -> Schema:
         ).fetchall()
         constraints = conn.execute(
             """
-            SELECT conrelid::regclass::text, conname, contype, pg_get_constraintdef(oid)
-              FROM pg_constraint
-             WHERE connamespace = 'public'::regnamespace AND contype IN ('p', 'u', 'f')
+            SELECT c.relname, k.conname, k.contype, pg_get_constraintdef(k.oid)
+              FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
+             WHERE k.connamespace = 'public'::regnamespace AND k.contype IN ('p', 'u', 'f')
              ORDER BY 1, 2
             """
         ).fetchall()
@@ -147,7 +147,7 @@ def reset_sequences(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         owned = conn.execute(
             """
-            SELECT t.relname, a.attname, s.relname
+            SELECT t.relname, a.attname, s.oid::regclass::text  -- quoted: "Select_id_seq"
               FROM pg_depend d
               JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
               JOIN pg_class t ON t.oid = d.refobjid

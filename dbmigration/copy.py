@@ -44,7 +44,7 @@ from dbmigration.casts import (
 )
 from dbmigration.copy_lines import BINARY_HEADER, BINARY_TRAILER, LinePlan, line_plan
 from dbmigration.errors import DataError, SourceError, TargetError
-from dbmigration.plan import Plan, PlannedTable, build_plan
+from dbmigration.plan import Plan, PlannedTable, build_plan, qi
 from dbmigration.preflight import identity_row
 from dbmigration.sqlite_source import file_sha256, open_readonly, schema_sha256, snapshot_to
 
@@ -134,11 +134,6 @@ class CopyResult:
 # --- reading the source ------------------------------------------------------------------
 
 
-def qi(name: str) -> str:
-    """Quote an identifier (same rule for SQLite and PostgreSQL)."""
-    return '"' + name.replace('"', '""') + '"'
-
-
 def plain(value: Any) -> Any:
     """Return a raw SQLite value in a JSON-safe form that loses nothing."""
     if isinstance(value, bytes):
@@ -151,6 +146,16 @@ def plain(value: Any) -> Any:
     if isinstance(value, float) and value in (float("inf"), float("-inf")):
         return {"float": str(value)}
     return value
+
+
+def plain_key(key: Any) -> Any:
+    """A raw key in JSON-safe form: one value, or a tuple of them for a composite key."""
+    return tuple(map(plain, key)) if type(key) is tuple else plain(key)
+
+
+def key_text(pk: Any) -> str:
+    """A reported key as text, the form verify.py gives a row's key (see verify.key_text)."""
+    return "\x1f".join(map(str, pk)) if isinstance(pk, tuple | list) else str(pk)
 
 
 def read_rows(conn, table: PlannedTable, *, where: str = "", params=()) -> Iterator[list[tuple]]:
@@ -192,7 +197,6 @@ class RowConverter:
             )
             for c in table.columns
         ]
-        self.pk_index = table.pk_index
 
     def convert(self, raw: tuple) -> list | list[RejectedRow]:
         """Return the converted row, or raise _RowRejected listing every bad column."""
@@ -210,8 +214,8 @@ class RowConverter:
                 bad.append(
                     RejectedRow(
                         table=self.table.db_table,
-                        pk=plain(raw[self.pk_index]),
-                        raw_pk=raw[self.pk_index],
+                        pk=plain_key(self.table.key_of(raw)),
+                        raw_pk=self.table.key_of(raw),
                         column=column.name,
                         code=exc.code,
                         reason=exc.reason,
@@ -239,30 +243,34 @@ def relational_rejections(
     violations by query on SQLite."""
     found: list[RejectedRow] = []
     for table in plan.tables:
-        pk = qi(table.pk_column)
+        pk = _key_columns(table, "c.")
         for fk in table.foreign_keys:
             if fk.to_table not in source_tables:
                 continue
             rows = conn.execute(
-                f"SELECT c.{pk}, c.{qi(fk.column)} FROM {qi(table.db_table)} c "
+                f"SELECT {pk}, c.{qi(fk.column)} FROM {qi(table.db_table)} c "
                 f"WHERE c.{qi(fk.column)} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM "
                 f"{qi(fk.to_table)} p WHERE p.{qi(fk.to_column)} = c.{qi(fk.column)})"
             ).fetchall()
             reason = f"points to a missing {fk.to_table}.{fk.to_column}"
-            found.extend(_fk_rejection(table, fk, key, value, reason) for key, value in rows)
+            found.extend(
+                _fk_rejection(table, fk, key, value, reason)
+                for key, (value,) in _split_keys(table, rows)
+            )
         if checks:
             found.extend(check_rejections(conn, table))
-        for columns in table.unique_sets:
-            cols = ", ".join(f"c.{qi(c)}" for c in columns)
+        for columns in _unique_sets_as_postgresql_compares(table):
+            # as PostgreSQL compares them: a UUID's letter case makes no difference there
+            cols = ", ".join(_compared(table, c, "c.") for c in columns)
             present = " AND ".join(f"{qi(c)} IS NOT NULL" for c in columns)
-            groups = ", ".join(qi(c) for c in columns)
+            groups = ", ".join(_compared(table, c) for c in columns)
             rows = conn.execute(
-                f"SELECT c.{pk}, {cols} FROM {qi(table.db_table)} c WHERE ({cols}) IN "
+                f"SELECT {pk}, {cols} FROM {qi(table.db_table)} c WHERE ({cols}) IN "
                 f"(SELECT {groups} FROM {qi(table.db_table)} WHERE {present} GROUP BY {groups} "
-                f"HAVING count(*) > 1) ORDER BY {cols}, c.{pk}"
+                f"HAVING count(*) > 1) ORDER BY {cols}, {pk}"
             ).fetchall()
             first: dict[tuple, Any] = {}
-            for pk_value, *key in rows:
+            for pk_value, key in _split_keys(table, rows):
                 key = tuple(key)
                 if key not in first:
                     first[key] = pk_value  # the oldest row keeps the key
@@ -270,12 +278,12 @@ def relational_rejections(
                 found.append(
                     RejectedRow(
                         table=table.db_table,
-                        pk=plain(pk_value),
+                        pk=plain_key(pk_value),
                         raw_pk=pk_value,
                         column=",".join(columns),
                         code="unique",
                         reason=(
-                            f"duplicate of pk {plain(first[key])!r} on unique "
+                            f"duplicate of pk {plain_key(first[key])!r} on unique "
                             f"({', '.join(columns)})"
                         ),
                         excerpt=excerpt(key if len(key) > 1 else key[0]),
@@ -284,10 +292,40 @@ def relational_rejections(
     return found
 
 
+def _key_columns(table: PlannedTable, prefix: str = "") -> str:
+    """The key's columns for a SELECT list (a row's key comes first, see _split_keys)."""
+    return ", ".join(prefix + qi(c) for c in table.pk_columns)
+
+
+def _split_keys(table: PlannedTable, rows) -> Iterator[tuple[Any, tuple]]:
+    """(key, the other values) of rows selected with _key_columns first."""
+    width = len(table.pk_columns)
+    for row in rows:
+        yield tuple(row[:width]) if width > 1 else row[0], tuple(row[width:])
+
+
+def _compared(table: PlannedTable, column: str, prefix: str = "") -> str:
+    """A column as PostgreSQL compares its values, in SQLite's SQL."""
+    kinds = {c.name: c.internal_type for c in table.columns}
+    if kinds.get(column) == "UUIDField":
+        return f"lower({prefix}{qi(column)})"
+    return prefix + qi(column)
+
+
+def _unique_sets_as_postgresql_compares(table: PlannedTable) -> list[tuple[str, ...]]:
+    """The unique column sets, plus the key when SQLite keeps apart what PostgreSQL
+    equates (UUIDs differing only in letter case)."""
+    kinds = {c.name: c.internal_type for c in table.columns}
+    sets = list(table.unique_sets)
+    if any(kinds.get(c) == "UUIDField" for c in table.pk_columns):
+        sets.insert(0, table.pk_columns)
+    return sets
+
+
 def _fk_rejection(table: PlannedTable, fk, raw_pk: Any, value: Any, reason: str) -> RejectedRow:
     return RejectedRow(
         table=table.db_table,
-        pk=plain(raw_pk),
+        pk=plain_key(raw_pk),
         raw_pk=raw_pk,
         column=fk.column,
         code="fk",
@@ -297,7 +335,9 @@ def _fk_rejection(table: PlannedTable, fk, raw_pk: Any, value: Any, reason: str)
 
 
 def check_rejections(conn, table: PlannedTable) -> list[RejectedRow]:
-    """Rows breaking a model's CheckConstraint (old SQLite tables may predate it).
+    """Rows PostgreSQL refuses by a rule of the table rather than a value: breaking a
+    model's CheckConstraint (old SQLite tables may predate it), or with a generated value
+    PostgreSQL's column cannot hold (SQLite computed ``a + b`` in 64 bits).
 
     Django compiles each condition for SQLite; a CHECK fails only when it is false, so
     rows where it is NULL pass, as in PostgreSQL.
@@ -308,7 +348,7 @@ def check_rejections(conn, table: PlannedTable) -> list[RejectedRow]:
     from django.db.models.sql import Query
 
     lite = connections["sqlite"]
-    found = []
+    found = generated_rejections(conn, table)
     for constraint in table.model._meta.constraints:
         if not isinstance(constraint, CheckConstraint):
             continue
@@ -318,20 +358,51 @@ def check_rejections(conn, table: PlannedTable) -> list[RejectedRow]:
         sql, params = where.as_sql(query.get_compiler(connection=lite), lite)
         sql = re.sub(r"(?<!%)%s", "?", sql).replace("%%", "%")
         rows = conn.execute(
-            f"SELECT {qi(table.pk_column)} FROM {qi(table.db_table)} WHERE NOT ({sql})", params
+            f"SELECT {_key_columns(table)} FROM {qi(table.db_table)} WHERE NOT ({sql})", params
         ).fetchall()
-        for (pk_value,) in rows:
+        for pk_value, _ in _split_keys(table, rows):
             found.append(
                 RejectedRow(
                     table=table.db_table,
-                    pk=plain(pk_value),
+                    pk=plain_key(pk_value),
                     raw_pk=pk_value,
                     column=constraint.name,
                     code="check",
                     reason=f"breaks CHECK {constraint.name} ({sql} with {params!r})"[:300],
-                    excerpt=excerpt(pk_value),
+                    excerpt=excerpt(plain_key(pk_value)),
                 )
             )
+    return found
+
+
+def generated_rejections(conn, table: PlannedTable) -> list[RejectedRow]:
+    """Rows whose stored generated value (as SQLite computed it) PostgreSQL's column cannot
+    hold: PostgreSQL computes the same expression on COPY and would stop the whole table."""
+    if not table.generated:
+        return []
+    converters = [build_converter(c) for c in table.generated]
+    cols = ", ".join(qi(c.name) for c in table.generated)
+    found = []
+    rows = conn.execute(f"SELECT {_key_columns(table)}, {cols} FROM {qi(table.db_table)}")
+    for key, values in _split_keys(table, rows):
+        for column, convert, value in zip(table.generated, converters, values, strict=True):
+            try:
+                convert(value)
+            except Rejection as exc:
+                found.append(
+                    RejectedRow(
+                        table=table.db_table,
+                        pk=plain_key(key),
+                        raw_pk=key,
+                        column=column.name,
+                        code=exc.code,
+                        reason=(
+                            f"generated {column.name} = {column.field.expression!r}: "
+                            f"{exc.reason} (PostgreSQL computes it on COPY)"
+                        ),
+                        excerpt=excerpt(value),
+                    )
+                )
     return found
 
 
@@ -356,11 +427,11 @@ def cascade_rejections(conn, plan: Plan, rejected: dict[str, set]) -> list[Rejec
                 for chunk in _chunks([_param(v) for v in values], 500):
                     marks = ", ".join("?" * len(chunk))
                     rows = conn.execute(
-                        f"SELECT {qi(table.pk_column)}, {qi(fk.column)} FROM "
+                        f"SELECT {_key_columns(table)}, {qi(fk.column)} FROM "
                         f"{qi(table.db_table)} WHERE {qi(fk.column)} IN ({marks})",
                         chunk,
                     ).fetchall()
-                    for pk_value, value in rows:
+                    for pk_value, (value,) in _split_keys(table, rows):
                         if pk_value in mine:
                             continue
                         mine.add(pk_value)
@@ -372,6 +443,8 @@ def cascade_rejections(conn, plan: Plan, rejected: dict[str, set]) -> list[Rejec
 
 def _param(value: Any) -> Any:
     # text comes back as bytes (raw_text); bound as bytes it would be a BLOB and match nothing
+    if type(value) is tuple:
+        return tuple(map(_param, value))
     if isinstance(value, bytes):
         try:
             return value.decode("utf-8")
@@ -381,17 +454,15 @@ def _param(value: Any) -> Any:
 
 
 def _column_values(conn, table: PlannedTable, column: str, pks: set) -> set:
-    if column == table.pk_column:
+    if (column,) == table.pk_columns:
         return set(pks)
     values = set()
     for chunk in _chunks([_param(p) for p in pks], 500):
-        marks = ", ".join("?" * len(chunk))
         values.update(
             v
             for (v,) in conn.execute(
-                f"SELECT {qi(column)} FROM {qi(table.db_table)} "
-                f"WHERE {qi(table.pk_column)} IN ({marks})",
-                chunk,
+                f"SELECT {qi(column)} FROM {qi(table.db_table)} WHERE {table.key_in(len(chunk))}",
+                table.key_params(chunk),
             )
         )
     return values
@@ -401,8 +472,8 @@ def fetch_row(conn, table: PlannedTable, raw_pk: Any) -> dict | None:
     """Return one source row's original values (JSON-safe) by primary key."""
     cols = ", ".join(qi(c) for c in table.column_names)
     raw = conn.execute(
-        f"SELECT {cols} FROM {qi(table.db_table)} WHERE {qi(table.pk_column)} = ?",
-        [_param(raw_pk)],
+        f"SELECT {cols} FROM {qi(table.db_table)} WHERE {table.key_in(1)}",
+        table.key_params([_param(raw_pk)]),
     ).fetchone()
     return _row_dict(table, raw) if raw is not None else None
 
@@ -787,6 +858,7 @@ def copy_data(
             raise SourceError(f"SQLite database {sqlite_path} has no table(s) {', '.join(absent)}.")
         run = _Run(conn, connections[alias], plan, targets, repairs, sink, results, result, marks)
         run.state_file, run.progress, run.sqlite_path = state_file, progress, sqlite_path
+        run.quarantine = quarantine
         todo_plan = Plan(tables=todo, deferred_fks=[])
         find_broken: Callable[[], list[RejectedRow]] | None = None
         if todo and quarantine:
@@ -832,6 +904,8 @@ class _Run:
     result: CopyResult
     marks: dict  # done markers and pending DDL, mirrored in the state file
     skip: dict[str, set] = dataclasses.field(default_factory=dict)  # quarantined raw pks
+    quarantine: bool = False
+    refused: list[RejectedRow] = dataclasses.field(default_factory=list)  # by COPY, set aside
     state_file: Path | None = None
     progress: Progress | None = None
     sqlite_path: Path | None = None
@@ -934,6 +1008,8 @@ def _load(
         # biggest first, so the two lanes end close together
         failed = _load_in_lanes(run, sorted(todo, key=lambda t: -sizes[t.db_table]), early, drop)
         run.save_marks()
+        if run.refused and not failed:
+            _set_aside(run, run.refused)  # and the rows pointing at them: keys build next
         if not failed:  # every table is in: foreign keys can build too, and the data-only
             early.submit(drop, stage=1)  # steps run meanwhile
             _reset_and_refresh(pg, run.plan)
@@ -950,7 +1026,14 @@ def _load(
             # a key did not build: rows with broken keys or duplicates, listed from SQLite
             broken = find_broken() if find_broken is not None else []
             if not broken:
+                # or duplicates only PostgreSQL sees (a functional unique index): ask it
+                broken = postgresql_duplicates(pg, run.plan, _still_missing(pg, drop))
+            if not broken:
                 raise
+            if run.quarantine:  # set them aside with the rows pointing at them, build again
+                _set_aside(run, broken)
+                broken = []
+                _restore(pg, marks, run.state_file, drop, run.plan, refreshed=True)
     elif find_broken is not None:
         broken = find_broken()  # a run with bad values reports broken keys as well
     if broken:
@@ -983,6 +1066,117 @@ def _load(
             "The schema after the load differs from the one Django's migrations made:\n  "
             + "\n  ".join(run.result.schema_problems)
         )
+
+
+def _still_missing(pg, drop: list[SchemaObject]) -> list[SchemaObject]:
+    with pg.cursor() as cur:
+        present = schema_snapshot(cur, {o.table for o in drop})
+    return [o for o in drop if o not in present]
+
+
+def unique_parts(obj: SchemaObject) -> tuple[str, str | None, bool] | None:
+    """(key expressions, predicate, NULLs distinct) of a unique index or key, read from
+    PostgreSQL's own definition; None for anything else."""
+    text = obj.definition
+    if obj.kind == "index":
+        if not text.startswith("CREATE UNIQUE INDEX"):
+            return None
+        start = text.index("(", text.index(" USING "))
+    elif obj.kind in ("constraint-u", "constraint-p"):
+        start = text.index("(")
+    else:
+        return None
+    depth = 0
+    for end in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[end], 0)
+        if depth == 0:
+            break
+    rest = text[end + 1 :]
+    predicate = rest.split(" WHERE ", 1)[1] if " WHERE " in rest else None
+    distinct = "NULLS NOT DISTINCT" not in text
+    return text[start + 1 : end], predicate, distinct
+
+
+def postgresql_duplicates(pg, plan: Plan, failed: list[SchemaObject]) -> list[RejectedRow]:
+    """Rows that keep a unique index or key from building, found by asking PostgreSQL for
+    the duplicate groups under the index's own expressions and predicate (``Lower(kind)``
+    makes 'Ä' and 'ä' equal there, not in SQLite).  The first row of a group keeps it."""
+    planned = {t.db_table: t for t in plan.tables}
+    found = []
+    for obj in failed:
+        parts = unique_parts(obj)
+        if parts is None or obj.table not in planned:
+            continue
+        exprs, predicate, distinct = parts
+        table = planned[obj.table]
+        keys = _key_columns(table)
+        where = [f"({predicate})"] if predicate else []
+        if distinct:
+            where.append(f"ROW({exprs}) IS NOT NULL")
+        with pg.cursor() as cur:
+            cur.execute(
+                f"SELECT {keys}, duplicate, number FROM (SELECT {keys}, "
+                f"ROW({exprs})::text AS duplicate, count(*) OVER same AS copies, "
+                f"row_number() OVER (same ORDER BY {keys}) AS number "
+                f"FROM {qi(table.db_table)} {'WHERE ' + ' AND '.join(where) if where else ''} "
+                f"WINDOW same AS (PARTITION BY {exprs})) grouped "
+                f"WHERE copies > 1 ORDER BY duplicate, number"
+            )
+            rows = cur.fetchall()
+        lite = connections["sqlite"]
+        keeper = None
+        for key, (duplicate, number) in _split_keys(table, rows):
+            # as SQLite stores the key, to find the row (and rows pointing at it) there
+            raw = table.key_params([table.python_key(key, pg)], lite)
+            raw = tuple(raw) if table.composite else raw[0]
+            if number == 1:
+                keeper = key
+                continue
+            found.append(
+                RejectedRow(
+                    table=table.db_table,
+                    pk=plain_key(raw),
+                    raw_pk=raw,
+                    column=obj.name,
+                    code="unique",
+                    reason=(
+                        f"duplicate of pk {plain_key(keeper)!r} under unique {obj.name} "
+                        f"({exprs}{' WHERE ' + predicate if predicate else ''}) as "
+                        "PostgreSQL compares it"
+                    ),
+                    excerpt=excerpt(duplicate),
+                )
+            )
+    return found
+
+
+def _set_aside(run: _Run, rows: list[RejectedRow]) -> None:
+    """Quarantine rows already loaded, with the rows pointing at them: delete them from
+    PostgreSQL, list them in the reject file."""
+    by_table: dict[str, set] = {}
+    for row in rows:
+        by_table.setdefault(row.table, set()).add(row.raw_pk)
+    rows = rows + cascade_rejections(run.conn, run.plan, by_table)
+    gone: dict[str, list] = {}
+    for row in rows:
+        gone.setdefault(row.table, []).append(row.raw_pk)
+        if row.values is None:
+            row.values = fetch_row(run.conn, run.plan.table(row.table), row.raw_pk)
+    lite = connections["sqlite"]
+    with transaction.atomic(using=run.pg.alias), run.pg.cursor() as cur:
+        for name, raw_keys in gone.items():
+            table = run.plan.table(name)
+            for chunk in _chunks(raw_keys, 500):
+                keys = [table.python_key(_param(raw), lite) for raw in chunk]
+                cur.execute(
+                    f"DELETE FROM {qi(name)} WHERE {table.key_in(len(keys), '%s')}",
+                    table.key_params(keys, run.pg),
+                )
+                run.results[name].rows_written -= cur.rowcount
+                if name in run.marks["done"]:
+                    run.marks["done"][name] -= cur.rowcount
+    run.sink.extend(rows)
+    run.save_marks()
 
 
 LANES = 2  # tables loading at once: PostgreSQL parses each COPY on one core
@@ -1105,15 +1299,18 @@ class _Chunk:
     repaired: list[RepairedRow]
     in_python: int = 0  # rows converted value by value in Python
     text: bytes = b""  # COPY text of those rows when data is in the binary format
+    keys: list | None = None  # raw keys of the rows in data, in order (Python path only)
 
 
-def _convert_rows(rc: RowConverter, batch, skip, pk_index, emit) -> _Chunk:
-    """Convert a batch; good rows go to emit(row), bad ones into the chunk."""
+def _convert_rows(rc: RowConverter, batch, skip, emit, keys: list | None = None) -> _Chunk:
+    """Convert a batch; good rows go to emit(row) (their keys to keys), bad ones into
+    the chunk."""
     rejected: list[RejectedRow] = []
     repaired: list[RepairedRow] = []
     written = 0
+    key_of = rc.table.key_of
     for raw in batch:
-        if skip is not None and raw[pk_index] in skip:
+        if skip is not None and key_of(raw) in skip:
             continue
         try:
             row = rc.convert(raw)
@@ -1122,10 +1319,12 @@ def _convert_rows(rc: RowConverter, batch, skip, pk_index, emit) -> _Chunk:
             continue
         if rc.log.applied:
             repaired.extend(
-                RepairedRow(rc.table.db_table, plain(raw[pk_index]), column, rule)
+                RepairedRow(rc.table.db_table, plain_key(key_of(raw)), column, rule)
                 for column, rule in rc.log.applied
             )
         emit(row)
+        if keys is not None:
+            keys.append(key_of(raw))
         written += 1
     return _Chunk(None, len(batch), written, rejected, repaired, in_python=len(batch))
 
@@ -1133,8 +1332,9 @@ def _convert_rows(rc: RowConverter, batch, skip, pk_index, emit) -> _Chunk:
 def _python_chunks(conn, rc: RowConverter, skip) -> Iterator[_Chunk]:
     for batch in read_rows(conn, rc.table):
         rows: list = []
-        chunk = _convert_rows(rc, batch, skip, rc.pk_index, rows.append)
-        chunk.data = rows
+        keys: list = []
+        chunk = _convert_rows(rc, batch, skip, rows.append, keys)
+        chunk.data, chunk.keys = rows, keys
         yield chunk
 
 
@@ -1149,7 +1349,7 @@ def _formatted_chunks(
     uri = f"{Path(sqlite_path).resolve().as_uri()}?mode=ro"  # as open_readonly opens it
     for made in lines.read(uri, skip=skip, batch_rows=BATCH_ROWS):
         rows: list = []
-        chunk = _convert_rows(rc, made.fallback, None, rc.pk_index, rows.append)
+        chunk = _convert_rows(rc, made.fallback, None, rows.append)
         text = b"".join([*(formatter.write_row(row) for row in rows), formatter.end()])
         chunk.data, chunk.text = (made.data, text) if lines.binary else (made.data + text, b"")
         formatted = made.read - len(made.fallback) - made.skipped
@@ -1159,15 +1359,78 @@ def _formatted_chunks(
 
 def _copy_table(run: _Run, table: PlannedTable, conn) -> None:
     """Load one table; if PostgreSQL refuses a value the C formatter let through, redo the
-    table value by value in Python, which finds and names the row."""
+    table value by value in Python, which finds and names the row: refused (nothing of the
+    table kept), or under --quarantine set aside and the table loaded again without it."""
     lines = line_plan(table, run.targets[table.db_table])
+    if table.composite and run.skip.get(table.db_table):
+        lines = None  # the C reader skips rows by a one-column key only
     rejected_before = run.sink.total
+    refused = None
     try:
         _load_table(run, table, lines, conn)
+        return
     except TargetError as exc:
         if lines is None or run.sink.total != rejected_before or not _value_refused(exc):
             raise
-        _load_table(run, table, None, conn)
+    except _CopyRefused as exc:
+        refused = exc.row
+    for _ in range(MAX_REFUSED_RETRIES):
+        try:
+            if refused is None:
+                _load_table(run, table, None, conn)  # names the row if PostgreSQL refuses again
+                return
+            if not run.quarantine:
+                run.sink.extend([refused])
+                raise _TableRejected(table.db_table)
+            # set aside, with the rows pointing at it (before the foreign keys build)
+            run.refused.append(refused)
+            run.skip.setdefault(table.db_table, set()).add(refused.raw_pk)
+            refused = None
+        except _CopyRefused as exc:
+            refused = exc.row
+    raise TargetError(
+        f"PostgreSQL refused more than {MAX_REFUSED_RETRIES} rows of {table.db_table} that "
+        "the checks before COPY let through; nothing of this table was kept."
+    )
+
+
+MAX_REFUSED_RETRIES = 100  # rows PostgreSQL refuses at COPY set aside, one reload each
+
+
+def _refused_row(
+    table: PlannedTable, exc: Exception, keys: list | None, conn
+) -> RejectedRow | None:
+    """The row a COPY refusal names by line ("COPY t, line 3"), when every line was one
+    row we wrote in Python (a generated ``a + b`` that overflows int4 in PostgreSQL's own
+    arithmetic, a value our casts let through)."""
+    import re
+
+    diag = getattr(exc, "diag", None) or getattr(exc.__cause__, "diag", None)
+    found = re.search(r"\bline (\d+)", (diag and diag.context) or "")
+    if keys is None or found is None or not 0 < int(found.group(1)) <= len(keys):
+        return None
+    key = keys[int(found.group(1)) - 1]
+    column = re.search(r", column (.+?):", diag.context or "")
+    computed = ", ".join(f"{c.name} = {c.field.expression!r}" for c in table.generated)
+    return RejectedRow(
+        table=table.db_table,
+        pk=plain_key(key),
+        raw_pk=key,
+        column=column.group(1) if column else ",".join(c.name for c in table.generated) or "?",
+        code="postgresql",
+        reason=f"PostgreSQL refused the row: {diag.message_primary}"
+        + (f" (it computes {computed})" if computed and not column else ""),
+        excerpt=excerpt(plain_key(key)),
+        values=fetch_row(conn, table, key),
+    )
+
+
+class _CopyRefused(Exception):
+    """PostgreSQL refused one row of a COPY (named by its line); nothing of the table kept."""
+
+    def __init__(self, row: RejectedRow):
+        super().__init__(row.reason)
+        self.row = row
 
 
 def _value_refused(exc: BaseException) -> bool:
@@ -1202,6 +1465,7 @@ def _load_table(run: _Run, table: PlannedTable, lines: LinePlan | None, conn) ->
     repaired: list[RepairedRow] = []
     read = written = in_python = 0
     binary = lines is not None and lines.binary
+    copied_keys: list = []  # Python path: line N of the COPY is copied_keys[N - 1]
     try:
         with (
             transaction.atomic(using=pg.alias),
@@ -1224,6 +1488,8 @@ def _load_table(run: _Run, table: PlannedTable, lines: LinePlan | None, conn) ->
                         else:
                             for row in chunk.data:
                                 cp.write_row(row)
+                            if chunk.keys is not None:
+                                copied_keys += chunk.keys
                         spool.write(chunk.text)
                         written += chunk.written
                     read += chunk.read
@@ -1249,6 +1515,10 @@ def _load_table(run: _Run, table: PlannedTable, lines: LinePlan | None, conn) ->
         from django.db import DatabaseError
 
         if isinstance(exc, psycopg.Error | DatabaseError):
+            refused = _refused_row(table, exc, copied_keys if lines is None else None, conn)
+            if refused is not None:
+                out.rows_read, out.seconds = read, round(time.perf_counter() - started, 3)
+                raise _CopyRefused(refused) from exc
             raise TargetError(
                 f"PostgreSQL refused {table.db_table}: {exc}. Nothing of this table was kept."
             ) from exc
@@ -1367,7 +1637,7 @@ def migrate_data(
                     raise
                 _record_copy(run, step, result.copy)
                 for r in result.copy.rejections:
-                    exclude.setdefault(r.table, set()).add(str(r.pk))
+                    exclude.setdefault(r.table, set()).add(key_text(r.pk))
         elif mode == "sync":
             from dbmigration.sync import sync_to_postgresql
 
@@ -1420,6 +1690,7 @@ def migrate_data(
                         if check:
                             table["source_checksum"] = check.source_checksum
                             table["target_checksum"] = check.target_checksum
+                step.warnings.extend(result.verification.warnings)
                 problems = result.verification.problems(source, target)
                 if problems:
                     step.details["problems"] = problems

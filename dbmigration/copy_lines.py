@@ -59,10 +59,13 @@ class LinePlan:
     spec: tuple  # per column: (kind, nullable, a, b, obj, width, storage) as _copytext.c reads it
     binary: bool = False  # COPY's binary format: every column has a binary form in C
 
+    # the key column a skip set is matched on: copy.py gives a composite key's table
+    # no skip set (its rows are skipped in Python), so the first column is as good as any
+
     def format(self, batch: list[tuple], *, skip: set | None = None) -> Lines:
         """Print what C can; hand back the other rows, raw."""
         data, fallback, skipped = _copytext.format_rows(
-            batch, self.spec, skip, self.table.pk_index, self.binary
+            batch, self.spec, skip, self.table.pk_indexes[0], self.binary
         )
         return Lines(data, [batch[i] for i in fallback], skipped, len(batch))
 
@@ -70,7 +73,7 @@ class LinePlan:
         """Read the table straight from the SQLite file (a read-only URI) in C, in batches:
         Python objects only for the values and rows that need Python."""
         reader = _copytext.Reader(
-            uri, self.select, self.spec, skip, self.table.pk_index, self.binary, Misfiled
+            uri, self.select, self.spec, skip, self.table.pk_indexes[0], self.binary, Misfiled
         )
         try:
             while True:

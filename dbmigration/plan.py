@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from typing import Any
 
 from django.apps import apps
 from django.db import models
@@ -33,25 +34,105 @@ class ForeignKeyRef:
 
 @dataclasses.dataclass(frozen=True)
 class PlannedTable:
+    """One table to copy.  Its key is a tuple of columns: one, or several for a
+    ``CompositePrimaryKey``; ``key_of`` and ``key_in`` treat both alike."""
+
     db_table: str
     label: str  # app_label.ModelName (auto-created m2m: app_label.Model_field)
     model: type[models.Model]
-    pk_column: str
-    columns: tuple[PlannedColumn, ...]
-    foreign_keys: tuple[ForeignKeyRef, ...]
+    pk_columns: tuple[str, ...]
+    columns: tuple[PlannedColumn, ...]  # what the copy writes (generated columns excluded)
+    foreign_keys: tuple[ForeignKeyRef, ...]  # enforced by the database (db_constraint)
     unique_sets: tuple[tuple[str, ...], ...]  # unconditional unique column sets (pk excluded)
+    generated: tuple[PlannedColumn, ...] = ()  # stored generated columns: PostgreSQL computes
 
     @property
     def column_names(self) -> list[str]:
         return [c.name for c in self.columns]
 
     @property
+    def composite(self) -> bool:
+        return len(self.pk_columns) > 1
+
+    @property
+    def pk_column(self) -> str:
+        """The key column of a single-column key (a composite key has no one column)."""
+        if self.composite:
+            raise ValueError(f"{self.db_table} has a composite key {self.pk_label}")
+        return self.pk_columns[0]
+
+    @property
+    def pk_label(self) -> str:
+        """The key's column(s), for messages."""
+        return (
+            ", ".join(self.pk_columns) if not self.composite else f"({', '.join(self.pk_columns)})"
+        )
+
+    @property
+    def pk_indexes(self) -> tuple[int, ...]:
+        names = self.column_names
+        return tuple(names.index(c) for c in self.pk_columns)
+
+    @property
     def pk_index(self) -> int:
+        """Where a single-column key sits in a row (``key_of`` reads any key)."""
         return self.column_names.index(self.pk_column)
 
     @property
     def pk_is_integer(self) -> bool:
-        return self.columns[self.pk_index].internal_type in INTEGER_TYPES
+        return not self.composite and self.columns[self.pk_index].internal_type in INTEGER_TYPES
+
+    def key_of(self, row) -> Any:
+        """The key of a row in column order: its one value, or a tuple for a composite key."""
+        if not self.composite:
+            return row[self.pk_index]
+        return tuple(row[i] for i in self.pk_indexes)
+
+    def key_sql(self, prefix: str = "") -> str:
+        """The key as an SQL expression (a row value for a composite key)."""
+        cols = [prefix + qi(c) for c in self.pk_columns]
+        return cols[0] if not self.composite else f"({', '.join(cols)})"
+
+    def key_in(self, count: int, mark: str = "?") -> str:
+        """``key IN (...)`` for count keys, placeholders flat (see ``key_params``); the same
+        text works on SQLite and PostgreSQL."""
+        if not self.composite:
+            return f"{self.key_sql()} IN ({', '.join([mark] * count)})"
+        one = f"({', '.join([mark] * len(self.pk_columns))})"
+        return f"{self.key_sql()} IN (VALUES {', '.join([one] * count)})"
+
+    def key_equals(self, left: str, right: str) -> str:
+        """Join condition: the key of table alias left equals the key of alias right."""
+        return " AND ".join(f"{left}.{qi(c)} = {right}.{qi(c)}" for c in self.pk_columns)
+
+    def key_params(self, keys, connection=None) -> list:
+        """Flatten keys (values or tuples) into parameters for ``key_in``; with a
+        connection, keys are Django's Python values, each part prepared by its field."""
+        keys = [key if self.composite else (key,) for key in keys]
+        if connection is None:
+            return [part for key in keys for part in key]
+        fields = [self.columns[at].field for at in self.pk_indexes]
+        return [
+            field.get_db_prep_value(part, connection)
+            for key in keys
+            for field, part in zip(fields, key, strict=True)
+        ]
+
+    def python_key(self, raw_key, connection) -> Any:
+        """A key as connection's database gave it -> Django's Python value (the
+        backend's converters, as the ORM reads it)."""
+        parts = []
+        for at, value in zip(
+            self.pk_indexes, raw_key if self.composite else (raw_key,), strict=True
+        ):
+            expression = self.columns[at].field.get_col(self.db_table)
+            if type(value) is bytes:  # text read as stored (raw_text)
+                value = value.decode("utf-8", "surrogateescape")
+            steps = connection.ops.get_db_converters(expression)
+            for step in steps + expression.get_db_converters(connection):
+                value = step(value, expression, connection)
+            parts.append(value)
+        return tuple(parts) if self.composite else parts[0]
 
 
 @dataclasses.dataclass
@@ -85,6 +166,12 @@ INTEGER_TYPES = frozenset(
 )
 
 
+def qi(name: str) -> str:
+    """Quote an identifier (same rule for SQLite and PostgreSQL): mixed case, reserved words
+    and spaces all stay as Django named them."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 def value_field(field: models.Field) -> models.Field:
     """Return the field whose type the column holds (a ForeignKey holds its target's)."""
     while field.is_relation and getattr(field, "target_field", None) is not None:
@@ -111,20 +198,22 @@ def copied_models() -> list[type[models.Model]]:
 
 def _plan_table(model: type[models.Model]) -> PlannedTable:
     opts = model._meta
-    columns, fks = [], []
+    columns, generated, fks = [], [], []
     for field in opts.local_concrete_fields:
-        if getattr(field, "generated", False):
-            continue  # a GeneratedField: PostgreSQL computes it, COPY may not write it
         held = value_field(field)
-        columns.append(
-            PlannedColumn(
-                name=field.column,
-                field=field,
-                internal_type=held.get_internal_type(),
-                null=field.null,
-            )
+        column = PlannedColumn(
+            name=field.column,
+            field=field,
+            internal_type=held.get_internal_type(),
+            null=field.null,
         )
-        if field.is_relation and (field.many_to_one or field.one_to_one):
+        if getattr(field, "generated", False):
+            # PostgreSQL computes it (COPY may not write it); read only to verify
+            generated.append(column)
+            continue
+        columns.append(column)
+        # without a database constraint a value pointing nowhere is legal data
+        if field.is_relation and (field.many_to_one or field.one_to_one) and field.db_constraint:
             target = field.target_field
             fks.append(
                 ForeignKeyRef(
@@ -152,11 +241,19 @@ def _plan_table(model: type[models.Model]) -> PlannedTable:
         db_table=opts.db_table,
         label=opts.label,
         model=model,
-        pk_column=opts.pk.column,
+        pk_columns=tuple(f.column for f in _key_fields(opts)),
         columns=tuple(columns),
         foreign_keys=tuple(fks),
         unique_sets=tuple(dict.fromkeys(uniques)),
+        generated=tuple(generated),
     )
+
+
+def _key_fields(opts) -> list[models.Field]:
+    """The primary key's fields: one, or the parts of a CompositePrimaryKey."""
+    if isinstance(opts.pk, models.CompositePrimaryKey):
+        return list(opts.pk.fields)
+    return [opts.pk]
 
 
 def build_plan(

@@ -101,9 +101,9 @@ def _plain(value: Any) -> Any:
 def orm_rows(model, alias: str) -> dict:
     """Every row of model on alias as Python values (Django's converters), keyed by pk."""
     names = [f.attname for f in model._meta.concrete_fields]
-    pk_at = names.index(model._meta.pk.attname)
-    rows = model._base_manager.using(alias).values_list(*names).iterator(chunk_size=2000)
-    return {row[pk_at]: tuple(map(_plain, row)) for row in rows}
+    # "pk" first: one value, or a tuple for a CompositePrimaryKey (not a concrete field)
+    rows = model._base_manager.using(alias).values_list("pk", *names).iterator(chunk_size=2000)
+    return {row[0]: tuple(map(_plain, row[1:])) for row in rows}
 
 
 def orm_diff(model, *, source: str, target: str) -> TableDiff:
@@ -133,7 +133,8 @@ def _batches(items: list, size: int = BATCH) -> Iterator[list]:
 def apply_changes(model, diff: TableDiff, *, source: str, target: str) -> None:
     """Make target's rows equal source's for the pks in diff, as Django would store them."""
     manager = model._base_manager
-    fields = model._meta.local_concrete_fields
+    # generated columns are computed by SQLite itself and may not be written
+    fields = [f for f in model._meta.local_concrete_fields if not f.generated]
     others = [f for f in fields if not f.primary_key]
     for pks in _batches(diff.deleted_pks):
         qs = manager.using(target).filter(pk__in=pks)
@@ -322,13 +323,14 @@ def changed_on_pg_since(horizon: int, tables, *, target: str) -> dict[str, Table
 def _differing(model, pks: list, *, source: str, target: str) -> list:
     """The pks among pks whose values differ between source and target (through the ORM)."""
     names = [f.attname for f in model._meta.concrete_fields]
-    at = names.index(model._meta.pk.attname)
     differ = []
     for chunk in _batches(pks):
         sides = [
             {
-                row[at]: tuple(map(_plain, row))
-                for row in model._base_manager.using(alias).filter(pk__in=chunk).values_list(*names)
+                row[0]: tuple(map(_plain, row[1:]))
+                for row in model._base_manager.using(alias)
+                .filter(pk__in=chunk)
+                .values_list("pk", *names)
             }
             for alias in (source, target)
         ]

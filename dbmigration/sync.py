@@ -5,7 +5,8 @@ Public API (direction-agnostic; a ``Side`` is a SQLite file or a Django alias):
     diff_table(*, source: Side, target: Side, table: PlannedTable,
                exclude: set[str] | None = None) -> TableDiff
         rows to insert/update/delete on target so that it equals source.  Primary keys are
-        the Python values Django uses (UUID, int, str): ``inserted_pks``/``updated_pks`` as
+        the Python values Django uses (UUID, int, str; a tuple of them for a
+        CompositePrimaryKey): ``inserted_pks``/``updated_pks`` as
         read on the source, ``deleted_pks`` as read on the target.  Reads only.
     diff_tables(*, source, target, plan=None, tables=None, progress=None) -> list[TableDiff]
     sync_to_postgresql(*, sqlite_path, alias="postgresql", tables=None, state_file=None,
@@ -36,6 +37,7 @@ from dbmigration.copy import (
     RowConverter,
     RowsRejected,
     _read_marks,
+    _refused_row,
     _source_tables,
     _write_marks,
     plan_targets,
@@ -90,7 +92,7 @@ def diff_table(
         if ours.buckets.get(b) != theirs.buckets.get(b)
     }
     if bad:
-        diff.mismatched_ranges = [ranges.describe(b, table.pk_column) for b in sorted(bad, key=str)]
+        diff.mismatched_ranges = [ranges.describe(b, table.pk_label) for b in sorted(bad, key=str)]
         left = row_digests(source, table, ranges, bad, exclude=exclude)
         right = row_digests(target, table, ranges, bad)
         diff.inserted_pks = [left[k][1] for k in sorted(set(left) - set(right))]
@@ -154,6 +156,7 @@ def sync_to_postgresql(
     targets = plan_targets(plan, alias)
     pg, lite = connections[alias], connections["sqlite"]
     rejected: list[RejectedRow] = []
+    copying: tuple[PlannedTable, list] | None = None  # the COPY in flight, a key per line
     conn = open_readonly(sqlite_path, raw_text=True)
     try:
         # broken keys and CHECKs by query first, as the full copy does
@@ -165,36 +168,36 @@ def sync_to_postgresql(
             for table, diff in zip(plan.tables, diffs, strict=True):
                 if not diff.changed:
                     continue
-                pk_field = table.columns[table.pk_index].field
                 gone = diff.deleted_pks + diff.updated_pks
                 for chunk in _chunks(gone):
-                    values = [pk_field.get_db_prep_value(v, pg) for v in chunk]
                     cur.execute(
-                        f"DELETE FROM {qi(table.db_table)} WHERE {qi(table.pk_column)} = ANY(%s)",
-                        [values],
+                        f"DELETE FROM {qi(table.db_table)} WHERE {table.key_in(len(chunk), '%s')}",
+                        table.key_params(chunk, pg),
                     )
                     result.rows_deleted += cur.rowcount
                 wanted = diff.inserted_pks + diff.updated_pks
                 rc = RowConverter(table, targets[table.db_table])
                 cols = ", ".join(qi(c) for c in table.column_names)
+                copying = (table, [])
                 with cur.cursor.copy(f"COPY {qi(table.db_table)} ({cols}) FROM STDIN") as cp:
                     for chunk in _chunks(wanted):
-                        keys = [pk_field.get_db_prep_value(v, lite) for v in chunk]
-                        marks = ", ".join("?" * len(keys))
-                        where = f"WHERE {qi(table.pk_column)} IN ({marks})"
+                        where = f"WHERE {table.key_in(len(chunk))}"
                         # as the copy reads them: a TEXT/BLOB of the wrong class is marked
+                        params = table.key_params(chunk, lite)
                         rows = [
-                            r for b in read_rows(conn, table, where=where, params=keys) for r in b
+                            r for b in read_rows(conn, table, where=where, params=params) for r in b
                         ]
                         for raw in rows:
                             try:
                                 cp.write_row(rc.convert(raw))
+                                copying[1].append(table.key_of(raw))
                                 result.rows_written += 1
                             except Exception as exc:  # _RowRejected carries the rows
                                 rows_ = getattr(exc, "rows", None)
                                 if rows_ is None:
                                     raise
                                 rejected.extend(rows_)
+                copying = None
                 if rejected:
                     raise _SyncRejected()
             for statement in pg.ops.sequence_reset_sql(no_style(), plan.models):
@@ -204,6 +207,12 @@ def sync_to_postgresql(
         failed.rejected_total = len(rejected)
         raise RowsRejected(failed) from None
     except (psycopg.Error, DatabaseError) as exc:
+        # a row PostgreSQL refused although every check passed: named by its COPY line
+        refused = _refused_row(copying[0], exc, copying[1], conn) if copying else None
+        if refused is not None:
+            failed = CopyResult(tables=[], rejections=[refused], repairs=[], source_sha256=sha)
+            failed.rejected_total = 1
+            raise RowsRejected(failed) from exc
         raise TargetError(
             f"PostgreSQL refused the sync: {exc}. Nothing of it was kept; fix the rows in "
             "SQLite and run migrate_data --sync again."

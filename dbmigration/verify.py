@@ -367,14 +367,16 @@ def side_sums(
 ) -> SideSums:
     """Count rows and sum row hashes per primary-key range on one side."""
     readers = column_readers(table, side.django_connection)
-    pk_index = table.pk_index
+    key, stored = key_text(table), _stored_key(side, table, exclude)
     sums = SideSums()
     buckets = sums.buckets
     for batch in iter_rows(side, table):
         for raw in batch:
+            if stored is not None and stored(raw) in exclude:
+                continue
             values = list(map(_call, readers, raw))
-            pk = values[pk_index]
-            if exclude and pk in exclude:
+            pk = key(values)
+            if exclude and stored is None and pk in exclude:
                 continue
             digest = row_digest(values)
             slot = buckets.get(ranges.bucket(pk))
@@ -476,27 +478,59 @@ def row_digests(
 ) -> dict[str, tuple[int, Any]]:
     """Return {canonical pk: (row hash, Django's pk value)} for rows in the given ranges."""
     readers = column_readers(table, side.django_connection)
-    pk_index = table.pk_index
-    pk_field = table.columns[pk_index]
+    key, stored = key_text(table), _stored_key(side, table, exclude)
     connection = side.django_connection
-    expression = pk_field.field.get_col(table.db_table)
-    pk_steps = connection.ops.get_db_converters(expression) + expression.get_db_converters(
-        connection
-    )
+    python_key = key_reader(table, connection)
     found = {}
     for batch in iter_rows(side, table):
         for raw in batch:
-            values = list(map(_call, readers, raw))
-            pk = values[pk_index]
-            if (exclude and pk in exclude) or ranges.bucket(pk) not in buckets:
+            if stored is not None and stored(raw) in exclude:
                 continue
-            value = raw[pk_index]
-            if type(value) is bytes:
-                value = value.decode("utf-8", "surrogateescape")
-            for step in pk_steps:
-                value = step(value, expression, connection)
-            found[pk] = (row_digest(values), value)
+            values = list(map(_call, readers, raw))
+            pk = key(values)
+            if (exclude and stored is None and pk in exclude) or ranges.bucket(pk) not in buckets:
+                continue
+            found[pk] = (row_digest(values), python_key(raw))
     return found
+
+
+KEY_SEPARATOR = "\x1f"  # between a composite key's canonical parts (copy.key_text agrees)
+
+
+def key_text(table: PlannedTable) -> Callable[[list], str]:
+    """Canonical row values -> the row's key as one text (parts joined for a composite key)."""
+    if not table.composite:
+        at = table.pk_index
+        return lambda values: values[at]
+    indexes = table.pk_indexes
+    return lambda values: KEY_SEPARATOR.join([values[i] for i in indexes])
+
+
+def stored_key_text(table: PlannedTable) -> Callable[[tuple], str]:
+    """Raw row -> its key as stored, as text: what copy.key_text gives a rejected row, so
+    a quarantined row is left out, not another whose key PostgreSQL would read the same
+    (UUIDs differing in letter case)."""
+
+    def text(value) -> str:
+        return value.decode("utf-8", "surrogateescape") if type(value) is bytes else str(value)
+
+    if not table.composite:
+        at = table.pk_index
+        return lambda raw: text(raw[at])
+    indexes = table.pk_indexes
+    return lambda raw: KEY_SEPARATOR.join([text(raw[i]) for i in indexes])
+
+
+def _stored_key(side: Side, table: PlannedTable, exclude) -> Callable[[tuple], str] | None:
+    """How a SQLite side matches quarantined keys: by the key as stored (None: elsewhere,
+    or nothing to exclude, the canonical key is matched)."""
+    return stored_key_text(table) if exclude and side.sqlite_path is not None else None
+
+
+def key_reader(table: PlannedTable, connection) -> Callable[[tuple], Any]:
+    """Raw row -> its key as Django's Python value (a tuple for a composite key), as
+    ``Model.objects.filter(pk=...)`` takes it."""
+    return lambda raw: table.python_key(table.key_of(raw), connection)
 
 
 # --- the verification -----------------------------------------------------------------------
@@ -534,7 +568,7 @@ class TableCheck:
         return (
             f"{self.table}: same row count ({self.source_rows}) but checksums differ in "
             f"{', '.join(self.mismatched_ranges[:5])}; rows differing: "
-            f"{[str(p) for p in self.different[:10]]}"
+            f"{[str(p).replace(KEY_SEPARATOR, ', ') for p in self.different[:10]]}"
         )
 
 
@@ -544,6 +578,8 @@ class VerifyResult:
     fk_problems: list[str] = dataclasses.field(default_factory=list)
     sequence_problems: list[str] = dataclasses.field(default_factory=list)
     migration_problems: list[str] = dataclasses.field(default_factory=list)
+    # generated columns the engines compute differently (the copied columns are equal)
+    warnings: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -590,9 +626,7 @@ def compare_table(
         if ours.buckets.get(b) != theirs.buckets.get(b)
     }
     if bad:
-        check.mismatched_ranges = [
-            ranges.describe(b, table.pk_column) for b in sorted(bad, key=str)
-        ]
+        check.mismatched_ranges = [ranges.describe(b, table.pk_label) for b in sorted(bad, key=str)]
         left = row_digests(source, table, ranges, bad, exclude=exclude)
         right = row_digests(target, table, ranges, bad)
         check.missing_on_target = sorted(set(left) - set(right))[:MAX_LISTED_ROWS]
@@ -602,6 +636,54 @@ def compare_table(
         ]
     check.seconds = round(time.perf_counter() - started, 3)
     return check
+
+
+def compare_generated(
+    source: Side, target: Side, table: PlannedTable, *, exclude: set[str] | None = None
+) -> list[str]:
+    """One warning per generated column whose values differ between the two sides.
+
+    Neither side's value is copied: each engine computes its own from the copied columns,
+    so a difference means the expression itself differs between the engines (SQLite's
+    lower() folds ASCII only, PostgreSQL's every letter).
+    """
+    if not table.generated:
+        return []
+    keys = tuple(table.columns[at] for at in table.pk_indexes)
+    view = dataclasses.replace(table, columns=keys + table.generated, generated=())
+    key = key_text(view)
+    sides = []
+    for side in (source, target):
+        readers = column_readers(view, side.django_connection)
+        stored = _stored_key(side, view, exclude) if side is source else None
+        values = {}
+        for batch in iter_rows(side, view):
+            for raw in batch:
+                if stored is not None and stored(raw) in exclude:
+                    continue
+                row = list(map(_call, readers, raw))
+                if side is source and exclude and stored is None and key(row) in exclude:
+                    continue
+                values[key(row)] = row[len(keys) :]
+        sides.append(values)
+    ours, theirs = sides
+    warnings = []
+    for at, column in enumerate(table.generated):
+        differ = sorted(pk for pk in ours.keys() & theirs.keys() if ours[pk][at] != theirs[pk][at])
+        if differ:
+            first = differ[0]
+            warnings.append(
+                f"{table.db_table}.{column.name}: {column.field.expression!r} gives a different "
+                f"value on {target} than on {source} in {len(differ)} row(s), e.g. pk "
+                f"{first.replace(KEY_SEPARATOR, ', ')}: {_shown(ours[first][at])!r} -> "
+                f"{_shown(theirs[first][at])!r}; the copied columns are equal, the "
+                "generated column holds what each engine computes"
+            )
+    return warnings
+
+
+def _shown(canonical_text: str) -> str | None:
+    return None if canonical_text == NULL else canonical_text
 
 
 def applied_migrations(side: Side) -> set[tuple[str, str]]:
@@ -649,7 +731,10 @@ def check_sequences(alias: str, plan: Plan) -> list[str]:
         for table in plan.tables:
             if not table.pk_is_integer:
                 continue
-            cur.execute("SELECT pg_get_serial_sequence(%s, %s)", [table.db_table, table.pk_column])
+            # the table name is parsed as SQL (quote it: "Select"), the column taken literally
+            cur.execute(
+                "SELECT pg_get_serial_sequence(%s, %s)", [_qi(table.db_table), table.pk_column]
+            )
             (sequence,) = cur.fetchone()
             if sequence is None:
                 continue
@@ -684,6 +769,10 @@ def verify(
         for t in plan.tables
     ]
     result = VerifyResult(tables=checks)
+    for table in plan.tables:
+        result.warnings += compare_generated(
+            source, target, table, exclude=exclude.get(table.db_table)
+        )
     if target.alias is not None:
         result.fk_problems = check_foreign_keys(target.alias, plan)
         result.sequence_problems = check_sequences(target.alias, plan)

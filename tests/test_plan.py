@@ -34,11 +34,15 @@ def test_every_concrete_managed_model_and_auto_m2m_is_planned():
 def test_foreign_key_order_and_deferred_self_reference():
     plan = build_plan()
     order = [t.db_table for t in plan.tables]
+    deferred = {(t, fk) for t, fk in plan.deferred_fks}
     for table in plan.tables:
         for fk in table.foreign_keys:
-            if fk.to_table != table.db_table:
+            if (table.db_table, fk) not in deferred:
                 assert order.index(fk.to_table) < order.index(table.db_table), (table, fk)
     assert ("accounts_user", "invited_by_id") in {(t, fk.column) for t, fk in plan.deferred_fks}
+    # a cycle (corpus CycleA <-> CycleB): exactly one of its keys is deferred
+    cycle = {"corpus_relations_cyclea", "corpus_relations_cycleb"}
+    assert len([t for t, fk in plan.deferred_fks if {t, fk.to_table} == cycle]) == 1
 
 
 def test_columns_carry_fields_and_value_types():
@@ -115,3 +119,39 @@ def test_generated_columns_are_left_to_postgresql():
 
         plan = build_plan(models=[Person])
     assert plan.tables[0].column_names == ["id", "name"]
+
+
+def test_composite_key_is_a_tuple_of_columns():
+    """Issue 9.3: PlannedTable.pk_index crashed with 'None is not in list'."""
+    table = build_plan().table("corpus_relations_compositekey")
+    assert table.composite and table.pk_columns == ("owner_id", "slot")
+    assert table.pk_indexes == (1, 2) or table.pk_indexes == tuple(
+        table.column_names.index(c) for c in ("owner_id", "slot")
+    )
+    row = tuple(f"v{i}" for i in range(len(table.columns)))
+    assert table.key_of(row) == tuple(row[i] for i in table.pk_indexes)
+    assert table.key_sql() == '("owner_id", "slot")'
+    assert table.key_in(2) == '("owner_id", "slot") IN (VALUES (?, ?), (?, ?))'
+    assert table.key_params([(1, "a"), (2, "b")]) == [1, "a", 2, "b"]
+    assert not table.pk_is_integer
+    with pytest.raises(ValueError, match="composite key"):
+        table.pk_column  # noqa: B018 a one-column name would be wrong for this table
+    single = build_plan().table("corpus_relations_autokey")
+    assert single.key_of((5, "x")) == 5 and single.key_in(2) == '"id" IN (?, ?)'
+
+
+def test_unconstrained_foreign_keys_are_not_enforced():
+    """Issue 9.15: a db_constraint=False key pointing nowhere is legal data."""
+    loose = build_plan().table("corpus_relations_looselink")
+    assert loose.foreign_keys == ()
+    assert "place_id" in loose.column_names
+
+
+def test_generated_columns_are_kept_apart_for_verification():
+    computed = build_plan().table("corpus_relations_computed")
+    assert "total" not in computed.column_names
+    assert [(c.name, c.internal_type) for c in computed.generated] == [
+        ("total", "IntegerField"),
+        ("lowered", "CharField"),
+        ("product", "BigIntegerField"),
+    ]

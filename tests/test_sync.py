@@ -104,3 +104,50 @@ def test_sync_rejects_new_rows_pointing_nowhere(tmp_path):
     with pytest.raises(RowsRejected, match="points to a missing accounts_user.id"):
         sync_to_postgresql(sqlite_path=source_path(), state_file=state)
     assert LoginEvent.objects.using("postgresql").count() == 1
+
+
+@ALL
+def test_sync_by_composite_key(tmp_path):
+    """Issue 9.3: --sync finds and writes rows of a CompositePrimaryKey table by its tuple."""
+    from tests.corpus.relations.models import AutoKey, CompositeKey
+
+    owner = AutoKey.objects.using("sqlite").create(name="o")
+    for slot in "abc":
+        CompositeKey.objects.using("sqlite").create(owner=owner, slot=slot, note=slot)
+    state = tmp_path / "state.json"
+    copy_data(sqlite_path=source_path(), state_file=state)
+    lite = CompositeKey.objects.using("sqlite")
+    lite.filter(pk=(owner.pk, "a")).update(note="changed")
+    lite.filter(pk=(owner.pk, "b")).delete()
+    lite.create(owner=owner, slot="d", note="new")
+    table = build_plan().table("corpus_relations_compositekey")
+    diff = diff_table(
+        source=Side(sqlite_path=source_path()), target=Side(alias="postgresql"), table=table
+    )
+    assert (diff.inserted_pks, diff.updated_pks, diff.deleted_pks) == (
+        [(owner.pk, "d")],
+        [(owner.pk, "a")],
+        [(owner.pk, "b")],
+    )
+    sync_to_postgresql(sqlite_path=source_path(), state_file=state)
+    pg = CompositeKey.objects.using("postgresql")
+    assert sorted(pg.values_list("slot", "note")) == [("a", "changed"), ("c", "c"), ("d", "new")]
+
+
+@ALL
+def test_sync_names_a_row_postgresql_refuses_at_copy(tmp_path):
+    """Issue 9.5/9.6: a new row whose generated a * b PostgreSQL computes in int4 stopped the
+    sync with "integer out of range" and no row named."""
+    from dbmigration.copy import RowsRejected
+    from tests.corpus.relations.models import Computed
+
+    state = tmp_path / "state.json"
+    copy_data(sqlite_path=source_path(), state_file=state)
+    Computed.objects.using("sqlite").create(a=1, b=2, name="fine")
+    bad = Computed.objects.using("sqlite").create(a=65536, b=65536, name="product")
+    with pytest.raises(RowsRejected) as caught:
+        sync_to_postgresql(sqlite_path=source_path(), state_file=state)
+    (row,) = caught.value.result.rejections
+    assert (row.table, row.pk) == ("corpus_relations_computed", bad.pk)
+    assert "integer out of range" in row.reason and "product = " in row.reason
+    assert not Computed.objects.using("postgresql").exists()  # nothing of the sync kept

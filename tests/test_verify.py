@@ -97,3 +97,39 @@ def test_sides_summed_in_parallel_agree(tmp_path, monkeypatch):
     assert len(users.different) == 3 and users.source_rows == users.target_rows == 3
     back = verify(source=target, target=source)  # SQLite as the target: the other branch
     assert len(next(t for t in back.tables if t.table == "accounts_user").different) == 3
+
+
+@ALL
+def test_sequences_of_a_mixed_case_reserved_word_table(tmp_path):
+    """Issue 9.4: db_table = "Select" went unquoted into pg_get_serial_sequence."""
+    from tests.corpus.relations.models import Select
+
+    Select.objects.using("sqlite").create(order=1, group="g", spaced="s")
+    source, target = copied(tmp_path)
+    result = verify(source=source, target=target)
+    assert result.ok, result.problems(source, target)
+    with connections["postgresql"].cursor() as cur:
+        cur.execute("""SELECT setval(pg_get_serial_sequence('"Select"', 'id'), 1, false)""")
+    result = verify(source=source, target=target)
+    assert any(
+        '"Select".id already reaches' in p or "Select.id already reaches" in p
+        for p in result.sequence_problems
+    ), result.sequence_problems
+
+
+@ALL
+def test_composite_keys_name_their_rows(tmp_path):
+    """Issue 9.3: a CompositePrimaryKey is a tuple of columns in ranges and row names."""
+    from tests.corpus.relations.models import AutoKey, CompositeKey
+
+    owner = AutoKey.objects.using("sqlite").create(name="o")
+    CompositeKey.objects.using("sqlite").create(owner=owner, slot="a", note="same")
+    CompositeKey.objects.using("sqlite").create(owner=owner, slot="b", note="same")
+    source, target = copied(tmp_path)
+    assert verify(source=source, target=target).ok
+    CompositeKey.objects.using("postgresql").filter(pk=(owner.pk, "b")).update(note="changed")
+    result = verify(source=source, target=target)
+    check = next(t for t in result.tables if t.table == "corpus_relations_compositekey")
+    assert check.different == [f"{owner.pk}\x1fb"]
+    assert f"rows differing: ['{owner.pk}, b']" in check.describe(source, target)
+    assert check.mismatched_ranges[0].startswith("(owner_id, slot) starting with")

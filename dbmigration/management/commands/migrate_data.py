@@ -104,6 +104,8 @@ class Command(BaseCommand):
                 f"Verified {len(r.verification.tables)} tables, {rows} rows: counts, checksums, "
                 f"foreign keys, sequences, migrations ({r.verification.seconds:.2f}s)"
             )
+            for warning in r.verification.warnings:
+                self.stdout.write(self.style.WARNING(f"  warning: {warning}"))
         self.stdout.write(f"Report: {r.report_path}\nLog:    {r.log_path}")
         self.stdout.write(self.style.SUCCESS(f"migrate_data ({r.mode}) done."))
 
