@@ -1,0 +1,575 @@
+"""Point-in-time recovery with pgBackRest: configure, back up, report, restore to a time.
+
+pgBackRest does the work (archive-push, backup, expire, verify, restore).  This module
+writes its configuration from ``DBMIGRATION['PITR']`` (dbmigration/conf.py), runs it as
+the server's OS user, and turns its JSON output and its failures into dataclasses and
+our exceptions.  It never prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import pwd
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from django.db import connections
+
+from dbmigration import conf
+from dbmigration.errors import PitrError, RestoreTargetError, TargetError
+
+# settings the server needs for pgBackRest's WAL archiving; wal_level 'logical' also works
+SERVER_SETTINGS = ("archive_mode", "archive_command", "wal_level")
+DEFAULT_CONFIG = Path("/etc/pgbackrest/pgbackrest.conf")
+BACKUP_TYPES = ("full", "diff", "incr")
+
+Progress = Callable[[str, str, int, int], None]
+
+
+def _no_progress(stage: str, item: str, done: int, total: int) -> None:
+    pass
+
+
+# --- running pgbackrest ---------------------------------------------------------------
+
+
+def _as_os_user(cmd: list[str], user: str | None) -> list[str]:
+    # pgBackRest must read the data directory and write the repository as the server's
+    # user; root hands over with runuser, any other user is trusted to be that user.
+    if user and os.geteuid() == 0:
+        return ["runuser", "-u", user, "--", *cmd]
+    return cmd
+
+
+def _chown(path: Path, user: str | None) -> None:
+    if user and os.geteuid() == 0:
+        shutil.chown(path, user, pwd.getpwnam(user).pw_gid)
+
+
+def _error_line(output: str) -> str:
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if "ERROR:" in line]
+    return (errors or lines or ["no output"])[0]
+
+
+def pgbackrest(*args: str, stanza: bool = True, timeout: float = 3600) -> str:
+    """Run one pgbackrest command with our config as the server's OS user; return stdout."""
+    options = conf.pitr()
+    cmd = ["pgbackrest", f"--config={options['CONFIG']}"]
+    if stanza:
+        cmd.append(f"--stanza={options['STANZA']}")
+    cmd += list(args)
+    try:
+        proc = subprocess.run(
+            _as_os_user(cmd, options["OS_USER"]), capture_output=True, text=True, timeout=timeout
+        )
+    except FileNotFoundError as exc:
+        raise PitrError(
+            "pgbackrest is not installed: run `make install` (it installs Debian's pgbackrest)"
+        ) from exc
+    if proc.returncode:
+        raise PitrError(
+            f"pgbackrest {args[0]} failed (exit {proc.returncode}): "
+            f"{_error_line(proc.stderr + proc.stdout)}; fix that, then run db_pitr check"
+        )
+    return proc.stdout
+
+
+# --- the server ----------------------------------------------------------------------
+
+
+def _connect(alias: str = conf.TARGET_ALIAS, **overrides):
+    import psycopg
+
+    cfg = connections.settings[alias]
+    params = {"dbname": cfg["NAME"], "connect_timeout": 5, "autocommit": True}
+    for key, name in (("USER", "user"), ("PASSWORD", "password"), ("HOST", "host")):
+        if cfg.get(key):
+            params[name] = cfg[key]
+    if cfg.get("PORT"):
+        params["port"] = int(cfg["PORT"])
+    params.update(overrides)
+    try:
+        return psycopg.connect(**params)
+    except psycopg.Error as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TargetError(
+            f"PostgreSQL does not answer: {first}; start it or fix the alias"
+        ) from exc
+
+
+@dataclasses.dataclass
+class Server:
+    data_directory: str
+    port: int
+    socket_dir: str
+    current: dict[str, str]  # the SERVER_SETTINGS as the server runs them now
+    postmaster_only: set[str]  # those of them that need a restart to change
+
+
+def inspect_server(alias: str = conf.TARGET_ALIAS) -> Server:
+    """What pgBackRest's config needs to know about the server (superuser only)."""
+    with _connect(alias) as conn:
+        rows = dict(
+            conn.execute(
+                "SELECT name, setting FROM pg_settings WHERE name IN "
+                "('data_directory', 'port', 'unix_socket_directories')"
+            ).fetchall()
+        )
+        if "data_directory" not in rows:
+            raise TargetError(
+                "the postgresql alias's role cannot see data_directory: db_pitr needs a "
+                "superuser (or pg_read_all_settings) on the server it configures"
+            )
+        settings = conn.execute(
+            "SELECT name, setting, context FROM pg_settings WHERE name = ANY(%s)",
+            [list(SERVER_SETTINGS)],
+        ).fetchall()
+    return Server(
+        data_directory=rows["data_directory"],
+        port=int(rows["port"]),
+        socket_dir=(rows.get("unix_socket_directories") or "/var/run/postgresql").split(",")[0],
+        current={name: value for name, value, _ in settings},
+        postmaster_only={name for name, _, context in settings if context == "postmaster"},
+    )
+
+
+def archive_command() -> str:
+    options = conf.pitr()
+    config = "" if options["CONFIG"] == DEFAULT_CONFIG else f"--config={options['CONFIG']} "
+    return f"pgbackrest {config}--stanza={options['STANZA']} archive-push %p"
+
+
+def wanted_settings(server: Server) -> dict[str, str]:
+    """The server settings WAL archiving to pgBackRest needs."""
+    wal_level = server.current.get("wal_level")
+    return {
+        "archive_mode": "on",
+        "archive_command": archive_command(),
+        "wal_level": wal_level if wal_level in ("replica", "logical") else "replica",
+    }
+
+
+def render_config(server: Server) -> str:
+    """The pgbackrest.conf text for this server and DBMIGRATION['PITR']."""
+    options = conf.pitr()
+    home = options["CONFIG"].parent
+    return "\n".join(
+        [
+            "# written by `manage.py db_pitr setup` from DBMIGRATION['PITR']; edit the settings",
+            "[global]",
+            f"repo1-path={options['REPO_PATH']}",
+            f"repo1-retention-full={options['RETENTION_FULL']}",
+            f"repo1-retention-diff={options['RETENTION_DIFF']}",
+            f"process-max={options['PROCESS_MAX']}",
+            f"compress-type={options['COMPRESS_TYPE']}",
+            "start-fast=y",  # a checkpoint now, not at the next scheduled one
+            f"log-path={home / 'log'}",
+            f"lock-path={home / 'lock'}",
+            "",
+            f"[{options['STANZA']}]",
+            f"pg1-path={server.data_directory}",
+            f"pg1-port={server.port}",
+            f"pg1-socket-path={server.socket_dir}",
+            "",
+        ]
+    )
+
+
+@dataclasses.dataclass
+class SetupResult:
+    config_path: Path
+    repo_path: Path
+    wanted: dict[str, str]
+    current: dict[str, str]
+    applied: list[str]
+    restart_needed: list[str]  # settings that take effect only after a restart
+    stanza_created: bool
+    checked: bool
+
+    @property
+    def missing(self) -> list[str]:
+        return [k for k, v in self.wanted.items() if self.current.get(k) != v]
+
+
+def setup(
+    *, apply: bool = False, alias: str = conf.TARGET_ALIAS, progress: Progress = _no_progress
+) -> SetupResult:
+    """Write pgbackrest.conf; with apply, ALTER SYSTEM the server; stanza-create and check."""
+    from psycopg import sql
+
+    options = conf.pitr()
+    server = inspect_server(alias)
+    home = options["CONFIG"].parent
+    for path in (home, home / "log", home / "lock", options["REPO_PATH"]):
+        path.mkdir(parents=True, exist_ok=True)
+        path.chmod(0o750)
+        _chown(path, options["OS_USER"])
+    options["CONFIG"].write_text(render_config(server))
+    _chown(options["CONFIG"], options["OS_USER"])
+    progress("pitr", "config", 1, 4)
+    wanted = wanted_settings(server)
+    changes = [name for name, value in wanted.items() if server.current.get(name) != value]
+    applied, restart_needed = [], []
+    if apply and changes:
+        with _connect(alias) as conn:
+            for name in changes:
+                # ALTER SYSTEM takes no bind parameters: quote on the client
+                conn.execute(
+                    sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                        sql.Identifier(name), sql.Literal(wanted[name])
+                    )
+                )
+            conn.execute("SELECT pg_reload_conf()")
+        applied = changes
+        restart_needed = [name for name in changes if name in server.postmaster_only]
+    progress("pitr", "server settings", 2, 4)
+    pgbackrest("stanza-create")
+    progress("pitr", "stanza-create", 3, 4)
+    live = not restart_needed and (apply or not changes)
+    if live:
+        pgbackrest("check")
+    progress("pitr", "check", 4, 4)
+    return SetupResult(
+        config_path=options["CONFIG"],
+        repo_path=options["REPO_PATH"],
+        wanted=wanted,
+        current=server.current,
+        applied=applied,
+        restart_needed=restart_needed,
+        stanza_created=True,
+        checked=live,
+    )
+
+
+def is_set_up() -> bool:
+    return conf.pitr()["CONFIG"].exists()
+
+
+# --- backups and their list ----------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Backup:
+    label: str
+    type: str
+    started: datetime
+    stopped: datetime
+    size: int  # bytes of the database
+    repo_size: int  # bytes in the repository (compressed)
+
+    @property
+    def age_hours(self) -> float:
+        return round((datetime.now(UTC) - self.stopped).total_seconds() / 3600, 2)
+
+
+@dataclasses.dataclass
+class StanzaInfo:
+    status: str  # pgBackRest's own: 'ok', 'no valid backups', 'missing stanza path', ...
+    backups: list[Backup]
+    archive_min: str | None  # oldest and newest WAL segment in the repository
+    archive_max: str | None
+
+    def last(self, backup_type: str) -> Backup | None:
+        found = [b for b in self.backups if b.type == backup_type]
+        return found[-1] if found else None
+
+
+def info() -> StanzaInfo:
+    """The stanza's backups, oldest first, from `pgbackrest info --output=json`."""
+    stanzas = json.loads(pgbackrest("info", "--output=json", timeout=120))
+    if not stanzas:
+        return StanzaInfo("missing stanza", [], None, None)
+    stanza = stanzas[0]
+    backups = [
+        Backup(
+            label=b["label"],
+            type=b["type"],
+            started=datetime.fromtimestamp(b["timestamp"]["start"], UTC),
+            stopped=datetime.fromtimestamp(b["timestamp"]["stop"], UTC),
+            size=b["info"]["size"],
+            repo_size=b["info"]["repository"]["delta"],
+        )
+        for b in stanza.get("backup", [])
+    ]
+    archives = stanza.get("archive") or [{}]
+    return StanzaInfo(
+        status=stanza["status"]["message"],
+        backups=backups,
+        archive_min=archives[-1].get("min"),
+        archive_max=archives[-1].get("max"),
+    )
+
+
+@dataclasses.dataclass
+class BackupResult:
+    backup: Backup
+    seconds: float
+    verified: bool
+
+
+def backup(*, backup_type: str = "full", verify: bool = True) -> BackupResult:
+    """Take a pgBackRest backup (expiring old ones by the retention), then verify the repo."""
+    if backup_type not in BACKUP_TYPES:
+        raise PitrError(f"unknown backup type {backup_type!r}: use one of {BACKUP_TYPES}")
+    start = time.perf_counter()
+    pgbackrest("backup", f"--type={backup_type}")
+    if verify:
+        pgbackrest("verify")
+    latest = info().backups[-1]
+    return BackupResult(latest, round(time.perf_counter() - start, 2), verify)
+
+
+# --- the posture the health check reports --------------------------------------------
+
+
+@dataclasses.dataclass
+class Posture:
+    set_up: bool
+    problems: list[str]  # each says what is wrong and what to do; empty when healthy
+    last_backups: dict[str, dict]  # per type: label, stopped, age_hours
+    archiver: dict  # pg_stat_archiver's row
+
+
+def posture(
+    *, alias: str = conf.TARGET_ALIAS, backup_max_age_hours: float, full_max_age_hours: float
+) -> Posture:
+    """Last backup per type and its age, and whether WAL archiving is failing now."""
+    if not is_set_up():
+        return Posture(False, [], {}, {})
+    problems = []
+    with _connect(alias) as conn:
+        row = conn.execute(
+            "SELECT archived_count, last_archived_wal, last_archived_time, failed_count, "
+            "last_failed_wal, last_failed_time FROM pg_stat_archiver"
+        ).fetchone()
+    archiver = dict(
+        zip(
+            (
+                "archived_count",
+                "last_archived_wal",
+                "last_archived_time",
+                "failed_count",
+                "last_failed_wal",
+                "last_failed_time",
+            ),
+            row,
+            strict=True,
+        )
+    )
+    last_ok, last_failed = archiver["last_archived_time"], archiver["last_failed_time"]
+    if last_failed and (last_ok is None or last_failed > last_ok):
+        # pg_wal keeps every segment that failed to archive: the disk fills next
+        problems.append(
+            f"WAL archiving is failing ({archiver['failed_count']} failures, last "
+            f"{archiver['last_failed_wal']} at {last_failed:%Y-%m-%d %H:%M:%S %Z}); pg_wal "
+            "grows until it is fixed: make the repository writable by the server's user "
+            "and run db_pitr check (the server log names the cause)"
+        )
+    stanza = info()
+    last_backups = {}
+    for backup_type in BACKUP_TYPES:
+        found = stanza.last(backup_type)
+        if found:
+            last_backups[backup_type] = {
+                "label": found.label,
+                "stopped": found.stopped.isoformat(),
+                "age_hours": found.age_hours,
+            }
+    if not stanza.backups:
+        problems.append(f"no pgBackRest backup ({stanza.status}); run db_pitr backup")
+    else:
+        newest = stanza.backups[-1]
+        if newest.age_hours > backup_max_age_hours:
+            problems.append(
+                f"last pgBackRest backup is {newest.age_hours} h old (limit "
+                f"{backup_max_age_hours:g} h); run db_pitr backup --type diff"
+            )
+        full = stanza.last("full")
+        if full and full.age_hours > full_max_age_hours:
+            problems.append(
+                f"last full backup is {full.age_hours} h old (limit {full_max_age_hours:g} h); "
+                "run db_pitr backup --type full"
+            )
+    return Posture(True, problems, last_backups, archiver)
+
+
+# --- restore to a point in time ------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RestoreResult:
+    target_dir: Path
+    port: int
+    backup_label: str
+    target_time: datetime
+    stopped_at: str  # the server's "recovery stopping before ..." line
+    row_counts: dict[str, int]
+    log_path: Path
+    seconds: float
+
+    @property
+    def promote_command(self) -> str:
+        return f"pg_ctl -D {self.target_dir} promote"
+
+    @property
+    def stop_command(self) -> str:
+        return f"pg_ctl -D {self.target_dir} stop"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pick_backup(backups: list[Backup], target: datetime) -> Backup:
+    """The newest backup that ended strictly before the target time."""
+    if not backups:
+        raise RestoreTargetError("no pgBackRest backup to restore from; run db_pitr backup first")
+    # a target equal to a backup's stop time cannot reach consistency (pgbackrest #1168)
+    before = [b for b in backups if b.stopped < target]
+    if not before:
+        first = backups[0]
+        raise RestoreTargetError(
+            f"{target.isoformat()} is before the first backup ({first.label}, ended "
+            f"{first.stopped.isoformat()}): nothing can be restored to that time; pick a later time"
+        )
+    return before[-1]
+
+
+def _pg_ctl(*args: str) -> subprocess.CompletedProcess:
+    # on PATH, else Debian's layout (the newest major version)
+    debian = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), reverse=True)
+    pg_ctl = shutil.which("pg_ctl") or (debian[0] if debian else None)
+    if not pg_ctl:
+        raise PitrError("pg_ctl not found: install PostgreSQL's server binaries")
+    cmd = _as_os_user([pg_ctl, *args], conf.pitr()["OS_USER"])
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def _wait_for_log(log: Path, pattern: str, *, timeout: float) -> re.Match | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.search(pattern, log.read_text(errors="replace")) if log.exists() else None
+        if found:
+            return found
+        time.sleep(0.2)
+    return None
+
+
+def restore(
+    *,
+    to_time: datetime,
+    target_dir: Path,
+    port: int | None = None,
+    alias: str = conf.TARGET_ALIAS,
+    progress: Progress = _no_progress,
+) -> RestoreResult:
+    """Restore the stanza as of to_time into target_dir, start it paused at the target.
+
+    Never over the live data directory; the restored server does not archive, listens on
+    127.0.0.1 only, and stays paused (read-only) until someone promotes it.
+    """
+    options = conf.pitr()
+    if to_time.tzinfo is None:
+        raise RestoreTargetError(
+            f"{to_time} has no time zone: write it like 2026-12-01 10:15:00+00"
+        )
+    start = time.perf_counter()
+    if to_time >= datetime.now(UTC):
+        raise RestoreTargetError(
+            f"{to_time.isoformat()} is in the future, past the archived WAL; pick a time before now"
+        )
+    target_dir = target_dir.resolve()
+    live = Path(inspect_server(alias).data_directory).resolve()
+    if target_dir == live:
+        raise RestoreTargetError(
+            f"{target_dir} is the live server's data directory: restore into a scratch directory"
+        )
+    if target_dir.exists() and any(target_dir.iterdir()):
+        raise RestoreTargetError(f"{target_dir} is not empty: give a new or empty directory")
+    chosen = pick_backup(info().backups, to_time)
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target_dir.chmod(0o700)
+    _chown(target_dir, options["OS_USER"])
+    progress("restore", chosen.label, 1, 3)
+    pgbackrest(
+        "restore",
+        f"--set={chosen.label}",
+        "--type=time",
+        f"--target={to_time.isoformat(sep=' ')}",
+        "--target-action=pause",
+        "--archive-mode=off",  # the scratch copy must not push WAL into the live repository
+        f"--pg1-path={target_dir}",
+    )
+    progress("restore", "start", 2, 3)
+    port = port or _free_port()
+    log = target_dir / "pitr_restore.log"
+    started = _pg_ctl(
+        "-D", str(target_dir), "-l", str(log), "-w", "-t", "600",
+        "-o", f"-p {port} -k {target_dir} -c listen_addresses=127.0.0.1", "start",
+    )  # fmt: skip
+    text = log.read_text(errors="replace") if log.exists() else started.stderr
+    if "recovery ended before configured recovery target was reached" in text:
+        raise RestoreTargetError(
+            f"{to_time.isoformat()} is past the archived WAL (no transaction after it reached "
+            "the repository): pick an earlier time, or run db_pitr check to archive the current "
+            f"WAL and retry; the scratch directory {target_dir} can be removed"
+        )
+    if started.returncode:
+        raise PitrError(f"the restored server did not start: {_error_line(text)}; see {log}")
+    stopped = _wait_for_log(log, r"recovery stopping before .*", timeout=120)
+    if not stopped:
+        raise PitrError(
+            f"the restored server on port {port} did not log 'recovery stopping before' the "
+            f"target; see {log}, then stop it with pg_ctl -D {target_dir} stop -m fast"
+        )
+    _wait_for_log(log, r"pausing at the end of recovery|database system is ready", timeout=60)
+    progress("restore", "count rows", 3, 3)
+    row_counts = count_rows(alias=alias, host="127.0.0.1", port=port)
+    return RestoreResult(
+        target_dir=target_dir,
+        port=port,
+        backup_label=chosen.label,
+        target_time=to_time,
+        stopped_at=stopped.group(0).strip(),
+        row_counts=row_counts,
+        log_path=log,
+        seconds=round(time.perf_counter() - start, 2),
+    )
+
+
+def count_rows(*, alias: str = conf.TARGET_ALIAS, **overrides) -> dict[str, int]:
+    """Exact row counts of every table in the alias's database and schema."""
+    from psycopg import sql
+
+    with _connect(alias, **overrides) as conn:
+        tables = [
+            row[0]
+            for row in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() "
+                "ORDER BY tablename"
+            )
+        ]
+        return {
+            table: conn.execute(
+                sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))
+            ).fetchone()[0]
+            for table in tables
+        }
+
+
+def stop_restored(target_dir: Path) -> None:
+    """Stop a scratch server restore() started (immediate: it holds nothing to keep)."""
+    if (target_dir / "postmaster.pid").exists():
+        _pg_ctl("-D", str(target_dir), "-m", "immediate", "stop")

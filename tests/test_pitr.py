@@ -1,0 +1,178 @@
+"""Point-in-time recovery with pgBackRest on a private cluster (dbmigration.pitr, db_pitr).
+
+One cluster for the module, archiving into a repository under a temp dir: setup --apply,
+restart, full backup, rows (T1), a mistaken delete (T2), restore to between them into a
+scratch cluster; then an unwritable repository turns the health check degraded.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from io import StringIO
+from pathlib import Path
+
+import psycopg
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+from django.db import connections
+from django.test import override_settings
+
+from dbmigration import health, pitr
+from dbmigration.errors import RestoreTargetError
+from propcore.pgserver import find_pg_bin
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _as_postgres(*cmd: str) -> subprocess.CompletedProcess:
+    if os.geteuid() == 0:  # the server refuses to run as root
+        cmd = ("runuser", "-u", "postgres", "--", *cmd)
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+
+
+def _pg_ctl(data: Path, *args: str) -> None:
+    _as_postgres(find_pg_bin("pg_ctl"), "-D", str(data), *args)
+
+
+class Cluster:
+    def __init__(self, root: Path):
+        self.root, self.data, self.port = root, root / "live", _free_port()
+
+    def start(self) -> None:
+        _pg_ctl(
+            self.data, "-l", str(self.root / "live.log"), "-w",
+            "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1", "start",
+        )  # fmt: skip
+
+    def restart(self) -> None:
+        _pg_ctl(self.data, "-m", "fast", "-w", "stop")
+        self.start()
+
+    def sql(self, query: str, *params):
+        url = f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+        with psycopg.connect(url, autocommit=True) as conn:
+            cur = conn.execute(query, params or None)
+            return cur.fetchall() if cur.description else None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A private cluster the postgresql alias points at, with PITR settings under a temp dir."""
+    root = Path(tempfile.mkdtemp(prefix="propcore_pitr_"))
+    root.chmod(0o755)
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+    node = Cluster(root)
+    alias = connections.settings["postgresql"]
+    saved = alias["HOST"], alias["PORT"], alias["NAME"]
+    pitr_settings = {
+        "STANZA": f"pitr_{os.getpid()}",
+        "CONFIG": str(root / "pgbackrest" / "pgbackrest.conf"),
+        "REPO_PATH": str(root / "pgbackrest" / "repo"),
+    }
+    override = override_settings(DBMIGRATION={**settings.DBMIGRATION, "PITR": pitr_settings})
+    try:
+        _as_postgres(find_pg_bin("initdb"), "-D", str(node.data), "-U", "postgres", "-A", "trust")
+        node.start()
+        alias["HOST"], alias["PORT"], alias["NAME"] = "127.0.0.1", node.port, "postgres"
+        override.enable()
+        yield node
+    finally:
+        override.disable()
+        alias["HOST"], alias["PORT"], alias["NAME"] = saved
+        for data in root.iterdir():
+            if (data / "postmaster.pid").exists():
+                _pg_ctl(data, "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _call(*args: str) -> str:
+    out = StringIO()
+    call_command("db_pitr", *args, stdout=out)
+    return out.getvalue()
+
+
+def test_setup_backup_and_restore_to_before_the_mistake(cluster):
+    out = _call("setup", "--apply")
+    assert "restart PostgreSQL for archive_mode" in out, out
+    cluster.restart()
+    assert cluster.sql("SHOW archive_command")[0][0] == pitr.archive_command()
+    assert "check passed" in _call("check")
+    config = Path(settings.DBMIGRATION["PITR"]["CONFIG"]).read_text()
+    assert "repo1-retention-full=2" in config and "process-max=" in config
+
+    cluster.sql("CREATE TABLE ledger (id int PRIMARY KEY, note text)")
+    cluster.sql("INSERT INTO ledger SELECT g, 'before the backup' FROM generate_series(1, 50) g")
+    before_backup = datetime.now(UTC)
+    time.sleep(1)
+    assert "full backup" in _call("backup", "--type", "full")
+
+    cluster.sql("INSERT INTO ledger SELECT g, 'T1' FROM generate_series(51, 80) g")  # T1
+    time.sleep(1.1)
+    between = cluster.sql("SELECT clock_timestamp()")[0][0]
+    time.sleep(1.1)
+    cluster.sql("DELETE FROM ledger WHERE id > 10")  # T2: the mistake
+    _call("check")  # switches WAL: the delete's commit reaches the repository
+
+    scratch = cluster.root / "restored"
+    try:
+        out = _call("restore", "--to-time", between.isoformat(), "--target-dir", str(scratch))
+        assert "recovery stopping before" in out, out
+        assert f"pg_ctl -D {scratch} promote" in out
+        port = int(out.split("127.0.0.1:")[1].split(".")[0])
+        url = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT count(*) FROM ledger").fetchone()[0] == 80
+            assert conn.execute("SELECT count(*) FROM ledger WHERE note = 'T1'").fetchone() == (30,)
+            assert conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]  # paused, unpromoted
+        assert "ledger" in out and " 80" in out  # the command's row counts
+        assert cluster.sql("SELECT count(*) FROM ledger")[0][0] == 10  # the live one untouched
+    finally:
+        pitr.stop_restored(scratch)
+
+    with pytest.raises(RestoreTargetError, match="before the first backup"):
+        pitr.restore(to_time=before_backup, target_dir=cluster.root / "too_early")
+    with pytest.raises(RestoreTargetError, match="in the future"):
+        pitr.restore(
+            to_time=datetime.now(UTC) + timedelta(hours=1), target_dir=cluster.root / "future"
+        )
+    with pytest.raises(RestoreTargetError, match="is not empty"):
+        pitr.restore(to_time=between, target_dir=scratch)
+
+    result = health.run_check("pitr")
+    assert result.status == health.OK, result.message
+    assert "full" in result.details["backups"]
+
+
+def test_archive_failure_makes_health_degraded_with_the_fix(cluster):
+    archive = Path(settings.DBMIGRATION["PITR"]["REPO_PATH"]) / "archive"
+    modes = {}
+    try:
+        for path in [archive, *archive.rglob("*")]:
+            if path.is_dir():
+                modes[path] = path.stat().st_mode
+                path.chmod(0o500)  # the server's user can no longer write the repository
+        cluster.sql("CREATE TABLE more_rows AS SELECT generate_series(1, 100) AS id")
+        cluster.sql("SELECT pg_switch_wal()")
+        for _ in range(150):
+            if cluster.sql("SELECT failed_count FROM pg_stat_archiver")[0][0]:
+                break
+            time.sleep(0.2)
+        result = health.run_check("pitr")
+        assert result.status == health.DEGRADED, result.message
+        assert "WAL archiving is failing" in result.message
+        assert "make the repository writable" in result.message
+    finally:
+        for path, mode in modes.items():
+            path.chmod(mode)
