@@ -350,19 +350,25 @@ def check_pitr() -> CheckResult:
         posture = pitr.posture(
             backup_max_age_hours=_limit("PITR_BACKUP_MAX_AGE_HOURS", 26.0),
             full_max_age_hours=_limit("PITR_FULL_MAX_AGE_HOURS", 8 * 24.0),
+            drill_max_age_hours=_limit("PITR_DRILL_MAX_AGE_HOURS", 8 * 24.0),
         )
     except MigrationError as exc:
         return CheckResult("pitr", DEGRADED, str(exc))
     if not posture.set_up:
         return CheckResult("pitr", OK, "point-in-time recovery not set up (db_pitr setup)")
-    details = {"backups": posture.last_backups, "archiver": posture.archiver}
+    details = {
+        "backups": posture.last_backups,
+        "archiver": posture.archiver,
+        "drill": posture.drill,
+    }
     if posture.problems:
         return CheckResult("pitr", DEGRADED, "; ".join(posture.problems), details)
     ages = ", ".join(f"{t} {b['age_hours']} h" for t, b in posture.last_backups.items())
     return CheckResult(
         "pitr",
         OK,
-        f"last backups: {ages}; WAL archived up to {posture.archiver['last_archived_wal']}",
+        f"last backups: {ages}; WAL archived up to {posture.archiver['last_archived_wal']}; "
+        + (f"last drill ok ({posture.drill['seconds']} s)" if posture.drill else "no drill yet"),
         details,
     )
 

@@ -338,10 +338,15 @@ class Posture:
     problems: list[str]  # each says what is wrong and what to do; empty when healthy
     last_backups: dict[str, dict]  # per type: label, stopped, age_hours
     archiver: dict  # pg_stat_archiver's row
+    drill: dict | None = None  # the last restore drill's record
 
 
 def posture(
-    *, alias: str = conf.TARGET_ALIAS, backup_max_age_hours: float, full_max_age_hours: float
+    *,
+    alias: str = conf.TARGET_ALIAS,
+    backup_max_age_hours: float,
+    full_max_age_hours: float,
+    drill_max_age_hours: float,
 ) -> Posture:
     """Last backup per type and its age, and whether WAL archiving is failing now."""
     if not is_set_up():
@@ -400,7 +405,21 @@ def posture(
                 f"last full backup is {full.age_hours} h old (limit {full_max_age_hours:g} h); "
                 "run db_pitr backup --type full"
             )
-    return Posture(True, problems, last_backups, archiver)
+    drill = last_drill()
+    if drill and not drill.ok:
+        problems.append(
+            f"the last restore drill failed: {drill.message}; fix it, rerun db_restore_drill"
+        )
+    elif drill:
+        drill_age = (datetime.now(UTC) - datetime.fromisoformat(drill.finished_at)).total_seconds()
+        if drill_age / 3600 > drill_max_age_hours:
+            problems.append(
+                f"the last restore drill is {drill_age / 3600:.1f} h old (limit "
+                f"{drill_max_age_hours:g} h); run db_restore_drill"
+            )
+    return Posture(
+        True, problems, last_backups, archiver, dataclasses.asdict(drill) if drill else None
+    )
 
 
 # --- restore to a point in time ------------------------------------------------------
@@ -412,7 +431,7 @@ class RestoreResult:
     port: int
     backup_label: str
     target_time: datetime
-    stopped_at: str  # the server's "recovery stopping before ..." line
+    stopped_at: str  # the server's "recovery stopping before|at ..." line
     row_counts: dict[str, int]
     log_path: Path
     seconds: float
@@ -472,10 +491,14 @@ def restore(
     to_time: datetime,
     target_dir: Path,
     port: int | None = None,
+    restore_point: str | None = None,
     alias: str = conf.TARGET_ALIAS,
     progress: Progress = _no_progress,
 ) -> RestoreResult:
     """Restore the stanza as of to_time into target_dir, start it paused at the target.
+
+    With restore_point (made by pg_create_restore_point at to_time), recovery stops exactly
+    there instead of at the first commit after to_time.
 
     Never over the live data directory; the restored server does not archive, listens on
     127.0.0.1 only, and stays paused (read-only) until someone promotes it.
@@ -506,8 +529,11 @@ def restore(
     pgbackrest(
         "restore",
         f"--set={chosen.label}",
-        "--type=time",
-        f"--target={to_time.isoformat(sep=' ')}",
+        *(
+            ["--type=name", f"--target={restore_point}"]
+            if restore_point
+            else ["--type=time", f"--target={to_time.isoformat(sep=' ')}"]
+        ),
         "--target-action=pause",
         "--archive-mode=off",  # the scratch copy must not push WAL into the live repository
         f"--pg1-path={target_dir}",
@@ -528,7 +554,7 @@ def restore(
         )
     if started.returncode:
         raise PitrError(f"the restored server did not start: {_error_line(text)}; see {log}")
-    stopped = _wait_for_log(log, r"recovery stopping before .*", timeout=120)
+    stopped = _wait_for_log(log, r"recovery stopping (before|at) .*", timeout=120)
     if not stopped:
         raise PitrError(
             f"the restored server on port {port} did not log 'recovery stopping before' the "
@@ -573,3 +599,111 @@ def stop_restored(target_dir: Path) -> None:
     """Stop a scratch server restore() started (immediate: it holds nothing to keep)."""
     if (target_dir / "postmaster.pid").exists():
         _pg_ctl("-D", str(target_dir), "-m", "immediate", "stop")
+
+
+# --- the restore drill ---------------------------------------------------------------
+
+DRILL_RECORD = "pitr_drill.json"
+
+
+@dataclasses.dataclass
+class DrillResult:
+    ok: bool
+    finished_at: str
+    seconds: float
+    backup_label: str
+    restore_point: str
+    tables: int
+    rows: int
+    differing: dict[str, list[int]]  # table -> [live, restored]
+    message: str
+
+
+def drill_record_path() -> Path:
+    return conf.report_dir() / DRILL_RECORD
+
+
+def restore_drill(
+    *, scratch_root: Path, alias: str = conf.TARGET_ALIAS, progress: Progress = _no_progress
+) -> DrillResult:
+    """Restore the latest backup to a restore point made now, compare counts, drop it.
+
+    The live counts come from one snapshot taken just before the restore point, so on a
+    quiet database every table matches; a write landing in between shows as a difference.
+    The result is recorded (report dir, pitr_drill.json) for the health check.
+    """
+    start = time.perf_counter()
+    stamp = datetime.now(UTC)
+    name = f"propcore_drill_{stamp:%Y%m%dT%H%M%S}"
+    live_counts = _counts_and_restore_point(alias, name)
+    pgbackrest("check")  # switches WAL: the restore point's segment reaches the repository
+    target_dir = scratch_root / name
+    try:
+        restored = restore(
+            to_time=stamp,
+            target_dir=target_dir,
+            restore_point=name,
+            alias=alias,
+            progress=progress,
+        )
+        differing = {
+            table: [count, restored.row_counts.get(table, -1)]
+            for table, count in live_counts.items()
+            if restored.row_counts.get(table) != count
+        }
+        ok = not differing
+        message = (
+            f"restored {restored.backup_label} to {name}: {len(live_counts)} tables match"
+            if ok
+            else f"restored {restored.backup_label} to {name}: {len(differing)} of "
+            f"{len(live_counts)} tables differ ({', '.join(sorted(differing)[:3])})"
+        )
+        label = restored.backup_label
+    except PitrError as exc:
+        ok, differing, message, label = False, {}, str(exc), ""
+    finally:
+        stop_restored(target_dir)
+        shutil.rmtree(target_dir, ignore_errors=True)
+    result = DrillResult(
+        ok=ok,
+        finished_at=datetime.now(UTC).isoformat(),
+        seconds=round(time.perf_counter() - start, 2),
+        backup_label=label,
+        restore_point=name,
+        tables=len(live_counts),
+        rows=sum(live_counts.values()),
+        differing=differing,
+        message=message,
+    )
+    drill_record_path().parent.mkdir(parents=True, exist_ok=True)
+    drill_record_path().write_text(json.dumps(dataclasses.asdict(result), indent=2))
+    return result
+
+
+def _counts_and_restore_point(alias: str, name: str) -> dict[str, int]:
+    from psycopg import sql
+
+    with _connect(alias) as conn, conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        tables = [
+            row[0]
+            for row in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() "
+                "ORDER BY tablename"
+            )
+        ]
+        counts = {
+            table: conn.execute(
+                sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))
+            ).fetchone()[0]
+            for table in tables
+        }
+        conn.execute("SELECT pg_create_restore_point(%s)", [name])
+    return counts
+
+
+def last_drill() -> DrillResult | None:
+    path = drill_record_path()
+    if not path.exists():
+        return None
+    return DrillResult(**json.loads(path.read_text()))

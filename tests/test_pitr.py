@@ -5,6 +5,8 @@ restart, full backup, rows (T1), a mistaken delete (T2), restore to between them
 scratch cluster; then an unwritable repository turns the health check degraded.
 """
 
+import dataclasses
+import json
 import os
 import shutil
 import socket
@@ -81,7 +83,9 @@ def cluster():
         "CONFIG": str(root / "pgbackrest" / "pgbackrest.conf"),
         "REPO_PATH": str(root / "pgbackrest" / "repo"),
     }
-    override = override_settings(DBMIGRATION={**settings.DBMIGRATION, "PITR": pitr_settings})
+    override = override_settings(
+        DBMIGRATION={**settings.DBMIGRATION, "PITR": pitr_settings, "REPORT_DIR": root / "reports"}
+    )
     try:
         _as_postgres(find_pg_bin("initdb"), "-D", str(node.data), "-U", "postgres", "-A", "trust")
         node.start()
@@ -153,6 +157,29 @@ def test_setup_backup_and_restore_to_before_the_mistake(cluster):
     result = health.run_check("pitr")
     assert result.status == health.OK, result.message
     assert "full" in result.details["backups"]
+
+
+def test_restore_drill_matches_the_live_counts_and_is_recorded(cluster):
+    cluster.sql("CREATE TABLE IF NOT EXISTS ledger (id int PRIMARY KEY, note text)")
+    cluster.sql("INSERT INTO ledger SELECT g, 'drill' FROM generate_series(1000, 1020) g")
+    assert "diff backup" in _call("backup", "--type", "diff")
+    cluster.sql("INSERT INTO ledger VALUES (2000, 'after the diff backup')")
+    out = StringIO()
+    call_command("db_restore_drill", "--scratch-dir", str(cluster.root), stdout=out)
+    assert "tables match" in out.getvalue(), out.getvalue()
+    record = pitr.last_drill()
+    assert record.ok and record.tables >= 1 and record.seconds > 0
+    assert not list(cluster.root.glob("propcore_drill_*"))  # the scratch cluster is gone
+    result = health.run_check("pitr")
+    assert result.status == health.OK and "last drill ok" in result.message, result.message
+
+    pitr.drill_record_path().write_text(
+        json.dumps({**dataclasses.asdict(record), "ok": False, "message": "3 tables differ"})
+    )
+    result = health.run_check("pitr")
+    assert result.status == health.DEGRADED
+    assert "restore drill failed: 3 tables differ" in result.message
+    pitr.drill_record_path().unlink()
 
 
 def test_archive_failure_makes_health_degraded_with_the_fix(cluster):
