@@ -476,6 +476,9 @@ def _pg_ctl(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
+UNREACHED = "recovery ended before configured recovery target was reached"
+
+
 def _wait_for_log(log: Path, pattern: str, *, timeout: float) -> re.Match | None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -545,16 +548,18 @@ def restore(
         "-D", str(target_dir), "-l", str(log), "-w", "-t", "600",
         "-o", f"-p {port} -k {target_dir} -c listen_addresses=127.0.0.1", "start",
     )  # fmt: skip
-    text = log.read_text(errors="replace") if log.exists() else started.stderr
-    if "recovery ended before configured recovery target was reached" in text:
+    # pg_ctl returns once hot standby opens; running out of WAL before the target comes later
+    stopped = _wait_for_log(log, rf"recovery stopping (before|at) .*|{UNREACHED}", timeout=120)
+    if (stopped and stopped.group(0) == UNREACHED) or UNREACHED in started.stderr:
+        stop_restored(target_dir)
         raise RestoreTargetError(
             f"{to_time.isoformat()} is past the archived WAL (no transaction after it reached "
             "the repository): pick an earlier time, or run db_pitr check to archive the current "
             f"WAL and retry; the scratch directory {target_dir} can be removed"
         )
     if started.returncode:
+        text = log.read_text(errors="replace") if log.exists() else started.stderr
         raise PitrError(f"the restored server did not start: {_error_line(text)}; see {log}")
-    stopped = _wait_for_log(log, r"recovery stopping (before|at) .*", timeout=120)
     if not stopped:
         raise PitrError(
             f"the restored server on port {port} did not log 'recovery stopping before' the "

@@ -54,7 +54,8 @@ class Cluster:
     def start(self) -> None:
         _pg_ctl(
             self.data, "-l", str(self.root / "live.log"), "-w",
-            "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1", "start",
+            "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+            " -c autovacuum=off", "start",
         )  # fmt: skip
 
     def restart(self) -> None:
@@ -153,6 +154,10 @@ def test_setup_backup_and_restore_to_before_the_mistake(cluster):
         )
     with pytest.raises(RestoreTargetError, match="is not empty"):
         pitr.restore(to_time=between, target_dir=scratch)
+    quiet = cluster.sql("SELECT clock_timestamp()")[0][0]  # no commit after it (autovacuum off)
+    _call("check")
+    with pytest.raises(RestoreTargetError, match="past the archived WAL"):
+        pitr.restore(to_time=quiet, target_dir=cluster.root / "too_late")
 
     result = health.run_check("pitr")
     assert result.status == health.OK, result.message
