@@ -8,6 +8,7 @@ scratch cluster; then an unwritable repository turns the health check degraded.
 import dataclasses
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -20,7 +21,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from django.conf import settings
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.db import connections
 from django.test import override_settings
 
@@ -208,3 +209,17 @@ def test_archive_failure_makes_health_degraded_with_the_fix(cluster):
     finally:
         for path, mode in modes.items():
             path.chmod(mode)
+
+
+@pytest.mark.parametrize(
+    ("to_time", "message"),
+    [
+        ("yesterday", "is not a time: write 2026-12-01 10:15:00+00"),
+        ("2026-12-01 10:15:00", "has no time zone"),
+    ],
+)
+def test_restore_refuses_a_time_it_cannot_read(to_time, message, tmp_path):
+    with pytest.raises(CommandError, match=re.escape(message)) as caught:
+        _call("restore", "--to-time", to_time, "--target-dir", str(tmp_path / "x"))
+    assert caught.value.returncode in (2, RestoreTargetError.returncode)
+    assert not (tmp_path / "x").exists()
