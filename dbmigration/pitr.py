@@ -114,6 +114,8 @@ class Server:
     socket_dir: str
     current: dict[str, str]  # the SERVER_SETTINGS as the server runs them now
     postmaster_only: set[str]  # those of them that need a restart to change
+    hba_file: str = ""  # outside the data directory on Debian (/etc/postgresql/...)
+    ident_file: str = ""
 
 
 def inspect_server(alias: str = conf.TARGET_ALIAS) -> Server:
@@ -122,7 +124,7 @@ def inspect_server(alias: str = conf.TARGET_ALIAS) -> Server:
         rows = dict(
             conn.execute(
                 "SELECT name, setting FROM pg_settings WHERE name IN "
-                "('data_directory', 'port', 'unix_socket_directories')"
+                "('data_directory', 'port', 'unix_socket_directories', 'hba_file', 'ident_file')"
             ).fetchall()
         )
         if "data_directory" not in rows:
@@ -140,6 +142,8 @@ def inspect_server(alias: str = conf.TARGET_ALIAS) -> Server:
         socket_dir=(rows.get("unix_socket_directories") or "/var/run/postgresql").split(",")[0],
         current={name: value for name, value, _ in settings},
         postmaster_only={name for name, _, context in settings if context == "postmaster"},
+        hba_file=rows.get("hba_file", ""),
+        ident_file=rows.get("ident_file", ""),
     )
 
 
@@ -476,6 +480,29 @@ def _pg_ctl(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
+def _complete_config_files(target_dir: Path, server: Server, user: str | None) -> None:
+    """Give a restored data directory the config files a Debian cluster keeps in /etc.
+
+    pgBackRest restores the data directory only; without postgresql.conf the server does not
+    start.  The access rules are the live server's own (same roles, same passwords).
+    """
+    sources = {
+        "postgresql.conf": None,  # settings come from -o and the restored postgresql.auto.conf
+        "pg_hba.conf": server.hba_file,
+        "pg_ident.conf": server.ident_file,
+    }
+    for name, source in sources.items():
+        path = target_dir / name
+        if path.exists():
+            continue
+        if source and Path(source).is_file():
+            shutil.copyfile(source, path)
+        else:
+            path.write_text(f"# written by db_pitr restore: the live {name} is elsewhere\n")
+        path.chmod(0o600)
+        _chown(path, user)
+
+
 UNREACHED = "recovery ended before configured recovery target was reached"
 
 
@@ -517,7 +544,8 @@ def restore(
             f"{to_time.isoformat()} is in the future, past the archived WAL; pick a time before now"
         )
     target_dir = target_dir.resolve()
-    live = Path(inspect_server(alias).data_directory).resolve()
+    server = inspect_server(alias)
+    live = Path(server.data_directory).resolve()
     if target_dir == live:
         raise RestoreTargetError(
             f"{target_dir} is the live server's data directory: restore into a scratch directory"
@@ -541,6 +569,7 @@ def restore(
         "--archive-mode=off",  # the scratch copy must not push WAL into the live repository
         f"--pg1-path={target_dir}",
     )
+    _complete_config_files(target_dir, server, options["OS_USER"])
     progress("restore", "start", 2, 3)
     port = port or _free_port()
     log = target_dir / "pitr_restore.log"

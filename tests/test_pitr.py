@@ -52,11 +52,26 @@ class Cluster:
     def __init__(self, root: Path):
         self.root, self.data, self.port = root, root / "live", _free_port()
 
+    def debian_layout(self) -> None:
+        """Move the config files out of the data directory, as Debian's clusters keep them."""
+        etc = self.root / "etc"
+        etc.mkdir()
+        for name in ("postgresql.conf", "pg_hba.conf", "pg_ident.conf"):
+            shutil.move(self.data / name, etc / name)
+        with (etc / "postgresql.conf").open("a") as conf_file:
+            conf_file.write(
+                f"data_directory = '{self.data}'\nhba_file = '{etc}/pg_hba.conf'\n"
+                f"ident_file = '{etc}/pg_ident.conf'\n"
+            )
+        if os.geteuid() == 0:
+            for path in (etc, *etc.iterdir()):
+                shutil.chown(path, "postgres")
+
     def start(self) -> None:
         _pg_ctl(
             self.data, "-l", str(self.root / "live.log"), "-w",
             "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
-            " -c autovacuum=off", "start",
+            f" -c autovacuum=off -c config_file={self.root}/etc/postgresql.conf", "start",
         )  # fmt: skip
 
     def restart(self) -> None:
@@ -90,6 +105,7 @@ def cluster():
     )
     try:
         _as_postgres(find_pg_bin("initdb"), "-D", str(node.data), "-U", "postgres", "-A", "trust")
+        node.debian_layout()  # the layout of the server on 127.0.0.1:5432 here
         node.start()
         alias["HOST"], alias["PORT"], alias["NAME"] = "127.0.0.1", node.port, "postgres"
         override.enable()
