@@ -649,7 +649,8 @@ class DrillResult:
     restore_point: str
     tables: int
     rows: int
-    differing: dict[str, list[int]]  # table -> [live, restored]
+    differing: dict[str, list]  # table -> [live, restored] counts (or checksums)
+    checksummed: list[str]  # the sample of tables compared by checksum too
     message: str
 
 
@@ -660,16 +661,18 @@ def drill_record_path() -> Path:
 def restore_drill(
     *, scratch_root: Path, alias: str = conf.TARGET_ALIAS, progress: Progress = _no_progress
 ) -> DrillResult:
-    """Restore the latest backup to a restore point made now, compare counts, drop it.
+    """Restore the latest backup to a restore point made now, compare it, drop it.
 
-    The live counts come from one snapshot taken just before the restore point, so on a
-    quiet database every table matches; a write landing in between shows as a difference.
+    Compares every table's count, then the checksums of the DRILL_CHECKSUM_TABLES largest
+    whose counts match.  The live side is one snapshot taken just before the restore point,
+    so on a quiet database everything matches; a write landing in between shows as a
+    difference.
     The result is recorded (report dir, pitr_drill.json) for the health check.
     """
     start = time.perf_counter()
     stamp = datetime.now(UTC)
     name = f"propcore_drill_{stamp:%Y%m%dT%H%M%S}"
-    live_counts = _counts_and_restore_point(alias, name)
+    live_counts, live_sums = _counts_and_restore_point(alias, name)
     pgbackrest("check")  # switches WAL: the restore point's segment reaches the repository
     target_dir = scratch_root / name
     try:
@@ -685,9 +688,15 @@ def restore_drill(
             for table, count in live_counts.items()
             if restored.row_counts.get(table) != count
         }
+        with _connect(alias, host="127.0.0.1", port=restored.port) as conn:
+            for table, live_sum in live_sums.items():  # counts first, then checksums
+                restored_sum = _table_checksum(conn, table)
+                if table not in differing and restored_sum != live_sum:
+                    differing[table] = [f"md5 {live_sum}", f"md5 {restored_sum}"]
         ok = not differing
         message = (
-            f"restored {restored.backup_label} to {name}: {len(live_counts)} tables match"
+            f"restored {restored.backup_label} to {name}: {len(live_counts)} tables' counts "
+            f"and {len(live_sums)} tables' checksums match"
             if ok
             else f"restored {restored.backup_label} to {name}: {len(differing)} of "
             f"{len(live_counts)} tables differ ({', '.join(sorted(differing)[:3])})"
@@ -706,6 +715,7 @@ def restore_drill(
         restore_point=name,
         tables=len(live_counts),
         rows=sum(live_counts.values()),
+        checksummed=sorted(live_sums),
         differing=differing,
         message=message,
     )
@@ -714,7 +724,22 @@ def restore_drill(
     return result
 
 
-def _counts_and_restore_point(alias: str, name: str) -> dict[str, int]:
+DRILL_CHECKSUM_TABLES = 5
+
+
+def _table_checksum(conn, table: str) -> str:
+    """md5 over the md5 of every row, in the order of those md5s (needs no primary key)."""
+    from psycopg import sql
+
+    query = sql.SQL(
+        "SELECT md5(coalesce(string_agg(h, '' ORDER BY h), '')) "
+        "FROM (SELECT md5(t::text) AS h FROM {} AS t) AS rows"
+    ).format(sql.Identifier(table))
+    return conn.execute(query).fetchone()[0]
+
+
+def _counts_and_restore_point(alias: str, name: str) -> tuple[dict[str, int], dict[str, str]]:
+    """Every table's count and the largest tables' checksums, then a restore point."""
     from psycopg import sql
 
     with _connect(alias) as conn, conn.transaction():
@@ -732,8 +757,10 @@ def _counts_and_restore_point(alias: str, name: str) -> dict[str, int]:
             ).fetchone()[0]
             for table in tables
         }
+        sample = sorted(counts, key=counts.__getitem__, reverse=True)[:DRILL_CHECKSUM_TABLES]
+        checksums = {table: _table_checksum(conn, table) for table in sample}
         conn.execute("SELECT pg_create_restore_point(%s)", [name])
-    return counts
+    return counts, checksums
 
 
 def last_drill() -> DrillResult | None:

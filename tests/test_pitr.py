@@ -188,9 +188,10 @@ def test_restore_drill_matches_the_live_counts_and_is_recorded(cluster):
     cluster.sql("INSERT INTO ledger VALUES (2000, 'after the diff backup')")
     out = StringIO()
     call_command("db_restore_drill", "--scratch-dir", str(cluster.root), stdout=out)
-    assert "tables match" in out.getvalue(), out.getvalue()
+    assert "checksums match" in out.getvalue(), out.getvalue()
     record = pitr.last_drill()
     assert record.ok and record.tables >= 1 and record.seconds > 0
+    assert "ledger" in record.checksummed
     assert not list(cluster.root.glob("propcore_drill_*"))  # the scratch cluster is gone
     result = health.run_check("pitr")
     assert result.status == health.OK and "last drill ok" in result.message, result.message
