@@ -169,7 +169,8 @@ def render_config(server: Server) -> str:
     home = options["CONFIG"].parent
     return "\n".join(
         [
-            "# written by `manage.py db_pitr setup` from DBMIGRATION['PITR']; edit the settings",
+            "# written by `manage.py db_pitr setup` from DBMIGRATION['PITR']: change those",
+            "# settings and rerun setup rather than editing this file",
             "[global]",
             f"repo1-path={options['REPO_PATH']}",
             f"repo1-retention-full={options['RETENTION_FULL']}",
@@ -197,8 +198,7 @@ class SetupResult:
     current: dict[str, str]
     applied: list[str]
     restart_needed: list[str]  # settings that take effect only after a restart
-    stanza_created: bool
-    checked: bool
+    checked: bool  # pgbackrest check passed (skipped while the settings are not live)
 
     @property
     def missing(self) -> list[str]:
@@ -250,7 +250,6 @@ def setup(
         current=server.current,
         applied=applied,
         restart_needed=restart_needed,
-        stanza_created=True,
         checked=live,
     )
 
