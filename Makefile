@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml dbmigration/_copytext.c
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 11)' 2>/dev/null || { echo "Python 3.11 is required (found: $(PYTHON))"; exit 1; }
 	@test -f /usr/include/sqlite3.h || apt-get install -y -q libsqlite3-dev || { echo "SQLite's C headers are missing: install libsqlite3-dev (the copy's C formatter needs them)"; exit 1; }
 	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; } || { echo "Chromium is missing: install Debian's chromium package (the admin's browser tests drive it)"; exit 1; }
+	@command -v pgbackrest >/dev/null || { apt-get update -q && apt-get install -y -q pgbackrest; } || { echo "pgBackRest is missing: install Debian's pgbackrest package (point-in-time recovery, db_pitr)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"

@@ -13,6 +13,7 @@ Every key is optional::
         "MODEL_POLICIES": {},                 # per-model handling, see model_policies()
         "PROCESS_BACKEND": None,              # dotted path: callable -> backend this process uses
         "SLOW_QUERIES": None,                 # dotted path: callable(window_s) -> slow query count
+        "PITR": {},                           # pgBackRest point-in-time recovery, see pitr()
     }
 
 The engine's database aliases are named after the backends: ``sqlite`` (the source) and
@@ -145,3 +146,33 @@ def configured_policies() -> dict[str, ModelPolicy]:
             reason=spec.get("reason", "configured in DBMIGRATION['MODEL_POLICIES']"),
         )
     return found
+
+
+PITR_DEFAULTS = {
+    "STANZA": "propcore",
+    "CONFIG": None,  # default STATE_DIR / "pgbackrest" / "pgbackrest.conf"
+    "REPO_PATH": None,  # default STATE_DIR / "pgbackrest" / "repo"
+    "RETENTION_FULL": 2,  # full backups kept (their diffs, incrs and WAL expire with them)
+    "RETENTION_DIFF": 7,  # differential backups kept
+    "PROCESS_MAX": None,  # default: half the machine's cores, at least 1
+    "COMPRESS_TYPE": "zst",
+    "OS_USER": "postgres",  # pgbackrest runs as the server's OS user (it reads the data dir)
+}
+
+
+def pitr() -> dict:
+    """DBMIGRATION['PITR'] with defaults filled in and paths resolved."""
+    import os
+
+    options = {**PITR_DEFAULTS, **(_options().get("PITR") or {})}
+    unknown = set(options) - set(PITR_DEFAULTS)
+    if unknown:
+        raise ImproperlyConfigured(
+            f"DBMIGRATION['PITR'] has unknown keys {sorted(unknown)}; "
+            f"known: {sorted(PITR_DEFAULTS)}."
+        )
+    home = state_dir() / "pgbackrest"
+    options["CONFIG"] = Path(options["CONFIG"] or home / "pgbackrest.conf")
+    options["REPO_PATH"] = Path(options["REPO_PATH"] or home / "repo")
+    options["PROCESS_MAX"] = int(options["PROCESS_MAX"] or max(1, (os.cpu_count() or 2) // 2))
+    return options

@@ -77,3 +77,11 @@ class Interrupted(MigrationError):
     """SIGINT or SIGTERM stopped a command; nothing half-done was marked as done."""
 
     returncode = 130
+
+
+class PitrError(BackupError):
+    """pgBackRest is missing, misconfigured, or one of its commands failed."""
+
+
+class RestoreTargetError(PitrError):
+    """A point-in-time restore was asked for a time no backup and archived WAL can reach."""

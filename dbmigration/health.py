@@ -341,6 +341,38 @@ def check_slow_queries() -> CheckResult:
     )
 
 
+def check_pitr() -> CheckResult:
+    """pgBackRest: last backup per type and its age; failing WAL archiving is degraded at once."""
+    from dbmigration import pitr
+    from dbmigration.errors import MigrationError
+
+    try:
+        posture = pitr.posture(
+            backup_max_age_hours=_limit("PITR_BACKUP_MAX_AGE_HOURS", 26.0),
+            full_max_age_hours=_limit("PITR_FULL_MAX_AGE_HOURS", 8 * 24.0),
+            drill_max_age_hours=_limit("PITR_DRILL_MAX_AGE_HOURS", 8 * 24.0),
+        )
+    except MigrationError as exc:
+        return CheckResult("pitr", DEGRADED, str(exc))
+    if not posture.set_up:
+        return CheckResult("pitr", OK, "point-in-time recovery not set up (db_pitr setup)")
+    details = {
+        "backups": posture.last_backups,
+        "archiver": posture.archiver,
+        "drill": posture.drill,
+    }
+    if posture.problems:
+        return CheckResult("pitr", DEGRADED, "; ".join(posture.problems), details)
+    ages = ", ".join(f"{t} {b['age_hours']} h" for t, b in posture.last_backups.items())
+    return CheckResult(
+        "pitr",
+        OK,
+        f"last backups: {ages}; WAL archived up to {posture.archiver['last_archived_wal']}; "
+        + (f"last drill ok ({posture.drill['seconds']} s)" if posture.drill else "no drill yet"),
+        details,
+    )
+
+
 CHECKS: dict[str, Callable[[], CheckResult]] = {
     "active_backend": check_active_backend,
     "process_backend": check_process_backend,
@@ -349,6 +381,7 @@ CHECKS: dict[str, Callable[[], CheckResult]] = {
     "pool": check_pool,
     "replication": check_replication,
     "slow_queries": check_slow_queries,
+    "pitr": check_pitr,
 }
 
 

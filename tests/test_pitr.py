@@ -1,0 +1,242 @@
+"""Point-in-time recovery with pgBackRest on a private cluster (dbmigration.pitr, db_pitr).
+
+One cluster for the module, archiving into a repository under a temp dir: setup --apply,
+restart, full backup, rows (T1), a mistaken delete (T2), restore to between them into a
+scratch cluster; then an unwritable repository turns the health check degraded.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from io import StringIO
+from pathlib import Path
+
+import psycopg
+import pytest
+from django.conf import settings
+from django.core.management import CommandError, call_command
+from django.db import connections
+from django.test import override_settings
+
+from dbmigration import health, pitr
+from dbmigration.errors import RestoreTargetError
+from propcore.pgserver import find_pg_bin
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _as_postgres(*cmd: str) -> subprocess.CompletedProcess:
+    if os.geteuid() == 0:  # the server refuses to run as root
+        cmd = ("runuser", "-u", "postgres", "--", *cmd)
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+
+
+def _pg_ctl(data: Path, *args: str) -> None:
+    _as_postgres(find_pg_bin("pg_ctl"), "-D", str(data), *args)
+
+
+class Cluster:
+    def __init__(self, root: Path):
+        self.root, self.data, self.port = root, root / "live", _free_port()
+
+    def debian_layout(self) -> None:
+        """Move the config files out of the data directory, as Debian's clusters keep them."""
+        etc = self.root / "etc"
+        etc.mkdir()
+        for name in ("postgresql.conf", "pg_hba.conf", "pg_ident.conf"):
+            shutil.move(self.data / name, etc / name)
+        with (etc / "postgresql.conf").open("a") as conf_file:
+            conf_file.write(
+                f"data_directory = '{self.data}'\nhba_file = '{etc}/pg_hba.conf'\n"
+                f"ident_file = '{etc}/pg_ident.conf'\n"
+            )
+        if os.geteuid() == 0:
+            for path in (etc, *etc.iterdir()):
+                shutil.chown(path, "postgres")
+
+    def start(self) -> None:
+        _pg_ctl(
+            self.data, "-l", str(self.root / "live.log"), "-w",
+            "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+            f" -c autovacuum=off -c config_file={self.root}/etc/postgresql.conf", "start",
+        )  # fmt: skip
+
+    def restart(self) -> None:
+        _pg_ctl(self.data, "-m", "fast", "-w", "stop")
+        self.start()
+
+    def sql(self, query: str, *params):
+        url = f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+        with psycopg.connect(url, autocommit=True) as conn:
+            cur = conn.execute(query, params or None)
+            return cur.fetchall() if cur.description else None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A private cluster the postgresql alias points at, with PITR settings under a temp dir."""
+    root = Path(tempfile.mkdtemp(prefix="propcore_pitr_"))
+    root.chmod(0o755)
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+    node = Cluster(root)
+    alias = connections.settings["postgresql"]
+    saved = alias["HOST"], alias["PORT"], alias["NAME"]
+    pitr_settings = {
+        "STANZA": f"pitr_{os.getpid()}",
+        "CONFIG": str(root / "pgbackrest" / "pgbackrest.conf"),
+        "REPO_PATH": str(root / "pgbackrest" / "repo"),
+    }
+    override = override_settings(
+        DBMIGRATION={**settings.DBMIGRATION, "PITR": pitr_settings, "REPORT_DIR": root / "reports"}
+    )
+    try:
+        _as_postgres(find_pg_bin("initdb"), "-D", str(node.data), "-U", "postgres", "-A", "trust")
+        node.debian_layout()  # the layout of the server on 127.0.0.1:5432 here
+        node.start()
+        alias["HOST"], alias["PORT"], alias["NAME"] = "127.0.0.1", node.port, "postgres"
+        override.enable()
+        yield node
+    finally:
+        override.disable()
+        alias["HOST"], alias["PORT"], alias["NAME"] = saved
+        for data in root.iterdir():
+            if (data / "postmaster.pid").exists():
+                _pg_ctl(data, "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _call(*args: str) -> str:
+    out = StringIO()
+    call_command("db_pitr", *args, stdout=out)
+    return out.getvalue()
+
+
+def test_setup_backup_and_restore_to_before_the_mistake(cluster):
+    out = _call("setup", "--apply")
+    assert "restart PostgreSQL for archive_mode" in out, out
+    cluster.restart()
+    assert cluster.sql("SHOW archive_command")[0][0] == pitr.archive_command()
+    assert "check passed" in _call("check")
+    config = Path(settings.DBMIGRATION["PITR"]["CONFIG"]).read_text()
+    assert "repo1-retention-full=2" in config and "process-max=" in config
+
+    cluster.sql("CREATE TABLE ledger (id int PRIMARY KEY, note text)")
+    cluster.sql("INSERT INTO ledger SELECT g, 'before the backup' FROM generate_series(1, 50) g")
+    before_backup = datetime.now(UTC)
+    time.sleep(1)
+    assert "full backup" in _call("backup", "--type", "full")
+
+    cluster.sql("INSERT INTO ledger SELECT g, 'T1' FROM generate_series(51, 80) g")  # T1
+    time.sleep(1.1)
+    between = cluster.sql("SELECT clock_timestamp()")[0][0]
+    time.sleep(1.1)
+    cluster.sql("DELETE FROM ledger WHERE id > 10")  # T2: the mistake
+    _call("check")  # switches WAL: the delete's commit reaches the repository
+
+    scratch = cluster.root / "restored"
+    try:
+        out = _call("restore", "--to-time", between.isoformat(), "--target-dir", str(scratch))
+        assert "recovery stopping before" in out, out
+        assert f"pg_ctl -D {scratch} promote" in out
+        port = int(out.split("127.0.0.1:")[1].split(".")[0])
+        url = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT count(*) FROM ledger").fetchone()[0] == 80
+            assert conn.execute("SELECT count(*) FROM ledger WHERE note = 'T1'").fetchone() == (30,)
+            assert conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]  # paused, unpromoted
+        assert "ledger" in out and " 80" in out  # the command's row counts
+        assert cluster.sql("SELECT count(*) FROM ledger")[0][0] == 10  # the live one untouched
+    finally:
+        pitr.stop_restored(scratch)
+
+    with pytest.raises(RestoreTargetError, match="before the first backup"):
+        pitr.restore(to_time=before_backup, target_dir=cluster.root / "too_early")
+    with pytest.raises(RestoreTargetError, match="in the future"):
+        pitr.restore(
+            to_time=datetime.now(UTC) + timedelta(hours=1), target_dir=cluster.root / "future"
+        )
+    with pytest.raises(RestoreTargetError, match="is not empty"):
+        pitr.restore(to_time=between, target_dir=scratch)
+    quiet = cluster.sql("SELECT clock_timestamp()")[0][0]  # no commit after it (autovacuum off)
+    _call("check")
+    with pytest.raises(RestoreTargetError, match="past the archived WAL"):
+        pitr.restore(to_time=quiet, target_dir=cluster.root / "too_late")
+
+    result = health.run_check("pitr")
+    assert result.status == health.OK, result.message
+    assert "full" in result.details["backups"]
+
+
+def test_restore_drill_matches_the_live_counts_and_is_recorded(cluster):
+    cluster.sql("CREATE TABLE IF NOT EXISTS ledger (id int PRIMARY KEY, note text)")
+    cluster.sql("INSERT INTO ledger SELECT g, 'drill' FROM generate_series(1000, 1020) g")
+    assert "diff backup" in _call("backup", "--type", "diff")
+    cluster.sql("INSERT INTO ledger VALUES (2000, 'after the diff backup')")
+    out = StringIO()
+    call_command("db_restore_drill", "--scratch-dir", str(cluster.root), stdout=out)
+    assert "checksums match" in out.getvalue(), out.getvalue()
+    record = pitr.last_drill()
+    assert record.ok and record.tables >= 1 and record.seconds > 0
+    assert "ledger" in record.checksummed
+    assert not list(cluster.root.glob("propcore_drill_*"))  # the scratch cluster is gone
+    result = health.run_check("pitr")
+    assert result.status == health.OK and "last drill ok" in result.message, result.message
+
+    pitr.drill_record_path().write_text(
+        json.dumps({**dataclasses.asdict(record), "ok": False, "message": "3 tables differ"})
+    )
+    result = health.run_check("pitr")
+    assert result.status == health.DEGRADED
+    assert "restore drill failed: 3 tables differ" in result.message
+    pitr.drill_record_path().unlink()
+
+
+def test_archive_failure_makes_health_degraded_with_the_fix(cluster):
+    archive = Path(settings.DBMIGRATION["PITR"]["REPO_PATH"]) / "archive"
+    modes = {}
+    try:
+        for path in [archive, *archive.rglob("*")]:
+            if path.is_dir():
+                modes[path] = path.stat().st_mode
+                path.chmod(0o500)  # the server's user can no longer write the repository
+        cluster.sql("CREATE TABLE more_rows AS SELECT generate_series(1, 100) AS id")
+        cluster.sql("SELECT pg_switch_wal()")
+        for _ in range(150):
+            if cluster.sql("SELECT failed_count FROM pg_stat_archiver")[0][0]:
+                break
+            time.sleep(0.2)
+        result = health.run_check("pitr")
+        assert result.status == health.DEGRADED, result.message
+        assert "WAL archiving is failing" in result.message
+        assert "make the repository writable" in result.message
+    finally:
+        for path, mode in modes.items():
+            path.chmod(mode)
+
+
+@pytest.mark.parametrize(
+    ("to_time", "message"),
+    [
+        ("yesterday", "is not a time: write 2026-12-01 10:15:00+00"),
+        ("2026-12-01 10:15:00", "has no time zone"),
+    ],
+)
+def test_restore_refuses_a_time_it_cannot_read(to_time, message, tmp_path):
+    with pytest.raises(CommandError, match=re.escape(message)) as caught:
+        _call("restore", "--to-time", to_time, "--target-dir", str(tmp_path / "x"))
+    assert caught.value.returncode in (2, RestoreTargetError.returncode)
+    assert not (tmp_path / "x").exists()
