@@ -7,6 +7,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from dbmigration.state import StateError, read_active_backend
 from propcore.pgserver import BadPostgresUrl, PostgresUnavailable, resolve_postgres_url
+from propcore.pooling import UnknownPoolingMode, apply_pooling
 from propcore.profiles import UnknownProfile, get_profile
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -55,16 +56,24 @@ if PROFILE.needs_secrets and not (env.str("POSTGRES_URL", "") or env.str("PGPASS
 TEST_SUFFIX = env.str("PROPCORE_TEST_SUFFIX", "")
 
 
-def _postgres_alias() -> dict:
-    config = env.db_url_config(POSTGRES_URL)
+# native: Django's psycopg pool per process; pgbouncer: POSTGRES_URL is a PgBouncer in
+# transaction mode (propcore/pooling.py says what that changes; deploy/pgbouncer.ini).
+POSTGRES_POOLING = env.str("POSTGRES_POOLING", "native")
+
+
+def _postgres_alias(url: str = "") -> dict:
+    config = env.db_url_config(url or POSTGRES_URL)
     config["ENGINE"] = "django.db.backends.postgresql"
-    config["CONN_MAX_AGE"] = 0  # required by the pool
-    config.setdefault("OPTIONS", {})
-    config["OPTIONS"]["pool"] = {
-        "min_size": PROFILE.pool_min,
-        "max_size": PROFILE.pool_max,
-        "timeout": PROFILE.pool_timeout,
-    }
+    try:
+        config = apply_pooling(
+            config,
+            POSTGRES_POOLING,
+            pool_min=PROFILE.pool_min,
+            pool_max=PROFILE.pool_max,
+            timeout=PROFILE.pool_timeout,
+        )
+    except UnknownPoolingMode as exc:
+        raise ImproperlyConfigured(str(exc)) from None
     config["TEST"] = {"NAME": f"test_propcore{TEST_SUFFIX}", "DEPENDENCIES": []}
     return config
 
