@@ -13,6 +13,7 @@ Every key is optional::
         "MODEL_POLICIES": {},                 # per-model handling, see model_policies()
         "PROCESS_BACKEND": None,              # dotted path: callable -> backend this process uses
         "SLOW_QUERIES": None,                 # dotted path: callable(window_s) -> slow query count
+        "REPLICAS": None,                     # dotted path: callable -> replicas' lag, rotation
     }
 
 The engine's database aliases are named after the backends: ``sqlite`` (the source) and

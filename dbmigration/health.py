@@ -341,6 +341,26 @@ def check_slow_queries() -> CheckResult:
     )
 
 
+def check_read_replicas() -> CheckResult:
+    """Each read replica's lag and whether the router sends it reads (DBMIGRATION['REPLICAS'])."""
+    replica_status = conf.hook("REPLICAS")
+    replicas = replica_status() if replica_status else []
+    if not replicas:
+        return CheckResult("read_replicas", OK, "no read replicas configured", {"replicas": []})
+    out = [r for r in replicas if not r["in_rotation"]]
+    message = f"{len(replicas) - len(out)} of {len(replicas)} read replica(s) in rotation"
+    if out:  # reads still succeed on the primary: a warning, not down
+        reasons = ", ".join(f"{r['alias']}: {r['error'] or _lag_text(r)}" for r in out)
+        return CheckResult(
+            "read_replicas", DEGRADED, f"{message} ({reasons})", {"replicas": replicas}
+        )
+    return CheckResult("read_replicas", OK, message, {"replicas": replicas})
+
+
+def _lag_text(replica: dict) -> str:
+    return f"lag {replica['lag_bytes']} bytes, {replica['lag_seconds'] or 0:.1f} s"
+
+
 CHECKS: dict[str, Callable[[], CheckResult]] = {
     "active_backend": check_active_backend,
     "process_backend": check_process_backend,
@@ -349,6 +369,7 @@ CHECKS: dict[str, Callable[[], CheckResult]] = {
     "pool": check_pool,
     "replication": check_replication,
     "slow_queries": check_slow_queries,
+    "read_replicas": check_read_replicas,
 }
 
 

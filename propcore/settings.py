@@ -97,7 +97,21 @@ except StateError as exc:
     raise ImproperlyConfigured(str(exc)) from None
 DATABASES["default"] = {**DATABASES[ACTIVE_BACKEND], "TEST": {"MIRROR": ACTIVE_BACKEND}}
 
-DATABASE_ROUTERS = ["propcore.routers.AuditRouter"]
+# Read replicas (propcore/replicas.py): each URL of POSTGRES_REPLICA_URLS becomes an alias
+# replica1, replica2... that only the router reads from; the runbook never touches them.
+REPLICA_URLS = env.list("POSTGRES_REPLICA_URLS", default=[])
+for _number, _url in enumerate(REPLICA_URLS, start=1):
+    DATABASES[f"replica{_number}"] = {**_postgres_alias(_url), "TEST": {"MIRROR": "postgresql"}}
+REPLICA_ROUTING = {
+    "PRIMARY": "default",
+    "ALIASES": [f"replica{n}" for n in range(1, len(REPLICA_URLS) + 1)],
+    "MAX_LAG_BYTES": env.int("REPLICA_MAX_LAG_BYTES", 8 * 1024 * 1024),
+    "MAX_LAG_SECONDS": env.float("REPLICA_MAX_LAG_SECONDS", 60.0),
+    "CHECK_INTERVAL": env.float("REPLICA_CHECK_INTERVAL", 5.0),
+}
+
+# audit entries first (they follow their row's alias), then reads to replicas
+DATABASE_ROUTERS = ["propcore.routers.AuditRouter", "propcore.replicas.ReplicaRouter"]
 
 # --- The migration engine (every key: dbmigration/conf.py; README "Using the engine in your
 # own Django project").  STATE_FILE, BACKUP_DIR, REPORT_DIR, LOG_DIR and SQLITE_PATH above
@@ -108,6 +122,7 @@ DBMIGRATION = {
     "MODEL_POLICIES": {},
     "PROCESS_BACKEND": "propcore.middleware.process_backend",
     "SLOW_QUERIES": "propcore.query_timing.slow_queries_since",
+    "REPLICAS": "propcore.replicas.replica_status",
 }
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -133,6 +148,8 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     # write freeze + active-backend reload during cutover (before anything touches the DB)
     "propcore.middleware.CutoverMiddleware",
+    # read-your-writes with replicas: outside SessionMiddleware so a login's save counts
+    "propcore.replicas.ReplicaStickinessMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
