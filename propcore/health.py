@@ -156,9 +156,12 @@ class Migration(HealthCheck):
 
 FORMATS = ("json", "text", "atom", "rss", "openmetrics", "html")
 
-HEALTH_CHECKS = [(Database, {"alias": alias}) for alias in settings.DATABASES] + [
-    (Migration, {"check": name}) for name in health.CHECKS
-]
+# read replicas are not probed as databases: one that is down is out of rotation (a warning
+# in read_replicas), not a reason for a load balancer to pull the application
+_REPLICAS = set(getattr(settings, "REPLICA_ROUTING", {}).get("ALIASES", []))
+HEALTH_CHECKS = [
+    (Database, {"alias": alias}) for alias in settings.DATABASES if alias not in _REPLICAS
+] + [(Migration, {"check": name}) for name in health.CHECKS]
 
 
 def status_of(error: HealthCheckException | None) -> str:
