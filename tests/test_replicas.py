@@ -234,3 +234,11 @@ def test_with_the_standby_stopped_reads_still_succeed(router):
     check = health.run_check("read_replicas")
     assert check.status == health.DEGRADED
     assert check.details["replicas"][0]["error"]
+
+
+def test_the_health_page_does_not_probe_replicas_as_databases():
+    from propcore.health import health_checks
+
+    checks = health_checks(["default", "replica1"], ["replica1"])
+    probed = [kwargs.get("alias") for _, kwargs in checks]
+    assert "default" in probed and "replica1" not in probed
