@@ -15,7 +15,7 @@ transaction, so nothing may outlive one:
 from __future__ import annotations
 
 MODES = ("native", "pgbouncer")
-PGBOUNCER_CONN_MAX_AGE = 60  # seconds a thread keeps its (cheap) client connection to PgBouncer
+PERSISTENT_CONN_MAX_AGE = 60  # seconds a thread keeps its connection (to PgBouncer, a replica)
 
 
 class UnknownPoolingMode(ValueError):
@@ -33,9 +33,21 @@ def apply_pooling(config: dict, mode: str, *, pool_min: int, pool_max: int, time
         config["CONN_MAX_AGE"] = 0  # required by Django's pool
         config["OPTIONS"]["pool"] = {"min_size": pool_min, "max_size": pool_max, "timeout": timeout}
         return config
-    config["OPTIONS"].pop("pool", None)
+    config = persistent_connections(config)
     config["OPTIONS"]["prepare_threshold"] = None
     config["DISABLE_SERVER_SIDE_CURSORS"] = True
-    config["CONN_MAX_AGE"] = PGBOUNCER_CONN_MAX_AGE
-    config["CONN_HEALTH_CHECKS"] = True  # PgBouncer restarts must not fail the next request
+    return config
+
+
+def persistent_connections(config: dict) -> dict:
+    """One connection per thread, kept between requests and checked before reuse.
+
+    For PgBouncer (which pools) and for read replicas: a pool in front of a replica that
+    died makes each request wait the pool's timeout, where a new connection is refused at
+    once and the router moves on to another replica or the primary.
+    """
+    config = {**config, "OPTIONS": dict(config.get("OPTIONS") or {})}
+    config["OPTIONS"].pop("pool", None)
+    config["CONN_MAX_AGE"] = PERSISTENT_CONN_MAX_AGE
+    config["CONN_HEALTH_CHECKS"] = True  # a restarted server must not fail the next request
     return config

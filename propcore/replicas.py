@@ -152,6 +152,12 @@ class ReplicaSet:
     def next_replica(self, candidates: list[str]) -> str:
         return candidates[next(self._turn) % len(candidates)]
 
+    def mark_out(self, alias: str, error: Exception) -> None:
+        """Take a replica out of rotation until the next lag check finds it well."""
+        state = self._states.get(alias)  # no lock: a measurement may be holding it
+        if state is not None:
+            state.in_rotation, state.error = False, _error_line(error)
+
     def replayed_past(self, alias: str, lsn: int) -> bool:
         """Has this replica replayed the WAL up to lsn?  The last measurement, else one query."""
         state = self._states.get(alias)
@@ -198,7 +204,7 @@ class ReplicaSet:
                     "EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp())::float8"
                 ).fetchone()
         except Exception as exc:
-            state.error = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            state.error = _error_line(exc)
             return state
         state.replay_lsn = parse_lsn(replay)
         if state.replay_lsn is None:
@@ -216,6 +222,11 @@ class ReplicaSet:
 
 
 replicas = ReplicaSet()
+
+
+def _error_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def replica_status() -> list[dict]:
@@ -247,13 +258,32 @@ def read_alias() -> str:
     candidates = replicas.in_rotation()
     if context is not None and context.min_lsn is not None:
         candidates = [alias for alias in candidates if _caught_up(context, alias)]
-    if not candidates:
-        return primary
-    if context is None:
-        return replicas.next_replica(candidates)
-    if context.replica not in candidates:
-        context.replica = replicas.next_replica(candidates)
-    return context.replica
+    if context is not None and context.replica in candidates:
+        return context.replica
+    while candidates:
+        replica = replicas.next_replica(candidates)
+        if _reachable(replica):
+            if context is not None:
+                context.replica = replica
+            return replica
+        candidates.remove(replica)
+    return primary
+
+
+def _reachable(alias: str) -> bool:
+    """Connect (or check the kept connection) now; a replica that fails leaves rotation.
+
+    A replica that died since the last lag check costs one refused connection here, not an
+    error for the user (a kept connection is checked once per request: CONN_HEALTH_CHECKS).
+    """
+    connection = connections[alias]
+    try:
+        connection.close_if_health_check_failed()
+        connection.ensure_connection()
+    except Exception as exc:
+        replicas.mark_out(alias, exc)
+        return False
+    return True
 
 
 def _caught_up(context: RoutingContext, alias: str) -> bool:

@@ -7,7 +7,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from dbmigration.state import StateError, read_active_backend
 from propcore.pgserver import BadPostgresUrl, PostgresUnavailable, resolve_postgres_url
-from propcore.pooling import UnknownPoolingMode, apply_pooling
+from propcore.pooling import UnknownPoolingMode, apply_pooling, persistent_connections
 from propcore.profiles import UnknownProfile, get_profile
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -101,7 +101,11 @@ DATABASES["default"] = {**DATABASES[ACTIVE_BACKEND], "TEST": {"MIRROR": ACTIVE_B
 # replica1, replica2... that only the router reads from; the runbook never touches them.
 REPLICA_URLS = env.list("POSTGRES_REPLICA_URLS", default=[])
 for _number, _url in enumerate(REPLICA_URLS, start=1):
-    DATABASES[f"replica{_number}"] = {**_postgres_alias(_url), "TEST": {"MIRROR": "postgresql"}}
+    _replica = _postgres_alias(_url)
+    if POSTGRES_POOLING == "native":
+        _replica = persistent_connections(_replica)  # no pool waiting on a dead replica
+    _replica["OPTIONS"].setdefault("connect_timeout", 2)  # a hung replica is skipped quickly
+    DATABASES[f"replica{_number}"] = {**_replica, "TEST": {"MIRROR": "postgresql"}}
 REPLICA_ROUTING = {
     "PRIMARY": "default",
     "ALIASES": [f"replica{n}" for n in range(1, len(REPLICA_URLS) + 1)],
