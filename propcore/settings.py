@@ -161,6 +161,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "auditlog.middleware.AuditlogMiddleware",
+    "propcore.query_tags.QueryTagMiddleware",  # SQL comments name the view (db_top_queries)
 ]
 
 ROOT_URLCONF = "propcore.urls"
