@@ -12,6 +12,7 @@ from django.db import connections
 from django.http import HttpResponse
 from django.test import RequestFactory
 
+from dbmigration import health
 from propcore import query_stats
 from propcore.pgserver import find_pg_bin
 from propcore.query_tags import QueryTagMiddleware, query_tag, view_name
@@ -65,7 +66,7 @@ def test_without_pg_stat_statements_the_command_says_what_to_do(cluster):
 
 def test_top_queries_name_the_view_that_ran_them(cluster, settings, caplog):
     data, port = cluster
-    _pg_ctl(data, port, "restart", preload="pg_stat_statements")
+    _pg_ctl(data, port, "restart", preload="pg_stat_statements -c pg_stat_statements.max=100")
     connections[ALIAS].close()
     query_stats.reset(connections.settings[ALIAS])
 
@@ -107,3 +108,22 @@ def _command(*args: str) -> str:
     out = StringIO()
     call_command("db_top_queries", "--database", ALIAS, *args, stdout=out)
     return out.getvalue()
+
+
+def test_health_warns_when_pg_stat_statements_evicts_entries(cluster):
+    _, port = cluster  # pg_stat_statements loaded with room for 100 entries (test above)
+    postgresql = connections.settings["postgresql"]
+    saved = postgresql["HOST"], postgresql["PORT"], postgresql["NAME"]
+    postgresql["HOST"], postgresql["PORT"], postgresql["NAME"] = "127.0.0.1", port, "postgres"
+    try:
+        first = health.run_check("query_stats")
+        assert first.status == health.OK, first.message
+        with connections[ALIAS].cursor() as cursor:
+            for width in range(1, 151):  # 150 different statements: more than fit
+                cursor.execute("SELECT " + ", ".join(["1"] * width))
+        evicting = health.run_check("query_stats")
+        assert evicting.status == health.DEGRADED, evicting.message
+        assert evicting.details["evicted_since_last_check"] > 0
+        assert health.run_check("query_stats").status == health.OK  # no new evictions
+    finally:
+        postgresql["HOST"], postgresql["PORT"], postgresql["NAME"] = saved
