@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml dbmigration/_copytext.c
 	touch $(STAMP)
 
 install: $(STAMP)
+	@test -x /usr/sbin/pgbouncer || { apt-get update -q && apt-get install -y -q pgbouncer; } || { echo "PgBouncer is missing: install Debian's pgbouncer package (the transaction-pooling tests start one)"; exit 1; }
 
 lint: install
 	$(VENV)/bin/ruff check .

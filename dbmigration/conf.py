@@ -14,6 +14,7 @@ Every key is optional::
         "PROCESS_BACKEND": None,              # dotted path: callable -> backend this process uses
         "SLOW_QUERIES": None,                 # dotted path: callable(window_s) -> slow query count
         "PITR": {},                           # pgBackRest point-in-time recovery, see pitr()
+        "REPLICAS": None,                     # dotted path: callable -> replicas' lag, rotation
     }
 
 The engine's database aliases are named after the backends: ``sqlite`` (the source) and

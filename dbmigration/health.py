@@ -373,6 +373,57 @@ def check_pitr() -> CheckResult:
     )
 
 
+def check_read_replicas() -> CheckResult:
+    """Each read replica's lag and whether the router sends it reads (DBMIGRATION['REPLICAS'])."""
+    replica_status = conf.hook("REPLICAS")
+    replicas = replica_status() if replica_status else []
+    if not replicas:
+        return CheckResult("read_replicas", OK, "no read replicas configured", {"replicas": []})
+    out = [r for r in replicas if not r["in_rotation"]]
+    message = f"{len(replicas) - len(out)} of {len(replicas)} read replica(s) in rotation"
+    if out:  # reads still succeed on the primary: a warning, not down
+        reasons = ", ".join(f"{r['alias']}: {r['error'] or _lag_text(r)}" for r in out)
+        return CheckResult(
+            "read_replicas", DEGRADED, f"{message} ({reasons})", {"replicas": replicas}
+        )
+    return CheckResult("read_replicas", OK, message, {"replicas": replicas})
+
+
+_last_dealloc: dict[tuple, int] = {}  # per server and database: pg_stat_statements' evictions
+
+
+def check_statement_evictions() -> CheckResult:
+    """pg_stat_statements evicting entries since the last check (its top list then misses some)."""
+    try:
+        with _pg_connect("postgresql") as conn:
+            installed = conn.execute(
+                "SELECT to_regclass('pg_stat_statements_info') IS NOT NULL"
+            ).fetchone()[0]
+            if not installed:
+                return CheckResult("query_stats", OK, "pg_stat_statements not installed")
+            dealloc = conn.execute("SELECT dealloc FROM pg_stat_statements_info").fetchone()[0]
+            server = conn.info.host, conn.info.port, conn.info.dbname
+    except Exception as exc:
+        status = DEGRADED if process_backend() == "postgresql" else OK
+        return CheckResult("query_stats", status, f"not checked: {_error_text(exc)}")
+    evicted = dealloc - _last_dealloc.get(server, dealloc)
+    _last_dealloc[server] = dealloc
+    details = {"dealloc": dealloc, "evicted_since_last_check": max(evicted, 0)}
+    if evicted > 0:
+        return CheckResult(
+            "query_stats",
+            DEGRADED,
+            f"pg_stat_statements evicted entries {evicted} time(s) since the last check; raise "
+            "pg_stat_statements.max (a restart) so the top list keeps every hot query",
+            details,
+        )
+    return CheckResult("query_stats", OK, f"pg_stat_statements: {dealloc} eviction(s)", details)
+
+
+def _lag_text(replica: dict) -> str:
+    return f"lag {replica['lag_bytes']} bytes, {replica['lag_seconds'] or 0:.1f} s"
+
+
 CHECKS: dict[str, Callable[[], CheckResult]] = {
     "active_backend": check_active_backend,
     "process_backend": check_process_backend,
@@ -382,6 +433,8 @@ CHECKS: dict[str, Callable[[], CheckResult]] = {
     "replication": check_replication,
     "slow_queries": check_slow_queries,
     "pitr": check_pitr,
+    "read_replicas": check_read_replicas,
+    "query_stats": check_statement_evictions,
 }
 
 

@@ -8,11 +8,12 @@ class PropcoreConfig(AppConfig):
     verbose_name = "propcore"
 
     def ready(self) -> None:
-        from propcore import query_timing, routers
+        from propcore import query_tags, query_timing, routers
 
         routers.connect_before_auditlog()
 
         connection_created.connect(query_timing.install, dispatch_uid="propcore.slow_query")
+        connection_created.connect(query_tags.install, dispatch_uid="propcore.query_tags")
 
 
 class ConsoleAdminConfig(AdminConfig):

@@ -156,9 +156,21 @@ class Migration(HealthCheck):
 
 FORMATS = ("json", "text", "atom", "rss", "openmetrics", "html")
 
-HEALTH_CHECKS = [(Database, {"alias": alias}) for alias in settings.DATABASES] + [
-    (Migration, {"check": name}) for name in health.CHECKS
-]
+
+def health_checks(aliases, replica_aliases) -> list:
+    """The page's checks: each database alias but the read replicas, then the engine's.
+
+    A replica that is down is out of rotation (a warning in read_replicas), not a reason
+    for a load balancer to pull the application.
+    """
+    return [
+        (Database, {"alias": alias}) for alias in aliases if alias not in set(replica_aliases)
+    ] + [(Migration, {"check": name}) for name in health.CHECKS]
+
+
+HEALTH_CHECKS = health_checks(
+    settings.DATABASES, getattr(settings, "REPLICA_ROUTING", {}).get("ALIASES", [])
+)
 
 
 def status_of(error: HealthCheckException | None) -> str:

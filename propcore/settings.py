@@ -8,6 +8,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from dbmigration.state import StateError, read_active_backend
 from propcore.pgserver import BadPostgresUrl, PostgresUnavailable, resolve_postgres_url
+from propcore.pooling import UnknownPoolingMode, apply_pooling, persistent_connections
 from propcore.profiles import UnknownProfile, get_profile
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -75,16 +76,27 @@ def _runs_as_owner(argv: list[str]) -> bool:
     return bool(POSTGRES_OWNER_URL) and len(argv) > 1 and argv[1] in OWNER_COMMANDS
 
 
-def _postgres_alias() -> dict:
-    config = env.db_url_config(POSTGRES_OWNER_URL if _runs_as_owner(sys.argv) else POSTGRES_URL)
+# native: Django's psycopg pool per process; pgbouncer: POSTGRES_URL is a PgBouncer in
+# transaction mode (propcore/pooling.py says what that changes; deploy/pgbouncer.ini).
+POSTGRES_POOLING = env.str("POSTGRES_POOLING", "native")
+
+
+def _postgres_alias(url: str = "") -> dict:
+    # runbook commands connect as the owner (POSTGRES_OWNER_URL), the app as app_service
+    config = env.db_url_config(
+        url or (POSTGRES_OWNER_URL if _runs_as_owner(sys.argv) else POSTGRES_URL)
+    )
     config["ENGINE"] = "django.db.backends.postgresql"
-    config["CONN_MAX_AGE"] = 0  # required by the pool
-    config.setdefault("OPTIONS", {})
-    config["OPTIONS"]["pool"] = {
-        "min_size": PROFILE.pool_min,
-        "max_size": PROFILE.pool_max,
-        "timeout": PROFILE.pool_timeout,
-    }
+    try:
+        config = apply_pooling(
+            config,
+            POSTGRES_POOLING,
+            pool_min=PROFILE.pool_min,
+            pool_max=PROFILE.pool_max,
+            timeout=PROFILE.pool_timeout,
+        )
+    except UnknownPoolingMode as exc:
+        raise ImproperlyConfigured(str(exc)) from None
     config["TEST"] = {"NAME": f"test_propcore{TEST_SUFFIX}", "DEPENDENCIES": []}
     return config
 
@@ -108,7 +120,25 @@ except StateError as exc:
     raise ImproperlyConfigured(str(exc)) from None
 DATABASES["default"] = {**DATABASES[ACTIVE_BACKEND], "TEST": {"MIRROR": ACTIVE_BACKEND}}
 
-DATABASE_ROUTERS = ["propcore.routers.AuditRouter"]
+# Read replicas (propcore/replicas.py): each URL of POSTGRES_REPLICA_URLS becomes an alias
+# replica1, replica2... that only the router reads from; the runbook never touches them.
+REPLICA_URLS = env.list("POSTGRES_REPLICA_URLS", default=[])
+for _number, _url in enumerate(REPLICA_URLS, start=1):
+    _replica = _postgres_alias(_url)
+    if POSTGRES_POOLING == "native":
+        _replica = persistent_connections(_replica)  # no pool waiting on a dead replica
+    _replica["OPTIONS"].setdefault("connect_timeout", 2)  # a hung replica is skipped quickly
+    DATABASES[f"replica{_number}"] = {**_replica, "TEST": {"MIRROR": "postgresql"}}
+REPLICA_ROUTING = {
+    "PRIMARY": "default",
+    "ALIASES": [f"replica{n}" for n in range(1, len(REPLICA_URLS) + 1)],
+    "MAX_LAG_BYTES": env.int("REPLICA_MAX_LAG_BYTES", 8 * 1024 * 1024),
+    "MAX_LAG_SECONDS": env.float("REPLICA_MAX_LAG_SECONDS", 60.0),
+    "CHECK_INTERVAL": env.float("REPLICA_CHECK_INTERVAL", 5.0),
+}
+
+# audit entries first (they follow their row's alias), then reads to replicas
+DATABASE_ROUTERS = ["propcore.routers.AuditRouter", "propcore.replicas.ReplicaRouter"]
 
 # --- The migration engine (every key: dbmigration/conf.py; README "Using the engine in your
 # own Django project").  STATE_FILE, BACKUP_DIR, REPORT_DIR, LOG_DIR and SQLITE_PATH above
@@ -119,6 +149,7 @@ DBMIGRATION = {
     "MODEL_POLICIES": {},
     "PROCESS_BACKEND": "propcore.middleware.process_backend",
     "SLOW_QUERIES": "propcore.query_timing.slow_queries_since",
+    "REPLICAS": "propcore.replicas.replica_status",
 }
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -146,6 +177,8 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     # write freeze + active-backend reload during cutover (before anything touches the DB)
     "propcore.middleware.CutoverMiddleware",
+    # read-your-writes with replicas: outside SessionMiddleware so a login's save counts
+    "propcore.replicas.ReplicaStickinessMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -155,6 +188,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "auditlog.middleware.AuditlogMiddleware",
+    "propcore.query_tags.QueryTagMiddleware",  # SQL comments name the view (db_top_queries)
 ]
 
 ROOT_URLCONF = "propcore.urls"
