@@ -152,6 +152,9 @@ def _migrate(unapply: bool) -> dict:
     plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
     out = io.StringIO()
     call_command("migrate", database="default", interactive=False, verbosity=1, stdout=out)
+    # DatabaseCache tables are part of the schema a project deploys but no migration makes
+    # them; without one, every cached view fails on PostgreSQL after the switch
+    call_command("createcachetable", database="default", verbosity=0)
     return {
         "migrations_applied": [f"{m.app_label}.{m.name}" for m, _ in plan],
         "migrate_output": out.getvalue().strip().splitlines()[-20:],
