@@ -27,6 +27,7 @@ from django.db import connections
 from dbmigration import conf, fence
 from dbmigration import freeze as fz
 from dbmigration.errors import PhaseError, VerificationError
+from dbmigration.policies import refill_reminders
 from dbmigration.reports import RunReport, error_text
 from dbmigration.state import NEXT_COMMAND, MigrationState, read_state, transition
 
@@ -64,6 +65,7 @@ class SwitchResult:
     state: MigrationState
     report_path: Path | None
     seconds: float
+    refills: list[str] = dataclasses.field(default_factory=list)  # skipped models to refill
 
 
 def migration_verified(state: MigrationState) -> tuple[bool, str]:
@@ -499,6 +501,7 @@ def switch_to_postgresql(
         if run.status == "running" and "error" in run.facts:
             run.finish("failed")
     run.facts["active_backend"] = "postgresql"
+    run.facts["refills"] = refill_reminders(state="was not copied to PostgreSQL")
     report_path = run.finish("ok")
     return SwitchResult(
         freeze_seconds=frozen_for,
@@ -507,4 +510,5 @@ def switch_to_postgresql(
         state=new_state,
         report_path=report_path,
         seconds=run.facts["seconds"],
+        refills=run.facts["refills"],
     )

@@ -14,6 +14,7 @@ class in DERIVED_FIELDS) and configured where it cannot be, in
 
 from __future__ import annotations
 
+from django.apps import apps
 from django.db import models
 
 from dbmigration import conf
@@ -47,6 +48,15 @@ def policy_for(model: type[models.Model]) -> conf.ModelPolicy:
                     reason=f"{field.name} is {DERIVED_FIELDS[cls.__name__]}",
                 )
     return conf.ModelPolicy(label=label, policy=conf.COPY)
+
+
+def refill_reminders(*, state: str) -> list[str]:
+    """One line per skipped model for the engine just made active: its state, its refill."""
+    return [
+        f"{p.label} {state}; refill it with: "
+        + (" ".join(p.rebuild) if p.rebuild else "the project's own rebuild command")
+        for p in skipped_models(apps.get_models(include_auto_created=True))
+    ]
 
 
 def skipped_models(candidates) -> list[conf.ModelPolicy]:

@@ -31,6 +31,7 @@ from django.db.utils import load_backend
 from dbmigration import conf, fence
 from dbmigration import freeze as fz
 from dbmigration.errors import MigrationError, TargetError, VerificationError
+from dbmigration.policies import refill_reminders
 from dbmigration.reports import RunReport, error_text
 from dbmigration.state import MigrationState, read_state, transition
 from dbmigration.sync import diff_table
@@ -469,6 +470,10 @@ def rollback_to_sqlite(
         run.facts["seconds"] = round(time.perf_counter() - start, 3)
         if "error" in run.facts:
             run.finish("failed")
+    refills = []
+    if was_switched:  # SQLite's copies of the skipped models predate the switch
+        refills = refill_reminders(state="was not carried back: SQLite holds its rows from before")
+    run.facts["refills"] = refills
     report_path = run.finish("ok")
     return RollbackResult(
         was_switched=was_switched,
@@ -480,7 +485,7 @@ def rollback_to_sqlite(
         state=new_state,
         report_path=report_path,
         seconds=run.facts["seconds"],
-        warnings=[w for step in run.steps for w in step.warnings],
+        warnings=[w for step in run.steps for w in step.warnings] + refills,
     )
 
 

@@ -80,4 +80,6 @@ class Command(BaseCommand):
                 f"{result.freeze_seconds:.2f} s."
             )
         )
+        for refill in result.refills:
+            self.stdout.write(self.style.WARNING(f"  next: {refill}"))
         self.stdout.write(f"Report: {result.report_path}")
