@@ -24,11 +24,12 @@ from django.conf import settings
 from django.db import connections
 
 from dbmigration import freeze as fz
-from dbmigration.errors import PhaseError, VerificationError
+from dbmigration.errors import PhaseError, VerificationError, postgres_lost, target_lost
 from dbmigration.reports import RunReport
 from dbmigration.state import MigrationState, read_state, transition
 
 Progress = Callable[[str], None] | None
+SWITCH_FREEZE_ESTIMATE = 5.0  # seconds after the drain, sent as Retry-After (measured 3-8 s)
 SWITCH_STEPS = (
     "check that migrate_data finished and verified",
     "snapshot SQLite; migrate_data --sync from the snapshot; verify all tables (writes go on)",
@@ -61,6 +62,7 @@ class SwitchResult:
     state: MigrationState
     report_path: Path | None
     seconds: float
+    took_over: str = ""  # the void freeze of a killed run that this switch replaced
 
 
 def migration_verified(state: MigrationState) -> tuple[bool, str]:
@@ -101,9 +103,12 @@ def plan_switch(*, state_file: Path) -> SwitchPlan:
         ok, why = migration_verified(state)
         if not ok:
             problems.append(f"{why}. Run migrate_data (it verifies) before switching.")
-    freeze = fz.read_freeze(fz.freeze_path_for(state_file))
+    freeze = fz.read_freeze(fz.freeze_path_for(state_file))  # a void one is taken over
     if freeze is not None:
-        problems.append(f"A write freeze is already on ({freeze.reason}, by {freeze.owner}).")
+        problems.append(
+            f"A write freeze is already on ({freeze.reason}, by {freeze.owner}, "
+            f"{freeze.age():g} s old); wait for that command to finish."
+        )
     return SwitchPlan(state.phase, state.active_backend, SWITCH_STEPS, problems)
 
 
@@ -366,6 +371,7 @@ def switch_to_postgresql(
     if not plan.ready:
         raise PhaseError(" ".join(plan.problems))
     from dbmigration.plan import build_plan
+    from dbmigration.rollback import remove_leftover_copies, temp_copy_path
 
     tables = build_plan()
     note = progress or (lambda message: None)
@@ -376,8 +382,8 @@ def switch_to_postgresql(
     )
     start = time.perf_counter()
     flag = fz.freeze_path_for(state_file)
-    stamp = run.started_at[:26].replace(":", "").replace("-", "").replace(".", "")
-    snapshot = sqlite_path.with_name(f"{sqlite_path.name}.cutover-{stamp}")
+    run.facts["leftovers_removed"] = remove_leftover_copies(sqlite_path)  # of killed runs
+    snapshot = temp_copy_path(sqlite_path, "cutover")
     freeze = None
     frozen_for = 0.0
     try:
@@ -395,14 +401,21 @@ def switch_to_postgresql(
             }
         with run.step("write_freeze_on") as step:
             freeze = fz.freeze_on(
-                flag, reason="switch_to_postgresql", max_seconds=freeze_max_seconds
+                flag,
+                reason="switch_to_postgresql",
+                max_seconds=freeze_max_seconds,
+                expected_seconds=drain_seconds + SWITCH_FREEZE_ESTIMATE,
             )
-            step.details = {"flag": str(flag), "expires_in_seconds": freeze_max_seconds}
+            step.details = {"flag": str(flag), "max_seconds": freeze_max_seconds}
+            if freeze.replaced:  # a killed run's freeze, void since its owner died
+                step.details["took_over"] = run.facts["took_over_freeze"] = freeze.replaced
+                note(f"took over a leftover {freeze.replaced}")
             note("write freeze on")
         with run.step("drain") as step:
             time.sleep(drain_seconds)  # requests that began before the freeze finish writing
             step.details = {"seconds": drain_seconds}
         with run.step("catch_up") as step:
+            fz.pause_point("switch_catch_up")
             note("stage 2 (frozen): final catch-up of what changed since the snapshot")
             changes = source_changes(sqlite_path=sqlite_path, snapshot=snapshot, plan=tables)
             caught_up = apply_source_changes(
@@ -432,8 +445,19 @@ def switch_to_postgresql(
             step.details = {"active_backend": "postgresql"}
             note("active backend is now postgresql")
     except BaseException as exc:
+        lost = postgres_lost(exc)
+        if lost is not None:
+            step = run.steps[-1].name if run.steps else "the start"
+            exc = target_lost(
+                lost,
+                during=f"the switch's {step} step",
+                then="Nothing was switched. Check the server (db_test_postgresql), then run "
+                "switch_to_postgresql again.",
+            )
         run.facts["error"] = str(exc) or type(exc).__name__
         run.facts["active_backend"] = read_state(state_file).active_backend
+        if lost is not None:
+            raise exc from lost
         raise
     finally:
         snapshot.unlink(missing_ok=True)
@@ -453,4 +477,5 @@ def switch_to_postgresql(
         state=new_state,
         report_path=report_path,
         seconds=run.facts["seconds"],
+        took_over=run.facts.get("took_over_freeze", ""),
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,13 @@ from django.db.models.expressions import RawSQL
 from django.db.utils import load_backend
 
 from dbmigration import freeze as fz
-from dbmigration.errors import MigrationError, VerificationError
+from dbmigration.errors import (
+    MigrationError,
+    PhaseError,
+    VerificationError,
+    postgres_lost,
+    target_lost,
+)
 from dbmigration.reports import RunReport
 from dbmigration.state import MigrationState, read_state, transition
 from dbmigration.sync import diff_table
@@ -39,6 +46,7 @@ COPY_ALIAS = "rollback_copy"
 PG = Side(alias="postgresql")
 BATCH = 500
 SAMPLE = 50  # primary keys listed per table and kind in the report
+ROLLBACK_FREEZE_ESTIMATE = 15.0  # seconds after the drain, sent as Retry-After (measured 13.7)
 
 
 @dataclasses.dataclass
@@ -76,6 +84,8 @@ class RollbackResult:
     report_path: Path | None
     seconds: float
     warnings: list[str] = dataclasses.field(default_factory=list)
+    took_over: str = ""  # the void freeze (owner gone) this run cleared or replaced
+    leftovers_removed: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def rows_carried(self) -> int:
@@ -156,6 +166,29 @@ def copy_alias(path: Path) -> Iterator[str]:
     finally:
         connections[COPY_ALIAS].close()
         del connections[COPY_ALIAS]
+
+
+def temp_copy_path(sqlite_path: Path, kind: str) -> Path:
+    """Where a run keeps its working copy: beside the file, named by run kind, time and pid."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    return sqlite_path.with_name(f"{sqlite_path.name}.{kind}-{stamp}-pid{os.getpid()}")
+
+
+def remove_leftover_copies(sqlite_path: Path) -> list[str]:
+    """Delete the working copies (and their -wal/-journal) of killed switches and rollbacks.
+
+    A copy whose process still runs on this host is left alone; one without a pid in its
+    name predates the pid naming and can only be a leftover.
+    """
+    removed = []
+    for kind in ("cutover", "rollback"):
+        for path in sorted(sqlite_path.parent.glob(f"{sqlite_path.name}.{kind}-*")):
+            owner = re.search(r"-pid(\d+)", path.name)
+            if owner and fz.process_start(int(owner.group(1))) is not None:
+                continue
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
 
 
 def fresh_copy(sqlite_path: Path, dest: Path) -> None:
@@ -304,6 +337,24 @@ def _differing(model, pks: list, *, source: str, target: str) -> list:
     return differ
 
 
+def nothing_to_roll_back(state: MigrationState, *, drop_postgres: bool = False) -> str | None:
+    """Why a rollback would do nothing now (with the command to run instead), or None."""
+    if state.active_backend == "postgresql":
+        return None
+    if state.phase == "nothing":
+        return (
+            "Nothing to roll back: the migration has not started (phase 'nothing') and the "
+            "application runs on SQLite. Run migration_prepare to start it."
+        )
+    if state.phase == "rolled_back" and not drop_postgres:
+        return (
+            "Nothing to roll back: already rolled back, the application runs on SQLite. Run "
+            "migration_prepare when ready to try again (rollback_to_sqlite --drop-postgres "
+            "drops the PostgreSQL copy)."
+        )
+    return None
+
+
 def rollback_to_sqlite(
     *,
     state_file: Path | None = None,
@@ -325,7 +376,21 @@ def rollback_to_sqlite(
     sqlite_path = Path(sqlite_path or connections.settings["sqlite"]["NAME"])
     backup_dir = Path(backup_dir or settings.BACKUP_DIR)
     note = progress or (lambda message: None)
+    flag = fz.freeze_path_for(state_file)
+    # a killed switch or rollback leaves its freeze (void once its owner is gone) and copies
+    cleared = fz.clear_void(flag)
+    took_over = cleared.describe() if cleared is not None else ""
+    leftovers = remove_leftover_copies(sqlite_path)
     state = read_state(state_file)
+    refusal = nothing_to_roll_back(state, drop_postgres=drop_postgres)
+    if refusal:
+        raise PhaseError(refusal + (f" (Cleared a leftover {took_over}.)" if took_over else ""))
+    held = fz.read_freeze(flag)
+    if held is not None:
+        raise fz.FreezeError(
+            f"Cannot roll back now: {held.describe()}. Wait for it to finish; if that process "
+            f"is stopped or killed, its freeze lifts within {held.lease_seconds:g} s."
+        )
     if discard_postgres_writes and not discard_confirmed:
         raise DiscardNotConfirmed(
             "--discard-postgres-writes throws away every write made on PostgreSQL since the "
@@ -339,17 +404,15 @@ def rollback_to_sqlite(
     )
     start = time.perf_counter()
     was_switched = state.active_backend == "postgresql"
-    flag = fz.freeze_path_for(state_file)
     carried: list[TableCarry] = []
     discarded: list[TableCarry] = []
     backup_path: Path | None = None
     freeze = None
     frozen_for = 0.0
     run.facts.update(phase_before=state.phase, active_before=state.active_backend)
+    run.facts.update(took_over_freeze=took_over, leftovers_removed=leftovers)
     try:
         if not was_switched:
-            if flag.exists() and fz.read_freeze(flag) is None:
-                fz.freeze_off(flag)  # an expired leftover of an interrupted switch
             new_state = transition(
                 state_file, "rolled_back", active_backend="sqlite", note="rollback_to_sqlite"
             )
@@ -365,15 +428,21 @@ def rollback_to_sqlite(
                     backup_path = info.path
                     step.details = {"backup": str(info.path), "rows": sum(info.row_counts.values())}
                     note(f"pre-rollback backup: {info.path}")
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-            copy = sqlite_path.with_name(f"{sqlite_path.name}.rollback-{stamp}")
+            copy = temp_copy_path(sqlite_path, "rollback")
 
             def hold_freeze() -> fz.Freeze:
                 nonlocal freeze
-                with run.step("write_freeze_on"):
+                with run.step("write_freeze_on") as step:
                     freeze = fz.freeze_on(
-                        flag, reason="rollback_to_sqlite", max_seconds=freeze_max_seconds
+                        flag,
+                        reason="rollback_to_sqlite",
+                        max_seconds=freeze_max_seconds,
+                        # the catch-up, a full verification and the swap: seconds, not minutes
+                        expected_seconds=drain_seconds + ROLLBACK_FREEZE_ESTIMATE,
                     )
+                    step.details = {"flag": str(flag), "owner": freeze.owner}
+                    if freeze.replaced:
+                        step.details["took_over"] = freeze.replaced
                     note("write freeze on")
                 time.sleep(drain_seconds)  # requests that began before the freeze finish
                 return freeze
@@ -390,7 +459,18 @@ def rollback_to_sqlite(
                 step.details = {"unapplied": drop_postgres_copy("postgresql")}
                 note("PostgreSQL copy dropped")
     except BaseException as exc:
+        lost = postgres_lost(exc)
+        if lost is not None:
+            step = run.steps[-1].name if run.steps else "the start"
+            exc = target_lost(
+                lost,
+                during=f"the rollback's {step} step",
+                then="Nothing was replaced. Check the server (db_test_postgresql), then run "
+                "rollback_to_sqlite again.",
+            )
         run.facts["error"] = str(exc) or type(exc).__name__
+        if lost is not None:
+            raise exc from lost
         raise
     finally:
         if freeze is not None:
@@ -414,6 +494,8 @@ def rollback_to_sqlite(
         report_path=report_path,
         seconds=run.facts["seconds"],
         warnings=[w for step in run.steps for w in step.warnings],
+        took_over=took_over or (freeze.replaced if freeze is not None else ""),
+        leftovers_removed=leftovers,
     )
 
 
@@ -461,6 +543,7 @@ def _carry_back(run, state_file, sqlite_path, copy, plan, discard, hold_freeze, 
     # stage 2, frozen: only what PostgreSQL wrote since the horizon (xmin) or deleted (pk)
     freeze = hold_freeze()
     with run.step("catch_up") as step, copy_alias(copy) as target:
+        fz.pause_point("rollback_catch_up")
         then = changed_on_pg_since(horizon, tables, target=target)
         with transaction.atomic(using=target):
             _apply_all(tables, then, target=target)

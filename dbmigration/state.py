@@ -19,13 +19,15 @@ from pathlib import Path
 BACKENDS = ("sqlite", "postgresql")
 PHASES = ("nothing", "prepared", "data_migrated", "switched", "rolled_back")
 
-# phase -> phases it may move to; rollback is possible from every phase.
+# phase -> phases it may move to.  Rollback is possible once something was prepared (on a
+# fresh install there is nothing to roll back), and after a rollback the next step is a new
+# prepare: a rollback must never be a way around migration_prepare and its backup.
 TRANSITIONS: dict[str, tuple[str, ...]] = {
-    "nothing": ("prepared", "rolled_back"),
+    "nothing": ("prepared",),
     "prepared": ("prepared", "data_migrated", "rolled_back"),
     "data_migrated": ("prepared", "data_migrated", "switched", "rolled_back"),
     "switched": ("switched", "rolled_back"),
-    "rolled_back": ("prepared", "data_migrated", "rolled_back"),
+    "rolled_back": ("prepared", "rolled_back"),
 }
 
 # what an operator runs to reach each phase
@@ -115,15 +117,31 @@ def write_state(path: Path, state: MigrationState) -> None:
     write_file_atomic(path, json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True))
 
 
+def next_phase_towards(phase: str, target: str) -> str | None:
+    """The first phase on the shortest way from phase to one that may move to target."""
+    paths = {phase: [phase]}
+    queue = [phase]
+    while queue:
+        here = queue.pop(0)
+        if target in TRANSITIONS[here]:
+            way = paths[here]
+            return way[1] if len(way) > 1 else None
+        for step in TRANSITIONS[here]:
+            if step not in paths:
+                paths[step] = [*paths[here], step]
+                queue.append(step)
+    return None
+
+
 def require_phase(state: MigrationState, target: str) -> None:
-    """Raise StateError saying what to run first unless state may move to target."""
+    """Raise StateError naming the one command to run next unless state may move to target."""
     if target in TRANSITIONS[state.phase]:
         return
-    needed = [p for p, nexts in TRANSITIONS.items() if target in nexts and p != target]
-    first = " or ".join(COMMAND_FOR_PHASE.get(p, p) for p in needed if p in COMMAND_FOR_PHASE)
+    step = next_phase_towards(state.phase, target)
+    first = COMMAND_FOR_PHASE[step] if step else "the earlier steps"
     raise StateError(
         f"Cannot run {COMMAND_FOR_PHASE.get(target, target)} now: the migration is in phase "
-        f"'{state.phase}'. Run {first or 'the earlier steps'} first."
+        f"'{state.phase}'. Run {first} first."
     )
 
 

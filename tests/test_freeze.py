@@ -1,6 +1,10 @@
 """The write freeze, through Django's test client: writes answer 503, reads go on."""
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -9,6 +13,7 @@ from django.urls import path
 
 from accounts.models import Organisation
 from dbmigration import freeze as fz
+from dbmigration.state import write_file_atomic
 
 
 def write_on_get(request):
@@ -96,3 +101,114 @@ def test_a_read_that_writes_is_refused(client, flag):
     fz.freeze_off(flag)
     assert client.get("/sneaky/").status_code == 200
     assert Organisation.objects.count() == 1
+
+
+# --- the freeze as a lease: it ends when its owner dies ---------------------------------------
+
+HOLDER = """
+import sys, time
+from dbmigration import freeze as fz
+held = fz.freeze_on(sys.argv[1], reason="held by a child", expected_seconds=3)
+print(held.token, flush=True)
+time.sleep(3600)
+"""
+
+
+def start_holder(flag):
+    """A real process that takes the freeze and then hangs, renewing its lease."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(flag)], stdout=subprocess.PIPE, text=True
+    )
+    token = proc.stdout.readline().strip()
+    assert token, "the holder did not take the freeze"
+    return proc, token
+
+
+def test_heartbeat_renews_the_lease_while_the_owner_lives(flag):
+    held = fz.freeze_on(flag, reason="long", lease_seconds=1.5)
+    try:
+        time.sleep(3.5)  # more than twice the lease: only renewals keep it
+        current = fz.read_freeze(flag)
+        assert current is not None and current.token == held.token
+        assert time.time() - current.renewed_at < 1.5
+        assert fz.still_held(flag, held)
+    finally:
+        fz.freeze_off(flag, held)
+    assert not flag.exists()
+
+
+def test_a_killed_owner_voids_its_freeze_at_once_and_the_next_one_takes_over(flag):
+    proc, token = start_holder(flag)
+    try:
+        assert fz.read_freeze(flag).token == token
+        with pytest.raises(fz.FreezeError, match="that process is alive"):
+            fz.freeze_on(flag, reason="second")
+        proc.kill()  # kill -9; not reaped yet: a zombie is dead all the same
+        time.sleep(0.1)
+        leftover = fz.inspect_freeze(flag)
+        assert leftover.token == token and fz.read_freeze(flag) is None
+        assert "is gone" in leftover.void_reason()
+        mine = fz.freeze_on(flag, reason="next command")
+        assert "held by a child" in mine.replaced and "is gone" in mine.replaced
+        fz.freeze_off(flag, mine)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_reused_pid_does_not_keep_a_freeze(flag):
+    now = time.time()
+    ghost = fz.Freeze(
+        "switch", now, now + 600, "someone pid 1", "t0k", host=fz.HOST, pid=os.getpid(),
+        pid_started="1", pid_namespace=fz.PID_NAMESPACE, renewed_at=now,
+    )  # fmt: skip
+    write_file_atomic(flag, json.dumps(dataclasses.asdict(ghost)))
+    assert fz.read_freeze(flag) is None  # our pid, but not the process that started at "1"
+    assert "is gone" in fz.inspect_freeze(flag).void_reason()
+
+
+def test_an_owner_on_another_host_holds_while_it_renews(flag):
+    now = time.time()
+    remote = fz.Freeze(
+        "switch", now, now + 600, "ops@elsewhere pid 7", "t0k", host="elsewhere", pid=7,
+        renewed_at=now,
+    )  # fmt: skip
+    write_file_atomic(flag, json.dumps(dataclasses.asdict(remote)))
+    assert fz.read_freeze(flag) is not None  # pid 7 means nothing here: only the lease tells
+    remote.renewed_at = now - fz.LEASE_SECONDS - 1
+    write_file_atomic(flag, json.dumps(dataclasses.asdict(remote)))
+    assert fz.read_freeze(flag) is None
+    assert "stopped renewing it 6 s ago" in fz.inspect_freeze(flag).void_reason()
+
+
+def test_an_unreadable_flag_freezes_for_one_lease(flag):
+    flag.write_text("{half written")
+    assert fz.read_freeze(flag).reason == "unreadable freeze file"
+    old = time.time() - fz.LEASE_SECONDS - 1
+    os.utime(flag, (old, old))
+    assert fz.read_freeze(flag) is None
+
+
+def test_clear_void_removes_only_a_dead_owners_freeze(flag):
+    live = fz.freeze_on(flag, reason="alive")
+    assert fz.clear_void(flag) is None and flag.exists()
+    fz.freeze_off(flag, live)
+    proc, _ = start_holder(flag)
+    proc.kill()
+    proc.wait()
+    assert fz.clear_void(flag).reason == "held by a child"
+    assert not flag.exists()
+
+
+@pytest.mark.django_db(databases="__all__")
+def test_middleware_ignores_a_dead_owners_freeze_and_retry_after_is_the_estimate(client, flag):
+    proc, _ = start_holder(flag)  # expects to lift it in 3 s
+    try:
+        response = client.post("/admin/login/", {"username": "x", "password": "y"})
+        assert response.status_code == 503
+        assert 1 <= int(response["Retry-After"]) <= 3
+    finally:
+        proc.kill()
+        proc.wait()
+    response = client.post("/admin/login/", {"username": "x", "password": "y"})
+    assert response.status_code == 200  # the login form again: the write went through

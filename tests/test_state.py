@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from io import StringIO
 
 import pytest
+from django.core.management import CommandError, call_command
 
 from dbmigration import state as state_mod
 from dbmigration.sqlite_source import source_fingerprint
@@ -68,3 +70,53 @@ def test_wal_commits_not_yet_checkpointed_make_a_prepare_stale(tmp_path):
     assert "wal_sha256 changed since migration_prepare" in reasons  # ...the WAL did
     assert "row_counts changed since migration_prepare" in reasons
     keep_open.close()
+
+
+@pytest.mark.parametrize(
+    ("phase", "target", "next_command"),
+    [
+        ("nothing", "data_migrated", "migration_prepare"),
+        ("nothing", "switched", "migration_prepare"),
+        ("prepared", "switched", "migrate_data"),
+        # after the switch the only way back to copying is through a rollback: no circle
+        ("switched", "prepared", "rollback_to_sqlite"),
+        ("switched", "data_migrated", "rollback_to_sqlite"),
+        # after a rollback, a new prepare (and its backup) comes before any copy
+        ("rolled_back", "data_migrated", "migration_prepare"),
+        ("rolled_back", "switched", "migration_prepare"),
+    ],
+)
+def test_a_refusal_names_the_one_command_to_run_next(phase, target, next_command):
+    state = state_mod.MigrationState(phase=phase)
+    with pytest.raises(state_mod.StateError) as exc:
+        state_mod.require_phase(state, target)
+    assert str(exc.value).endswith(f"Run {next_command} first.")
+
+
+def test_a_fresh_install_cannot_be_rolled_back(tmp_path):
+    with pytest.raises(state_mod.StateError, match="Run migration_prepare first"):
+        state_mod.transition(tmp_path / "state.json", "rolled_back")
+
+
+def test_rollback_on_a_fresh_install_refuses_and_leaves_the_phase(tmp_path, settings):
+    settings.STATE_FILE = tmp_path / "state.json"
+    settings.REPORT_DIR, settings.LOG_DIR = tmp_path / "reports", tmp_path / "logs"
+    for interactive in ([], ["--noinput"]):  # refuses before asking anything
+        with pytest.raises(CommandError) as exc:
+            call_command("rollback_to_sqlite", *interactive, stdout=StringIO())
+        assert exc.value.returncode == 7
+        assert "Nothing to roll back" in str(exc.value)
+        assert "Run migration_prepare to start it" in str(exc.value)
+    assert state_mod.read_state(settings.STATE_FILE).phase == "nothing"
+    assert not settings.STATE_FILE.exists()
+    # and migrate_data still refuses, naming the prepare (no way around it)
+    with pytest.raises(CommandError, match="Run migration_prepare first"):
+        call_command("migrate_data", stdout=StringIO(), stderr=StringIO())
+
+
+def test_rollback_twice_refuses_the_second_time(tmp_path, settings):
+    settings.STATE_FILE = tmp_path / "state.json"
+    state_mod.write_state(settings.STATE_FILE, state_mod.MigrationState(phase="rolled_back"))
+    with pytest.raises(CommandError, match="already rolled back") as exc:
+        call_command("rollback_to_sqlite", "--noinput", stdout=StringIO())
+    assert exc.value.returncode == 7
