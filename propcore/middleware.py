@@ -149,6 +149,20 @@ def install_sighup() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _wrapped(connection, wrapper):
+    """Like connection.execute_wrapper, but removes exactly ours on the way out.
+
+    Django's pops the last wrapper, which is the slow-query logger's when the connection
+    was opened during the request: ours then stayed and refused writes after the freeze.
+    """
+    connection.execute_wrappers.append(wrapper)
+    try:
+        yield
+    finally:
+        connection.execute_wrappers.remove(wrapper)
+
+
 def _frozen_response(freeze: Freeze, what: str) -> HttpResponse:
     body = {
         "error": "write_freeze",
@@ -189,7 +203,7 @@ class CutoverMiddleware:
 
         with contextlib.ExitStack() as stack:
             for alias in connections:
-                stack.enter_context(connections[alias].execute_wrapper(refuse_writes))
+                stack.enter_context(_wrapped(connections[alias], refuse_writes))
             response = self.get_response(request)
         if refused:
             return _frozen_response(freeze, "a write during a read request")
