@@ -153,6 +153,18 @@ class Freeze:
         )
         return f"{text}; void: {void}" if void else text
 
+    def summary(self, now: float | None = None) -> dict:
+        """The facts an operator or a health probe shows (JSON-ready)."""
+        now = time.time() if now is None else now
+        return {
+            "reason": self.reason,
+            "owner": self.owner,
+            "since": self.started_iso,
+            "age_seconds": self.age(now),
+            "renewed_seconds_ago": round(now - self.renewed_at, 1),
+            "void": self.void_reason(now),
+        }
+
 
 def freeze_path_for(state_file: Path) -> Path:
     """The freeze flag lives next to the state file (same directory, same lifetime)."""

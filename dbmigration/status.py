@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from dbmigration import freeze as fz
 from dbmigration import state as state_mod
 from dbmigration.backup import BackupInfo, last_verified_backup
 from dbmigration.errors import MigrationError, PhaseError
@@ -29,6 +30,7 @@ class StatusResult:
     last_backup: BackupInfo | None
     stale: list[str]  # why the prepare no longer holds (empty: fresh or not applicable)
     history: list[dict]
+    write_freeze: dict | None = None  # Freeze.summary() of the flag on disk, live or void
 
 
 def migration_status(
@@ -63,7 +65,9 @@ def migration_status(
     next_step = NEXT_STEP[current.phase]
     if stale:
         next_step = "migration_prepare (the source changed since it ran)"
+    freeze = fz.inspect_freeze(fz.freeze_path_for(state_file))
     return StatusResult(
+        write_freeze=freeze.summary() if freeze is not None else None,
         phase=current.phase,
         active_backend=current.active_backend,
         next_step=next_step,

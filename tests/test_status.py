@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import getpass
 import sqlite3
+import time
 from io import StringIO
 
 from django.core.management import call_command
@@ -81,3 +83,35 @@ def test_a_newer_failed_report_is_shown(tmp_path):
     assert result.last_report.endswith("20260102T000000000000Z.json")
     assert result.last_report_status == "migration_prepare: failed"
     assert result.next_step == "migration_prepare"
+
+
+def test_status_and_health_show_a_freeze_its_owner_and_age_and_a_void_one(tmp_path, settings):
+    from dbmigration import freeze as fz
+    from dbmigration import health
+    from tests.test_freeze import start_holder
+
+    source = make_source(tmp_path / "s.sqlite3")
+    settings.STATE_FILE = tmp_path / "state.json"
+    flag = fz.freeze_path_for(settings.STATE_FILE)
+    assert "Write freeze:   none" in _status(tmp_path, source)
+
+    proc, _ = start_holder(flag)  # a live owner: another process, renewing its lease
+    try:
+        time.sleep(1.2)
+        out = _status(tmp_path, source)
+        assert f"Write freeze:   ON by {getpass.getuser()}@" in out
+        assert f"pid {proc.pid} (held by a child)" in out and " s old, renewed " in out
+        check = health.run_check("migration_phase")
+        assert check.status == health.DEGRADED
+        assert "writes frozen for " in check.message and f"pid {proc.pid}" in check.message
+        assert check.details["write_freeze"]["void"] is None
+        assert check.details["write_freeze"]["age_seconds"] >= 1
+    finally:
+        proc.kill()
+        proc.wait()
+    out = _status(tmp_path, source)
+    assert "Write freeze:   left over by" in out
+    assert "void (its owner" in out and "is gone): writes go on" in out
+    check = health.run_check("migration_phase")
+    assert "was left over, void (its owner" in check.message
+    assert flag.exists()  # a read-only command and the health check change nothing
