@@ -371,7 +371,7 @@ def switch_to_postgresql(
     if not plan.ready:
         raise PhaseError(" ".join(plan.problems))
     from dbmigration.plan import build_plan
-    from dbmigration.rollback import remove_leftover_copies, temp_copy_path
+    from dbmigration.rollback import remove_copy, remove_leftover_copies, temp_copy_path
 
     tables = build_plan()
     note = progress or (lambda message: None)
@@ -460,7 +460,7 @@ def switch_to_postgresql(
             raise exc from lost
         raise
     finally:
-        snapshot.unlink(missing_ok=True)
+        remove_copy(snapshot)
         if freeze is not None:
             frozen_for = fz.freeze_off(flag, freeze) or 0.0
             note(f"write freeze off after {frozen_for:.2f} s")

@@ -197,9 +197,17 @@ def fresh_copy(sqlite_path: Path, dest: Path) -> None:
     dst = sqlite3.connect(dest)
     try:
         src.backup(dst)
+        # a self-contained file: read-only connections to a WAL copy would leave -wal/-shm
+        dst.execute("PRAGMA journal_mode=DELETE").fetchone()
     finally:
         dst.close()
         src.close()
+
+
+def remove_copy(path: Path) -> None:
+    """Delete a working copy and whatever SQLite kept beside it."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 def check_copy(path: Path) -> dict:
@@ -453,7 +461,7 @@ def rollback_to_sqlite(
                     discard_postgres_writes, hold_freeze, note,
                 )  # fmt: skip
             finally:
-                copy.unlink(missing_ok=True)
+                remove_copy(copy)
         if drop_postgres:
             with run.step("drop_postgres") as step:
                 step.details = {"unapplied": drop_postgres_copy("postgresql")}
