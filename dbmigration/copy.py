@@ -40,7 +40,7 @@ from dbmigration.casts import (
 from dbmigration.copy_lines import BINARY_HEADER, BINARY_TRAILER, LinePlan, line_plan
 from dbmigration.errors import DataError, SourceError, TargetError
 from dbmigration.plan import Plan, PlannedTable, build_plan
-from dbmigration.sqlite_source import file_sha256, open_readonly
+from dbmigration.sqlite_source import combined_sha256, content_sha256, open_readonly
 
 BATCH_ROWS = 5000
 MAX_KEPT_REJECTIONS = 100_000  # beyond this only counted, so memory stays bounded
@@ -699,7 +699,7 @@ def copy_data(
             + ", ".join(f"{k} ({v})" for k, v in REPAIR_RULES.items())
         )
     plan = build_plan(only=tables)
-    sha = source_sha256 or file_sha256(sqlite_path)
+    sha = source_sha256 or content_sha256(sqlite_path)
     marks = _read_marks(state_file)
     done = done_tables(state_file, source_sha256=sha)
     marks = {
@@ -1294,7 +1294,9 @@ def migrate_data(
                         reject_file=reject_file,
                         state_file=state_file,
                         progress=progress,
-                        source_sha256=fingerprint["sha256"],
+                        source_sha256=combined_sha256(
+                            fingerprint["sha256"], fingerprint.get("wal_sha256")
+                        ),
                     )
                 except RowsRejected as exc:
                     _record_copy(run, step, exc.result)
