@@ -365,3 +365,26 @@ def test_kill_9_of_the_rollback_mid_catch_up_blocks_writes_one_lease_at_most(cli
     assert_same_everywhere()
     assert not flag.exists()
     assert not list(sqlite_file.parent.glob(f"{sqlite_file.name}.rollback-*"))
+
+
+@pytest.mark.django_db(databases="__all__", transaction=True)
+def test_rollback_whose_freeze_ran_out_refuses_to_swap_and_names_freeze_timeout(runbook_dir):
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    from tests.test_rollback import seed_both, write_on_postgresql
+
+    org, users = seed_both()
+    write_state(settings.STATE_FILE, MigrationState(phase="switched", active_backend="postgresql"))
+    write_on_postgresql(org, users)
+    with pytest.raises(CommandError) as exc:
+        call_command(
+            "rollback_to_sqlite", "--noinput", "--drain-seconds", "0.2",
+            "--freeze-timeout", "0.1", stdout=StringIO(),
+        )  # fmt: skip
+    assert exc.value.returncode == fz.FreezeError.returncode
+    assert "raise --freeze-timeout" in str(exc.value)
+    state = read_state(settings.STATE_FILE)
+    assert (state.phase, state.active_backend) == ("switched", "postgresql")
+    assert not fz.freeze_path_for(settings.STATE_FILE).exists()
