@@ -8,7 +8,8 @@ per request, one ``os.stat`` each:
    that thread's connections and drops its ``default`` wrapper, so the next query opens the
    new backend.  Re-pointing only at request start (outside any transaction) is what makes
    it safe: no request ever sees two backends.  SIGHUP forces the same re-read.
-2. Write freeze: while ``write_freeze.json`` is set, POST/PUT/PATCH/DELETE answer 503 with
+2. Write freeze: while ``write_freeze.json`` holds (a lease its owner renews; void as soon as
+   the owner dies, see dbmigration/freeze.py), POST/PUT/PATCH/DELETE answer 503 with
    Retry-After; reads go on, and a read that tries to write (a session save, an audit
    entry) is refused at the SQL level and answered 503 too.
 """
