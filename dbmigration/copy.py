@@ -1563,7 +1563,7 @@ def migrate_data(
     progress: Progress | None = None,
 ) -> MigrateDataResult:
     """Phase 6: check the state, copy (or sync), verify, write the report, move the state."""
-    from dbmigration.errors import PhaseError, VerificationError
+    from dbmigration.errors import PhaseError, VerificationError, postgres_lost, target_lost
     from dbmigration.preflight import conninfo_from_settings, require_same_target
     from dbmigration.reports import RunReport
     from dbmigration.sqlite_source import source_fingerprint
@@ -1707,6 +1707,17 @@ def migrate_data(
                 last_report=str(run.report_path),
             )
         status = "ok" if not (result.copy and result.copy.rejected_total) else "warning"
+    except Exception as exc:
+        lost = postgres_lost(exc)
+        if lost is None:
+            raise
+        step = run.steps[-1].name if run.steps else "the start"
+        raise target_lost(
+            lost,
+            during=f"migrate_data's {step} step",
+            then="Finished tables stay done and the phase did not move. Check the server "
+            "(db_test_postgresql), then run migrate_data again.",
+        ) from lost
     finally:
         if temporary:
             sqlite_path.unlink(missing_ok=True)

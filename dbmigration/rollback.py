@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +31,14 @@ from django.db.utils import load_backend
 
 from dbmigration import conf, fence
 from dbmigration import freeze as fz
-from dbmigration.errors import MigrationError, TargetError, VerificationError
+from dbmigration.errors import (
+    MigrationError,
+    PhaseError,
+    TargetError,
+    VerificationError,
+    postgres_lost,
+    target_lost,
+)
 from dbmigration.reports import RunReport, error_text
 from dbmigration.state import MigrationState, read_state, transition
 from dbmigration.sync import diff_table
@@ -42,6 +50,7 @@ PG_ALIAS = "postgresql"
 PG = Side(alias="postgresql")
 BATCH = 500
 SAMPLE = 50  # primary keys listed per table and kind in the report
+ROLLBACK_FREEZE_ESTIMATE = 15.0  # seconds after the drain, sent as Retry-After (measured 13.7)
 
 
 @dataclasses.dataclass
@@ -79,6 +88,8 @@ class RollbackResult:
     report_path: Path | None
     seconds: float
     warnings: list[str] = dataclasses.field(default_factory=list)
+    took_over: str = ""  # the void freeze (owner gone) this run cleared or replaced
+    leftovers_removed: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def rows_carried(self) -> int:
@@ -162,15 +173,46 @@ def copy_alias(path: Path) -> Iterator[str]:
         del connections[COPY_ALIAS]
 
 
+def temp_copy_path(sqlite_path: Path, kind: str) -> Path:
+    """Where a run keeps its working copy: beside the file, named by run kind, time and pid."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    return sqlite_path.with_name(f"{sqlite_path.name}.{kind}-{stamp}-pid{os.getpid()}")
+
+
+def remove_leftover_copies(sqlite_path: Path) -> list[str]:
+    """Delete the working copies (and their -wal/-journal) of killed switches and rollbacks.
+
+    A copy whose process still runs on this host is left alone; one without a pid in its
+    name predates the pid naming and can only be a leftover.
+    """
+    removed = []
+    for kind in ("cutover", "rollback"):
+        for path in sorted(sqlite_path.parent.glob(f"{sqlite_path.name}.{kind}-*")):
+            owner = re.search(r"-pid(\d+)", path.name)
+            if owner and fz.process_start(int(owner.group(1))) is not None:
+                continue
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
 def fresh_copy(sqlite_path: Path, dest: Path) -> None:
     """Copy the SQLite file with the online backup API (consistent, WAL included)."""
     src = sqlite3.connect(f"{Path(sqlite_path).resolve().as_uri()}?mode=ro", uri=True)
     dst = sqlite3.connect(dest)
     try:
         src.backup(dst)
+        # a self-contained file: read-only connections to a WAL copy would leave -wal/-shm
+        dst.execute("PRAGMA journal_mode=DELETE").fetchone()
     finally:
         dst.close()
         src.close()
+
+
+def remove_copy(path: Path) -> None:
+    """Delete a working copy and whatever SQLite kept beside it."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 def check_copy(path: Path) -> dict:
@@ -338,6 +380,24 @@ def _differing(model, pks: list, *, source: str, target: str) -> list:
     return differ
 
 
+def nothing_to_roll_back(state: MigrationState, *, drop_postgres: bool = False) -> str | None:
+    """Why a rollback would do nothing now (with the command to run instead), or None."""
+    if state.active_backend == "postgresql":
+        return None
+    if state.phase == "nothing":
+        return (
+            "Nothing to roll back: the migration has not started (phase 'nothing') and the "
+            "application runs on SQLite. Run migration_prepare to start it."
+        )
+    if state.phase == "rolled_back" and not drop_postgres:
+        return (
+            "Nothing to roll back: already rolled back, the application runs on SQLite. Run "
+            "migration_prepare when ready to try again (rollback_to_sqlite --drop-postgres "
+            "drops the PostgreSQL copy)."
+        )
+    return None
+
+
 def rollback_to_sqlite(
     *,
     state_file: Path | None = None,
@@ -359,7 +419,21 @@ def rollback_to_sqlite(
     sqlite_path = Path(sqlite_path or connections.settings["sqlite"]["NAME"])
     backup_dir = Path(backup_dir or conf.backup_dir())
     note = progress or (lambda message: None)
+    flag = fz.freeze_path_for(state_file)
+    # a killed switch or rollback leaves its freeze (void once its owner is gone) and copies
+    cleared = fz.clear_void(flag)
+    took_over = cleared.describe() if cleared is not None else ""
+    leftovers = remove_leftover_copies(sqlite_path)
     state = read_state(state_file)
+    refusal = nothing_to_roll_back(state, drop_postgres=drop_postgres)
+    if refusal:
+        raise PhaseError(refusal + (f" (Cleared a leftover {took_over}.)" if took_over else ""))
+    held = fz.read_freeze(flag)
+    if held is not None:
+        raise fz.FreezeError(
+            f"Cannot roll back now: {held.describe()}. Wait for it to finish; if that process "
+            f"is stopped or killed, its freeze lifts within {held.lease_seconds:g} s."
+        )
     if discard_postgres_writes and not discard_confirmed:
         raise DiscardNotConfirmed(
             "--discard-postgres-writes throws away every write made on PostgreSQL since the "
@@ -373,7 +447,6 @@ def rollback_to_sqlite(
     )
     start = time.perf_counter()
     was_switched = state.active_backend == "postgresql"
-    flag = fz.freeze_path_for(state_file)
     carried: list[TableCarry] = []
     discarded: list[TableCarry] = []
     backup_path: Path | None = None
@@ -381,10 +454,9 @@ def rollback_to_sqlite(
     pg_fenced = False
     frozen_for = 0.0
     run.facts.update(phase_before=state.phase, active_before=state.active_backend)
+    run.facts.update(took_over_freeze=took_over, leftovers_removed=leftovers)
     try:
         if not was_switched:
-            if flag.exists() and fz.read_freeze(flag) is None:
-                fz.freeze_off(flag)  # an expired leftover of an interrupted switch
             if fence.lift_sqlite_fence(sqlite_path):  # a killed switch fenced it, then died
                 run.facts["lifted_sqlite_fence"] = True
             new_state = transition(
@@ -403,16 +475,22 @@ def rollback_to_sqlite(
                     backup_path = info.path
                     step.details = {"backup": str(info.path), "rows": sum(info.row_counts.values())}
                     note(f"pre-rollback backup: {info.path}")
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-            copy = sqlite_path.with_name(f"{sqlite_path.name}.rollback-{stamp}")
+            copy = temp_copy_path(sqlite_path, "rollback")
 
             def hold_freeze(*, best_effort: bool = False) -> fz.Freeze:
                 """Freeze, drain and fence PostgreSQL (best_effort: PostgreSQL may be gone)."""
                 nonlocal freeze, pg_fenced
-                with run.step("write_freeze_on"):
+                with run.step("write_freeze_on") as step:
                     freeze = fz.freeze_on(
-                        flag, reason="rollback_to_sqlite", max_seconds=freeze_max_seconds
+                        flag,
+                        reason="rollback_to_sqlite",
+                        max_seconds=freeze_max_seconds,
+                        # the catch-up, a full verification and the swap: seconds, not minutes
+                        expected_seconds=drain_seconds + ROLLBACK_FREEZE_ESTIMATE,
                     )
+                    step.details = {"flag": str(flag), "owner": freeze.owner}
+                    if freeze.replaced:
+                        step.details["took_over"] = freeze.replaced
                     note("write freeze on")
                 with run.step("drain_and_fence_postgresql") as step:
                     try:
@@ -439,7 +517,7 @@ def rollback_to_sqlite(
                     discard_postgres_writes, hold_freeze, note,
                 )  # fmt: skip
             finally:
-                copy.unlink(missing_ok=True)
+                remove_copy(copy)
             if pg_fenced:  # SQLite is live: the fence on PostgreSQL outlives this command
                 with run.step("keep_postgresql_fence") as step:
                     try:
@@ -452,12 +530,23 @@ def rollback_to_sqlite(
                 step.details = {"unapplied": drop_postgres_copy("postgresql")}
                 note("PostgreSQL copy dropped")
     except BaseException as exc:
+        lost = postgres_lost(exc)
+        if lost is not None:
+            step = run.steps[-1].name if run.steps else "the start"
+            exc = target_lost(
+                lost,
+                during=f"the rollback's {step} step",
+                then="Nothing was replaced. Check the server (db_test_postgresql), then run "
+                "rollback_to_sqlite again.",
+            )
         run.facts["error"] = error_text(exc)
         if pg_fenced and read_state(state_file).active_backend == "postgresql":
             try:  # PostgreSQL stays the active store: it must take writes again
                 fence.lift_postgres_fence(PG_ALIAS)
             except Exception as lift_error:
                 run.facts["postgres_fence_left"] = str(lift_error)
+        if lost is not None:
+            raise exc from lost
         raise
     finally:
         if freeze is not None:
@@ -481,6 +570,8 @@ def rollback_to_sqlite(
         report_path=report_path,
         seconds=run.facts["seconds"],
         warnings=[w for step in run.steps for w in step.warnings],
+        took_over=took_over or (freeze.replaced if freeze is not None else ""),
+        leftovers_removed=leftovers,
     )
 
 
@@ -530,6 +621,7 @@ def _carry_back(run, state_file, sqlite_path, copy, plan, discard, hold_freeze, 
     # stage 2, frozen: only what PostgreSQL wrote since the horizon (xmin) or deleted (pk)
     freeze = hold_freeze()
     with run.step("catch_up") as step, copy_alias(copy) as target:
+        fz.pause_point("rollback_catch_up")
         then = changed_on_pg_since(horizon, tables, target=target)
         with transaction.atomic(using=target):
             _apply_all(tables, then, target=target)

@@ -20,6 +20,22 @@ def file_sha256(path: Path, *, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def content_sha256(path: Path) -> str:
+    """What the rows are, as a hash: the file's SHA-256, combined with its -wal's when
+    commits are still there (in WAL mode the main file may not change when rows do)."""
+    path = Path(path)
+    wal = path.with_name(path.name + "-wal")
+    wal_sha = file_sha256(wal) if wal.exists() and wal.stat().st_size else None
+    return combined_sha256(file_sha256(path), wal_sha)
+
+
+def combined_sha256(main_sha256: str, wal_sha256: str | None) -> str:
+    """content_sha256 from the two hashes a source fingerprint holds."""
+    if not wal_sha256:
+        return main_sha256  # no -wal: the file's own hash, as before WAL mode
+    return hashlib.sha256(f"{main_sha256}+{wal_sha256}".encode()).hexdigest()
+
+
 def open_readonly(
     path: Path, *, timeout: float = 5.0, raw_text: bool = False
 ) -> sqlite3.Connection:

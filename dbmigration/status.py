@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from dbmigration import freeze as fz
 from dbmigration import state as state_mod
 from dbmigration.backup import BackupInfo, last_verified_backup
 from dbmigration.errors import MigrationError, PhaseError
@@ -29,6 +30,7 @@ class StatusResult:
     last_backup: BackupInfo | None
     stale: list[str]  # why the prepare no longer holds (empty: fresh or not applicable)
     history: list[dict]
+    write_freeze: dict | None = None  # Freeze.summary() of the flag on disk, live or void
 
 
 def migration_status(
@@ -64,13 +66,15 @@ def migration_status(
     last_backup = last_verified_backup(backup_dir, kind=current.active_backend)
     next_step = NEXT_STEP[current.phase]
     if stale:
-        next_step = "migration_prepare (the source changed since it ran)"
+        next_step = "migration_prepare (the SQLite schema or migrations changed since it ran)"
     elif current.phase == "switched" and last_backup is None:
         next_step = (
             "db_backup: nothing protects the live PostgreSQL yet (the SQLite backups hold none "
             "of its writes)"
         )
+    freeze = fz.inspect_freeze(fz.freeze_path_for(state_file))
     return StatusResult(
+        write_freeze=freeze.summary() if freeze is not None else None,
         phase=current.phase,
         active_backend=current.active_backend,
         next_step=next_step,

@@ -105,7 +105,15 @@ DATABASES = {
     "sqlite": {
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": SQLITE_PATH,
-        "OPTIONS": {"timeout": 20},
+        # concurrent writers queue instead of failing with "database is locked": WAL lets
+        # readers go on beside a writer; IMMEDIATE takes the write lock at BEGIN, so a
+        # read-then-write transaction never has to upgrade its lock (that fails at once);
+        # the busy timeout is how long a writer waits for its turn
+        "OPTIONS": {
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 20,
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL",
+        },
         # a real file, so that tests can open it with sqlite3 as the engine does
         "TEST": {
             "NAME": str(DATABASE_DIR / f"test_propcore{TEST_SUFFIX}.sqlite3"),

@@ -13,7 +13,7 @@ from accounts.models import LoginEvent, User
 from dbmigration import state as state_mod
 from dbmigration.copy import copy_data, done_tables
 from dbmigration.plan import build_plan
-from dbmigration.sqlite_source import file_sha256, source_fingerprint
+from dbmigration.sqlite_source import content_sha256, file_sha256, source_fingerprint
 from dbmigration.verify import Side, verify
 from tests.test_copy import bad_copy, make_people, source_path
 
@@ -144,7 +144,7 @@ def test_resume_after_interruption(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         copy_data(sqlite_path=source_path(), state_file=state, progress=interrupt)
-    sha = file_sha256(source_path())
+    sha = content_sha256(source_path())
     done = done_tables(state, source_sha256=sha)
     assert "accounts_user" in done and "accounts_loginevent" not in done
     assert not LoginEvent.objects.using("postgresql").exists()  # the half table rolled back
@@ -196,7 +196,7 @@ def test_killed_connection_mid_table_then_resume(tmp_path):
     with pytest.raises(TargetError, match="Nothing of this table was kept"):
         copy_data(sqlite_path=source_path(), state_file=state, progress=kill)
     connections["postgresql"].close()
-    done = done_tables(state, source_sha256=file_sha256(source_path()))
+    done = done_tables(state, source_sha256=content_sha256(source_path()))
     assert "accounts_user" in done and "accounts_loginevent" not in done
     result = copy_data(sqlite_path=source_path(), state_file=state)
     assert {t.table for t in result.tables if t.status == "copied"} >= {"accounts_loginevent"}
@@ -267,7 +267,7 @@ def test_sigterm_mid_copy_stops_both_lanes_and_the_next_run_resumes(tmp_path):
     assert "Interrupted by SIGTERM" in err and "Run migrate_data again" in err
     state = state_mod.read_state(db_dir / "state.json")
     assert state.phase == "prepared"
-    done = done_tables(db_dir / "state.json", source_sha256=file_sha256(source))
+    done = done_tables(db_dir / "state.json", source_sha256=content_sha256(source))
     assert "accounts_loginevent" not in done  # the biggest table was still loading
     again = subprocess.run(
         manage + ["migrate_data"], env=env, capture_output=True, text=True, timeout=300

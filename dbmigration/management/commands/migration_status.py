@@ -27,6 +27,21 @@ class Command(BaseCommand):
             if b
             else f"Last backup:    none of {s.active_backend} verified yet (run db_backup)"
         )
+        freeze = s.write_freeze
+        if freeze is None:
+            self.stdout.write("Write freeze:   none")
+        else:
+            facts = (
+                f"by {freeze['owner']} ({freeze['reason']}), {freeze['age_seconds']:g} s old, "
+                f"renewed {freeze['renewed_seconds_ago']:g} s ago"
+            )
+            if freeze["void"]:
+                self.stdout.write(
+                    f"Write freeze:   left over {facts}; void ({freeze['void']}): writes go "
+                    "on, the next switch or rollback clears it"
+                )
+            else:
+                self.stdout.write(self.style.WARNING(f"Write freeze:   ON {facts}"))
         for reason in s.stale:
             self.stdout.write(self.style.WARNING(f"Stale prepare:  {reason}"))
         self.stdout.write(self.style.SUCCESS(f"Next:           {s.next_step}"))

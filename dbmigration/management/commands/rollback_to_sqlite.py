@@ -1,6 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration import conf, rollback
+from dbmigration import freeze as fz
 from dbmigration.errors import MigrationError, NotConfirmed
 from dbmigration.state import StateError, read_state
 
@@ -46,6 +47,13 @@ class Command(BaseCommand):
             help="Longest wait for transactions begun before the freeze to end; those left "
             "are ended (10).",
         )
+        parser.add_argument(
+            "--freeze-timeout",
+            type=float,
+            default=fz.DEFAULT_MAX_SECONDS,
+            help="The longest the write freeze may last, even if this command hangs; if the "
+            f"command dies it lifts within {fz.LEASE_SECONDS:g} s (default: %(default)g).",
+        )
 
     def handle(self, *args, **options):
         try:
@@ -56,6 +64,9 @@ class Command(BaseCommand):
         confirmed = options["confirm_discard"]
         where = "PostgreSQL (switched)" if state.active_backend == "postgresql" else "SQLite"
         self.stdout.write(f"Phase {state.phase}; the application runs on {where}.")
+        refusal = rollback.nothing_to_roll_back(state, drop_postgres=options["drop_postgres"])
+        if refusal:  # before asking: there is nothing to confirm
+            raise CommandError(refusal, returncode=7)
         if options["interactive"]:
             if discard:
                 prompt = (
@@ -74,12 +85,18 @@ class Command(BaseCommand):
                 discard_postgres_writes=discard,
                 discard_confirmed=confirmed,
                 drain_seconds=options["drain_seconds"],
+                freeze_max_seconds=options["freeze_timeout"],
                 progress=progress,
             )
         except (MigrationError, StateError) as exc:
             raise CommandError(
-                f"{exc}\nThe state file was not changed.", returncode=getattr(exc, "returncode", 7)
+                f"{exc} The state file was not changed.", returncode=getattr(exc, "returncode", 7)
             ) from exc
+        if result.took_over:
+            self.stdout.write(self.style.WARNING(f"Took over a leftover {result.took_over}."))
+        if result.leftovers_removed:
+            removed = ", ".join(result.leftovers_removed)
+            self.stdout.write(f"Removed the working copies of killed runs: {removed}")
         for kind, tables in (("carried back", result.carried), ("DISCARDED", result.discarded)):
             for t in tables:
                 self.stdout.write(

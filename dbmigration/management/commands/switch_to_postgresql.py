@@ -1,6 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration import conf, cutover
+from dbmigration import freeze as fz
 from dbmigration.errors import MigrationError, NotConfirmed, PhaseError
 from dbmigration.state import StateError
 
@@ -34,8 +35,9 @@ class Command(BaseCommand):
         parser.add_argument(
             "--freeze-timeout",
             type=float,
-            default=600.0,
-            help="The freeze lifts itself after this many seconds if this command dies (600).",
+            default=fz.DEFAULT_MAX_SECONDS,
+            help="The longest the write freeze may last, even if this command hangs; if the "
+            f"command dies it lifts within {fz.LEASE_SECONDS:g} s (default: %(default)g).",
         )
 
     def handle(self, *args, **options):
@@ -74,6 +76,8 @@ class Command(BaseCommand):
                 f"{exc}\nThe application stays on SQLite; the write freeze was lifted.",
                 returncode=getattr(exc, "returncode", PhaseError.returncode),
             ) from exc
+        if result.took_over:
+            self.stdout.write(self.style.WARNING(f"Took over a leftover {result.took_over}."))
         self.stdout.write(
             self.style.SUCCESS(
                 f"Switched to PostgreSQL in {result.seconds:.2f} s; writes were frozen for "
