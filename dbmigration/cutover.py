@@ -124,7 +124,7 @@ def plan_switch(*, state_file: Path) -> SwitchPlan:
 
 def presync(*, sqlite_path: Path, snapshot: Path, state_file: Path, progress: Progress) -> Any:
     """Snapshot SQLite, ``migrate_data --sync`` PostgreSQL to it, verify every table."""
-    from dbmigration.rollback import fresh_copy
+    from dbmigration.sqlite_source import snapshot_to
     from dbmigration.sync import sync_to_postgresql
     from dbmigration.verify import Side, verify
 
@@ -132,7 +132,7 @@ def presync(*, sqlite_path: Path, snapshot: Path, state_file: Path, progress: Pr
         if progress:
             progress(f"pre-sync: {table} ({number}/{total})")
 
-    fresh_copy(sqlite_path, snapshot)
+    snapshot_to(sqlite_path, snapshot)
     synced = sync_to_postgresql(
         sqlite_path=snapshot, alias="postgresql", state_file=state_file, progress=per_table
     )
@@ -408,7 +408,7 @@ def switch_to_postgresql(
         read_state(state_file).extra.get("target"),
         conninfo_from_settings(connections.settings["postgresql"]),
     )
-    from dbmigration.rollback import remove_copy, remove_leftover_copies, temp_copy_path
+    from dbmigration.sqlite_source import remove_copy, remove_leftover_copies, temp_copy_path
 
     tables = build_plan()
     note = progress or (lambda message: None)

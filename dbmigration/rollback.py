@@ -17,11 +17,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +38,12 @@ from dbmigration.errors import (
     target_lost,
 )
 from dbmigration.reports import RunReport, error_text
+from dbmigration.sqlite_source import (
+    remove_copy,
+    remove_leftover_copies,
+    snapshot_to,
+    temp_copy_path,
+)
 from dbmigration.state import MigrationState, read_state, transition
 from dbmigration.sync import diff_table
 from dbmigration.verify import Side, verify
@@ -171,48 +175,6 @@ def copy_alias(path: Path) -> Iterator[str]:
     finally:
         connections[COPY_ALIAS].close()
         del connections[COPY_ALIAS]
-
-
-def temp_copy_path(sqlite_path: Path, kind: str) -> Path:
-    """Where a run keeps its working copy: beside the file, named by run kind, time and pid."""
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    return sqlite_path.with_name(f"{sqlite_path.name}.{kind}-{stamp}-pid{os.getpid()}")
-
-
-def remove_leftover_copies(sqlite_path: Path) -> list[str]:
-    """Delete the working copies (and their -wal/-journal) of killed switches and rollbacks.
-
-    A copy whose process still runs on this host is left alone; one without a pid in its
-    name predates the pid naming and can only be a leftover.
-    """
-    removed = []
-    for kind in ("cutover", "rollback"):
-        for path in sorted(sqlite_path.parent.glob(f"{sqlite_path.name}.{kind}-*")):
-            owner = re.search(r"-pid(\d+)", path.name)
-            if owner and fz.process_start(int(owner.group(1))) is not None:
-                continue
-            path.unlink(missing_ok=True)
-            removed.append(path.name)
-    return removed
-
-
-def fresh_copy(sqlite_path: Path, dest: Path) -> None:
-    """Copy the SQLite file with the online backup API (consistent, WAL included)."""
-    src = sqlite3.connect(f"{Path(sqlite_path).resolve().as_uri()}?mode=ro", uri=True)
-    dst = sqlite3.connect(dest)
-    try:
-        src.backup(dst)
-        # a self-contained file: read-only connections to a WAL copy would leave -wal/-shm
-        dst.execute("PRAGMA journal_mode=DELETE").fetchone()
-    finally:
-        dst.close()
-        src.close()
-
-
-def remove_copy(path: Path) -> None:
-    """Delete a working copy and whatever SQLite kept beside it."""
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 def check_copy(path: Path) -> dict:
@@ -605,7 +567,7 @@ def _carry_back(run, state_file, sqlite_path, copy, plan, discard, hold_freeze, 
     # stage 1, PostgreSQL still taking writes: the bulk of the carry, by range checksums
     with run.step("fresh_copy") as step:
         horizon = pg_horizon()
-        fresh_copy(sqlite_path, copy)
+        snapshot_to(sqlite_path, copy)
         fence.lift_sqlite_fence(copy)  # the switch fenced the file; the copy becomes live
         step.details = {"copy": str(copy), "pg_xmin_horizon": horizon}
     with run.step("find_changes") as step:

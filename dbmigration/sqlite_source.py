@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 
+from dbmigration import freeze as fz
 from dbmigration.errors import SourceError
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -74,12 +78,43 @@ def snapshot_to(path: Path, dest: Path) -> Path:
     dst = sqlite3.connect(dest)
     try:
         src.backup(dst)
+        # a self-contained file: read-only connections to a WAL copy would leave -wal/-shm
+        dst.execute("PRAGMA journal_mode=DELETE").fetchone()
     except sqlite3.Error as exc:
         raise translate_sqlite_error(Path(path), exc) from exc
     finally:
         dst.close()
         src.close()
     return Path(dest)
+
+
+def temp_copy_path(sqlite_path: Path, kind: str) -> Path:
+    """Where a run keeps its working copy: beside the file, named by run kind, time and pid."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    return sqlite_path.with_name(f"{sqlite_path.name}.{kind}-{stamp}-pid{os.getpid()}")
+
+
+def remove_leftover_copies(sqlite_path: Path) -> list[str]:
+    """Delete the working copies (and their -wal/-journal) of killed switches and rollbacks.
+
+    A copy whose process still runs on this host is left alone; one without a pid in its
+    name predates the pid naming and can only be a leftover.
+    """
+    removed = []
+    for kind in ("cutover", "rollback"):
+        for path in sorted(sqlite_path.parent.glob(f"{sqlite_path.name}.{kind}-*")):
+            owner = re.search(r"-pid(\d+)", path.name)
+            if owner and fz.process_start(int(owner.group(1))) is not None:
+                continue
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def remove_copy(path: Path) -> None:
+    """Delete a working copy and whatever SQLite kept beside it."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 def data_version_and_schema(conn: sqlite3.Connection) -> dict:
