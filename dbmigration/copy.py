@@ -1711,10 +1711,14 @@ def migrate_data(
         lost = postgres_lost(exc)
         if lost is None:
             raise
-        step = run.steps[-1].name if run.steps else "the start"
+        during = (
+            f"migrate_data's {run.steps[-1].name} step"
+            if run.steps
+            else "the start of migrate_data"
+        )
         raise target_lost(
             lost,
-            during=f"migrate_data's {step} step",
+            during=during,
             then="Finished tables stay done and the phase did not move. Check the server "
             "(db_test_postgresql), then run migrate_data again.",
         ) from lost

@@ -497,10 +497,14 @@ def switch_to_postgresql(
     except BaseException as exc:
         lost = postgres_lost(exc)
         if lost is not None:
-            step = run.steps[-1].name if run.steps else "the start"
+            during = (
+                f"the switch's {run.steps[-1].name} step"
+                if run.steps
+                else "the start of the switch"
+            )
             exc = target_lost(
                 lost,
-                during=f"the switch's {step} step",
+                during=during,
                 then="Nothing was switched. Check the server (db_test_postgresql), then run "
                 "switch_to_postgresql again.",
             )

@@ -95,6 +95,8 @@ def postgres_lost(exc: BaseException | None) -> BaseException | None:
     """The lost or refused PostgreSQL connection behind exc (or what caused it), if any."""
     import psycopg
 
+    if isinstance(exc, MigrationError):
+        return None  # the engine already said what happened and what to do next
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))

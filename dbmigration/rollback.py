@@ -494,10 +494,14 @@ def rollback_to_sqlite(
     except BaseException as exc:
         lost = postgres_lost(exc)
         if lost is not None:
-            step = run.steps[-1].name if run.steps else "the start"
+            during = (
+                f"the rollback's {run.steps[-1].name} step"
+                if run.steps
+                else "the start of the rollback"
+            )
             exc = target_lost(
                 lost,
-                during=f"the rollback's {step} step",
+                during=during,
                 then="Nothing was replaced. Check the server (db_test_postgresql), then run "
                 "rollback_to_sqlite again.",
             )

@@ -73,7 +73,7 @@ class Command(BaseCommand):
             )
         except (MigrationError, StateError) as exc:
             raise CommandError(
-                f"{exc}\nThe application stays on SQLite; the write freeze was lifted.",
+                f"{exc} The application stays on SQLite; the write freeze was lifted.",
                 returncode=getattr(exc, "returncode", PhaseError.returncode),
             ) from exc
         if result.took_over:
