@@ -29,6 +29,31 @@ class StatusResult:
     last_backup: BackupInfo | None
     stale: list[str]  # why the prepare no longer holds (empty: fresh or not applicable)
     history: list[dict]
+    # the last runbook step that moved the state (a refusal or failure moves none)
+    last_completed_step: str | None = None
+
+    def to_json(self) -> dict:
+        """The status with stable keys and plain values, for --json and monitors."""
+        backup = self.last_backup
+        return {
+            "phase": self.phase,
+            "active_backend": self.active_backend,
+            "next_step": self.next_step,
+            "last_completed_step": self.last_completed_step,
+            "last_report": {"path": self.last_report, "status": self.last_report_status}
+            if self.last_report
+            else None,
+            "last_backup": {
+                "path": str(backup.path),
+                "kind": backup.kind,
+                "created_at": backup.created_at,
+                "verified": backup.verified,
+            }
+            if backup
+            else None,
+            "stale": self.stale,
+            "history": self.history,
+        }
 
 
 def migration_status(
@@ -79,4 +104,14 @@ def migration_status(
         last_backup=last_backup,
         stale=stale,
         history=current.history[-5:],
+        last_completed_step=_last_completed(current.history),
     )
+
+
+def _last_completed(history: list[dict]) -> str | None:
+    """Name the command of the newest transition and when it finished."""
+    if not history:
+        return None
+    last = history[-1]
+    command = state_mod.COMMAND_FOR_PHASE.get(last.get("to"), last.get("to"))
+    return f"{command} at {last.get('at')} (phase {last.get('to')})"

@@ -5,6 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration import backup, conf
 from dbmigration.errors import ConfigError, MigrationError
+from dbmigration.management.output import json_document
 from dbmigration.preflight import conninfo_from_settings
 
 
@@ -16,6 +17,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--list", action="store_true", help="List verified backups and exit.")
+        parser.add_argument(
+            "--json", action="store_true", help="With --list: print one JSON document."
+        )
         parser.add_argument(
             "--backend",
             choices=["active", "sqlite", "postgresql"],
@@ -46,7 +50,7 @@ class Command(BaseCommand):
     def handle(self, *args, **opts):
         backup_dir = opts["backup_dir"] or conf.backup_dir()
         if opts["list"]:
-            return self._list(backup_dir)
+            return self._list(backup_dir, as_json=opts["json"])
         key = os.environ.get(backup.KEY_ENV) if opts["encrypt"] else None
         if opts["encrypt"] and not key:
             raise CommandError(
@@ -85,8 +89,26 @@ class Command(BaseCommand):
             )
         )
 
-    def _list(self, backup_dir):
+    def _list(self, backup_dir, *, as_json: bool):
         backups = backup.list_backups(backup_dir)
+        if as_json:
+            rows = [
+                {
+                    "name": info.name,
+                    "path": str(info.path),
+                    "kind": info.kind,
+                    "created_at": info.created_at,
+                    "verified": info.verified,
+                    "encrypted": info.encrypted,
+                    "size_bytes": info.size,
+                    "rows": sum(info.row_counts.values()),
+                    "tables": len(info.row_counts),
+                    "migrations": len(info.migrations),
+                }
+                for info in backups
+            ]
+            self.stdout.write(json_document(status="ok", backup_dir=str(backup_dir), backups=rows))
+            return
         if not backups:
             self.stdout.write(f"No verified backups in {backup_dir}.")
         for info in backups:

@@ -2,11 +2,17 @@ from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration import conf
 from dbmigration.errors import MigrationError
+from dbmigration.management.output import json_document
 from dbmigration.status import migration_status
 
 
 class Command(BaseCommand):
     help = "Show the migration phase, the last report, the last verified backup and what next."
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--json", action="store_true", help="Print the status as one JSON document."
+        )
 
     def handle(self, *args, **opts):
         try:
@@ -18,9 +24,14 @@ class Command(BaseCommand):
             )
         except MigrationError as exc:
             raise CommandError(str(exc), returncode=exc.returncode) from exc
+        if opts["json"]:
+            self.stdout.write(json_document(status="stale" if s.stale else "ok", **s.to_json()))
+            return
         self.stdout.write(f"Phase:          {s.phase} (active backend: {s.active_backend})")
         report = f"{s.last_report} ({s.last_report_status})" if s.last_report else "none"
         self.stdout.write(f"Last report:    {report}")
+        if s.last_completed_step:
+            self.stdout.write(f"Last completed: {s.last_completed_step}")
         b = s.last_backup
         self.stdout.write(
             f"Last backup:    {b.path} ({b.kind}, {b.created_at}, verified)"
