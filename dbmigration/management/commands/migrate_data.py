@@ -48,7 +48,15 @@ class Command(BaseCommand):
             help="Copy only these tables (db_table or app_label.Model); the phase stays.",
         )
 
+        parser.add_argument(
+            "--plan",
+            action="store_true",
+            help="Show what would be copied (tables in order, rows, skipped models); copy nothing.",
+        )
+
     def handle(self, *args, **opts):
+        if opts["plan"]:
+            return self._plan(opts["tables"])
         # SIGTERM unwinds like Ctrl-C: the open table rolls back, its marker is never written
         previous = signal.signal(signal.SIGTERM, _interrupt)
         bars = _Bars(self.stderr, enabled=opts["verbosity"] > 0)
@@ -108,6 +116,27 @@ class Command(BaseCommand):
                 self.stdout.write(self.style.WARNING(f"  warning: {warning}"))
         self.stdout.write(f"Report: {r.report_path}\nLog:    {r.log_path}")
         self.stdout.write(self.style.SUCCESS(f"migrate_data ({r.mode}) done."))
+
+    def _plan(self, tables) -> None:
+        from dbmigration.plan import preview_copy
+
+        try:
+            p = preview_copy(sqlite_path=conf.sqlite_path(), only=tables)
+        except MigrationError as exc:
+            raise CommandError(str(exc), returncode=exc.returncode) from exc
+        self.stdout.write("Would copy, in this order:")
+        for n, t in enumerate(p.tables, 1):
+            rows = f"{t.source_rows:>12,} rows" if t.source_rows is not None else "  not in SQLite"
+            self.stdout.write(f"  {n:>3}. {t.db_table:<40} {rows}")
+        for label, why in p.skipped:
+            self.stdout.write(f"  skipped {label}: {why}")
+        if p.deferred_fks:
+            self.stdout.write(f"  {p.deferred_fks} foreign key(s) added after the load")
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"Plan: {p.rows:,} rows in {len(p.tables)} tables; nothing was copied."
+            )
+        )
 
 
 def _what_was_interrupted(opts) -> str:

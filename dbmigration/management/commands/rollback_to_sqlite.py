@@ -40,6 +40,11 @@ class Command(BaseCommand):
             help="With --noinput: confirm --discard-postgres-writes.",
         )
         parser.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="Show what would be carried back (or discarded) and change nothing.",
+        )
+        parser.add_argument(
             "--drain-seconds",
             type=float,
             default=10.0,
@@ -56,6 +61,8 @@ class Command(BaseCommand):
         confirmed = options["confirm_discard"]
         where = "PostgreSQL (switched)" if state.active_backend == "postgresql" else "SQLite"
         self.stdout.write(f"Phase {state.phase}; the application runs on {where}.")
+        if options["dry_run"]:
+            return self._dry_run(discard=discard, drop=options["drop_postgres"])
         if options["interactive"]:
             if discard:
                 prompt = (
@@ -101,3 +108,31 @@ class Command(BaseCommand):
             )
         )
         self.stdout.write(f"Report: {result.report_path}")
+
+    def _dry_run(self, *, discard: bool, drop: bool) -> None:
+        try:
+            p = rollback.preview_rollback(discard_postgres_writes=discard, drop_postgres=drop)
+        except (MigrationError, StateError) as exc:
+            raise CommandError(str(exc), returncode=getattr(exc, "returncode", 7)) from exc
+        if not p.was_switched:
+            self.stdout.write(
+                "Would move the state to rolled_back; SQLite holds every row already."
+            )
+        for kind, tables in (("carry back", p.carried), ("DISCARD", p.discarded)):
+            for t in tables:
+                self.stdout.write(
+                    f"  would {kind} {t.label}: {t.inserted:,} inserted, {t.updated:,} updated, "
+                    f"{t.deleted:,} deleted"
+                )
+        if p.was_switched and not (p.carried or p.discarded):
+            self.stdout.write("  no writes were made on PostgreSQL since the switch")
+        if p.was_switched and not discard:
+            freeze = (
+                f"; writes were frozen {p.last_freeze_seconds:.2f} s in the last measurement"
+                if p.last_freeze_seconds
+                else ""
+            )
+            self.stdout.write(f"Writes would freeze while the last rows move{freeze}.")
+        if drop:
+            self.stdout.write("Would drop the PostgreSQL copy (unapply every migration).")
+        self.stdout.write(self.style.SUCCESS("Dry run: nothing was changed."))
