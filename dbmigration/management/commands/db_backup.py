@@ -6,6 +6,7 @@ from django.core.management.base import BaseCommand, CommandError
 from dbmigration import backup, conf
 from dbmigration.errors import ConfigError, MigrationError
 from dbmigration.management.output import json_document
+from dbmigration.management.progress import ProgressRenderer
 from dbmigration.preflight import conninfo_from_settings
 
 
@@ -58,26 +59,27 @@ class Command(BaseCommand):
                 returncode=ConfigError.returncode,
             )
         kind = self._active() if opts["backend"] == "active" else opts["backend"]
-        progress = self.stdout.write if opts["verbosity"] > 1 else None
+        renderer = ProgressRenderer(self.stdout, verbosity=opts["verbosity"])
         try:
-            if kind == "postgresql":
-                info = backup.create_pg_backup(
-                    conninfo=conninfo_from_settings(settings.DATABASES["postgresql"]),
-                    backup_dir=backup_dir,
-                    verify_restore=opts["verify_restore"],
-                    encrypt_key=key,
-                    keep=opts["keep"],
-                    progress=progress,
-                )
-            else:
-                info = backup.create_sqlite_backup(
-                    sqlite_path=conf.sqlite_path(),
-                    backup_dir=backup_dir,
-                    encrypt_key=key,
-                    keep=opts["keep"],
-                    lock_timeout=opts["lock_timeout"],
-                    progress=progress,
-                )
+            with renderer:
+                if kind == "postgresql":
+                    info = backup.create_pg_backup(
+                        conninfo=conninfo_from_settings(settings.DATABASES["postgresql"]),
+                        backup_dir=backup_dir,
+                        verify_restore=opts["verify_restore"],
+                        encrypt_key=key,
+                        keep=opts["keep"],
+                        progress=renderer.note,
+                    )
+                else:
+                    info = backup.create_sqlite_backup(
+                        sqlite_path=conf.sqlite_path(),
+                        backup_dir=backup_dir,
+                        encrypt_key=key,
+                        keep=opts["keep"],
+                        lock_timeout=opts["lock_timeout"],
+                        progress=renderer.note,
+                    )
         except MigrationError as exc:
             raise CommandError(str(exc), returncode=exc.returncode) from exc
         rows = sum(info.row_counts.values())

@@ -6,6 +6,7 @@ from dbmigration import conf
 from dbmigration.casts import REPAIR_RULES
 from dbmigration.copy import migrate_data
 from dbmigration.errors import Interrupted, MigrationError
+from dbmigration.management.progress import ProgressRenderer
 
 
 class Command(BaseCommand):
@@ -59,9 +60,9 @@ class Command(BaseCommand):
             return self._plan(opts["tables"])
         # SIGTERM unwinds like Ctrl-C: the open table rolls back, its marker is never written
         previous = signal.signal(signal.SIGTERM, _interrupt)
-        bars = _Bars(self.stderr, enabled=opts["verbosity"] > 0)
+        progress = ProgressRenderer(self.stdout, verbosity=opts["verbosity"])
         try:
-            with bars:
+            with progress:
                 r = migrate_data(
                     sqlite_path=conf.sqlite_path(),
                     state_file=conf.state_file(),
@@ -73,7 +74,7 @@ class Command(BaseCommand):
                     sync=opts["sync"],
                     verify_only=opts["verify_only"],
                     verify=not opts["no_verify"],
-                    progress=bars.update if bars.enabled else None,
+                    progress=progress if progress.enabled else None,
                 )
         except MigrationError as exc:
             raise CommandError(str(exc), returncode=exc.returncode) from exc
@@ -159,56 +160,3 @@ def _what_was_interrupted(opts) -> str:
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-class _Bars:
-    """Rich progress bars: one per table and one overall, with rows/s, on stderr."""
-
-    def __init__(self, stream, *, enabled: bool):
-        self.enabled = enabled
-        self.stream = stream
-        self.tasks: dict[str, int] = {}
-        self.done: dict[str, int] = {}
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            self.progress = Progress(
-                TextColumn("{task.description:<32}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]:>10}"),
-                TimeRemainingColumn(),
-                console=Console(file=self.stream._out),
-                transient=False,
-            )
-            self.progress.__enter__()
-            self.overall = self.progress.add_task("overall", total=0, rate="")
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.progress.__exit__(*exc)
-
-    def update(self, table: str, done: int, total: int) -> None:
-        if table not in self.tasks:
-            self.tasks[table] = self.progress.add_task(table, total=total, rate="")
-            self.progress.update(
-                self.overall, total=(self.progress.tasks[self.overall].total or 0) + total
-            )
-        task = self.tasks[table]
-        self.progress.update(task, completed=done)
-        speed = self.progress.tasks[task].speed
-        self.progress.update(task, rate=f"{speed:,.0f} rows/s" if speed else "")
-        self.done[table] = done
-        self.progress.update(self.overall, completed=sum(self.done.values()))
-        speed = self.progress.tasks[self.overall].speed
-        self.progress.update(self.overall, rate=f"{speed:,.0f} rows/s" if speed else "")

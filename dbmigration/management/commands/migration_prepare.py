@@ -5,6 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 from dbmigration import conf
 from dbmigration.backup import KEY_ENV
 from dbmigration.errors import ConfigError, MigrationError
+from dbmigration.management.progress import ProgressRenderer
 from dbmigration.prepare import run_prepare
 
 
@@ -49,22 +50,23 @@ class Command(BaseCommand):
                 f"--encrypt needs the key in ${KEY_ENV}; set it and retry.",
                 returncode=ConfigError.returncode,
             )
-        progress = self.stdout.write if opts["verbosity"] > 1 else None
+        renderer = ProgressRenderer(self.stdout, verbosity=opts["verbosity"])
         try:
-            r = run_prepare(
-                sqlite_path=conf.sqlite_path(),
-                state_file=conf.state_file(),
-                backup_dir=conf.backup_dir(),
-                report_dir=conf.report_dir(),
-                log_dir=conf.log_dir(),
-                pg_alias=conf.TARGET_ALIAS,
-                pool_max=conf.pool_max(),
-                keep=opts["keep"],
-                encrypt_key=key,
-                lock_timeout=opts["lock_timeout"],
-                strict=opts["strict"],
-                progress=progress,
-            )
+            with renderer:
+                r = run_prepare(
+                    sqlite_path=conf.sqlite_path(),
+                    state_file=conf.state_file(),
+                    backup_dir=conf.backup_dir(),
+                    report_dir=conf.report_dir(),
+                    log_dir=conf.log_dir(),
+                    pg_alias=conf.TARGET_ALIAS,
+                    pool_max=conf.pool_max(),
+                    keep=opts["keep"],
+                    encrypt_key=key,
+                    lock_timeout=opts["lock_timeout"],
+                    strict=opts["strict"],
+                    progress=renderer.note,
+                )
         except MigrationError as exc:
             raise CommandError(str(exc), returncode=exc.returncode) from exc
         for phase in r.phases:

@@ -2,6 +2,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration import conf, rollback
 from dbmigration.errors import MigrationError, NotConfirmed
+from dbmigration.management.progress import ProgressRenderer
 from dbmigration.state import StateError, read_state
 
 
@@ -74,15 +75,16 @@ class Command(BaseCommand):
                     raise CommandError("Rollback cancelled.", returncode=NotConfirmed.returncode)
             elif input("Roll back to SQLite?\n    Type 'yes' to continue: ") != "yes":
                 raise CommandError("Rollback cancelled.", returncode=NotConfirmed.returncode)
-        progress = self.stdout.write if options["verbosity"] > 1 else None
+        renderer = ProgressRenderer(self.stdout, verbosity=options["verbosity"])
         try:
-            result = rollback.rollback_to_sqlite(
-                drop_postgres=options["drop_postgres"],
-                discard_postgres_writes=discard,
-                discard_confirmed=confirmed,
-                drain_seconds=options["drain_seconds"],
-                progress=progress,
-            )
+            with renderer:
+                result = rollback.rollback_to_sqlite(
+                    drop_postgres=options["drop_postgres"],
+                    discard_postgres_writes=discard,
+                    discard_confirmed=confirmed,
+                    drain_seconds=options["drain_seconds"],
+                    progress=renderer.note,
+                )
         except (MigrationError, StateError) as exc:
             raise CommandError(
                 f"{exc}\nThe state file was not changed.", returncode=getattr(exc, "returncode", 7)
