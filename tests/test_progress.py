@@ -85,3 +85,16 @@ def test_migrate_data_shows_copy_and_verification_progress_off_a_terminal(tmp_pa
         quiet = StringIO()
         call_command("migrate_data", "--verify-only", verbosity=0, stdout=quiet)
         assert quiet.getvalue() == ""
+
+
+def test_row_totals_say_what_they_count():
+    from dbmigration.management.output import describe_rows
+
+    counts = {
+        "accounts_user": 10_000,
+        "accounts_organisation": 66_384,
+        "django_migrations": 38,
+        "auth_permission": 55,
+    }
+    assert describe_rows(counts) == ("76,384 rows in 2 tables (+93 in 2 of Django's own tables)")
+    assert describe_rows({"accounts_user": 1}) == "1 rows in 1 table"

@@ -5,9 +5,10 @@ from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration import backup, conf
 from dbmigration.errors import ConfigError, MigrationError
-from dbmigration.management.output import json_document
+from dbmigration.management.output import describe_rows, json_document
 from dbmigration.management.progress import ProgressRenderer
 from dbmigration.preflight import conninfo_from_settings
+from dbmigration.reports import command_run
 
 
 class Command(BaseCommand):
@@ -61,7 +62,13 @@ class Command(BaseCommand):
         kind = self._active() if opts["backend"] == "active" else opts["backend"]
         renderer = ProgressRenderer(self.stdout, verbosity=opts["verbosity"])
         try:
-            with renderer:
+            with (
+                renderer,
+                command_run(
+                    "db_backup", report_dir=conf.report_dir(), log_dir=conf.log_dir()
+                ) as run,
+                run.step(f"backup_{kind}") as step,
+            ):
                 if kind == "postgresql":
                     info = backup.create_pg_backup(
                         conninfo=conninfo_from_settings(settings.DATABASES["postgresql"]),
@@ -80,13 +87,17 @@ class Command(BaseCommand):
                         lock_timeout=opts["lock_timeout"],
                         progress=renderer.note,
                     )
+                step.details = {
+                    "backup": str(info.path),
+                    "bytes": info.size,
+                    "tables": {t: {"rows": n} for t, n in info.row_counts.items()},
+                }
         except MigrationError as exc:
             raise CommandError(str(exc), returncode=exc.returncode) from exc
-        rows = sum(info.row_counts.values())
         self.stdout.write(
             self.style.SUCCESS(
                 f"Backup verified: {info.path} ({info.kind}, {len(info.files)} files, "
-                f"{info.size} bytes, {rows} rows in {len(info.row_counts)} tables, "
+                f"{info.size:,} bytes, {describe_rows(info.row_counts)}, "
                 f"{info.seconds:.2f}s{', encrypted' if info.encrypted else ''})"
             )
         )
@@ -115,8 +126,8 @@ class Command(BaseCommand):
             self.stdout.write(f"No verified backups in {backup_dir}.")
         for info in backups:
             self.stdout.write(
-                f"{info.name}  {info.kind:<10} {info.size:>12} bytes  "
-                f"{sum(info.row_counts.values()):>9} rows  {len(info.migrations)} migrations"
+                f"{info.name}  {info.kind:<10} {info.size:>14,} bytes  "
+                f"{describe_rows(info.row_counts)}  {len(info.migrations)} migrations"
                 f"{'  encrypted' if info.encrypted else ''}"
             )
 

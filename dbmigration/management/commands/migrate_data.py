@@ -6,7 +6,9 @@ from dbmigration import conf
 from dbmigration.casts import REPAIR_RULES
 from dbmigration.copy import migrate_data
 from dbmigration.errors import Interrupted, MigrationError
+from dbmigration.management.output import describe_rows
 from dbmigration.management.progress import ProgressRenderer
+from dbmigration.reports import refusals_recorded
 
 
 class Command(BaseCommand):
@@ -62,7 +64,12 @@ class Command(BaseCommand):
         previous = signal.signal(signal.SIGTERM, _interrupt)
         progress = ProgressRenderer(self.stdout, verbosity=opts["verbosity"])
         try:
-            with progress:
+            with (
+                progress,
+                refusals_recorded(
+                    "migrate_data", report_dir=conf.report_dir(), log_dir=conf.log_dir()
+                ),
+            ):
                 r = migrate_data(
                     sqlite_path=conf.sqlite_path(),
                     state_file=conf.state_file(),
@@ -91,26 +98,27 @@ class Command(BaseCommand):
         if r.copy:
             for t in r.copy.tables:
                 self.stdout.write(
-                    f"  {t.table:<32} {t.status:<12} {t.rows_written:>9} rows "
-                    f"{t.rows_rejected:>5} rejected {t.seconds:7.2f}s {t.rows_per_second:>10.0f}/s"
+                    f"  {t.table:<32} {t.status:<12} {t.rows_written:>11,} rows "
+                    f"{t.rows_rejected:>5,} rejected {t.seconds:7.2f}s "
+                    f"{t.rows_per_second:>10,.0f}/s"
                 )
             if r.copy.rejected_total:
                 self.stdout.write(
                     self.style.WARNING(
-                        f"{r.copy.rejected_total} row(s) quarantined: {r.copy.reject_file}"
+                        f"{r.copy.rejected_total:,} row(s) quarantined: {r.copy.reject_file}"
                     )
                 )
             for repair in r.copy.repairs[:20]:
                 self.stdout.write(f"  repaired {repair.table} pk={repair.pk!r} {repair.column}")
         if r.sync:
             self.stdout.write(
-                f"Synced {r.sync.changed} changed row(s): {r.sync.rows_written} written, "
-                f"{r.sync.rows_deleted} deleted, in {r.sync.seconds:.2f}s"
+                f"Synced {r.sync.changed:,} changed row(s): {r.sync.rows_written:,} written, "
+                f"{r.sync.rows_deleted:,} deleted, in {r.sync.seconds:.2f}s"
             )
         if r.verification:
-            rows = sum(c.target_rows for c in r.verification.tables)
+            rows = describe_rows({c.table: c.target_rows for c in r.verification.tables})
             self.stdout.write(
-                f"Verified {len(r.verification.tables)} tables, {rows} rows: counts, checksums, "
+                f"Verified {rows}: counts, checksums, "
                 f"foreign keys, sequences, migrations ({r.verification.seconds:.2f}s)"
             )
             for warning in r.verification.warnings:

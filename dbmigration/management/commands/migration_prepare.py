@@ -5,8 +5,10 @@ from django.core.management.base import BaseCommand, CommandError
 from dbmigration import conf
 from dbmigration.backup import KEY_ENV
 from dbmigration.errors import ConfigError, MigrationError
+from dbmigration.management.output import describe_rows
 from dbmigration.management.progress import ProgressRenderer
 from dbmigration.prepare import run_prepare
+from dbmigration.reports import refusals_recorded
 
 
 class Command(BaseCommand):
@@ -52,7 +54,12 @@ class Command(BaseCommand):
             )
         renderer = ProgressRenderer(self.stdout, verbosity=opts["verbosity"])
         try:
-            with renderer:
+            with (
+                renderer,
+                refusals_recorded(
+                    "migration_prepare", report_dir=conf.report_dir(), log_dir=conf.log_dir()
+                ),
+            ):
                 r = run_prepare(
                     sqlite_path=conf.sqlite_path(),
                     state_file=conf.state_file(),
@@ -76,8 +83,9 @@ class Command(BaseCommand):
         clean = r.rows_scanned - len(r.rejections)
         self.stdout.write(
             f"Source sha256 {r.fingerprint_before['sha256'][:16]}... unchanged; backup "
-            f"{r.backup.path.name}; {clean} of {r.rows_scanned} rows convert cleanly "
-            f"({r.conversion_rows_per_s:.0f} rows/s); copy estimate {r.estimated_copy_seconds:.0f}s"
+            f"{r.backup.path.name}; scanned {describe_rows(r.rows_by_table)}: {clean:,} "
+            f"convert cleanly ({r.conversion_rows_per_s:,.0f} rows/s); copy estimate "
+            f"{r.estimated_copy_seconds:.0f}s"
         )
         if r.rejections:
             self._list_rejections(r.rejections)

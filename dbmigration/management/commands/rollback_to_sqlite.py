@@ -3,6 +3,7 @@ from django.core.management.base import BaseCommand, CommandError
 from dbmigration import conf, rollback
 from dbmigration.errors import MigrationError, NotConfirmed
 from dbmigration.management.progress import ProgressRenderer
+from dbmigration.reports import refusals_recorded
 from dbmigration.state import StateError, read_state
 
 
@@ -77,7 +78,12 @@ class Command(BaseCommand):
                 raise CommandError("Rollback cancelled.", returncode=NotConfirmed.returncode)
         renderer = ProgressRenderer(self.stdout, verbosity=options["verbosity"])
         try:
-            with renderer:
+            with (
+                renderer,
+                refusals_recorded(
+                    "rollback_to_sqlite", report_dir=conf.report_dir(), log_dir=conf.log_dir()
+                ),
+            ):
                 result = rollback.rollback_to_sqlite(
                     drop_postgres=options["drop_postgres"],
                     discard_postgres_writes=discard,

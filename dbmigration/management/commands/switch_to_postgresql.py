@@ -3,6 +3,7 @@ from django.core.management.base import BaseCommand, CommandError
 from dbmigration import conf, cutover
 from dbmigration.errors import MigrationError, NotConfirmed, PhaseError
 from dbmigration.management.progress import ProgressRenderer
+from dbmigration.reports import refusals_recorded
 from dbmigration.state import StateError
 
 
@@ -65,7 +66,12 @@ class Command(BaseCommand):
                 )
         renderer = ProgressRenderer(self.stdout, verbosity=options["verbosity"])
         try:
-            with renderer:
+            with (
+                renderer,
+                refusals_recorded(
+                    "switch_to_postgresql", report_dir=conf.report_dir(), log_dir=conf.log_dir()
+                ),
+            ):
                 result = cutover.switch_to_postgresql(
                     drain_seconds=options["drain_seconds"],
                     freeze_max_seconds=options["freeze_timeout"],
