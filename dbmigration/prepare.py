@@ -458,8 +458,8 @@ def _dry_run(sqlite_path: Path, result: PrepareResult, step, note, *, pg_alias: 
         }
     )
     note(
-        f"phase 5: {result.rows_scanned} rows converted in {seconds:.2f}s, "
-        f"{len(result.rejections)} would be rejected"
+        f"phase 5: {result.rows_scanned:,} rows converted in {seconds:.2f}s, "
+        f"{len(result.rejections):,} would be rejected"
     )
 
 

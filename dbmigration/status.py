@@ -115,3 +115,40 @@ def _last_completed(history: list[dict]) -> str | None:
     last = history[-1]
     command = state_mod.COMMAND_FOR_PHASE.get(last.get("to"), last.get("to"))
     return f"{command} at {last.get('at')} (phase {last.get('to')})"
+
+
+@dataclasses.dataclass
+class RunbookSummary:
+    """What the reports in report_dir prove, for the end of a demo or a change ticket."""
+
+    rows_copied: dict[str, int] = dataclasses.field(default_factory=dict)  # newest full copy
+    rows_verified: dict[str, int] = dataclasses.field(default_factory=dict)  # newest verify
+    freezes: list[tuple[str, float]] = dataclasses.field(default_factory=list)  # (cmd, s)
+    reports: int = 0
+    failed: list[str] = dataclasses.field(default_factory=list)  # reports not ok/warning
+
+
+def runbook_summary(report_dir: Path) -> RunbookSummary:
+    """Read every report in report_dir, oldest first; never writes anything."""
+    summary = RunbookSummary()
+    for path in sorted(Path(report_dir).glob("migration_report_*.json")):
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError):
+            summary.failed.append(path.name)
+            continue
+        summary.reports += 1
+        command, facts = report.get("command"), report.get("facts") or {}
+        if report.get("status") not in ("ok", "warning"):
+            summary.failed.append(f"{path.name} ({command}: {report.get('status')})")
+            continue
+        if command == "migrate_data" and facts.get("tables"):
+            summary.rows_copied = {t: c.get("rows_written", 0) for t, c in facts["tables"].items()}
+        for step in report.get("steps", []):
+            if step.get("name") == "verify" and isinstance(step["details"].get("tables"), dict):
+                summary.rows_verified = {
+                    t: c.get("target_rows", 0) for t, c in step["details"]["tables"].items()
+                }
+        if facts.get("write_freeze_seconds"):
+            summary.freezes.append((command, float(facts["write_freeze_seconds"])))
+    return summary

@@ -55,6 +55,7 @@ class ProgressRenderer:
     ):
         self.stream = stream
         self.enabled = verbosity > 0
+        self.every_note = verbosity > 1
         self.interval = progress_seconds() if interval is None else interval
         self.tty = _is_tty(stream) if tty is None else tty
         self._lock = threading.Lock()
@@ -87,14 +88,16 @@ class ProgressRenderer:
         return lambda item, done, total: self(stage, item, done, total)
 
     def note(self, message: str) -> None:
-        """A step message from the engine ("snapshot taken", "write freeze on"): one line."""
+        """A step message from the engine ("snapshot taken", "write freeze on"): a line at
+        most every interval at verbosity 1 (the ticker repeats the latest), each at 2+."""
         if not self.enabled:
             return
         with self._lock:
             self._step = (message, time.monotonic())
+            self._current = None  # a new step: the last item's position is history
             if self._bars is not None:
                 self._bars.console.print(message)
-            else:
+            elif self.every_note or time.monotonic() - self._last_line >= self.interval:
                 self._write(message)
 
     # --- drawing ------------------------------------------------------------------------

@@ -2,8 +2,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration import conf
 from dbmigration.errors import MigrationError
-from dbmigration.management.output import json_document
-from dbmigration.status import migration_status
+from dbmigration.management.output import describe_rows, json_document
+from dbmigration.status import migration_status, runbook_summary
 
 
 class Command(BaseCommand):
@@ -12,6 +12,11 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument(
             "--json", action="store_true", help="Print the status as one JSON document."
+        )
+        parser.add_argument(
+            "--summary",
+            action="store_true",
+            help="Also say what the reports prove: rows copied and verified, write freezes.",
         )
 
     def handle(self, *args, **opts):
@@ -41,3 +46,16 @@ class Command(BaseCommand):
         for reason in s.stale:
             self.stdout.write(self.style.WARNING(f"Stale prepare:  {reason}"))
         self.stdout.write(self.style.SUCCESS(f"Next:           {s.next_step}"))
+        if opts["summary"]:
+            self._summary(conf.report_dir())
+
+    def _summary(self, report_dir) -> None:
+        r = runbook_summary(report_dir)
+        self.stdout.write(f"Reports:        {r.reports} in {report_dir}")
+        self.stdout.write(f"Rows copied:    {describe_rows(r.rows_copied)} (the last full copy)")
+        if r.rows_verified:
+            self.stdout.write(f"Rows verified:  {describe_rows(r.rows_verified)}")
+        for command, seconds in r.freezes:
+            self.stdout.write(f"Write freeze:   {seconds:.2f} s ({command})")
+        for failed in r.failed:
+            self.stdout.write(self.style.WARNING(f"Not ok:         {failed}"))
