@@ -98,3 +98,14 @@ def test_row_totals_say_what_they_count():
     }
     assert describe_rows(counts) == ("76,384 rows in 2 tables (+93 in 2 of Django's own tables)")
     assert describe_rows({"accounts_user": 1}) == "1 rows in 1 table"
+
+
+def test_a_terminal_gets_bars_with_the_stage_and_item():
+    out = StringIO()
+    with ProgressRenderer(OutputWrapper(out), verbosity=1, tty=True) as progress:
+        progress("copy", "accounts_user", 500, 1_000)
+        progress.note("write freeze on")
+        progress("copy", "accounts_user", 1_000, 1_000)
+    text = out.getvalue()
+    assert "copy: accounts_user" in text and "overall" in text and " rows/s" in text
+    assert "write freeze on" in text
