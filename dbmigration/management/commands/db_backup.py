@@ -29,7 +29,9 @@ class Command(BaseCommand):
             help="Which database to back up (default: the active backend).",
         )
         parser.add_argument(
-            "--keep", type=int, help="After a good backup, delete all but the newest N."
+            "--keep",
+            type=int,
+            help="After a good backup, delete all but the newest N (default: keep every backup).",
         )
         parser.add_argument(
             "--encrypt",
@@ -46,7 +48,8 @@ class Command(BaseCommand):
             "--lock-timeout",
             type=float,
             default=5.0,
-            help="Seconds to wait for a SQLite writer's lock before giving up.",
+            help="Seconds to wait for a SQLite writer's lock before giving up "
+            "(default: %(default)s).",
         )
 
     def handle(self, *args, **opts):

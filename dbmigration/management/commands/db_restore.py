@@ -29,7 +29,7 @@ class Command(BaseCommand):
             "--lock-timeout",
             type=float,
             default=20.0,
-            help="Seconds to wait for other SQLite connections to let go.",
+            help="Seconds to wait for other SQLite connections to let go (default: %(default)s).",
         )
         parser.add_argument(
             "--replace-live-database",

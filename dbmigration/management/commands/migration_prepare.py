@@ -20,7 +20,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument(
-            "--keep", type=int, help="Keep only the newest N verified backups afterwards."
+            "--keep",
+            type=int,
+            help="Keep only the newest N verified backups afterwards (default: keep every backup).",
         )
         parser.add_argument(
             "--encrypt", action="store_true", help=f"Encrypt the backup with ${KEY_ENV}."
@@ -29,7 +31,8 @@ class Command(BaseCommand):
             "--lock-timeout",
             type=float,
             default=5.0,
-            help="Seconds to wait for a SQLite writer's lock before giving up.",
+            help="Seconds to wait for a SQLite writer's lock before giving up "
+            "(default: %(default)s).",
         )
         parser.add_argument(
             "--noinput",
