@@ -1560,9 +1560,12 @@ def migrate_data(
     sync: bool = False,
     verify_only: bool = False,
     verify: bool = True,
-    progress: Progress | None = None,
+    progress: Callable[[str, str, int, int], None] | None = None,
 ) -> MigrateDataResult:
-    """Phase 6: check the state, copy (or sync), verify, write the report, move the state."""
+    """Phase 6: check the state, copy (or sync), verify, write the report, move the state.
+
+    progress(stage, table, done, total) hears every stage: copy, sync and verify.
+    """
     from dbmigration.errors import PhaseError, VerificationError, postgres_lost, target_lost
     from dbmigration.preflight import conninfo_from_settings, require_same_target
     from dbmigration.reports import RunReport
@@ -1629,7 +1632,7 @@ def migrate_data(
                         repairs=repairs,
                         reject_file=reject_file,
                         state_file=state_file,
-                        progress=progress,
+                        progress=_in_stage(progress, "copy"),
                         source_sha256=copied_sha256,
                     )
                 except RowsRejected as exc:
@@ -1647,7 +1650,7 @@ def migrate_data(
                     alias=alias,
                     tables=tables,
                     state_file=state_file,
-                    progress=progress,
+                    progress=_in_stage(progress, "sync"),
                 )
                 step.details.update(
                     {
@@ -1669,7 +1672,11 @@ def migrate_data(
             with run.step("verify") as step:
                 source, target = Side(sqlite_path=sqlite_path), Side(alias=alias)
                 result.verification = run_verify(
-                    source=source, target=target, plan=plan, exclude=exclude
+                    source=source,
+                    target=target,
+                    plan=plan,
+                    exclude=exclude,
+                    progress=_in_stage(progress, "verify"),
                 )
                 checks = {c.table: c for c in result.verification.tables}
                 step.details["tables"] = {
@@ -1727,6 +1734,13 @@ def migrate_data(
             sqlite_path.unlink(missing_ok=True)
         run.finish(status)
     return result
+
+
+def _in_stage(progress, stage: str) -> Progress | None:
+    """Adapt a stage-aware progress callback to the (table, done, total) the stages call."""
+    if progress is None:
+        return None
+    return lambda table, done, total: progress(stage, table, done, total)
 
 
 def _consistent_source(state, live_path: Path, mode: str) -> tuple[Path, bool]:

@@ -48,6 +48,7 @@ class HealthReport:
     def to_dict(self) -> dict:
         return {
             "status": self.status,
+            "ok": self.status == OK,
             "checked_at": datetime.now(UTC).isoformat(),
             "checks": [dataclasses.asdict(c) for c in self.checks],
         }

@@ -626,3 +626,65 @@ def _carry_back(run, state_file, sqlite_path, copy, plan, discard, hold_freeze, 
         )
         step.details = {"sqlite": str(sqlite_path)}
     return new_state, carried, []
+
+
+# --- what rollback_to_sqlite --dry-run shows (issue 10) -------------------------------------
+
+
+@dataclasses.dataclass
+class RollbackPreview:
+    phase: str
+    active_backend: str
+    was_switched: bool
+    carried: list[TableCarry]  # what a rollback would carry back now
+    discarded: list[TableCarry]  # what --discard-postgres-writes would throw away now
+    drop_postgres: bool
+    last_freeze_seconds: float | None  # the last measured rollback or switch freeze
+
+
+def preview_rollback(
+    *,
+    state_file: Path | None = None,
+    sqlite_path: Path | None = None,
+    report_dir: Path | None = None,
+    discard_postgres_writes: bool = False,
+    drop_postgres: bool = False,
+) -> RollbackPreview:
+    """Find what a rollback would carry back (or discard) now; writes nothing, freezes nothing."""
+    from dbmigration.plan import build_plan
+
+    state_file = Path(state_file or conf.state_file())
+    sqlite_path = Path(sqlite_path or connections.settings["sqlite"]["NAME"])
+    state = read_state(state_file)
+    was_switched = state.active_backend == "postgresql"
+    changed: list[TableCarry] = []
+    if was_switched:
+        tables = build_plan().tables
+        require_postgres_tables(tables, state)
+        live = Side(sqlite_path=sqlite_path)
+        changed = _summarise(
+            tables, {t.db_table: find_changes(t, source=PG, target=live) for t in tables}
+        )
+    return RollbackPreview(
+        phase=state.phase,
+        active_backend=state.active_backend,
+        was_switched=was_switched,
+        carried=[] if discard_postgres_writes else changed,
+        discarded=changed if discard_postgres_writes else [],
+        drop_postgres=drop_postgres,
+        last_freeze_seconds=_last_freeze_seconds(Path(report_dir or conf.report_dir())),
+    )
+
+
+def _last_freeze_seconds(report_dir: Path) -> float | None:
+    """How long writes were frozen in the newest switch or rollback report that measured it."""
+    import json
+
+    for path in sorted(report_dir.glob("migration_report_*.json"), reverse=True):
+        try:
+            facts = json.loads(path.read_text()).get("facts", {})
+        except (OSError, ValueError):
+            continue
+        if facts.get("write_freeze_seconds"):
+            return float(facts["write_freeze_seconds"])
+    return None

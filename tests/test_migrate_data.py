@@ -1,6 +1,7 @@
 """The migrate_data command, end to end, plus resume after an interruption."""
 
 import json
+import re
 import sqlite3
 from io import StringIO
 
@@ -44,6 +45,12 @@ def run(*args, **kwargs) -> str:
     return out.getvalue()
 
 
+def verified_all(out: str) -> bool:
+    """The verification line covers every planned table, Django's own counted apart."""
+    found = re.search(r"Verified ([\d,]+) rows in (\d+) tables?(?: \(\+[\d,]+ in (\d+) of)?", out)
+    return bool(found) and int(found[2]) + int(found[3] or 0) == len(build_plan().tables)
+
+
 @ALL
 def test_refuses_before_prepare(dirs):
     with pytest.raises(CommandError, match="in phase .nothing.. Run migration_prepare") as caught:
@@ -73,9 +80,7 @@ def test_copy_verify_report_and_rerun(dirs):
     prepared(source_path(), dirs / "state.json")
     before = file_sha256(source_path())
     out = run()
-    assert (
-        f"Verified {len(build_plan().tables)} tables" in out and "migrate_data (copy) done." in out
-    )
+    assert verified_all(out) and "migrate_data (copy) done." in out
     assert file_sha256(source_path()) == before
     state = state_mod.read_state(dirs / "state.json")
     assert state.phase == "data_migrated"
@@ -87,14 +92,11 @@ def test_copy_verify_report_and_rerun(dirs):
     assert "rows_per_second" in users and "seconds" in users
     # re-running after success copies nothing and verifies again
     again = run()
-    assert "already-done" in again and f"Verified {len(build_plan().tables)} tables" in again
+    assert "already-done" in again and verified_all(again)
     assert User.objects.using("postgresql").count() == 3
     assert run(verbosity=0) == ""
     checked = run("--verify-only")
-    assert (
-        f"Verified {len(build_plan().tables)} tables" in checked
-        and "migrate_data (verify-only) done." in checked
-    )
+    assert verified_all(checked) and "migrate_data (verify-only) done." in checked
     User.objects.using("postgresql").update(first_name="tampered")
     with pytest.raises(CommandError, match="Verification failed") as caught:
         run("--verify-only")
@@ -275,3 +277,35 @@ def test_sigterm_mid_copy_stops_both_lanes_and_the_next_run_resumes(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "Verified" in again.stdout
     assert state_mod.read_state(db_dir / "state.json").phase == "data_migrated"
+
+
+@ALL
+def test_plan_lists_tables_rows_and_order_and_copies_nothing(dirs):
+    make_people(3)
+    prepared(source_path(), dirs / "state.json")
+    state_before = (dirs / "state.json").read_text()
+    before = file_sha256(source_path())
+    out = run("--plan")
+    lines = out.splitlines()
+    order = [t.db_table for t in build_plan().tables]
+    numbered = [re.match(r"\s*\d+\. (.+?)\s+[\d,]+ rows$", line) for line in lines]
+    listed = [m.group(1) for m in numbered if m]
+    assert listed == order  # foreign-key order, the order the copy loads
+    user_line = next(line for line in lines if " accounts_user " in line)
+    assert user_line.rstrip().endswith("3 rows")
+    assert f"in {len(order)} tables; nothing was copied." in out
+    # nothing touched: no state move, no report, no rows on PostgreSQL, the file unchanged
+    assert (dirs / "state.json").read_text() == state_before
+    assert not (dirs / "reports").exists()
+    assert User.objects.using("postgresql").count() == 0
+    assert file_sha256(source_path()) == before
+
+    from django.conf import settings
+
+    policies = {"accounts.LoginEvent": {"policy": "skip", "reason": "rebuilt from the logs"}}
+    with override_settings(
+        DBMIGRATION={**getattr(settings, "DBMIGRATION", {}), "MODEL_POLICIES": policies}
+    ):
+        out = run("--plan")
+    assert "skipped accounts.LoginEvent: rebuilt from the logs" in out
+    assert " accounts_loginevent " not in out

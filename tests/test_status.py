@@ -154,3 +154,47 @@ def test_status_and_health_show_a_freeze_its_owner_and_age_and_a_void_one(tmp_pa
     check = health.run_check("migration_phase")
     assert "was left over, void (its owner" in check.message
     assert flag.exists()  # a read-only command and the health check change nothing
+
+
+def _status_json(tmp_path, source) -> dict:
+    out = StringIO()
+    with override_settings(
+        SQLITE_PATH=source,
+        STATE_FILE=tmp_path / "state.json",
+        BACKUP_DIR=tmp_path / "backups",
+        REPORT_DIR=tmp_path / "reports",
+    ):
+        call_command("migration_status", "--json", stdout=out)
+    return json.loads(out.getvalue())
+
+
+def test_json_has_stable_keys_and_the_last_completed_step(tmp_path):
+    source = make_source(tmp_path / "s.sqlite3")
+    body = _status_json(tmp_path, source)
+    assert body["status"] == "ok" and body["ok"] is True
+    assert body["phase"] == "nothing" and body["active_backend"] == "sqlite"
+    assert body["next_step"] == "migration_prepare"
+    assert body["last_completed_step"] is None and body["last_backup"] is None
+
+    info = create_sqlite_backup(sqlite_path=source, backup_dir=tmp_path / "backups")
+    state_mod.transition(
+        tmp_path / "state.json", "prepared", source_fingerprint=source_fingerprint(source)
+    )
+    # a later refusal writes a failed report but moves no state: the state stays the prepare
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "migration_report_29990101T000000000000Z.json").write_text(
+        '{"command": "migrate_data", "status": "refused"}'
+    )
+    body = _status_json(tmp_path, source)
+    assert body["last_completed_step"].startswith("migration_prepare at ")
+    assert body["last_report"]["status"] == "migrate_data: refused"
+    assert body["last_backup"] == {
+        "path": str(info.path),
+        "kind": "sqlite",
+        "created_at": info.created_at,
+        "verified": True,
+    }
+    assert body["history"][-1]["to"] == "prepared"
+    text = _status(tmp_path, source)
+    assert "Last completed: migration_prepare at " in text

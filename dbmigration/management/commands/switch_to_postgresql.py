@@ -3,6 +3,8 @@ from django.core.management.base import BaseCommand, CommandError
 from dbmigration import conf, cutover
 from dbmigration import freeze as fz
 from dbmigration.errors import MigrationError, NotConfirmed, PhaseError
+from dbmigration.management.progress import ProgressRenderer
+from dbmigration.reports import refusals_recorded
 from dbmigration.state import StateError
 
 
@@ -64,13 +66,19 @@ class Command(BaseCommand):
                 raise CommandError(
                     "Switch cancelled: nothing was changed.", returncode=NotConfirmed.returncode
                 )
-        progress = self.stdout.write if options["verbosity"] > 1 else None
+        renderer = ProgressRenderer(self.stdout, verbosity=options["verbosity"])
         try:
-            result = cutover.switch_to_postgresql(
-                drain_seconds=options["drain_seconds"],
-                freeze_max_seconds=options["freeze_timeout"],
-                progress=progress,
-            )
+            with (
+                renderer,
+                refusals_recorded(
+                    "switch_to_postgresql", report_dir=conf.report_dir(), log_dir=conf.log_dir()
+                ),
+            ):
+                result = cutover.switch_to_postgresql(
+                    drain_seconds=options["drain_seconds"],
+                    freeze_max_seconds=options["freeze_timeout"],
+                    progress=renderer.note,
+                )
         except (MigrationError, StateError) as exc:
             raise CommandError(
                 f"{exc} The application stays on SQLite; the write freeze was lifted.",
