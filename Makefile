@@ -4,6 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DEMO_USERS ?= 10000
+# setuptools' build backend warns (experimental ext-modules, editable install) through pip -q
+PIP_QUIET := PYTHONWARNINGS=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 
 .PHONY: install test lint demo bench clean
 
@@ -13,8 +15,8 @@ $(STAMP): pyproject.toml dbmigration/_copytext.c
 	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; } || { echo "Chromium is missing: install Debian's chromium package (the admin's browser tests drive it)"; exit 1; }
 	@command -v pgbackrest >/dev/null || { apt-get update -q && apt-get install -y -q pgbackrest; } || { echo "pgBackRest is missing: install Debian's pgbackrest package (point-in-time recovery, db_pitr)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PIP_QUIET) $(PY) -m pip install -q --upgrade pip
+	$(PIP_QUIET) $(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,7 +34,8 @@ test: lint
 # The demo runs in its own corner (var/demo/, database propcore_demo) so it never touches
 # database/ or the propcore database; each run starts from scratch.
 DEMO_DIR := var/demo/database
-DEMO_ENV := PROPCORE_DATABASE_DIR=$(CURDIR)/$(DEMO_DIR) POSTGRES_URL=$${DEMO_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/propcore_demo}
+DEMO_URL := $(or $(DEMO_POSTGRES_URL),postgres://postgres@127.0.0.1:5432/propcore_demo)
+DEMO_ENV := PROPCORE_DATABASE_DIR=$(CURDIR)/$(DEMO_DIR) POSTGRES_URL=$(DEMO_URL)
 DEMO_MANAGE := $(DEMO_ENV) $(PY) manage.py
 
 demo: install
@@ -41,13 +44,22 @@ demo: install
 	$(DEMO_MANAGE) migrate -v 0
 	$(DEMO_MANAGE) seed_demo --users $(DEMO_USERS)
 	$(DEMO_MANAGE) db_backup
+	$(DEMO_MANAGE) db_test_postgresql
 	$(DEMO_MANAGE) migration_prepare
 	$(DEMO_MANAGE) migrate_data
 	$(DEMO_MANAGE) switch_to_postgresql --noinput
 	$(DEMO_MANAGE) refresh_analytics
 	$(DEMO_MANAGE) db_backup
 	$(DEMO_MANAGE) db_health_check
-	@echo "Demo done. State, backups, reports and logs: $(DEMO_DIR)/"
+	$(DEMO_MANAGE) migration_status
+	@echo "--- and back: rollback to SQLite, then the second switch ---"
+	$(DEMO_MANAGE) rollback_to_sqlite --noinput
+	$(DEMO_MANAGE) migration_prepare
+	$(DEMO_MANAGE) migrate_data
+	$(DEMO_MANAGE) switch_to_postgresql --noinput
+	$(DEMO_MANAGE) db_backup
+	@echo "--- summary ---"
+	@$(DEMO_MANAGE) migration_status --summary
 
 # The benchmark (README "Benchmark"): migrate_data vs the physical limit, pgloader and
 # dumpdata+loaddata on the same demo data.  pgloader comes from Debian's package.

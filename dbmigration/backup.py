@@ -259,7 +259,7 @@ def _export_jsonl(snapshot: Path, out_dir: Path, *, progress: Progress) -> dict[
                 os.fsync(fh.fileno())
             results[table] = (rows, digest.hexdigest())
             if progress:
-                progress(f"exported {table}: {rows} rows")
+                progress(f"exported {table}: {rows:,} rows")
     finally:
         # an unfinished statement would keep the file open after close() (zombie connection)
         cur.close()
@@ -335,7 +335,7 @@ def create_sqlite_backup(
         snapshot = partial / SNAPSHOT
         counts, migrations = _snapshot(sqlite_path, snapshot, lock_timeout=lock_timeout)
         if progress:
-            progress(f"snapshot taken: {sum(counts.values())} rows in {len(counts)} tables")
+            progress(f"snapshot taken: {sum(counts.values()):,} rows in {len(counts)} tables")
         exported = _export_jsonl(snapshot, partial / "jsonl", progress=progress)
         info = BackupInfo(
             path=final,
@@ -733,7 +733,7 @@ def create_pg_backup(
         )
         conn.commit()
         if progress:
-            progress(f"pg_dump written: {dump.stat().st_size} bytes")
+            progress(f"pg_dump written: {dump.stat().st_size:,} bytes")
         listing = _run(["pg_restore", "--list", str(dump)], env=env, what="pg_restore --list")
         data_entries = sum(" TABLE DATA " in line for line in listing.splitlines())
         info = BackupInfo(

@@ -1560,10 +1560,13 @@ def migrate_data(
     sync: bool = False,
     verify_only: bool = False,
     verify: bool = True,
-    progress: Progress | None = None,
+    progress: Callable[[str, str, int, int], None] | None = None,
 ) -> MigrateDataResult:
-    """Phase 6: check the state, copy (or sync), verify, write the report, move the state."""
-    from dbmigration.errors import PhaseError, VerificationError
+    """Phase 6: check the state, copy (or sync), verify, write the report, move the state.
+
+    progress(stage, table, done, total) hears every stage: copy, sync and verify.
+    """
+    from dbmigration.errors import PhaseError, VerificationError, postgres_lost, target_lost
     from dbmigration.preflight import conninfo_from_settings, require_same_target
     from dbmigration.reports import RunReport
     from dbmigration.sqlite_source import source_fingerprint
@@ -1629,7 +1632,7 @@ def migrate_data(
                         repairs=repairs,
                         reject_file=reject_file,
                         state_file=state_file,
-                        progress=progress,
+                        progress=_in_stage(progress, "copy"),
                         source_sha256=copied_sha256,
                     )
                 except RowsRejected as exc:
@@ -1647,7 +1650,7 @@ def migrate_data(
                     alias=alias,
                     tables=tables,
                     state_file=state_file,
-                    progress=progress,
+                    progress=_in_stage(progress, "sync"),
                 )
                 step.details.update(
                     {
@@ -1669,7 +1672,11 @@ def migrate_data(
             with run.step("verify") as step:
                 source, target = Side(sqlite_path=sqlite_path), Side(alias=alias)
                 result.verification = run_verify(
-                    source=source, target=target, plan=plan, exclude=exclude
+                    source=source,
+                    target=target,
+                    plan=plan,
+                    exclude=exclude,
+                    progress=_in_stage(progress, "verify"),
                 )
                 checks = {c.table: c for c in result.verification.tables}
                 step.details["tables"] = {
@@ -1707,11 +1714,33 @@ def migrate_data(
                 last_report=str(run.report_path),
             )
         status = "ok" if not (result.copy and result.copy.rejected_total) else "warning"
+    except Exception as exc:
+        lost = postgres_lost(exc)
+        if lost is None:
+            raise
+        during = (
+            f"migrate_data's {run.steps[-1].name} step"
+            if run.steps
+            else "the start of migrate_data"
+        )
+        raise target_lost(
+            lost,
+            during=during,
+            then="Finished tables stay done and the phase did not move. Check the server "
+            "(db_test_postgresql), then run migrate_data again.",
+        ) from lost
     finally:
         if temporary:
             sqlite_path.unlink(missing_ok=True)
         run.finish(status)
     return result
+
+
+def _in_stage(progress, stage: str) -> Progress | None:
+    """Adapt a stage-aware progress callback to the (table, done, total) the stages call."""
+    if progress is None:
+        return None
+    return lambda table, done, total: progress(stage, table, done, total)
 
 
 def _consistent_source(state, live_path: Path, mode: str) -> tuple[Path, bool]:

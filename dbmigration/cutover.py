@@ -26,12 +26,13 @@ from django.db import connections
 
 from dbmigration import conf, fence
 from dbmigration import freeze as fz
-from dbmigration.errors import PhaseError, VerificationError
+from dbmigration.errors import PhaseError, VerificationError, postgres_lost, target_lost
 from dbmigration.policies import refill_reminders
 from dbmigration.reports import RunReport, error_text
 from dbmigration.state import NEXT_COMMAND, MigrationState, read_state, transition
 
 Progress = Callable[[str], None] | None
+SWITCH_FREEZE_ESTIMATE = 5.0  # seconds after the drain, sent as Retry-After (measured 3-8 s)
 SWITCH_STEPS = (
     "check that migrate_data finished and verified",
     "snapshot SQLite; migrate_data --sync from the snapshot; verify all tables (writes go on)",
@@ -65,6 +66,7 @@ class SwitchResult:
     state: MigrationState
     report_path: Path | None
     seconds: float
+    took_over: str = ""  # the void freeze of a killed run that this switch replaced
     refills: list[str] = dataclasses.field(default_factory=list)  # skipped models to refill
 
 
@@ -110,9 +112,12 @@ def plan_switch(*, state_file: Path) -> SwitchPlan:
         ok, why = migration_verified(state)
         if not ok:
             problems.append(f"{why}. Run migrate_data (it verifies) before switching.")
-    freeze = fz.read_freeze(fz.freeze_path_for(state_file))
+    freeze = fz.read_freeze(fz.freeze_path_for(state_file))  # a void one is taken over
     if freeze is not None:
-        problems.append(f"A write freeze is already on ({freeze.reason}, by {freeze.owner}).")
+        problems.append(
+            f"A write freeze is already on ({freeze.reason}, by {freeze.owner}, "
+            f"{freeze.age():g} s old); wait for that command to finish."
+        )
     return SwitchPlan(state.phase, state.active_backend, SWITCH_STEPS, problems)
 
 
@@ -121,7 +126,7 @@ def plan_switch(*, state_file: Path) -> SwitchPlan:
 
 def presync(*, sqlite_path: Path, snapshot: Path, state_file: Path, progress: Progress) -> Any:
     """Snapshot SQLite, ``migrate_data --sync`` PostgreSQL to it, verify every table."""
-    from dbmigration.rollback import fresh_copy
+    from dbmigration.sqlite_source import snapshot_to
     from dbmigration.sync import sync_to_postgresql
     from dbmigration.verify import Side, verify
 
@@ -129,7 +134,7 @@ def presync(*, sqlite_path: Path, snapshot: Path, state_file: Path, progress: Pr
         if progress:
             progress(f"pre-sync: {table} ({number}/{total})")
 
-    fresh_copy(sqlite_path, snapshot)
+    snapshot_to(sqlite_path, snapshot)
     synced = sync_to_postgresql(
         sqlite_path=snapshot, alias="postgresql", state_file=state_file, progress=per_table
     )
@@ -405,6 +410,7 @@ def switch_to_postgresql(
         read_state(state_file).extra.get("target"),
         conninfo_from_settings(connections.settings["postgresql"]),
     )
+    from dbmigration.sqlite_source import remove_copy, remove_leftover_copies, temp_copy_path
 
     tables = build_plan()
     note = progress or (lambda message: None)
@@ -415,8 +421,8 @@ def switch_to_postgresql(
     )
     start = time.perf_counter()
     flag = fz.freeze_path_for(state_file)
-    stamp = run.started_at[:26].replace(":", "").replace("-", "").replace(".", "")
-    snapshot = sqlite_path.with_name(f"{sqlite_path.name}.cutover-{stamp}")
+    run.facts["leftovers_removed"] = remove_leftover_copies(sqlite_path)  # of killed runs
+    snapshot = temp_copy_path(sqlite_path, "cutover")
     freeze = None
     lock: fence.SqliteWriteLock | None = None
     frozen_for = 0.0
@@ -442,15 +448,22 @@ def switch_to_postgresql(
             }
         with run.step("write_freeze_on") as step:
             freeze = fz.freeze_on(
-                flag, reason="switch_to_postgresql", max_seconds=freeze_max_seconds
+                flag,
+                reason="switch_to_postgresql",
+                max_seconds=freeze_max_seconds,
+                expected_seconds=drain_seconds + SWITCH_FREEZE_ESTIMATE,
             )
-            step.details = {"flag": str(flag), "expires_in_seconds": freeze_max_seconds}
+            step.details = {"flag": str(flag), "max_seconds": freeze_max_seconds}
+            if freeze.replaced:  # a killed run's freeze, void since its owner died
+                step.details["took_over"] = run.facts["took_over_freeze"] = freeze.replaced
+                note(f"took over a leftover {freeze.replaced}")
             note("write freeze on")
         with run.step("drain") as step:
             note("drain: waiting for SQLite's write lock")
             lock = fence.hold_sqlite_write_lock(sqlite_path, timeout=drain_seconds)
             step.details = {"waited_seconds": lock.waited_seconds, "bound_seconds": drain_seconds}
         with run.step("catch_up") as step:
+            fz.pause_point("switch_catch_up")
             note("stage 2 (frozen): final catch-up of what changed since the snapshot")
             changes = source_changes(sqlite_path=sqlite_path, snapshot=snapshot, plan=tables)
             caught_up = apply_source_changes(
@@ -484,15 +497,30 @@ def switch_to_postgresql(
             step.details = {"active_backend": "postgresql"}
             note("active backend is now postgresql")
     except BaseException as exc:
+        lost = postgres_lost(exc)
+        if lost is not None:
+            during = (
+                f"the switch's {run.steps[-1].name} step"
+                if run.steps
+                else "the start of the switch"
+            )
+            exc = target_lost(
+                lost,
+                during=during,
+                then="Nothing was switched. Check the server (db_test_postgresql), then run "
+                "switch_to_postgresql again.",
+            )
         run.facts["error"] = error_text(exc)
         run.facts["active_backend"] = read_state(state_file).active_backend
         if lock is not None and lock.fenced:  # SQLite stays the active store: unfence it
             fence.lift_sqlite_fence(sqlite_path)
+        if lost is not None:
+            raise exc from lost
         raise
     finally:
         if lock is not None:
             lock.release()
-        snapshot.unlink(missing_ok=True)
+        remove_copy(snapshot)
         if freeze is not None:
             frozen_for = fz.freeze_off(flag, freeze) or 0.0
             note(f"write freeze off after {frozen_for:.2f} s")
@@ -510,5 +538,6 @@ def switch_to_postgresql(
         state=new_state,
         report_path=report_path,
         seconds=run.facts["seconds"],
+        took_over=run.facts.get("took_over_freeze", ""),
         refills=run.facts["refills"],
     )

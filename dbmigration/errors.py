@@ -85,3 +85,32 @@ class PitrError(BackupError):
 
 class RestoreTargetError(PitrError):
     """A point-in-time restore was asked for a time no backup and archived WAL can reach."""
+
+
+# sqlstates of a server that ended our session or refuses new ones (class 08: connection)
+_LOST_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
+
+
+def postgres_lost(exc: BaseException | None) -> BaseException | None:
+    """The lost or refused PostgreSQL connection behind exc (or what caused it), if any."""
+    import psycopg
+
+    if isinstance(exc, MigrationError):
+        return None  # the engine already said what happened and what to do next
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, psycopg.InterfaceError):  # "the connection is closed"
+            return exc
+        if isinstance(exc, psycopg.OperationalError):
+            sqlstate = getattr(exc, "sqlstate", None)
+            if sqlstate is None or sqlstate.startswith("08") or sqlstate in _LOST_SQLSTATES:
+                return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def target_lost(lost: BaseException, *, during: str, then: str) -> TargetError:
+    """One line for a PostgreSQL that went away: where, why (first line only), what next."""
+    why = (str(lost).strip().splitlines() or [type(lost).__name__])[0]
+    return TargetError(f"PostgreSQL went away during {during} ({why}). {then}")

@@ -17,7 +17,7 @@ from django.conf import settings
 from django.db import connections
 
 from dbmigration import conf
-from dbmigration.freeze import FREEZE_FILENAME, freeze_path_for, read_freeze
+from dbmigration.freeze import freeze_path_for, inspect_freeze
 from dbmigration.state import StateError, read_active_backend, read_state
 
 OK, DEGRADED, DOWN = "ok", "degraded", "down"
@@ -48,6 +48,7 @@ class HealthReport:
     def to_dict(self) -> dict:
         return {
             "status": self.status,
+            "ok": self.status == OK,
             "checked_at": datetime.now(UTC).isoformat(),
             "checks": [dataclasses.asdict(c) for c in self.checks],
         }
@@ -189,24 +190,22 @@ def check_migration_phase() -> CheckResult:
     except StateError as exc:
         return CheckResult("migration_phase", DOWN, str(exc))
     details = {"phase": state.phase, "active_backend": state.active_backend}
-    flag = freeze_path_for(conf.state_file())
-    freeze = read_freeze(flag)
+    freeze = inspect_freeze(freeze_path_for(conf.state_file()))
     if freeze is not None:
-        details["write_freeze"] = {"reason": freeze.reason, "since": freeze.started_iso}
-        return CheckResult(
-            "migration_phase",
-            DEGRADED,
-            f"phase {state.phase}; writes frozen since {freeze.started_iso} ({freeze.reason})",
-            details,
-        )
-    if flag.exists():
-        return CheckResult(
-            "migration_phase",
-            DEGRADED,
-            f"phase {state.phase}; an expired write freeze was left at {flag} "
-            f"(remove {FREEZE_FILENAME} or run rollback_to_sqlite)",
-            details,
-        )
+        details["write_freeze"] = summary = freeze.summary()
+        if summary["void"]:
+            message = (
+                f"phase {state.phase}; a write freeze by {freeze.owner} ({freeze.reason}) was "
+                f"left over, void ({summary['void']}): writes go on, the next switch or "
+                "rollback clears it"
+            )
+        else:
+            message = (
+                f"phase {state.phase}; writes frozen for {summary['age_seconds']:g} s by "
+                f"{freeze.owner} ({freeze.reason}), renewed "
+                f"{summary['renewed_seconds_ago']:g} s ago"
+            )
+        return CheckResult("migration_phase", DEGRADED, message, details)
     if (state.phase == "switched") != (state.active_backend == "postgresql"):
         return CheckResult(
             "migration_phase",

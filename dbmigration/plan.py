@@ -295,3 +295,56 @@ def build_plan(
             placed.add(name)
         pending = [n for n in pending if n not in placed]
     return Plan(tables=ordered, deferred_fks=deferred)
+
+
+# --- what migrate_data --plan shows (issue 10) --------------------------------------------
+
+
+@dataclasses.dataclass
+class PlannedCopy:
+    db_table: str
+    label: str
+    source_rows: int | None  # None: the table is missing from the SQLite file
+
+
+@dataclasses.dataclass
+class CopyPreview:
+    """What a copy would do, read from the models and a read-only look at SQLite."""
+
+    tables: list[PlannedCopy]  # in copy order
+    skipped: list[tuple[str, str]]  # (model label, why it is not copied)
+    deferred_fks: int  # foreign keys added after the load (self-references, cycles)
+
+    @property
+    def rows(self) -> int:
+        return sum(t.source_rows or 0 for t in self.tables)
+
+
+def preview_copy(*, sqlite_path, only: Iterable[str] | None = None) -> CopyPreview:
+    """Plan the copy and count each table's rows in SQLite; writes nothing anywhere."""
+    from dbmigration.policies import skipped_models
+    from dbmigration.sqlite_source import open_readonly
+
+    plan = build_plan(only=only)
+    skipped = [(p.label, p.reason or "policy: skip") for p in skipped_models(apps.get_models())]
+    skipped += sorted(
+        (m._meta.label, "unmanaged: the project's migrations build it on PostgreSQL")
+        for m in apps.get_models()
+        if not m._meta.managed and not m._meta.proxy
+    )
+    conn = open_readonly(sqlite_path)
+    try:
+        present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        tables = [
+            PlannedCopy(
+                db_table=t.db_table,
+                label=t.label,
+                source_rows=conn.execute(f"SELECT COUNT(*) FROM {qi(t.db_table)}").fetchone()[0]
+                if t.db_table in present
+                else None,
+            )
+            for t in plan.tables
+        ]
+    finally:
+        conn.close()
+    return CopyPreview(tables=tables, skipped=skipped, deferred_fks=len(plan.deferred_fks))

@@ -66,6 +66,7 @@ class PrepareResult:
     fingerprint_before: dict = dataclasses.field(default_factory=dict)
     fingerprint_after: dict = dataclasses.field(default_factory=dict)
     rows_scanned: int = 0
+    rows_by_table: dict[str, int] = dataclasses.field(default_factory=dict)
     rejections: list[Rejection] = dataclasses.field(default_factory=list)
     conversion_rows_per_s: float = 0.0
     estimated_copy_seconds: float = 0.0
@@ -429,6 +430,7 @@ def _dry_run(sqlite_path: Path, result: PrepareResult, step, note, *, pg_alias: 
     scan = scan_source(sqlite_path=sqlite_path, target_alias=pg_alias)
     seconds = max(time.perf_counter() - t0, 1e-6)
     result.rows_scanned = sum(scan.rows_scanned.values())
+    result.rows_by_table = dict(scan.rows_scanned)
     result.rejections = [
         Rejection(
             table=r.table,
@@ -456,8 +458,8 @@ def _dry_run(sqlite_path: Path, result: PrepareResult, step, note, *, pg_alias: 
         }
     )
     note(
-        f"phase 5: {result.rows_scanned} rows converted in {seconds:.2f}s, "
-        f"{len(result.rejections)} would be rejected"
+        f"phase 5: {result.rows_scanned:,} rows converted in {seconds:.2f}s, "
+        f"{len(result.rejections):,} would be rejected"
     )
 
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import getpass
 import json
 import logging
+import socket
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,10 +30,59 @@ def error_text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def run_context() -> dict[str, Any]:
+    """What an auditor asks first: which database, which tool, who ran what."""
+    return {
+        "target": _target(),
+        "tool_version": _tool_version(),
+        "git_commit": _git_commit(),
+        "command_line": " ".join(sys.argv),
+        "user": f"{getpass.getuser()}@{socket.gethostname()}",
+    }
+
+
+def _target() -> str | None:
+    """user@host:port/dbname of the PostgreSQL target, never its password."""
+    try:
+        from django.db import connections
+
+        cfg = connections.settings["postgresql"]
+    except Exception:  # no Django settings, or no PostgreSQL alias: nothing to name
+        return None
+    return (
+        f"{cfg.get('USER') or ''}@{cfg.get('HOST') or 'localhost'}:"
+        f"{cfg.get('PORT') or 5432}/{cfg.get('NAME') or ''}"
+    )
+
+
+def _tool_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("propcore")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit, when the code runs from one (a wheel install has none)."""
+    try:
+        found = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return found.stdout.strip() or None if found.returncode == 0 else None
+
+
 @dataclasses.dataclass
 class StepResult:
     name: str
-    status: str = "running"  # ok | warning | failed | skipped
+    status: str = "running"  # ok | warning | failed | refused | skipped
     seconds: float = 0.0
     details: dict = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
@@ -47,6 +100,8 @@ class RunReport:
     facts: dict[str, Any] = dataclasses.field(default_factory=dict)
     log_path: Path | None = None
     report_path: Path | None = None
+    context: dict[str, Any] = dataclasses.field(default_factory=dict)
+    exit_code: int | None = None  # 0 on success; the command's exit status otherwise
     _log: logging.Logger | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
@@ -66,7 +121,12 @@ class RunReport:
         handler = logging.FileHandler(run.log_path, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         run._log.addHandler(handler)
-        run.log(f"{command} started")
+        run.context = run_context()
+        run.log(
+            f"{command} started: {run.context['command_line']} by {run.context['user']}, "
+            f"target {run.context['target']}, propcore {run.context['tool_version']} "
+            f"({run.context['git_commit'] or 'no git checkout'})"
+        )
         return run
 
     def log(self, message: str, *, level: int = logging.INFO) -> None:
@@ -86,6 +146,7 @@ class RunReport:
         except BaseException as exc:
             result.status = "failed"
             result.error = error_text(exc)
+            self.exit_code = getattr(exc, "returncode", None) or self.exit_code
             raise
         else:
             if result.status == "running":
@@ -105,18 +166,91 @@ class RunReport:
             "started_at": self.started_at,
             "finished_at": datetime.now(UTC).isoformat(),
             "status": self.status,
+            "exit_code": self.exit_code,
+            **self.context,
             "steps": [dataclasses.asdict(s) for s in self.steps],
             "facts": self.facts,
             "log_path": str(self.log_path) if self.log_path else None,
         }
 
+    def refuse(self, name: str, exc: BaseException) -> None:
+        """Record a refusal as a step of its own, the same way in every command."""
+        self.steps.append(StepResult(name=name, status="refused", error=error_text(exc)))
+        self.exit_code = getattr(exc, "returncode", None) or 1
+        self.log(f"step {name}: refused ({error_text(exc)})", level=logging.WARNING)
+
     def finish(self, status: str) -> Path:
         """Write the JSON report and close the log; return the report's path."""
         self.status = status
-        self.log(f"{self.command} finished: {status}")
+        error = self.facts.pop("error", None)
+        if error and not any(s.status in ("failed", "refused") for s in self.steps):
+            # a failure outside every step (a check before the first one) is a step too
+            self.steps.append(StepResult(name="checks", status="failed", error=error))
+        if status in ("ok", "warning"):
+            self.exit_code = 0
+        elif self.exit_code is None:
+            self.exit_code = 1
+        self._log_counts()
+        self.log(f"{self.command} finished: {status} (exit code {self.exit_code})")
         self.report_path.write_text(json.dumps(self.to_dict(), indent=2, default=str))
         if self._log is not None:
             for handler in list(self._log.handlers):
                 handler.close()
                 self._log.removeHandler(handler)
         return self.report_path
+
+    def _log_counts(self) -> None:
+        """Per-table counts in the log as well as the report: one line per table."""
+        sections = [("copy", self.facts.get("tables") or {})]
+        sections += [(s.name, s.details.get("tables") or {}) for s in self.steps]
+        for name, tables in sections:
+            if not isinstance(tables, dict):
+                continue
+            for table, counts in tables.items():
+                if isinstance(counts, dict):
+                    numbers = ", ".join(
+                        f"{k} {v:,}"
+                        for k, v in counts.items()
+                        if isinstance(v, int) and not isinstance(v, bool)
+                    )
+                    if numbers:
+                        self.log(f"{name} {table}: {numbers}")
+
+
+@contextlib.contextmanager
+def refusals_recorded(command: str, *, report_dir: Path, log_dir: Path):
+    """Give a refusal the engine raised before opening its run a report of its own, and
+    stamp the command's exit code on the report of a run that failed; re-raise."""
+    from dbmigration.errors import MigrationError
+
+    report_dir, log_dir = Path(report_dir), Path(log_dir)
+    before = set(report_dir.glob("migration_report_*.json")) if report_dir.exists() else set()
+    try:
+        yield
+    except MigrationError as exc:
+        written = sorted(set(report_dir.glob("migration_report_*.json")) - before)
+        if not written:
+            run = RunReport.open(command, report_dir=report_dir, log_dir=log_dir)
+            run.refuse("checks", exc)
+            run.finish("refused")
+        else:
+            report = json.loads(written[-1].read_text())
+            report["exit_code"] = exc.returncode
+            written[-1].write_text(json.dumps(report, indent=2, default=str))
+        raise
+
+
+@contextlib.contextmanager
+def command_run(command: str, *, report_dir: Path, log_dir: Path):
+    """A log and a report for a command whose engine keeps none (db_backup, db_restore)."""
+    run = RunReport.open(command, report_dir=Path(report_dir), log_dir=Path(log_dir))
+    try:
+        yield run
+    except BaseException as exc:
+        failed = any(s.status == "failed" for s in run.steps)
+        if not failed:
+            run.refuse("checks", exc)
+        run.exit_code = getattr(exc, "returncode", None) or run.exit_code or 1
+        run.finish("failed" if failed else "refused")
+        raise
+    run.finish("warning" if any(s.warnings for s in run.steps) else "ok")

@@ -20,7 +20,6 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +29,22 @@ from django.db.utils import load_backend
 
 from dbmigration import conf, fence
 from dbmigration import freeze as fz
-from dbmigration.errors import MigrationError, TargetError, VerificationError
+from dbmigration.errors import (
+    MigrationError,
+    PhaseError,
+    TargetError,
+    VerificationError,
+    postgres_lost,
+    target_lost,
+)
 from dbmigration.policies import refill_reminders
 from dbmigration.reports import RunReport, error_text
+from dbmigration.sqlite_source import (
+    remove_copy,
+    remove_leftover_copies,
+    snapshot_to,
+    temp_copy_path,
+)
 from dbmigration.state import MigrationState, read_state, transition
 from dbmigration.sync import diff_table
 from dbmigration.verify import Side, verify
@@ -43,6 +55,7 @@ PG_ALIAS = "postgresql"
 PG = Side(alias="postgresql")
 BATCH = 500
 SAMPLE = 50  # primary keys listed per table and kind in the report
+ROLLBACK_FREEZE_ESTIMATE = 15.0  # seconds after the drain, sent as Retry-After (measured 13.7)
 
 
 @dataclasses.dataclass
@@ -80,6 +93,8 @@ class RollbackResult:
     report_path: Path | None
     seconds: float
     warnings: list[str] = dataclasses.field(default_factory=list)
+    took_over: str = ""  # the void freeze (owner gone) this run cleared or replaced
+    leftovers_removed: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def rows_carried(self) -> int:
@@ -161,17 +176,6 @@ def copy_alias(path: Path) -> Iterator[str]:
     finally:
         connections[COPY_ALIAS].close()
         del connections[COPY_ALIAS]
-
-
-def fresh_copy(sqlite_path: Path, dest: Path) -> None:
-    """Copy the SQLite file with the online backup API (consistent, WAL included)."""
-    src = sqlite3.connect(f"{Path(sqlite_path).resolve().as_uri()}?mode=ro", uri=True)
-    dst = sqlite3.connect(dest)
-    try:
-        src.backup(dst)
-    finally:
-        dst.close()
-        src.close()
 
 
 def check_copy(path: Path) -> dict:
@@ -339,6 +343,24 @@ def _differing(model, pks: list, *, source: str, target: str) -> list:
     return differ
 
 
+def nothing_to_roll_back(state: MigrationState, *, drop_postgres: bool = False) -> str | None:
+    """Why a rollback would do nothing now (with the command to run instead), or None."""
+    if state.active_backend == "postgresql":
+        return None
+    if state.phase == "nothing":
+        return (
+            "Nothing to roll back: the migration has not started (phase 'nothing') and the "
+            "application runs on SQLite. Run migration_prepare to start it."
+        )
+    if state.phase == "rolled_back" and not drop_postgres:
+        return (
+            "Nothing to roll back: already rolled back, the application runs on SQLite. Run "
+            "migration_prepare when ready to try again (rollback_to_sqlite --drop-postgres "
+            "drops the PostgreSQL copy)."
+        )
+    return None
+
+
 def rollback_to_sqlite(
     *,
     state_file: Path | None = None,
@@ -360,7 +382,21 @@ def rollback_to_sqlite(
     sqlite_path = Path(sqlite_path or connections.settings["sqlite"]["NAME"])
     backup_dir = Path(backup_dir or conf.backup_dir())
     note = progress or (lambda message: None)
+    flag = fz.freeze_path_for(state_file)
+    # a killed switch or rollback leaves its freeze (void once its owner is gone) and copies
+    cleared = fz.clear_void(flag)
+    took_over = cleared.describe() if cleared is not None else ""
+    leftovers = remove_leftover_copies(sqlite_path)
     state = read_state(state_file)
+    refusal = nothing_to_roll_back(state, drop_postgres=drop_postgres)
+    if refusal:
+        raise PhaseError(refusal + (f" (Cleared a leftover {took_over}.)" if took_over else ""))
+    held = fz.read_freeze(flag)
+    if held is not None:
+        raise fz.FreezeError(
+            f"Cannot roll back now: {held.describe()}. Wait for it to finish; if that process "
+            f"is stopped or killed, its freeze lifts within {held.lease_seconds:g} s."
+        )
     if discard_postgres_writes and not discard_confirmed:
         raise DiscardNotConfirmed(
             "--discard-postgres-writes throws away every write made on PostgreSQL since the "
@@ -374,7 +410,6 @@ def rollback_to_sqlite(
     )
     start = time.perf_counter()
     was_switched = state.active_backend == "postgresql"
-    flag = fz.freeze_path_for(state_file)
     carried: list[TableCarry] = []
     discarded: list[TableCarry] = []
     backup_path: Path | None = None
@@ -382,10 +417,9 @@ def rollback_to_sqlite(
     pg_fenced = False
     frozen_for = 0.0
     run.facts.update(phase_before=state.phase, active_before=state.active_backend)
+    run.facts.update(took_over_freeze=took_over, leftovers_removed=leftovers)
     try:
         if not was_switched:
-            if flag.exists() and fz.read_freeze(flag) is None:
-                fz.freeze_off(flag)  # an expired leftover of an interrupted switch
             if fence.lift_sqlite_fence(sqlite_path):  # a killed switch fenced it, then died
                 run.facts["lifted_sqlite_fence"] = True
             new_state = transition(
@@ -404,16 +438,22 @@ def rollback_to_sqlite(
                     backup_path = info.path
                     step.details = {"backup": str(info.path), "rows": sum(info.row_counts.values())}
                     note(f"pre-rollback backup: {info.path}")
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-            copy = sqlite_path.with_name(f"{sqlite_path.name}.rollback-{stamp}")
+            copy = temp_copy_path(sqlite_path, "rollback")
 
             def hold_freeze(*, best_effort: bool = False) -> fz.Freeze:
                 """Freeze, drain and fence PostgreSQL (best_effort: PostgreSQL may be gone)."""
                 nonlocal freeze, pg_fenced
-                with run.step("write_freeze_on"):
+                with run.step("write_freeze_on") as step:
                     freeze = fz.freeze_on(
-                        flag, reason="rollback_to_sqlite", max_seconds=freeze_max_seconds
+                        flag,
+                        reason="rollback_to_sqlite",
+                        max_seconds=freeze_max_seconds,
+                        # the catch-up, a full verification and the swap: seconds, not minutes
+                        expected_seconds=drain_seconds + ROLLBACK_FREEZE_ESTIMATE,
                     )
+                    step.details = {"flag": str(flag), "owner": freeze.owner}
+                    if freeze.replaced:
+                        step.details["took_over"] = freeze.replaced
                     note("write freeze on")
                 with run.step("drain_and_fence_postgresql") as step:
                     try:
@@ -440,7 +480,7 @@ def rollback_to_sqlite(
                     discard_postgres_writes, hold_freeze, note,
                 )  # fmt: skip
             finally:
-                copy.unlink(missing_ok=True)
+                remove_copy(copy)
             if pg_fenced:  # SQLite is live: the fence on PostgreSQL outlives this command
                 with run.step("keep_postgresql_fence") as step:
                     try:
@@ -453,12 +493,27 @@ def rollback_to_sqlite(
                 step.details = {"unapplied": drop_postgres_copy("postgresql")}
                 note("PostgreSQL copy dropped")
     except BaseException as exc:
+        lost = postgres_lost(exc)
+        if lost is not None:
+            during = (
+                f"the rollback's {run.steps[-1].name} step"
+                if run.steps
+                else "the start of the rollback"
+            )
+            exc = target_lost(
+                lost,
+                during=during,
+                then="Nothing was replaced. Check the server (db_test_postgresql), then run "
+                "rollback_to_sqlite again.",
+            )
         run.facts["error"] = error_text(exc)
         if pg_fenced and read_state(state_file).active_backend == "postgresql":
             try:  # PostgreSQL stays the active store: it must take writes again
                 fence.lift_postgres_fence(PG_ALIAS)
             except Exception as lift_error:
                 run.facts["postgres_fence_left"] = str(lift_error)
+        if lost is not None:
+            raise exc from lost
         raise
     finally:
         if freeze is not None:
@@ -486,6 +541,8 @@ def rollback_to_sqlite(
         report_path=report_path,
         seconds=run.facts["seconds"],
         warnings=[w for step in run.steps for w in step.warnings] + refills,
+        took_over=took_over or (freeze.replaced if freeze is not None else ""),
+        leftovers_removed=leftovers,
     )
 
 
@@ -519,7 +576,7 @@ def _carry_back(run, state_file, sqlite_path, copy, plan, discard, hold_freeze, 
     # stage 1, PostgreSQL still taking writes: the bulk of the carry, by range checksums
     with run.step("fresh_copy") as step:
         horizon = pg_horizon()
-        fresh_copy(sqlite_path, copy)
+        snapshot_to(sqlite_path, copy)
         fence.lift_sqlite_fence(copy)  # the switch fenced the file; the copy becomes live
         step.details = {"copy": str(copy), "pg_xmin_horizon": horizon}
     with run.step("find_changes") as step:
@@ -535,6 +592,7 @@ def _carry_back(run, state_file, sqlite_path, copy, plan, discard, hold_freeze, 
     # stage 2, frozen: only what PostgreSQL wrote since the horizon (xmin) or deleted (pk)
     freeze = hold_freeze()
     with run.step("catch_up") as step, copy_alias(copy) as target:
+        fz.pause_point("rollback_catch_up")
         then = changed_on_pg_since(horizon, tables, target=target)
         with transaction.atomic(using=target):
             _apply_all(tables, then, target=target)
@@ -573,3 +631,65 @@ def _carry_back(run, state_file, sqlite_path, copy, plan, discard, hold_freeze, 
         )
         step.details = {"sqlite": str(sqlite_path)}
     return new_state, carried, []
+
+
+# --- what rollback_to_sqlite --dry-run shows (issue 10) -------------------------------------
+
+
+@dataclasses.dataclass
+class RollbackPreview:
+    phase: str
+    active_backend: str
+    was_switched: bool
+    carried: list[TableCarry]  # what a rollback would carry back now
+    discarded: list[TableCarry]  # what --discard-postgres-writes would throw away now
+    drop_postgres: bool
+    last_freeze_seconds: float | None  # the last measured rollback or switch freeze
+
+
+def preview_rollback(
+    *,
+    state_file: Path | None = None,
+    sqlite_path: Path | None = None,
+    report_dir: Path | None = None,
+    discard_postgres_writes: bool = False,
+    drop_postgres: bool = False,
+) -> RollbackPreview:
+    """Find what a rollback would carry back (or discard) now; writes nothing, freezes nothing."""
+    from dbmigration.plan import build_plan
+
+    state_file = Path(state_file or conf.state_file())
+    sqlite_path = Path(sqlite_path or connections.settings["sqlite"]["NAME"])
+    state = read_state(state_file)
+    was_switched = state.active_backend == "postgresql"
+    changed: list[TableCarry] = []
+    if was_switched:
+        tables = build_plan().tables
+        require_postgres_tables(tables, state)
+        live = Side(sqlite_path=sqlite_path)
+        changed = _summarise(
+            tables, {t.db_table: find_changes(t, source=PG, target=live) for t in tables}
+        )
+    return RollbackPreview(
+        phase=state.phase,
+        active_backend=state.active_backend,
+        was_switched=was_switched,
+        carried=[] if discard_postgres_writes else changed,
+        discarded=changed if discard_postgres_writes else [],
+        drop_postgres=drop_postgres,
+        last_freeze_seconds=_last_freeze_seconds(Path(report_dir or conf.report_dir())),
+    )
+
+
+def _last_freeze_seconds(report_dir: Path) -> float | None:
+    """How long writes were frozen in the newest switch or rollback report that measured it."""
+    import json
+
+    for path in sorted(report_dir.glob("migration_report_*.json"), reverse=True):
+        try:
+            facts = json.loads(path.read_text()).get("facts", {})
+        except (OSError, ValueError):
+            continue
+        if facts.get("write_freeze_seconds"):
+            return float(facts["write_freeze_seconds"])
+    return None

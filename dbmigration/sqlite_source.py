@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 
+from dbmigration import freeze as fz
 from dbmigration.errors import SourceError
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -18,6 +22,22 @@ def file_sha256(path: Path, *, chunk_size: int = 1 << 20) -> str:
         while chunk := fh.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def content_sha256(path: Path) -> str:
+    """What the rows are, as a hash: the file's SHA-256, combined with its -wal's when
+    commits are still there (in WAL mode the main file may not change when rows do)."""
+    path = Path(path)
+    wal = path.with_name(path.name + "-wal")
+    wal_sha = file_sha256(wal) if wal.exists() and wal.stat().st_size else None
+    return combined_sha256(file_sha256(path), wal_sha)
+
+
+def combined_sha256(main_sha256: str, wal_sha256: str | None) -> str:
+    """content_sha256 from the two hashes a source fingerprint holds."""
+    if not wal_sha256:
+        return main_sha256  # no -wal: the file's own hash, as before WAL mode
+    return hashlib.sha256(f"{main_sha256}+{wal_sha256}".encode()).hexdigest()
 
 
 def open_readonly(
@@ -58,12 +78,43 @@ def snapshot_to(path: Path, dest: Path) -> Path:
     dst = sqlite3.connect(dest)
     try:
         src.backup(dst)
+        # a self-contained file: read-only connections to a WAL copy would leave -wal/-shm
+        dst.execute("PRAGMA journal_mode=DELETE").fetchone()
     except sqlite3.Error as exc:
         raise translate_sqlite_error(Path(path), exc) from exc
     finally:
         dst.close()
         src.close()
     return Path(dest)
+
+
+def temp_copy_path(sqlite_path: Path, kind: str) -> Path:
+    """Where a run keeps its working copy: beside the file, named by run kind, time and pid."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    return sqlite_path.with_name(f"{sqlite_path.name}.{kind}-{stamp}-pid{os.getpid()}")
+
+
+def remove_leftover_copies(sqlite_path: Path) -> list[str]:
+    """Delete the working copies (and their -wal/-journal) of killed switches and rollbacks.
+
+    A copy whose process still runs on this host is left alone; one without a pid in its
+    name predates the pid naming and can only be a leftover.
+    """
+    removed = []
+    for kind in ("cutover", "rollback"):
+        for path in sorted(sqlite_path.parent.glob(f"{sqlite_path.name}.{kind}-*")):
+            owner = re.search(r"-pid(\d+)", path.name)
+            if owner and fz.process_start(int(owner.group(1))) is not None:
+                continue
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def remove_copy(path: Path) -> None:
+    """Delete a working copy and whatever SQLite kept beside it."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 def data_version_and_schema(conn: sqlite3.Connection) -> dict:

@@ -19,13 +19,15 @@ from pathlib import Path
 BACKENDS = ("sqlite", "postgresql")
 PHASES = ("nothing", "prepared", "data_migrated", "switched", "rolled_back")
 
-# phase -> phases it may move to; rollback is possible from every phase.
+# phase -> phases it may move to.  Rollback is possible once something was prepared (on a
+# fresh install there is nothing to roll back), and after a rollback the next step is a new
+# prepare: a rollback must never be a way around migration_prepare and its backup.
 TRANSITIONS: dict[str, tuple[str, ...]] = {
-    "nothing": ("prepared", "rolled_back"),
+    "nothing": ("prepared",),
     "prepared": ("prepared", "data_migrated", "rolled_back"),
     "data_migrated": ("prepared", "data_migrated", "switched", "rolled_back"),
     "switched": ("switched", "rolled_back"),
-    "rolled_back": ("prepared", "data_migrated", "rolled_back"),
+    "rolled_back": ("prepared", "rolled_back"),
 }
 
 # what an operator runs to reach each phase

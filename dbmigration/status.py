@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from dbmigration import freeze as fz
 from dbmigration import state as state_mod
 from dbmigration.backup import BackupInfo, last_verified_backup
 from dbmigration.errors import MigrationError, PhaseError
@@ -29,6 +30,33 @@ class StatusResult:
     last_backup: BackupInfo | None
     stale: list[str]  # why the prepare no longer holds (empty: fresh or not applicable)
     history: list[dict]
+    write_freeze: dict | None = None  # Freeze.summary() of the flag on disk, live or void
+    # the last runbook step that moved the state (a refusal or failure moves none)
+    last_completed_step: str | None = None
+
+    def to_json(self) -> dict:
+        """The status with stable keys and plain values, for --json and monitors."""
+        backup = self.last_backup
+        return {
+            "phase": self.phase,
+            "active_backend": self.active_backend,
+            "next_step": self.next_step,
+            "last_completed_step": self.last_completed_step,
+            "last_report": {"path": self.last_report, "status": self.last_report_status}
+            if self.last_report
+            else None,
+            "last_backup": {
+                "path": str(backup.path),
+                "kind": backup.kind,
+                "created_at": backup.created_at,
+                "verified": backup.verified,
+            }
+            if backup
+            else None,
+            "stale": self.stale,
+            "write_freeze": self.write_freeze,
+            "history": self.history,
+        }
 
 
 def migration_status(
@@ -64,13 +92,15 @@ def migration_status(
     last_backup = last_verified_backup(backup_dir, kind=current.active_backend)
     next_step = NEXT_STEP[current.phase]
     if stale:
-        next_step = "migration_prepare (the source changed since it ran)"
+        next_step = "migration_prepare (the SQLite schema or migrations changed since it ran)"
     elif current.phase == "switched" and last_backup is None:
         next_step = (
             "db_backup: nothing protects the live PostgreSQL yet (the SQLite backups hold none "
             "of its writes)"
         )
+    freeze = fz.inspect_freeze(fz.freeze_path_for(state_file))
     return StatusResult(
+        write_freeze=freeze.summary() if freeze is not None else None,
         phase=current.phase,
         active_backend=current.active_backend,
         next_step=next_step,
@@ -79,4 +109,51 @@ def migration_status(
         last_backup=last_backup,
         stale=stale,
         history=current.history[-5:],
+        last_completed_step=_last_completed(current.history),
     )
+
+
+def _last_completed(history: list[dict]) -> str | None:
+    """Name the command of the newest transition and when it finished."""
+    if not history:
+        return None
+    last = history[-1]
+    command = state_mod.COMMAND_FOR_PHASE.get(last.get("to"), last.get("to"))
+    return f"{command} at {last.get('at')} (phase {last.get('to')})"
+
+
+@dataclasses.dataclass
+class RunbookSummary:
+    """What the reports in report_dir prove, for the end of a demo or a change ticket."""
+
+    rows_copied: dict[str, int] = dataclasses.field(default_factory=dict)  # newest full copy
+    rows_verified: dict[str, int] = dataclasses.field(default_factory=dict)  # newest verify
+    freezes: list[tuple[str, float]] = dataclasses.field(default_factory=list)  # (cmd, s)
+    reports: int = 0
+    failed: list[str] = dataclasses.field(default_factory=list)  # reports not ok/warning
+
+
+def runbook_summary(report_dir: Path) -> RunbookSummary:
+    """Read every report in report_dir, oldest first; never writes anything."""
+    summary = RunbookSummary()
+    for path in sorted(Path(report_dir).glob("migration_report_*.json")):
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError):
+            summary.failed.append(path.name)
+            continue
+        summary.reports += 1
+        command, facts = report.get("command"), report.get("facts") or {}
+        if report.get("status") not in ("ok", "warning"):
+            summary.failed.append(f"{path.name} ({command}: {report.get('status')})")
+            continue
+        if command == "migrate_data" and facts.get("tables"):
+            summary.rows_copied = {t: c.get("rows_written", 0) for t, c in facts["tables"].items()}
+        for step in report.get("steps", []):
+            if step.get("name") == "verify" and isinstance(step["details"].get("tables"), dict):
+                summary.rows_verified = {
+                    t: c.get("target_rows", 0) for t, c in step["details"]["tables"].items()
+                }
+        if facts.get("write_freeze_seconds"):
+            summary.freezes.append((command, float(facts["write_freeze_seconds"])))
+    return summary

@@ -47,7 +47,7 @@ from dbmigration.copy import (
 )
 from dbmigration.errors import DataError, TargetError
 from dbmigration.plan import Plan, PlannedTable, build_plan
-from dbmigration.sqlite_source import file_sha256, open_readonly
+from dbmigration.sqlite_source import content_sha256, open_readonly
 from dbmigration.verify import Side, both_sums, plan_ranges, row_digests
 
 
@@ -149,7 +149,7 @@ def sync_to_postgresql(
                 f"--sync carries changes after a full copy, but {', '.join(never[:5])} "
                 "never finished copying; run migrate_data without --sync first."
             )
-    sha = file_sha256(sqlite_path)
+    sha = content_sha256(sqlite_path)
     source, target = Side(sqlite_path=sqlite_path), Side(alias=alias)
     diffs = diff_tables(source=source, target=target, plan=plan, progress=progress)
     result = SyncResult(diffs=diffs, source_sha256=sha)

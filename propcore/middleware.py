@@ -8,7 +8,8 @@ per request, one ``os.stat`` each:
    that thread's connections and drops its ``default`` wrapper, so the next query opens the
    new backend.  Re-pointing only at request start (outside any transaction) is what makes
    it safe: no request ever sees two backends.  SIGHUP forces the same re-read.
-2. Write freeze: while ``write_freeze.json`` is set, POST/PUT/PATCH/DELETE answer 503 with
+2. Write freeze: while ``write_freeze.json`` holds (a lease its owner renews; void as soon as
+   the owner dies, see dbmigration/freeze.py), POST/PUT/PATCH/DELETE answer 503 with
    Retry-After; reads go on, and a read that tries to write (a session save, an audit
    entry) is refused at the SQL level and answered 503 too.
 """
@@ -157,6 +158,20 @@ def install_sighup() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _wrapped(connection, wrapper):
+    """Like connection.execute_wrapper, but removes exactly ours on the way out.
+
+    Django's pops the last wrapper, which is the slow-query logger's when the connection
+    was opened during the request: ours then stayed and refused writes after the freeze.
+    """
+    connection.execute_wrappers.append(wrapper)
+    try:
+        yield
+    finally:
+        connection.execute_wrappers.remove(wrapper)
+
+
 def _frozen_response(freeze: Freeze, what: str) -> HttpResponse:
     body = {
         "error": "write_freeze",
@@ -197,7 +212,7 @@ class CutoverMiddleware:
 
         with contextlib.ExitStack() as stack:
             for alias in connections:
-                stack.enter_context(connections[alias].execute_wrapper(refuse_writes))
+                stack.enter_context(_wrapped(connections[alias], refuse_writes))
             response = self.get_response(request)
         if refused:
             return _frozen_response(freeze, "a write during a read request")

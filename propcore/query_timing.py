@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import sys
 import threading
 import time
 
@@ -52,7 +53,17 @@ def slow_queries_since(seconds: float) -> int:
         return sum(1 for at, _alias, _ms in RECENT_SLOW_QUERIES if at >= cutoff)
 
 
+# the runbook's bulk statements (COPY, index builds, view refreshes) are slow by design and
+# timed in the run's own log; a slow-query WARNING in their output would only alarm
+BULK_COMMANDS = frozenset(
+    {"migration_prepare", "migrate_data", "switch_to_postgresql", "rollback_to_sqlite",
+     "db_backup", "db_restore", "refresh_analytics"}
+)  # fmt: skip
+
+
 def install(sender, connection, **kwargs) -> None:
     """connection_created receiver: add the wrapper once per connection wrapper."""
+    if len(sys.argv) > 1 and sys.argv[1] in BULK_COMMANDS:
+        return
     if not any(isinstance(w, SlowQueryLogger) for w in connection.execute_wrappers):
         connection.execute_wrappers.append(SlowQueryLogger(connection.alias))

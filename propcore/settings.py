@@ -105,7 +105,12 @@ DATABASES = {
     "sqlite": {
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": SQLITE_PATH,
-        "OPTIONS": {"timeout": 20},
+        # concurrent writers queue instead of failing with "database is locked": IMMEDIATE
+        # takes the write lock at BEGIN, so a read-then-write transaction never has to
+        # upgrade its lock (that fails at once); the busy timeout is how long a writer waits
+        # for its turn.  Not WAL: the rollback swaps a new file in by rename, which WAL's
+        # -wal/-shm beside the path make unsafe (the live test saw a malformed database)
+        "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 20},
         # a real file, so that tests can open it with sqlite3 as the engine does
         "TEST": {
             "NAME": str(DATABASE_DIR / f"test_propcore{TEST_SUFFIX}.sqlite3"),

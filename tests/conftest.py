@@ -1,10 +1,23 @@
 """Shared fixtures.  Tests run against the real PostgreSQL server and real SQLite files."""
 
 import os
+from pathlib import Path
 
 import psycopg
 import pytest
+from django.conf import settings
 from django.db import connections
+
+
+def pytest_sessionstart(session):
+    """Remove the -wal/-shm a killed run left beside the SQLite test file.
+
+    Django re-creates the test file by deleting only the file itself; in WAL mode SQLite then
+    finds the old run's -wal beside the new file and answers "disk I/O error" to every test.
+    """
+    name = Path(settings.DATABASES["sqlite"]["TEST"]["NAME"])
+    for suffix in ("-wal", "-shm"):
+        Path(f"{name}{suffix}").unlink(missing_ok=True)
 
 
 @pytest.fixture

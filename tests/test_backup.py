@@ -148,6 +148,14 @@ def test_list_keep_and_command(tmp_path):
         out = StringIO()
         call_command("db_backup", "--list", stdout=out)
         assert all(k.name in out.getvalue() for k in kept)
+        out = StringIO()
+        call_command("db_backup", "--list", "--json", stdout=out)
+        listed = json.loads(out.getvalue())
+        assert listed["status"] == "ok" and listed["ok"] is True
+        assert [b["name"] for b in listed["backups"]] == [k.name for k in kept]
+        first = listed["backups"][0]
+        assert first["kind"] == "sqlite" and first["verified"] is True
+        assert first["rows"] == sum(kept[0].row_counts.values()) and first["size_bytes"] > 0
         assert backup.last_verified_backup(backup_dir).name == kept[-1].name
         with pytest.raises(CommandError, match="at least 1"):
             call_command("db_backup", "--keep", "0", stdout=StringIO())

@@ -209,7 +209,7 @@ def test_command_exit_codes_and_json(settings, state_file, postgres_down):
     # PostgreSQL unreachable while SQLite is active: not an outage
     call_command("db_health_check", "--json", stdout=out)
     body = json.loads(out.getvalue())
-    assert body["status"] == "ok"
+    assert body["status"] == "ok" and body["ok"] is True
     assert {c["name"] for c in body["checks"]} == set(health.CHECKS)
     set_state(state_file, "switched", "postgresql")
     with pytest.raises(CommandError, match="down: active_backend, process_backend") as exc:

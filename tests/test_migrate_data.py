@@ -1,6 +1,7 @@
 """The migrate_data command, end to end, plus resume after an interruption."""
 
 import json
+import re
 import sqlite3
 from io import StringIO
 
@@ -13,7 +14,7 @@ from accounts.models import LoginEvent, User
 from dbmigration import state as state_mod
 from dbmigration.copy import copy_data, done_tables
 from dbmigration.plan import build_plan
-from dbmigration.sqlite_source import file_sha256, source_fingerprint
+from dbmigration.sqlite_source import content_sha256, file_sha256, source_fingerprint
 from dbmigration.verify import Side, verify
 from tests.test_copy import bad_copy, make_people, source_path
 
@@ -42,6 +43,12 @@ def run(*args, **kwargs) -> str:
     out = StringIO()
     call_command("migrate_data", *args, stdout=out, stderr=StringIO(), **kwargs)
     return out.getvalue()
+
+
+def verified_all(out: str) -> bool:
+    """The verification line covers every planned table, Django's own counted apart."""
+    found = re.search(r"Verified ([\d,]+) rows in (\d+) tables?(?: \(\+[\d,]+ in (\d+) of)?", out)
+    return bool(found) and int(found[2]) + int(found[3] or 0) == len(build_plan().tables)
 
 
 @ALL
@@ -73,9 +80,7 @@ def test_copy_verify_report_and_rerun(dirs):
     prepared(source_path(), dirs / "state.json")
     before = file_sha256(source_path())
     out = run()
-    assert (
-        f"Verified {len(build_plan().tables)} tables" in out and "migrate_data (copy) done." in out
-    )
+    assert verified_all(out) and "migrate_data (copy) done." in out
     assert file_sha256(source_path()) == before
     state = state_mod.read_state(dirs / "state.json")
     assert state.phase == "data_migrated"
@@ -87,14 +92,11 @@ def test_copy_verify_report_and_rerun(dirs):
     assert "rows_per_second" in users and "seconds" in users
     # re-running after success copies nothing and verifies again
     again = run()
-    assert "already-done" in again and f"Verified {len(build_plan().tables)} tables" in again
+    assert "already-done" in again and verified_all(again)
     assert User.objects.using("postgresql").count() == 3
     assert run(verbosity=0) == ""
     checked = run("--verify-only")
-    assert (
-        f"Verified {len(build_plan().tables)} tables" in checked
-        and "migrate_data (verify-only) done." in checked
-    )
+    assert verified_all(checked) and "migrate_data (verify-only) done." in checked
     User.objects.using("postgresql").update(first_name="tampered")
     with pytest.raises(CommandError, match="Verification failed") as caught:
         run("--verify-only")
@@ -144,7 +146,7 @@ def test_resume_after_interruption(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         copy_data(sqlite_path=source_path(), state_file=state, progress=interrupt)
-    sha = file_sha256(source_path())
+    sha = content_sha256(source_path())
     done = done_tables(state, source_sha256=sha)
     assert "accounts_user" in done and "accounts_loginevent" not in done
     assert not LoginEvent.objects.using("postgresql").exists()  # the half table rolled back
@@ -196,7 +198,7 @@ def test_killed_connection_mid_table_then_resume(tmp_path):
     with pytest.raises(TargetError, match="Nothing of this table was kept"):
         copy_data(sqlite_path=source_path(), state_file=state, progress=kill)
     connections["postgresql"].close()
-    done = done_tables(state, source_sha256=file_sha256(source_path()))
+    done = done_tables(state, source_sha256=content_sha256(source_path()))
     assert "accounts_user" in done and "accounts_loginevent" not in done
     result = copy_data(sqlite_path=source_path(), state_file=state)
     assert {t.table for t in result.tables if t.status == "copied"} >= {"accounts_loginevent"}
@@ -267,7 +269,7 @@ def test_sigterm_mid_copy_stops_both_lanes_and_the_next_run_resumes(tmp_path):
     assert "Interrupted by SIGTERM" in err and "Run migrate_data again" in err
     state = state_mod.read_state(db_dir / "state.json")
     assert state.phase == "prepared"
-    done = done_tables(db_dir / "state.json", source_sha256=file_sha256(source))
+    done = done_tables(db_dir / "state.json", source_sha256=content_sha256(source))
     assert "accounts_loginevent" not in done  # the biggest table was still loading
     again = subprocess.run(
         manage + ["migrate_data"], env=env, capture_output=True, text=True, timeout=300
@@ -275,3 +277,35 @@ def test_sigterm_mid_copy_stops_both_lanes_and_the_next_run_resumes(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "Verified" in again.stdout
     assert state_mod.read_state(db_dir / "state.json").phase == "data_migrated"
+
+
+@ALL
+def test_plan_lists_tables_rows_and_order_and_copies_nothing(dirs):
+    make_people(3)
+    prepared(source_path(), dirs / "state.json")
+    state_before = (dirs / "state.json").read_text()
+    before = file_sha256(source_path())
+    out = run("--plan")
+    lines = out.splitlines()
+    order = [t.db_table for t in build_plan().tables]
+    numbered = [re.match(r"\s*\d+\. (.+?)\s+[\d,]+ rows$", line) for line in lines]
+    listed = [m.group(1) for m in numbered if m]
+    assert listed == order  # foreign-key order, the order the copy loads
+    user_line = next(line for line in lines if " accounts_user " in line)
+    assert user_line.rstrip().endswith("3 rows")
+    assert f"in {len(order)} tables; nothing was copied." in out
+    # nothing touched: no state move, no report, no rows on PostgreSQL, the file unchanged
+    assert (dirs / "state.json").read_text() == state_before
+    assert not (dirs / "reports").exists()
+    assert User.objects.using("postgresql").count() == 0
+    assert file_sha256(source_path()) == before
+
+    from django.conf import settings
+
+    policies = {"accounts.LoginEvent": {"policy": "skip", "reason": "rebuilt from the logs"}}
+    with override_settings(
+        DBMIGRATION={**getattr(settings, "DBMIGRATION", {}), "MODEL_POLICIES": policies}
+    ):
+        out = run("--plan")
+    assert "skipped accounts.LoginEvent: rebuilt from the logs" in out
+    assert " accounts_loginevent " not in out

@@ -164,6 +164,36 @@ def test_after_switch_writes_are_carried_back(state_file, settings, old_transact
     assert ids == sqlite_before
 
 
+def test_dry_run_lists_what_would_be_carried_back_and_changes_nothing(state_file):
+    org, users = seed_both()
+    write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))
+    write_on_postgresql(org, users)
+    inode_before = os.stat(sqlite_file()).st_ino
+    state_before = state_file.read_text()
+
+    out = run_rollback("--dry-run")
+
+    assert "would carry back accounts.User: 1 inserted, 2 updated, 1 deleted" in out
+    assert "would carry back accounts.Membership: 1 inserted, 0 updated, 1 deleted" in out
+    assert "Writes would freeze while the last rows move" in out
+    assert "Dry run: nothing was changed." in out
+    assert state_file.read_text() == state_before
+    assert os.stat(sqlite_file()).st_ino == inode_before
+    assert not fz.freeze_path_for(state_file).exists()
+    assert User.all_objects.using("sqlite").get(pk=users[2].pk).first_name == "U2"
+
+    out = run_rollback("--dry-run", "--discard-postgres-writes")
+    assert "would DISCARD accounts.User: 1 inserted, 2 updated, 1 deleted" in out
+    assert read_state(state_file).active_backend == "postgresql"
+
+
+def test_dry_run_before_the_switch_moves_nothing(state_file):
+    write_state(state_file, MigrationState(phase="data_migrated"))
+    out = run_rollback("--dry-run")
+    assert "Would move the state to rolled_back" in out
+    assert read_state(state_file).phase == "data_migrated"
+
+
 def test_discard_needs_confirmation_and_lists_what_was_lost(state_file):
     org, users = seed_both()
     write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))

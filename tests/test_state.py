@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from io import StringIO
 
 import pytest
+from django.core.management import CommandError, call_command
 
 from dbmigration import state as state_mod
 from dbmigration.sqlite_source import source_fingerprint
@@ -73,3 +75,32 @@ def test_the_write_fence_is_not_a_schema_change(tmp_path):
     lock.fence(["item"], reason="test")
     lock.release()
     assert not state_mod.is_prepare_stale(prepared, source_fingerprint(source))
+
+
+def test_a_fresh_install_cannot_be_rolled_back(tmp_path):
+    with pytest.raises(state_mod.StateError, match="Run migration_prepare next"):
+        state_mod.transition(tmp_path / "state.json", "rolled_back")
+
+
+def test_rollback_on_a_fresh_install_refuses_and_leaves_the_phase(tmp_path, settings):
+    settings.STATE_FILE = tmp_path / "state.json"
+    settings.REPORT_DIR, settings.LOG_DIR = tmp_path / "reports", tmp_path / "logs"
+    for interactive in ([], ["--noinput"]):  # refuses before asking anything
+        with pytest.raises(CommandError) as exc:
+            call_command("rollback_to_sqlite", *interactive, stdout=StringIO())
+        assert exc.value.returncode == 7
+        assert "Nothing to roll back" in str(exc.value)
+        assert "Run migration_prepare to start it" in str(exc.value)
+    assert state_mod.read_state(settings.STATE_FILE).phase == "nothing"
+    assert not settings.STATE_FILE.exists()
+    # and migrate_data still refuses, naming the prepare (no way around it)
+    with pytest.raises(CommandError, match="Run migration_prepare next"):
+        call_command("migrate_data", stdout=StringIO(), stderr=StringIO())
+
+
+def test_rollback_twice_refuses_the_second_time(tmp_path, settings):
+    settings.STATE_FILE = tmp_path / "state.json"
+    state_mod.write_state(settings.STATE_FILE, state_mod.MigrationState(phase="rolled_back"))
+    with pytest.raises(CommandError, match="already rolled back") as exc:
+        call_command("rollback_to_sqlite", "--noinput", stdout=StringIO())
+    assert exc.value.returncode == 7

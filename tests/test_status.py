@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import sqlite3
+import time
 from io import StringIO
 
 from django.core.management import call_command
@@ -63,7 +65,8 @@ def test_prepared_then_stale(tmp_path):
     conn.close()
     out = _status(tmp_path, source)
     assert "Stale prepare:  schema_sha256 changed since migration_prepare" in out
-    assert "Next:           migration_prepare (the source changed since it ran)" in out
+    next_line = "Next:           migration_prepare (the SQLite schema or migrations changed since"
+    assert next_line in out
 
 
 def test_a_newer_failed_report_is_shown(tmp_path):
@@ -119,3 +122,79 @@ def test_after_the_switch_and_a_postgresql_backup_next_is_watching(tmp_path):
     assert f"Last backup:    {path} (postgresql" in out
     assert "Next:           PostgreSQL is live: back it up daily (db_backup)" in out
     assert "rollback_to_sqlite only if you must go back" in out
+
+
+def test_status_and_health_show_a_freeze_its_owner_and_age_and_a_void_one(tmp_path, settings):
+    from dbmigration import freeze as fz
+    from dbmigration import health
+    from tests.test_freeze import start_holder
+
+    source = make_source(tmp_path / "s.sqlite3")
+    settings.STATE_FILE = tmp_path / "state.json"
+    flag = fz.freeze_path_for(settings.STATE_FILE)
+    assert "Write freeze:   none" in _status(tmp_path, source)
+
+    proc, _ = start_holder(flag)  # a live owner: another process, renewing its lease
+    try:
+        time.sleep(1.2)
+        out = _status(tmp_path, source)
+        assert f"Write freeze:   ON by {getpass.getuser()}@" in out
+        assert f"pid {proc.pid} (held by a child)" in out and " s old, renewed " in out
+        check = health.run_check("migration_phase")
+        assert check.status == health.DEGRADED
+        assert "writes frozen for " in check.message and f"pid {proc.pid}" in check.message
+        assert check.details["write_freeze"]["void"] is None
+        assert check.details["write_freeze"]["age_seconds"] >= 1
+    finally:
+        proc.kill()
+        proc.wait()
+    out = _status(tmp_path, source)
+    assert "Write freeze:   left over by" in out
+    assert "void (its owner" in out and "is gone): writes go on" in out
+    check = health.run_check("migration_phase")
+    assert "was left over, void (its owner" in check.message
+    assert flag.exists()  # a read-only command and the health check change nothing
+
+
+def _status_json(tmp_path, source) -> dict:
+    out = StringIO()
+    with override_settings(
+        SQLITE_PATH=source,
+        STATE_FILE=tmp_path / "state.json",
+        BACKUP_DIR=tmp_path / "backups",
+        REPORT_DIR=tmp_path / "reports",
+    ):
+        call_command("migration_status", "--json", stdout=out)
+    return json.loads(out.getvalue())
+
+
+def test_json_has_stable_keys_and_the_last_completed_step(tmp_path):
+    source = make_source(tmp_path / "s.sqlite3")
+    body = _status_json(tmp_path, source)
+    assert body["status"] == "ok" and body["ok"] is True
+    assert body["phase"] == "nothing" and body["active_backend"] == "sqlite"
+    assert body["next_step"] == "migration_prepare"
+    assert body["last_completed_step"] is None and body["last_backup"] is None
+
+    info = create_sqlite_backup(sqlite_path=source, backup_dir=tmp_path / "backups")
+    state_mod.transition(
+        tmp_path / "state.json", "prepared", source_fingerprint=source_fingerprint(source)
+    )
+    # a later refusal writes a failed report but moves no state: the state stays the prepare
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "migration_report_29990101T000000000000Z.json").write_text(
+        '{"command": "migrate_data", "status": "refused"}'
+    )
+    body = _status_json(tmp_path, source)
+    assert body["last_completed_step"].startswith("migration_prepare at ")
+    assert body["last_report"]["status"] == "migrate_data: refused"
+    assert body["last_backup"] == {
+        "path": str(info.path),
+        "kind": "sqlite",
+        "created_at": info.created_at,
+        "verified": True,
+    }
+    assert body["history"][-1]["to"] == "prepared"
+    text = _status(tmp_path, source)
+    assert "Last completed: migration_prepare at " in text

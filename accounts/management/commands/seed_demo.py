@@ -1,5 +1,6 @@
 from django.core.management.base import BaseCommand, CommandError
 
+from dbmigration.management.output import describe_rows
 from fixtures.demo import DEFAULT_SEED, DEMO_PASSWORD, SeedError, seed_database
 
 
@@ -60,7 +61,7 @@ class Command(BaseCommand):
                 self.stdout.write(f"  {table:<28} {count:>11,}")
             self.stdout.write(
                 self.style.SUCCESS(
-                    f"Seeded {result.total_rows:,} rows ({result.users:,} users, seed "
+                    f"Seeded {describe_rows(result.rows)} ({result.users:,} users, seed "
                     f"{result.seed}) into '{result.alias}' in {result.seconds:.1f}s. "
                     f"Demo password for every user: {DEMO_PASSWORD}"
                 )

@@ -5,7 +5,10 @@ from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration import backup, conf
 from dbmigration.errors import ConfigError, MigrationError
+from dbmigration.management.output import describe_rows, json_document
+from dbmigration.management.progress import ProgressRenderer
 from dbmigration.preflight import conninfo_from_settings
+from dbmigration.reports import command_run
 
 
 class Command(BaseCommand):
@@ -17,13 +20,18 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--list", action="store_true", help="List verified backups and exit.")
         parser.add_argument(
+            "--json", action="store_true", help="With --list: print one JSON document."
+        )
+        parser.add_argument(
             "--backend",
             choices=["active", "sqlite", "postgresql"],
             default="active",
             help="Which database to back up (default: the active backend).",
         )
         parser.add_argument(
-            "--keep", type=int, help="After a good backup, delete all but the newest N."
+            "--keep",
+            type=int,
+            help="After a good backup, delete all but the newest N (default: keep every backup).",
         )
         parser.add_argument(
             "--encrypt",
@@ -40,13 +48,14 @@ class Command(BaseCommand):
             "--lock-timeout",
             type=float,
             default=5.0,
-            help="Seconds to wait for a SQLite writer's lock before giving up.",
+            help="Seconds to wait for a SQLite writer's lock before giving up "
+            "(default: %(default)s).",
         )
 
     def handle(self, *args, **opts):
         backup_dir = opts["backup_dir"] or conf.backup_dir()
         if opts["list"]:
-            return self._list(backup_dir)
+            return self._list(backup_dir, as_json=opts["json"])
         key = os.environ.get(backup.KEY_ENV) if opts["encrypt"] else None
         if opts["encrypt"] and not key:
             raise CommandError(
@@ -54,45 +63,74 @@ class Command(BaseCommand):
                 returncode=ConfigError.returncode,
             )
         kind = self._active() if opts["backend"] == "active" else opts["backend"]
-        progress = self.stdout.write if opts["verbosity"] > 1 else None
+        renderer = ProgressRenderer(self.stdout, verbosity=opts["verbosity"])
         try:
-            if kind == "postgresql":
-                info = backup.create_pg_backup(
-                    conninfo=conninfo_from_settings(settings.DATABASES["postgresql"]),
-                    backup_dir=backup_dir,
-                    verify_restore=opts["verify_restore"],
-                    encrypt_key=key,
-                    keep=opts["keep"],
-                    progress=progress,
-                )
-            else:
-                info = backup.create_sqlite_backup(
-                    sqlite_path=conf.sqlite_path(),
-                    backup_dir=backup_dir,
-                    encrypt_key=key,
-                    keep=opts["keep"],
-                    lock_timeout=opts["lock_timeout"],
-                    progress=progress,
-                )
+            with (
+                renderer,
+                command_run(
+                    "db_backup", report_dir=conf.report_dir(), log_dir=conf.log_dir()
+                ) as run,
+                run.step(f"backup_{kind}") as step,
+            ):
+                if kind == "postgresql":
+                    info = backup.create_pg_backup(
+                        conninfo=conninfo_from_settings(settings.DATABASES["postgresql"]),
+                        backup_dir=backup_dir,
+                        verify_restore=opts["verify_restore"],
+                        encrypt_key=key,
+                        keep=opts["keep"],
+                        progress=renderer.note,
+                    )
+                else:
+                    info = backup.create_sqlite_backup(
+                        sqlite_path=conf.sqlite_path(),
+                        backup_dir=backup_dir,
+                        encrypt_key=key,
+                        keep=opts["keep"],
+                        lock_timeout=opts["lock_timeout"],
+                        progress=renderer.note,
+                    )
+                step.details = {
+                    "backup": str(info.path),
+                    "bytes": info.size,
+                    "tables": {t: {"rows": n} for t, n in info.row_counts.items()},
+                }
         except MigrationError as exc:
             raise CommandError(str(exc), returncode=exc.returncode) from exc
-        rows = sum(info.row_counts.values())
         self.stdout.write(
             self.style.SUCCESS(
                 f"Backup verified: {info.path} ({info.kind}, {len(info.files)} files, "
-                f"{info.size} bytes, {rows} rows in {len(info.row_counts)} tables, "
+                f"{info.size:,} bytes, {describe_rows(info.row_counts)}, "
                 f"{info.seconds:.2f}s{', encrypted' if info.encrypted else ''})"
             )
         )
 
-    def _list(self, backup_dir):
+    def _list(self, backup_dir, *, as_json: bool):
         backups = backup.list_backups(backup_dir)
+        if as_json:
+            rows = [
+                {
+                    "name": info.name,
+                    "path": str(info.path),
+                    "kind": info.kind,
+                    "created_at": info.created_at,
+                    "verified": info.verified,
+                    "encrypted": info.encrypted,
+                    "size_bytes": info.size,
+                    "rows": sum(info.row_counts.values()),
+                    "tables": len(info.row_counts),
+                    "migrations": len(info.migrations),
+                }
+                for info in backups
+            ]
+            self.stdout.write(json_document(status="ok", backup_dir=str(backup_dir), backups=rows))
+            return
         if not backups:
             self.stdout.write(f"No verified backups in {backup_dir}.")
         for info in backups:
             self.stdout.write(
-                f"{info.name}  {info.kind:<10} {info.size:>12} bytes  "
-                f"{sum(info.row_counts.values()):>9} rows  {len(info.migrations)} migrations"
+                f"{info.name}  {info.kind:<10} {info.size:>14,} bytes  "
+                f"{describe_rows(info.row_counts)}  {len(info.migrations)} migrations"
                 f"{'  encrypted' if info.encrypted else ''}"
             )
 

@@ -5,6 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 from dbmigration import backup, conf
 from dbmigration.errors import MigrationError, NotConfirmed, PhaseError
 from dbmigration.preflight import code_migrations
+from dbmigration.reports import command_run
 from dbmigration.state import StateError, read_state, why_precious
 
 
@@ -28,7 +29,7 @@ class Command(BaseCommand):
             "--lock-timeout",
             type=float,
             default=20.0,
-            help="Seconds to wait for other SQLite connections to let go.",
+            help="Seconds to wait for other SQLite connections to let go (default: %(default)s).",
         )
         parser.add_argument(
             "--replace-live-database",
@@ -58,15 +59,29 @@ class Command(BaseCommand):
         try:
             # verified first: never ask to confirm a restore that would fail anyway
             checked = backup.restore_sqlite_backup(**restore, dry_run=True)
-            if not opts["dry_run"]:
+            if opts["dry_run"]:
+                result = checked
+            else:
                 self._confirm_replace(checked, opts)
-            result = checked if opts["dry_run"] else backup.restore_sqlite_backup(**restore)
+                with command_run(
+                    "db_restore", report_dir=conf.report_dir(), log_dir=conf.log_dir()
+                ) as run:
+                    with run.step("restore_sqlite") as step:
+                        result = backup.restore_sqlite_backup(**restore)
+                    step.details = {
+                        "restored_from": str(result.restored_from),
+                        "target": str(result.target),
+                        "safety_backup": str(result.safety_backup.path)
+                        if result.safety_backup
+                        else None,
+                        "tables": {t: {"rows": n} for t, n in result.row_counts.items()},
+                    }
         except MigrationError as exc:
             raise CommandError(str(exc), returncode=exc.returncode) from exc
         if result.dry_run:
             self.stdout.write(
                 f"Backup {result.restored_from} verified; would keep the current database as a "
-                f"backup and restore {sum(result.row_counts.values())} rows into {result.target}."
+                f"backup and restore {sum(result.row_counts.values()):,} rows into {result.target}."
             )
             return
         if result.safety_backup:
@@ -78,7 +93,7 @@ class Command(BaseCommand):
         self.stdout.write(
             self.style.SUCCESS(
                 f"Restored {result.target} from {result.restored_from} "
-                f"({sum(result.row_counts.values())} rows verified, {result.seconds:.2f}s)"
+                f"({sum(result.row_counts.values()):,} rows verified, {result.seconds:.2f}s)"
             )
         )
 

@@ -6,6 +6,9 @@ from dbmigration import conf
 from dbmigration.casts import REPAIR_RULES
 from dbmigration.copy import migrate_data
 from dbmigration.errors import Interrupted, MigrationError
+from dbmigration.management.output import describe_rows
+from dbmigration.management.progress import ProgressRenderer
+from dbmigration.reports import refusals_recorded
 
 
 class Command(BaseCommand):
@@ -48,12 +51,25 @@ class Command(BaseCommand):
             help="Copy only these tables (db_table or app_label.Model); the phase stays.",
         )
 
+        parser.add_argument(
+            "--plan",
+            action="store_true",
+            help="Show what would be copied (tables in order, rows, skipped models); copy nothing.",
+        )
+
     def handle(self, *args, **opts):
+        if opts["plan"]:
+            return self._plan(opts["tables"])
         # SIGTERM unwinds like Ctrl-C: the open table rolls back, its marker is never written
         previous = signal.signal(signal.SIGTERM, _interrupt)
-        bars = _Bars(self.stderr, enabled=opts["verbosity"] > 0)
+        progress = ProgressRenderer(self.stdout, verbosity=opts["verbosity"])
         try:
-            with bars:
+            with (
+                progress,
+                refusals_recorded(
+                    "migrate_data", report_dir=conf.report_dir(), log_dir=conf.log_dir()
+                ),
+            ):
                 r = migrate_data(
                     sqlite_path=conf.sqlite_path(),
                     state_file=conf.state_file(),
@@ -65,7 +81,7 @@ class Command(BaseCommand):
                     sync=opts["sync"],
                     verify_only=opts["verify_only"],
                     verify=not opts["no_verify"],
-                    progress=bars.update if bars.enabled else None,
+                    progress=progress if progress.enabled else None,
                 )
         except MigrationError as exc:
             raise CommandError(str(exc), returncode=exc.returncode) from exc
@@ -82,32 +98,54 @@ class Command(BaseCommand):
         if r.copy:
             for t in r.copy.tables:
                 self.stdout.write(
-                    f"  {t.table:<32} {t.status:<12} {t.rows_written:>9} rows "
-                    f"{t.rows_rejected:>5} rejected {t.seconds:7.2f}s {t.rows_per_second:>10.0f}/s"
+                    f"  {t.table:<32} {t.status:<12} {t.rows_written:>11,} rows "
+                    f"{t.rows_rejected:>5,} rejected {t.seconds:7.2f}s "
+                    f"{t.rows_per_second:>10,.0f}/s"
                 )
             if r.copy.rejected_total:
                 self.stdout.write(
                     self.style.WARNING(
-                        f"{r.copy.rejected_total} row(s) quarantined: {r.copy.reject_file}"
+                        f"{r.copy.rejected_total:,} row(s) quarantined: {r.copy.reject_file}"
                     )
                 )
             for repair in r.copy.repairs[:20]:
                 self.stdout.write(f"  repaired {repair.table} pk={repair.pk!r} {repair.column}")
         if r.sync:
             self.stdout.write(
-                f"Synced {r.sync.changed} changed row(s): {r.sync.rows_written} written, "
-                f"{r.sync.rows_deleted} deleted, in {r.sync.seconds:.2f}s"
+                f"Synced {r.sync.changed:,} changed row(s): {r.sync.rows_written:,} written, "
+                f"{r.sync.rows_deleted:,} deleted, in {r.sync.seconds:.2f}s"
             )
         if r.verification:
-            rows = sum(c.target_rows for c in r.verification.tables)
+            rows = describe_rows({c.table: c.target_rows for c in r.verification.tables})
             self.stdout.write(
-                f"Verified {len(r.verification.tables)} tables, {rows} rows: counts, checksums, "
+                f"Verified {rows}: counts, checksums, "
                 f"foreign keys, sequences, migrations ({r.verification.seconds:.2f}s)"
             )
             for warning in r.verification.warnings:
                 self.stdout.write(self.style.WARNING(f"  warning: {warning}"))
         self.stdout.write(f"Report: {r.report_path}\nLog:    {r.log_path}")
         self.stdout.write(self.style.SUCCESS(f"migrate_data ({r.mode}) done."))
+
+    def _plan(self, tables) -> None:
+        from dbmigration.plan import preview_copy
+
+        try:
+            p = preview_copy(sqlite_path=conf.sqlite_path(), only=tables)
+        except MigrationError as exc:
+            raise CommandError(str(exc), returncode=exc.returncode) from exc
+        self.stdout.write("Would copy, in this order:")
+        for n, t in enumerate(p.tables, 1):
+            rows = f"{t.source_rows:>12,} rows" if t.source_rows is not None else "  not in SQLite"
+            self.stdout.write(f"  {n:>3}. {t.db_table:<40} {rows}")
+        for label, why in p.skipped:
+            self.stdout.write(f"  skipped {label}: {why}")
+        if p.deferred_fks:
+            self.stdout.write(f"  {p.deferred_fks} foreign key(s) added after the load")
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"Plan: {p.rows:,} rows in {len(p.tables)} tables; nothing was copied."
+            )
+        )
 
 
 def _what_was_interrupted(opts) -> str:
@@ -130,56 +168,3 @@ def _what_was_interrupted(opts) -> str:
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-class _Bars:
-    """Rich progress bars: one per table and one overall, with rows/s, on stderr."""
-
-    def __init__(self, stream, *, enabled: bool):
-        self.enabled = enabled
-        self.stream = stream
-        self.tasks: dict[str, int] = {}
-        self.done: dict[str, int] = {}
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            self.progress = Progress(
-                TextColumn("{task.description:<32}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]:>10}"),
-                TimeRemainingColumn(),
-                console=Console(file=self.stream._out),
-                transient=False,
-            )
-            self.progress.__enter__()
-            self.overall = self.progress.add_task("overall", total=0, rate="")
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.progress.__exit__(*exc)
-
-    def update(self, table: str, done: int, total: int) -> None:
-        if table not in self.tasks:
-            self.tasks[table] = self.progress.add_task(table, total=total, rate="")
-            self.progress.update(
-                self.overall, total=(self.progress.tasks[self.overall].total or 0) + total
-            )
-        task = self.tasks[table]
-        self.progress.update(task, completed=done)
-        speed = self.progress.tasks[task].speed
-        self.progress.update(task, rate=f"{speed:,.0f} rows/s" if speed else "")
-        self.done[table] = done
-        self.progress.update(self.overall, completed=sum(self.done.values()))
-        speed = self.progress.tasks[self.overall].speed
-        self.progress.update(self.overall, rate=f"{speed:,.0f} rows/s" if speed else "")

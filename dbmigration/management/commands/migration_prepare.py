@@ -5,7 +5,10 @@ from django.core.management.base import BaseCommand, CommandError
 from dbmigration import conf
 from dbmigration.backup import KEY_ENV
 from dbmigration.errors import ConfigError, MigrationError
+from dbmigration.management.output import describe_rows
+from dbmigration.management.progress import ProgressRenderer
 from dbmigration.prepare import run_prepare
+from dbmigration.reports import refusals_recorded
 
 
 class Command(BaseCommand):
@@ -17,7 +20,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument(
-            "--keep", type=int, help="Keep only the newest N verified backups afterwards."
+            "--keep",
+            type=int,
+            help="Keep only the newest N verified backups afterwards (default: keep every backup).",
         )
         parser.add_argument(
             "--encrypt", action="store_true", help=f"Encrypt the backup with ${KEY_ENV}."
@@ -26,7 +31,8 @@ class Command(BaseCommand):
             "--lock-timeout",
             type=float,
             default=5.0,
-            help="Seconds to wait for a SQLite writer's lock before giving up.",
+            help="Seconds to wait for a SQLite writer's lock before giving up "
+            "(default: %(default)s).",
         )
         parser.add_argument(
             "--noinput",
@@ -49,22 +55,28 @@ class Command(BaseCommand):
                 f"--encrypt needs the key in ${KEY_ENV}; set it and retry.",
                 returncode=ConfigError.returncode,
             )
-        progress = self.stdout.write if opts["verbosity"] > 1 else None
+        renderer = ProgressRenderer(self.stdout, verbosity=opts["verbosity"])
         try:
-            r = run_prepare(
-                sqlite_path=conf.sqlite_path(),
-                state_file=conf.state_file(),
-                backup_dir=conf.backup_dir(),
-                report_dir=conf.report_dir(),
-                log_dir=conf.log_dir(),
-                pg_alias=conf.TARGET_ALIAS,
-                pool_max=conf.pool_max(),
-                keep=opts["keep"],
-                encrypt_key=key,
-                lock_timeout=opts["lock_timeout"],
-                strict=opts["strict"],
-                progress=progress,
-            )
+            with (
+                renderer,
+                refusals_recorded(
+                    "migration_prepare", report_dir=conf.report_dir(), log_dir=conf.log_dir()
+                ),
+            ):
+                r = run_prepare(
+                    sqlite_path=conf.sqlite_path(),
+                    state_file=conf.state_file(),
+                    backup_dir=conf.backup_dir(),
+                    report_dir=conf.report_dir(),
+                    log_dir=conf.log_dir(),
+                    pg_alias=conf.TARGET_ALIAS,
+                    pool_max=conf.pool_max(),
+                    keep=opts["keep"],
+                    encrypt_key=key,
+                    lock_timeout=opts["lock_timeout"],
+                    strict=opts["strict"],
+                    progress=renderer.note,
+                )
         except MigrationError as exc:
             raise CommandError(str(exc), returncode=exc.returncode) from exc
         for phase in r.phases:
@@ -74,8 +86,9 @@ class Command(BaseCommand):
         clean = r.rows_scanned - len(r.rejections)
         self.stdout.write(
             f"Source sha256 {r.fingerprint_before['sha256'][:16]}... unchanged; backup "
-            f"{r.backup.path.name}; {clean} of {r.rows_scanned} rows convert cleanly "
-            f"({r.conversion_rows_per_s:.0f} rows/s); copy estimate {r.estimated_copy_seconds:.0f}s"
+            f"{r.backup.path.name}; scanned {describe_rows(r.rows_by_table)}: {clean:,} "
+            f"convert cleanly ({r.conversion_rows_per_s:,.0f} rows/s); copy estimate "
+            f"{r.estimated_copy_seconds:.0f}s"
         )
         if r.rejections:
             self._list_rejections(r.rejections)

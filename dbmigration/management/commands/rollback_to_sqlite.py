@@ -1,7 +1,10 @@
 from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration import conf, rollback
+from dbmigration import freeze as fz
 from dbmigration.errors import MigrationError, NotConfirmed
+from dbmigration.management.progress import ProgressRenderer
+from dbmigration.reports import refusals_recorded
 from dbmigration.state import StateError, read_state
 
 
@@ -40,11 +43,23 @@ class Command(BaseCommand):
             help="With --noinput: confirm --discard-postgres-writes.",
         )
         parser.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="Show what would be carried back (or discarded) and change nothing.",
+        )
+        parser.add_argument(
             "--drain-seconds",
             type=float,
             default=10.0,
             help="Longest wait for transactions begun before the freeze to end; those left "
             "are ended (10).",
+        )
+        parser.add_argument(
+            "--freeze-timeout",
+            type=float,
+            default=fz.DEFAULT_MAX_SECONDS,
+            help="The longest the write freeze may last, even if this command hangs; if the "
+            f"command dies it lifts within {fz.LEASE_SECONDS:g} s (default: %(default)g).",
         )
 
     def handle(self, *args, **options):
@@ -56,6 +71,11 @@ class Command(BaseCommand):
         confirmed = options["confirm_discard"]
         where = "PostgreSQL (switched)" if state.active_backend == "postgresql" else "SQLite"
         self.stdout.write(f"Phase {state.phase}; the application runs on {where}.")
+        if options["dry_run"]:
+            return self._dry_run(discard=discard, drop=options["drop_postgres"])
+        refusal = rollback.nothing_to_roll_back(state, drop_postgres=options["drop_postgres"])
+        if refusal:  # before asking: there is nothing to confirm
+            raise CommandError(refusal, returncode=7)
         if options["interactive"]:
             if discard:
                 prompt = (
@@ -67,19 +87,31 @@ class Command(BaseCommand):
                     raise CommandError("Rollback cancelled.", returncode=NotConfirmed.returncode)
             elif input("Roll back to SQLite?\n    Type 'yes' to continue: ") != "yes":
                 raise CommandError("Rollback cancelled.", returncode=NotConfirmed.returncode)
-        progress = self.stdout.write if options["verbosity"] > 1 else None
+        renderer = ProgressRenderer(self.stdout, verbosity=options["verbosity"])
         try:
-            result = rollback.rollback_to_sqlite(
-                drop_postgres=options["drop_postgres"],
-                discard_postgres_writes=discard,
-                discard_confirmed=confirmed,
-                drain_seconds=options["drain_seconds"],
-                progress=progress,
-            )
+            with (
+                renderer,
+                refusals_recorded(
+                    "rollback_to_sqlite", report_dir=conf.report_dir(), log_dir=conf.log_dir()
+                ),
+            ):
+                result = rollback.rollback_to_sqlite(
+                    drop_postgres=options["drop_postgres"],
+                    discard_postgres_writes=discard,
+                    discard_confirmed=confirmed,
+                    drain_seconds=options["drain_seconds"],
+                    freeze_max_seconds=options["freeze_timeout"],
+                    progress=renderer.note,
+                )
         except (MigrationError, StateError) as exc:
             raise CommandError(
-                f"{exc}\nThe state file was not changed.", returncode=getattr(exc, "returncode", 7)
+                f"{exc} The state file was not changed.", returncode=getattr(exc, "returncode", 7)
             ) from exc
+        if result.took_over:
+            self.stdout.write(self.style.WARNING(f"Took over a leftover {result.took_over}."))
+        if result.leftovers_removed:
+            removed = ", ".join(result.leftovers_removed)
+            self.stdout.write(f"Removed the working copies of killed runs: {removed}")
         for kind, tables in (("carried back", result.carried), ("DISCARDED", result.discarded)):
             for t in tables:
                 self.stdout.write(
@@ -101,3 +133,31 @@ class Command(BaseCommand):
             )
         )
         self.stdout.write(f"Report: {result.report_path}")
+
+    def _dry_run(self, *, discard: bool, drop: bool) -> None:
+        try:
+            p = rollback.preview_rollback(discard_postgres_writes=discard, drop_postgres=drop)
+        except (MigrationError, StateError) as exc:
+            raise CommandError(str(exc), returncode=getattr(exc, "returncode", 7)) from exc
+        if not p.was_switched:
+            self.stdout.write(
+                "Would move the state to rolled_back; SQLite holds every row already."
+            )
+        for kind, tables in (("carry back", p.carried), ("DISCARD", p.discarded)):
+            for t in tables:
+                self.stdout.write(
+                    f"  would {kind} {t.label}: {t.inserted:,} inserted, {t.updated:,} updated, "
+                    f"{t.deleted:,} deleted"
+                )
+        if p.was_switched and not (p.carried or p.discarded):
+            self.stdout.write("  no writes were made on PostgreSQL since the switch")
+        if p.was_switched and not discard:
+            freeze = (
+                f"; writes were frozen {p.last_freeze_seconds:.2f} s in the last measurement"
+                if p.last_freeze_seconds
+                else ""
+            )
+            self.stdout.write(f"Writes would freeze while the last rows move{freeze}.")
+        if drop:
+            self.stdout.write("Would drop the PostgreSQL copy (unapply every migration).")
+        self.stdout.write(self.style.SUCCESS("Dry run: nothing was changed."))

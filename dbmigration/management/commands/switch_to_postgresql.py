@@ -1,7 +1,10 @@
 from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration import conf, cutover
+from dbmigration import freeze as fz
 from dbmigration.errors import MigrationError, NotConfirmed, PhaseError
+from dbmigration.management.progress import ProgressRenderer
+from dbmigration.reports import refusals_recorded
 from dbmigration.state import StateError
 
 
@@ -34,8 +37,9 @@ class Command(BaseCommand):
         parser.add_argument(
             "--freeze-timeout",
             type=float,
-            default=600.0,
-            help="The freeze lifts itself after this many seconds if this command dies (600).",
+            default=fz.DEFAULT_MAX_SECONDS,
+            help="The longest the write freeze may last, even if this command hangs; if the "
+            f"command dies it lifts within {fz.LEASE_SECONDS:g} s (default: %(default)g).",
         )
 
     def handle(self, *args, **options):
@@ -62,18 +66,26 @@ class Command(BaseCommand):
                 raise CommandError(
                     "Switch cancelled: nothing was changed.", returncode=NotConfirmed.returncode
                 )
-        progress = self.stdout.write if options["verbosity"] > 1 else None
+        renderer = ProgressRenderer(self.stdout, verbosity=options["verbosity"])
         try:
-            result = cutover.switch_to_postgresql(
-                drain_seconds=options["drain_seconds"],
-                freeze_max_seconds=options["freeze_timeout"],
-                progress=progress,
-            )
+            with (
+                renderer,
+                refusals_recorded(
+                    "switch_to_postgresql", report_dir=conf.report_dir(), log_dir=conf.log_dir()
+                ),
+            ):
+                result = cutover.switch_to_postgresql(
+                    drain_seconds=options["drain_seconds"],
+                    freeze_max_seconds=options["freeze_timeout"],
+                    progress=renderer.note,
+                )
         except (MigrationError, StateError) as exc:
             raise CommandError(
-                f"{exc}\nThe application stays on SQLite; the write freeze was lifted.",
+                f"{exc} The application stays on SQLite; the write freeze was lifted.",
                 returncode=getattr(exc, "returncode", PhaseError.returncode),
             ) from exc
+        if result.took_over:
+            self.stdout.write(self.style.WARNING(f"Took over a leftover {result.took_over}."))
         self.stdout.write(
             self.style.SUCCESS(
                 f"Switched to PostgreSQL in {result.seconds:.2f} s; writes were frozen for "
