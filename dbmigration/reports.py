@@ -102,6 +102,7 @@ class RunReport:
     report_path: Path | None = None
     context: dict[str, Any] = dataclasses.field(default_factory=dict)
     exit_code: int | None = None  # 0 on success; the command's exit status otherwise
+    error: str | None = None  # the one line the operator was shown, when the command failed
     _log: logging.Logger | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
@@ -167,6 +168,7 @@ class RunReport:
             "finished_at": datetime.now(UTC).isoformat(),
             "status": self.status,
             "exit_code": self.exit_code,
+            "error": self.error,
             **self.context,
             "steps": [dataclasses.asdict(s) for s in self.steps],
             "facts": self.facts,
@@ -182,7 +184,7 @@ class RunReport:
     def finish(self, status: str) -> Path:
         """Write the JSON report and close the log; return the report's path."""
         self.status = status
-        error = self.facts.pop("error", None)
+        error = self.error = self.facts.pop("error", None)
         if error and not any(s.status in ("failed", "refused") for s in self.steps):
             # a failure outside every step (a check before the first one) is a step too
             self.steps.append(StepResult(name="checks", status="failed", error=error))
