@@ -1,5 +1,6 @@
 """dbmigration.health: the checks, the db_health_check command, and /health/."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -264,10 +265,11 @@ def _start(data: Path, port: int, sockets: Path) -> None:
     )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def replica_pair():
-    """Start a primary and a streaming standby on free ports; yield their ports."""
-    root = Path(tempfile.mkdtemp(prefix="propcore_replica_"))
+@contextlib.contextmanager
+def streaming_pair(prefix: str):
+    """A private primary and a streaming standby on free ports; yield (root, ports), then
+    stop both and remove them."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     root.chmod(0o755)
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
@@ -287,12 +289,19 @@ def replica_pair():
                 if conn.execute("SELECT count(*) FROM pg_stat_replication").fetchone()[0]:
                     break
                 time.sleep(0.1)
-        yield p_port, s_port
+        yield root, p_port, s_port
     finally:
         for data in (standby, primary):
             if (data / "postmaster.pid").exists():
                 _run(find_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def replica_pair():
+    """Start a primary and a streaming standby on free ports; yield their ports."""
+    with streaming_pair("propcore_replica_") as (_, p_port, s_port):
+        yield p_port, s_port
 
 
 @pytest.fixture

@@ -5,11 +5,7 @@ of its own (``scale_primary``, ``scale_replica``) and reads and writes ContentTy
 whose table it creates on the private primary.
 """
 
-import os
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -29,7 +25,7 @@ from propcore.replicas import (
     routing_context,
     use_primary,
 )
-from tests.test_health import _free_port, _run, _start
+from tests.test_health import _run, streaming_pair
 
 pytestmark = pytest.mark.slow
 
@@ -41,26 +37,8 @@ MAX_LAG_BYTES = 1024 * 1024
 @pytest.fixture(scope="module")
 def pair():
     """A private primary and a streaming standby; yield (root, primary port, standby port)."""
-    root = Path(tempfile.mkdtemp(prefix="propcore_replicas_"))
-    root.chmod(0o755)
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-    primary, standby = root / "primary", root / "standby"
-    p_port, s_port = _free_port(), _free_port()
-    try:
-        _run(find_pg_bin("initdb"), "-D", str(primary), "-U", "postgres", "-A", "trust")
-        _start(primary, p_port, root)
-        _run(
-            find_pg_bin("pg_basebackup"), "-h", "127.0.0.1", "-p", str(p_port), "-U",
-            "postgres", "-D", str(standby), "-R", "-X", "stream",
-        )  # fmt: skip
-        _start(standby, s_port, root)
-        yield root, p_port, s_port
-    finally:
-        for data in (standby, primary):
-            if (data / "postmaster.pid").exists():
-                _run(find_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
-        shutil.rmtree(root, ignore_errors=True)
+    with streaming_pair("propcore_replicas_") as ports:
+        yield ports
 
 
 def _alias(port: int) -> dict:
