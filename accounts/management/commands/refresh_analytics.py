@@ -1,5 +1,8 @@
 from django.core.management.base import BaseCommand, CommandError
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, OperationalError, connections
+
+from dbmigration.errors import PhaseError, TargetError
+from dbmigration.management.runbook import add_database
 
 VIEW = "accounts_daily_analytics"
 
@@ -11,11 +14,16 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--database", default=DEFAULT_DB_ALIAS, help="Alias to refresh.")
+        add_database(
+            parser,
+            default=DEFAULT_DB_ALIAS,
+            help="The alias to refresh ('default' follows the active backend)",
+        )
         parser.add_argument(
             "--blocking",
             action="store_true",
-            help="Plain REFRESH (locks readers out); needed once if the view was never filled.",
+            help="Plain REFRESH (locks readers out). A view never filled gets one anyway: "
+            "CONCURRENTLY needs a filled view.",
         )
 
     def handle(self, *args, database, blocking, **options):
@@ -25,10 +33,39 @@ class Command(BaseCommand):
                 f"'{database}' is {connection.vendor}: no materialized view to refresh."
             )
             return
-        mode = "" if blocking else " CONCURRENTLY"
         try:
             with connection.cursor() as cursor:
+                cursor.execute("SELECT ispopulated FROM pg_matviews WHERE matviewname = %s", [VIEW])
+                row = cursor.fetchone()
+                if row is None:
+                    raise CommandError(
+                        f"'{database}' has no {VIEW}: its schema is not migrated. Run: manage.py "
+                        f"migrate --database {database} (or migration_prepare), then "
+                        "refresh_analytics.",
+                        returncode=PhaseError.returncode,
+                    )
+                concurrently = row[0] and not blocking
+                mode = " CONCURRENTLY" if concurrently else ""
                 cursor.execute(f"REFRESH MATERIALIZED VIEW{mode} {VIEW}")
-        except Exception as exc:
-            raise CommandError(f"Could not refresh {VIEW} on '{database}': {exc}") from exc
-        self.stdout.write(self.style.SUCCESS(f"Refreshed {VIEW} on '{database}'."))
+        except OperationalError as exc:  # unreachable, or gone mid-way
+            raise CommandError(
+                f"Could not reach PostgreSQL ('{database}') to refresh {VIEW}: {_first_line(exc)}. "
+                "Check that the server runs (db_test_postgresql), then retry.",
+                returncode=TargetError.returncode,
+            ) from exc
+        except DatabaseError as exc:
+            raise CommandError(
+                f"PostgreSQL ('{database}') refused to refresh {VIEW}: {_first_line(exc)}.",
+                returncode=TargetError.returncode,
+            ) from exc
+        how = (
+            ""
+            if concurrently
+            else " (plain REFRESH: "
+            + ("--blocking)" if blocking else "the view had never been filled)")
+        )
+        self.stdout.write(self.style.SUCCESS(f"Refreshed {VIEW} on '{database}'{how}."))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

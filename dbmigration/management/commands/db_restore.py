@@ -3,7 +3,8 @@ import os
 from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration import backup, conf
-from dbmigration.errors import MigrationError, NotConfirmed, PhaseError
+from dbmigration.errors import NotConfirmed, PhaseError
+from dbmigration.management.runbook import add_lock_timeout, add_noinput, engine_errors
 from dbmigration.preflight import code_migrations
 from dbmigration.reports import command_run
 from dbmigration.state import StateError, read_state, why_precious
@@ -25,25 +26,14 @@ class Command(BaseCommand):
             action="store_true",
             help="Only verify the backup (checksums, migrations) and say what would happen.",
         )
-        parser.add_argument(
-            "--lock-timeout",
-            type=float,
-            default=20.0,
-            help="Seconds to wait for other SQLite connections to let go (default: %(default)s).",
-        )
+        add_lock_timeout(parser, default=20.0, waits_for="other SQLite connections to let go")
         parser.add_argument(
             "--replace-live-database",
             action="store_true",
             help="Allow replacing the SQLite file the application runs on (writes since the "
             "backup are lost), after you type its file name; never with --noinput.",
         )
-        parser.add_argument(
-            "--noinput",
-            "--no-input",
-            action="store_false",
-            dest="interactive",
-            help="Never prompt; replacing the live database is then refused.",
-        )
+        add_noinput(parser, help="Never prompt; replacing the live database is then refused.")
 
     def handle(self, *args, **opts):
         progress = self.stdout.write if opts["verbosity"] > 1 else None
@@ -56,7 +46,7 @@ class Command(BaseCommand):
             lock_timeout=opts["lock_timeout"],
             progress=progress,
         )
-        try:
+        with engine_errors():
             # verified first: never ask to confirm a restore that would fail anyway
             checked = backup.restore_sqlite_backup(**restore, dry_run=True)
             if opts["dry_run"]:
@@ -76,8 +66,6 @@ class Command(BaseCommand):
                         else None,
                         "tables": {t: {"rows": n} for t, n in result.row_counts.items()},
                     }
-        except MigrationError as exc:
-            raise CommandError(str(exc), returncode=exc.returncode) from exc
         if result.dry_run:
             self.stdout.write(
                 f"Backup {result.restored_from} verified; would keep the current database as a "

@@ -1,8 +1,8 @@
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand
 
 from dbmigration import conf
-from dbmigration.errors import MigrationError
 from dbmigration.management.output import describe_rows, json_document
+from dbmigration.management.runbook import engine_errors
 from dbmigration.status import migration_status, runbook_summary
 
 
@@ -20,15 +20,13 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **opts):
-        try:
+        with engine_errors():
             s = migration_status(
                 state_file=conf.state_file(),
                 backup_dir=conf.backup_dir(),
                 sqlite_path=conf.sqlite_path(),
                 report_dir=conf.report_dir(),
             )
-        except MigrationError as exc:
-            raise CommandError(str(exc), returncode=exc.returncode) from exc
         if opts["json"]:
             self.stdout.write(json_document(status="stale" if s.stale else "ok", **s.to_json()))
             return
