@@ -1,8 +1,9 @@
 from django.core.management.base import BaseCommand, CommandError
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, OperationalError, connections
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 
 from dbmigration.errors import PhaseError, TargetError
-from dbmigration.management.runbook import add_database
+from dbmigration.management.runbook import add_database, engine_errors
+from dbmigration.preflight import connect, conninfo_from_settings
 
 VIEW = "accounts_daily_analytics"
 
@@ -33,6 +34,9 @@ class Command(BaseCommand):
                 f"'{database}' is {connection.vendor}: no materialized view to refresh."
             )
             return
+        # reachable? one line (exit 3) rather than the connection pool's retries
+        with engine_errors():
+            connect(conninfo_from_settings(connection.settings_dict)).close()
         try:
             with connection.cursor() as cursor:
                 cursor.execute("SELECT ispopulated FROM pg_matviews WHERE matviewname = %s", [VIEW])
@@ -47,15 +51,10 @@ class Command(BaseCommand):
                 concurrently = row[0] and not blocking
                 mode = " CONCURRENTLY" if concurrently else ""
                 cursor.execute(f"REFRESH MATERIALIZED VIEW{mode} {VIEW}")
-        except OperationalError as exc:  # unreachable, or gone mid-way
-            raise CommandError(
-                f"Could not reach PostgreSQL ('{database}') to refresh {VIEW}: {_first_line(exc)}. "
-                "Check that the server runs (db_test_postgresql), then retry.",
-                returncode=TargetError.returncode,
-            ) from exc
         except DatabaseError as exc:
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise CommandError(
-                f"PostgreSQL ('{database}') refused to refresh {VIEW}: {_first_line(exc)}.",
+                f"PostgreSQL ('{database}') refused to refresh {VIEW}: {why}.",
                 returncode=TargetError.returncode,
             ) from exc
         how = (
@@ -65,7 +64,3 @@ class Command(BaseCommand):
             + ("--blocking)" if blocking else "the view had never been filled)")
         )
         self.stdout.write(self.style.SUCCESS(f"Refreshed {VIEW} on '{database}'{how}."))
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
