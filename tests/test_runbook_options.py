@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from io import StringIO
 
 import psycopg
@@ -168,3 +169,27 @@ def test_a_view_never_filled_gets_a_plain_refresh_without_a_flag(propcore):
     assert "(plain REFRESH: the view had never been filled)" in out
     out = must(run("refresh_analytics", "--database", "postgresql"))
     assert "Refreshed accounts_daily_analytics on 'postgresql'." in out  # CONCURRENTLY now
+
+
+ROWS = re.compile(r"[\d,]+ rows? in \d+ tables?(?: \([^)]*\))?")
+
+
+def test_seed_backup_prepare_and_verify_count_the_same_rows_and_say_what(propcore):
+    run = propcore
+    must(run("ensure_postgres"))
+    must(run("migrate", "-v", "0"))
+    seeded = must(run("seed_demo", "--users", "30"))
+    holds = ROWS.search(seeded.splitlines()[-1])[0]  # "'sqlite' now holds ..."
+    backed_up = ROWS.search(must(run("db_backup")))[0]
+    prepared = ROWS.search(must(run("migration_prepare")).split("scanned ", 1)[1])[0]
+    copied = must(run("migrate_data"))
+    verified = ROWS.search(copied.split("Verified ", 1)[1])[0]
+    # the backup holds the whole file; the copy leaves django_migrations to migrate
+    assert backed_up == holds
+    assert re.fullmatch(
+        r"[\d,]+ rows in \d+ tables \(\+[\d,]+ in \d+ of Django's own tables, "
+        r"\+\d+ in django_migrations\)",
+        holds,
+    )
+    without_migrations = re.sub(r", \+\d+ in django_migrations", "", holds)
+    assert prepared == verified == without_migrations

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from django.core.management.base import BaseCommand, CommandError
 from django.db import OperationalError, connections
 
@@ -5,6 +7,7 @@ from dbmigration import conf
 from dbmigration.errors import PhaseError, SourceError
 from dbmigration.management.output import describe_rows
 from dbmigration.management.runbook import add_database
+from dbmigration.sqlite_source import open_readonly, row_counts
 from dbmigration.state import StateError, read_state
 from fixtures.demo import DEFAULT_SEED, DEMO_PASSWORD, SeedError, seed_database
 
@@ -79,6 +82,13 @@ class Command(BaseCommand):
                     f"Demo password for every user: {DEMO_PASSWORD}"
                 )
             )
+            # the whole file, counted as db_backup and migration_prepare count it
+            conn = open_readonly(Path(connections[database].settings_dict["NAME"]))
+            try:
+                holds = describe_rows(row_counts(conn))
+            finally:
+                conn.close()
+            self.stdout.write(f"'{result.alias}' now holds {holds}.")
 
 
 def _after_the_switch(alias: str) -> str | None:

@@ -61,11 +61,13 @@ class Command(BaseCommand):
             self.stdout.write(f"  {phase.name:<22} {phase.status:<8} {phase.seconds:7.2f}s")
             for warning in phase.warnings:
                 self.stdout.write(self.style.WARNING(f"    {warning}"))
-        clean = r.rows_scanned - len(r.rejections)
+        converts = (
+            f"{len(r.rejections):,} would be rejected" if r.rejections else "every row converts"
+        )
         self.stdout.write(
             f"Source sha256 {r.fingerprint_before['sha256'][:16]}... unchanged; backup "
-            f"{r.backup.path.name}; scanned {describe_rows(r.rows_by_table)}: {clean:,} "
-            f"convert cleanly ({r.conversion_rows_per_s:,.0f} rows/s); copy estimate "
+            f"{r.backup.path.name}; scanned {describe_rows(r.rows_by_table)}: {converts} "
+            f"({r.conversion_rows_per_s:,.0f} rows/s); copy estimate "
             f"{r.estimated_copy_seconds:.0f}s"
         )
         if r.rejections:
