@@ -335,7 +335,8 @@ def create_sqlite_backup(
         snapshot = partial / SNAPSHOT
         counts, migrations = _snapshot(sqlite_path, snapshot, lock_timeout=lock_timeout)
         if progress:
-            progress(f"snapshot taken: {sum(counts.values()):,} rows in {len(counts)} tables")
+            # no row total here: the command's summary says what its total counts
+            progress(f"snapshot taken ({len(counts)} tables); exporting JSON Lines")
         exported = _export_jsonl(snapshot, partial / "jsonl", progress=progress)
         info = BackupInfo(
             path=final,

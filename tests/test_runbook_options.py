@@ -180,7 +180,9 @@ def test_seed_backup_prepare_and_verify_count_the_same_rows_and_say_what(propcor
     must(run("migrate", "-v", "0"))
     seeded = must(run("seed_demo", "--users", "30"))
     holds = ROWS.search(seeded.splitlines()[-1])[0]  # "'sqlite' now holds ..."
-    backed_up = ROWS.search(must(run("db_backup")))[0]
+    backup_out = must(run("db_backup"))
+    assert len(ROWS.findall(backup_out)) == 1, backup_out  # one total, not two that differ
+    backed_up = ROWS.search(backup_out)[0]
     prepared = ROWS.search(must(run("migration_prepare")).split("scanned ", 1)[1])[0]
     copied = must(run("migrate_data"))
     verified = ROWS.search(copied.split("Verified ", 1)[1])[0]
