@@ -42,8 +42,9 @@ ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["*"] if DEBUG else [])
 SECURE_SSL_REDIRECT = PROFILE.secure_transport
 SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = PROFILE.secure_transport
 SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", PROFILE.hsts_seconds)
-SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", PROFILE.secure_transport)
-SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", PROFILE.secure_transport)
+_https = PROFILE.secure_transport
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", _https)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", _https)
 # behind a proxy that ends TLS, the redirect would loop unless Django trusts its header; only
 # safe when the proxy sets X-Forwarded-Proto itself and strips the client's
 if env.bool("BEHIND_TLS_PROXY", False):

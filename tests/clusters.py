@@ -1,8 +1,9 @@
 """Private PostgreSQL clusters for tests that need a server configured differently from the
 shared one (password auth, SSL only, preloaded libraries), and the certificates they use.
 
-    with PrivateCluster("propcore_x_", conf={"ssl": "on"}, hba=["hostssl all all 127.0.0.1/32 trust"]) as c:
-        psycopg.connect(c.url())
+    hba = ["hostssl all all 127.0.0.1/32 trust"]
+    with PrivateCluster("propcore_x_", conf={"ssl": True}, hba=hba) as cluster:
+        psycopg.connect(cluster.url())
 
 Everything lives in one temporary directory owned by the postgres user (the server refuses to
 run as root); settings go into postgresql.conf, so ``restart()`` keeps them.
