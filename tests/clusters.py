@@ -103,7 +103,15 @@ class PrivateCluster:
                 conf_file.write(f"{key} = {_conf_value(value)}\n")
 
     def start(self) -> None:
-        as_postgres(find_pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "start")
+        try:
+            as_postgres(
+                find_pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "start"
+            )
+        except subprocess.CalledProcessError:
+            tail = "\n".join(self.log_text().splitlines()[-5:])
+            raise RuntimeError(
+                f"the private cluster in {self.root} did not start:\n{tail}"
+            ) from None
 
     def stop(self, mode: str = "fast") -> None:
         if (self.data / "postmaster.pid").exists():
@@ -175,6 +183,7 @@ def make_certificates(directory: Path, *, names: tuple[str, ...] = ("localhost",
     key owned by postgres with mode 0600, as the server demands).
     """
     directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o755)  # the server (postgres) reads its files from here
     ca_key, ca, key, csr, cert = (
         directory / n for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt")
     )
