@@ -102,6 +102,11 @@ class PrivateCluster:
             for key, value in settings.items():
                 conf_file.write(f"{key} = {_conf_value(value)}\n")
 
+    def include(self, conf_file: Path) -> None:
+        """Append a copy of conf_file (e.g. deploy/'s documented settings) to postgresql.conf."""
+        with (self.data / "postgresql.conf").open("a") as conf_file_out:
+            conf_file_out.write(f"# --- {conf_file} ---\n{conf_file.read_text()}\n")
+
     def start(self) -> None:
         try:
             as_postgres(
