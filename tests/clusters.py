@@ -65,6 +65,7 @@ class PrivateCluster:
         hba: list[str] | None = None,
         superuser_password: str | None = None,
         port: int | None = None,
+        tls: bool = False,
     ):
         self.root = Path(tempfile.mkdtemp(prefix=prefix))
         self.root.chmod(0o755)
@@ -76,8 +77,15 @@ class PrivateCluster:
             "listen_addresses": HOST,
             "unix_socket_directories": str(self.root),
             "fsync": False,
-            **(conf or {}),
         }
+        # tls: SSL on, with a certificate for localhost/127.0.0.1 signed by a test CA whose
+        # certificate (self.certs["ca"]) clients pass as sslrootcert
+        self.certs = make_certificates(self.root / "certs") if tls else {}
+        if tls:
+            self.conf.update(
+                ssl=True, ssl_cert_file=str(self.certs["cert"]), ssl_key_file=str(self.certs["key"])
+            )
+        self.conf.update(conf or {})
         # local (socket) connections stay trusted: the test's own setup and teardown use them
         self.hba = ["local all all trust", *(hba or [f"host all all {HOST}/32 trust"])]
         self.superuser_password = superuser_password

@@ -4,16 +4,14 @@ test makes: verify-full works, a plain connection is refused, a wrong name fails
 
 from __future__ import annotations
 
-import tempfile
 from io import StringIO
-from pathlib import Path
 
 import psycopg
 import pytest
 from django.core.management import CommandError, call_command
 
 from dbmigration.errors import TargetError
-from tests.clusters import PrivateCluster, make_certificates
+from tests.clusters import PrivateCluster
 from tests.test_settings import PROD, manage_py
 
 pytestmark = pytest.mark.slow
@@ -23,16 +21,14 @@ OTHER_ADDRESS = "127.0.0.2"  # also loopback, but not a name the certificate hol
 
 @pytest.fixture(scope="module")
 def tls_cluster():
-    certs = make_certificates(Path(tempfile.mkdtemp(prefix="propcore_certs_")))
-    conf = {
-        "ssl": True,
-        "ssl_cert_file": str(certs["cert"]),
-        "ssl_key_file": str(certs["key"]),
-        "listen_addresses": f"127.0.0.1,{OTHER_ADDRESS}",
-    }
     # TCP only with TLS: a connection without it finds no pg_hba.conf line
-    with PrivateCluster("propcore_tls_", conf=conf, hba=["hostssl all all 127.0.0.0/8 trust"]) as c:
-        yield c, certs
+    with PrivateCluster(
+        "propcore_tls_",
+        tls=True,
+        conf={"listen_addresses": f"127.0.0.1,{OTHER_ADDRESS}"},
+        hba=["hostssl all all 127.0.0.0/8 trust"],
+    ) as cluster:
+        yield cluster, cluster.certs
 
 
 def _verified_url(cluster, certs, **query) -> str:
