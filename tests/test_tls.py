@@ -110,3 +110,12 @@ def test_a_failed_verification_is_one_clear_line(tls_cluster, how, meaning, fix)
     assert failed[0].strip().startswith("connect: FAILED - PostgreSQL at postgres@")
     assert meaning in failed[0] and f"Fix: {fix}" in failed[0]
     assert "connection to server at" not in failed[0]  # libpq's prefix is cut
+
+
+def test_a_server_without_tls_is_one_clear_line():
+    with PrivateCluster("propcore_notls_") as plain:
+        out, err = _db_test_postgresql(plain.url(sslmode="require"))
+    assert err is not None and err.returncode == TargetError.returncode
+    failed = [line for line in out.splitlines() if "FAILED" in line]
+    assert len(failed) == 1 and "does not offer SSL" in failed[0], out
+    assert "Fix: turn ssl on at the server" in failed[0]
