@@ -88,10 +88,10 @@ def check_verified_tls(
         how = "from PGSSLMODE" if environ.get("PGSSLMODE") else "libpq's default: none is given"
     if mode not in SSLMODES:
         problem = f"has sslmode={mode!r}, which libpq does not know"
+    elif SSLMODES.index(mode) < SSLMODES.index("require"):
+        problem = f"has sslmode={mode} ({how}), which may connect without encryption"
     else:
         problem = f"has sslmode={mode} ({how}), which does not verify the server's certificate"
-        if mode in ("disable", "allow", "prefer"):
-            problem = f"has sslmode={mode} ({how}), which may connect without encryption"
     raise BadPostgresUrl(
         f"{name} {problem}; the {profile} profile needs ?sslmode=verify-full&sslrootcert="
         f"/path/to/ca.crt (or {ALLOW_REQUIRE_VARIABLE}=true to accept sslmode=require)."

@@ -132,6 +132,7 @@ def manage_py(*args: str, **env) -> subprocess.CompletedProcess:
         ({**PROD, "POSTGRES_URL": "postgres://app:s3cret@db:5432/x"}, ["POSTGRES_URL", "prefer"]),
         ({**PROD, "POSTGRES_URL": PROD_URL.replace("verify-full", "require")}, ["require"]),
         ({**PROD, "POSTGRES_URL": PROD_URL.replace("verify-full", "verify-ca")}, ["verify-ca"]),
+        ({**PROD, "POSTGRES_URL": PROD_URL.replace("verify-full", "verify_full")}, ["not know"]),
         (
             {**PROD, "PGSSLMODE": "disable", "POSTGRES_URL": "postgres://app:s3cret@db/x"},
             ["PGSSLMODE"],

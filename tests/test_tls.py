@@ -49,7 +49,7 @@ def test_the_prod_app_connects_with_verify_full_and_the_server_sees_tls(tls_clus
     query = (
         "from django.db import connections; c = connections['postgresql'].cursor(); "
         "c.execute('SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()'); "
-        "print(*c.fetchone())"
+        "print(*c.fetchone(), connections['postgresql'].settings_dict['OPTIONS']['sslmode'])"
     )
     result = manage_py(
         "shell",
@@ -59,8 +59,9 @@ def test_the_prod_app_connects_with_verify_full_and_the_server_sees_tls(tls_clus
         PROPCORE_DATABASE_DIR=str(tmp_path),
     )
     assert result.returncode == 0, result.stderr
-    ssl, version = result.stdout.split()[-2:]  # shell prints "N objects imported" first
+    ssl, version, sslmode = result.stdout.split()[-3:]  # shell prints "N objects imported" first
     assert ssl == "True" and version.startswith("TLSv1"), result.stdout
+    assert sslmode == "verify-full"
 
 
 def test_db_test_postgresql_reports_ssl_in_use_over_verify_full(tls_cluster):
