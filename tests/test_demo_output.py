@@ -87,7 +87,7 @@ def test_the_summary_says_what_the_reports_prove(tmp_path):
         call_command("migration_status", "--summary", stdout=out)
     text = out.getvalue()
     assert "Reports:        3 in " in text
-    assert "Rows copied:    10,000 rows in 1 table (the last full copy)" in text
+    assert "Rows copied:    10,000 rows in 1 table, by the last full copy" in text
     assert "Rows verified:  10,000 rows in 1 table" in text
     assert "Write freeze:   0.42 s (switch_to_postgresql)" in text
     assert "Not ok:         migration_report_20260102T000000Z.json (migrate_data: refused)" in text

@@ -183,7 +183,10 @@ def test_seed_backup_prepare_and_verify_count_the_same_rows_and_say_what(propcor
     backup_out = must(run("db_backup"))
     assert len(ROWS.findall(backup_out)) == 1, backup_out  # one total, not two that differ
     backed_up = ROWS.search(backup_out)[0]
-    prepared = ROWS.search(must(run("migration_prepare")).split("scanned ", 1)[1])[0]
+    prepare_out = must(run("migration_prepare"))
+    prepared = ROWS.search(prepare_out.split("scanned ", 1)[1])[0]
+    totals = re.findall(r"([\d,]+) rows?(?: converted)? in ", prepare_out)
+    assert set(totals) == {prepared.split(" ")[0]}, prepare_out  # no other total
     copied = must(run("migrate_data"))
     verified = ROWS.search(copied.split("Verified ", 1)[1])[0]
     # the backup holds the whole file; the copy leaves django_migrations to migrate

@@ -65,7 +65,7 @@ class Command(BaseCommand):
     def _summary(self, report_dir) -> None:
         r = runbook_summary(report_dir)
         self.stdout.write(f"Reports:        {r.reports} in {report_dir}")
-        self.stdout.write(f"Rows copied:    {describe_rows(r.rows_copied)} (the last full copy)")
+        self.stdout.write(f"Rows copied:    {describe_rows(r.rows_copied)}, by the last full copy")
         if r.rows_verified:
             self.stdout.write(f"Rows verified:  {describe_rows(r.rows_verified)}")
         for command, seconds in r.freezes:
