@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml dbmigration/_copytext.c
 	touch $(STAMP)
 
 install: $(STAMP)
+	@command -v faketime >/dev/null || { apt-get update -q && apt-get install -y -q faketime; } || { echo "faketime is missing: install Debian's faketime package (tests/test_pitr.py ages pgBackRest's backups to test retention by days)"; exit 1; }
 	@test -x /usr/sbin/pgbouncer || { apt-get update -q && apt-get install -y -q pgbouncer; } || { echo "PgBouncer is missing: install Debian's pgbouncer package (the transaction-pooling tests start one)"; exit 1; }
 
 lint: install

@@ -810,6 +810,15 @@ def create_pgbackrest_backup(
     return info
 
 
+def expire_pgbackrest(backup_dir: Path):
+    """Let pgBackRest apply its retention now; drop the records of what it expired."""
+    from dbmigration import pitr
+
+    stanza = pitr.expire()
+    prune_expired_records(backup_dir, {b.label for b in stanza.backups})
+    return stanza
+
+
 def prune_expired_records(backup_dir: Path, labels: set[str]) -> list[Path]:
     """Remove the records of pgBackRest backups its retention has expired (never their data)."""
     removed = []

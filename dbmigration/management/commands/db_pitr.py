@@ -3,7 +3,7 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from dbmigration import pitr
+from dbmigration import backup, conf, pitr
 from dbmigration.errors import MigrationError
 
 
@@ -92,7 +92,7 @@ class Command(BaseCommand):
         self.stdout.write(self._backups_table(stanza))
 
     def _expire(self, opts):
-        stanza = pitr.expire()
+        stanza = backup.expire_pgbackrest(conf.backup_dir())
         self.stdout.write(f"expired by the retention ({pitr.describe_retention()}); kept:")
         self.stdout.write(self._backups_table(stanza))
 
