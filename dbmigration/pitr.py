@@ -57,7 +57,7 @@ def _chown(path: Path, user: str | None) -> None:
 
 def _error_line(output: str) -> str:
     lines = [line.strip() for line in output.splitlines() if line.strip()]
-    errors = [line for line in lines if "ERROR:" in line]
+    errors = [line for line in lines if re.search(r"\b(ERROR|FATAL|PANIC):", line)]
     return (errors or lines or ["no output"])[0]
 
 
@@ -652,7 +652,8 @@ def restore(
     log = target_dir / "pitr_restore.log"
     started = _pg_ctl(
         "-D", str(target_dir), "-l", str(log), "-w", "-t", "600",
-        "-o", f"-p {port} -k {target_dir} -c listen_addresses=127.0.0.1", "start",
+        # TCP only: a socket under a deep target_dir passes the 107-byte limit of its path
+        "-o", f"-p {port} -c unix_socket_directories='' -c listen_addresses=127.0.0.1", "start",
     )  # fmt: skip
     # pg_ctl returns once hot standby opens; running out of WAL before the target comes later
     stopped = _wait_for_log(log, rf"recovery stopping (before|at) .*|{UNREACHED}", timeout=120)
@@ -899,11 +900,19 @@ def _swap_in(restored: str, live: str, stamp: str, *, alias: str) -> str:
             admin.execute(
                 sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name))
             )
-        admin.execute(
-            sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                sql.Identifier(restored), sql.Identifier(live)
+        try:
+            admin.execute(
+                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    sql.Identifier(restored), sql.Identifier(live)
+                )
             )
-        )
+        except Exception:  # never leave the application without its database
+            admin.execute(
+                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    sql.Identifier(kept), sql.Identifier(live)
+                )
+            )
+            raise
     return kept
 
 

@@ -223,6 +223,14 @@ def _restore(*args: str, answer: str | None = None, mp=None) -> str:
     return out.getvalue()
 
 
+def _private_tempdir(cluster, monkeypatch) -> Path:
+    """Where db_restore's temporary scratch directories go during this test (to count them)."""
+    temp = cluster.root / f"tmp_{time.monotonic_ns()}"
+    temp.mkdir(mode=0o755)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    return temp
+
+
 def _databases(cluster) -> set[str]:
     return {row[0] for row in cluster.sql("SELECT datname FROM pg_database", dbname="postgres")}
 
@@ -251,12 +259,18 @@ def test_db_backup_and_db_restore_to_a_time_beside_and_over_the_live_database(cl
     _call("check")
     at = between.isoformat(sep=" ")
 
+    databases = _databases(cluster)
+    out = _restore("--to-time", at, "--dry-run")
+    assert f"Would restore pgBackRest backup {pitr.info().backups[-1].label}" in out, out
+    assert f"into database {LIVE_DB}_at_" in out and _databases(cluster) == databases
+
     # beside the live one: the safe default
+    temp = _private_tempdir(cluster, monkeypatch)
     out = _restore("--to-time", at, "--target-db", "inspect_orders")
     assert "recovery stopping before" in out and "beside the live one" in out, out
     assert cluster.sql("SELECT count(*) FROM orders", dbname="inspect_orders")[0][0] == 60
     assert cluster.sql("SELECT count(*) FROM orders")[0][0] == 41  # the live one untouched
-    assert not list(cluster.root.glob("propcore_pitr_*"))  # no scratch cluster left
+    assert not list(temp.iterdir())  # the scratch cluster and its directory are gone
 
     # over the live one: refused while the application runs on it, unless the name is typed
     write_state(settings.STATE_FILE, MigrationState(phase="switched", active_backend="postgresql"))
@@ -279,7 +293,7 @@ def test_db_backup_and_db_restore_to_a_time_beside_and_over_the_live_database(cl
     write_state(settings.STATE_FILE, MigrationState())
 
 
-def test_db_restore_to_a_time_it_cannot_reach_is_one_clear_line(cluster):
+def test_db_restore_to_a_time_it_cannot_reach_is_one_clear_line(cluster, monkeypatch):
     first = pitr.info().backups[0]
     cases = [
         (first.started.isoformat(sep=" "), "is before the first backup"),
@@ -289,12 +303,13 @@ def test_db_restore_to_a_time_it_cannot_reach_is_one_clear_line(cluster):
     _call("check")
     cases.append((quiet.isoformat(sep=" "), "past the archived WAL"))
     before = _databases(cluster)
+    temp = _private_tempdir(cluster, monkeypatch)
     for to_time, message in cases:
         with pytest.raises(CommandError, match=re.escape(message)) as caught:
             _restore("--to-time", to_time)
         assert "\n" not in str(caught.value) and caught.value.returncode == 4, caught.value
+    assert not list(temp.iterdir())
     assert _databases(cluster) == before  # nothing half-restored left behind
-    assert not list(cluster.root.glob("propcore_pitr_*"))
 
     pitr_settings = {**settings.DBMIGRATION["PITR"], "STANZA": "no_such_stanza"}
     with (

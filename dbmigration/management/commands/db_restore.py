@@ -1,4 +1,5 @@
 import os
+import shutil
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -177,6 +178,7 @@ class Command(BaseCommand):
             ) from exc
         live = connections.settings["postgresql"]["NAME"]
         replace = opts["replace_live_database"]
+        made = None  # a temporary scratch directory of ours, removed at the end
         try:
             if to_time.tzinfo is None:
                 raise RestoreTargetError(
@@ -202,6 +204,7 @@ class Command(BaseCommand):
             scratch = Path(opts["scratch_dir"] or tempfile.mkdtemp(prefix="propcore_pitr_"))
             scratch.mkdir(parents=True, exist_ok=True)
             scratch.chmod(0o755)  # the server's OS user restores and runs the scratch cluster
+            made = None if opts["scratch_dir"] else scratch
             with command_run(
                 "db_restore", report_dir=conf.report_dir(), log_dir=conf.log_dir()
             ) as run:
@@ -220,10 +223,11 @@ class Command(BaseCommand):
                     "stopped_at": result.stopped_at,
                     "tables": {t: {"rows": n} for t, n in result.row_counts.items()},
                 }
-            if not opts["scratch_dir"]:
-                scratch.rmdir()
         except MigrationError as exc:
             raise CommandError(str(exc), returncode=exc.returncode) from exc
+        finally:
+            if made:
+                shutil.rmtree(made, ignore_errors=True)
         self.stdout.write(f"server log: {result.stopped_at}")
         if opts["verbosity"] > 1:
             for table, count in result.row_counts.items():
@@ -234,7 +238,8 @@ class Command(BaseCommand):
                 self.style.SUCCESS(
                     f"Restored {live} as of {to_time.isoformat()} from {result.backup_label} "
                     f"({rows:,} rows, {result.seconds:.2f}s); the previous database is kept as "
-                    f"{result.kept_as}"
+                    f"{result.kept_as}. Reload the application (kill -HUP gunicorn's master): "
+                    "its pooled connections to the old database were ended"
                 )
             )
             return
