@@ -143,6 +143,9 @@ def main() -> None:
             manage("db_pitr", "check")
             at = target.isoformat(sep=" ")
             beside.append(manage("db_restore", "--to-time", at, "--target-db", f"at_{number}"))
+            # the next full backup must not carry this copy too (pgBackRest backs up clusters)
+            as_postgres(pg_bin("dropdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+                        f"at_{number}")  # fmt: skip
             restored = root / f"restored_{number}"
             scratch.append(
                 manage("db_pitr", "restore", "--to-time", at, "--target-dir", str(restored))
@@ -175,7 +178,7 @@ def main() -> None:
         report(
             "db_backup --type full (+ pgbackrest verify)",
             full,
-            f"; {fulls[-1]['info']['size'] / 1e6:.0f} MB database, "
+            f"; {fulls[-1]['info']['size'] / 1e6:.0f} MB cluster, "
             f"{fulls[-1]['info']['repository']['delta'] / 1e6:.1f} MB in the repository",
         )
         report(
