@@ -10,6 +10,7 @@ Everything listens on 127.0.0.1 only; processes die in finally.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import signal
@@ -52,7 +53,7 @@ class Site:
 
     def __init__(self, tmp_path: Path):
         pg = connections.settings["postgresql"]
-        self.app_name = f"propcore_shutdown_{os.getpid()}"  # finds its sessions
+        self.app_name = f"propcore_shutdown_{os.getpid()}_{tmp_path.name}"[:63]  # its sessions
         self.port = free_port()
         self.log = tmp_path / "gunicorn.log"
         write_state(
@@ -80,6 +81,7 @@ class Site:
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=self.log.open("wb"),
+            start_new_session=True,  # its own process group: stop() reaches orphaned workers
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -98,10 +100,19 @@ class Site:
             return admin_sql(query + " AND state = %s", self.app_name, state)[0][0]
         return admin_sql(query, self.app_name)[0][0]
 
+    def booted(self) -> int:
+        return self.log.read_text().count("Booting worker with pid")
+
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):  # workers a killed master left behind
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
 
 
 def post(port: int, key: str, *, hold: float = 0, timeout: float = 60) -> int:
@@ -164,7 +175,7 @@ def test_sigterm_finishes_requests_in_flight_refuses_new_ones_and_closes_every_s
 def test_sighup_rolling_restart_drops_no_request_under_load(site):
     site.start()
     stop = threading.Event()
-    sent, answered, failures = [], [], []
+    sent, answered, failures, spans = [], [], [], []
     lock = threading.Lock()
 
     def client(number: int) -> None:
@@ -174,29 +185,37 @@ def test_sighup_rolling_restart_drops_no_request_under_load(site):
             sequence += 1
             with lock:
                 sent.append(key)
+            began = time.monotonic()
             try:
-                status = post(site.port, key, timeout=30)
+                status = post(site.port, key, timeout=60)
             except OSError as exc:
                 status = repr(exc)
             with lock:
                 (answered if status == 201 else failures).append((key, status))
+                spans.append((began, time.monotonic()))
 
     clients = [threading.Thread(target=client, args=(n,)) for n in range(6)]
     for thread in clients:
         thread.start()
+    hups = []
     try:
         time.sleep(1.5)
-        for _ in range(2):  # two rolling restarts, each replacing every worker
+        for restart in (1, 2):  # two rolling restarts, each replacing every worker
+            hups.append(time.monotonic())
             site.proc.send_signal(signal.SIGHUP)
-            time.sleep(4)
+            deadline = time.monotonic() + 90
+            while site.booted() < (restart + 1) * WORKERS and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(1)  # the new workers serve under load
     finally:
         stop.set()
         for thread in clients:
             thread.join(timeout=40)
     assert not failures, failures[:5]
-    assert len(sent) == len(answered) > 50, (len(sent), len(answered))
-    log = site.log.read_text()
-    assert log.count("Booting worker with pid") >= 3 * WORKERS, log[-3000:]
+    assert len(sent) == len(answered) > 10, (len(sent), len(answered))
+    for moment in hups:  # the restarts happened under load: requests were in flight
+        assert any(began < moment < done for began, done in spans), (moment, spans)
+    assert site.booted() >= 3 * WORKERS, site.log.read_text()[-3000:]
     committed = set(
         Organisation._base_manager.using("postgresql")
         .filter(name__startswith="load-")
