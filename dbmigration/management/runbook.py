@@ -21,10 +21,13 @@ DEFAULT_KEEP = 3
 DEFAULT_LOCK_TIMEOUT = 5.0
 
 
-def keep_count(text: str) -> int | None:
-    """Parse --keep: a number of backups, or "all" (None: retention deletes nothing)."""
+KEEP_ALL = 0  # what --keep all parses to (a count must be at least 1)
+
+
+def keep_count(text: str) -> int:
+    """Parse --keep: a number of backups, or "all" (KEEP_ALL)."""
     if text.strip().lower() == "all":
-        return None
+        return KEEP_ALL
     try:
         keep = int(text)
     except ValueError:
@@ -34,14 +37,22 @@ def keep_count(text: str) -> int | None:
     return keep
 
 
+def resolve_keep(given: int | None) -> int | None:
+    """What the engine's retention gets: the default when --keep was not given, None for all."""
+    if given is None:
+        return DEFAULT_KEEP
+    return None if given == KEEP_ALL else given
+
+
 def add_keep(parser) -> None:
+    # the parser's default stays None so a command can tell an explicit --keep (pgBackRest
+    # backups refuse one: their repository has its own retention); resolve_keep applies it
     parser.add_argument(
         "--keep",
         type=keep_count,
-        default=DEFAULT_KEEP,
         metavar="N",
         help="After a good backup, delete all but the newest N verified backups of each kind; "
-        "'all' keeps every one (default: %(default)s).",
+        f"'all' keeps every one (default: {DEFAULT_KEEP}).",
     )
 
 

@@ -6,7 +6,13 @@ from dbmigration import conf
 from dbmigration.backup import KEY_ENV
 from dbmigration.errors import ConfigError
 from dbmigration.management.output import describe_rows
-from dbmigration.management.runbook import add_keep, add_lock_timeout, add_noinput, runbook_run
+from dbmigration.management.runbook import (
+    add_keep,
+    add_lock_timeout,
+    add_noinput,
+    resolve_keep,
+    runbook_run,
+)
 from dbmigration.prepare import run_prepare
 
 
@@ -51,7 +57,7 @@ class Command(BaseCommand):
                 log_dir=conf.log_dir(),
                 pg_alias=conf.TARGET_ALIAS,
                 pool_max=conf.pool_max(),
-                keep=opts["keep"],
+                keep=resolve_keep(opts["keep"]),
                 encrypt_key=key,
                 lock_timeout=opts["lock_timeout"],
                 strict=opts["strict"],
