@@ -494,9 +494,12 @@ def _check_keep(keep: int | None) -> None:
 
 
 def apply_retention(backup_dir: Path, *, keep: int) -> list[Path]:
-    """Delete all but the newest keep verified backups of each kind; return what was removed."""
+    """Delete all but the newest keep verified backups of each kind; return what was removed.
+
+    Records of pgBackRest backups are left alone: pgBackRest's own retention decides when
+    they go (prune_expired_records), and a pg_dump must not hide a restorable backup."""
     _check_keep(keep)
-    backups = list_backups(backup_dir)
+    backups = [b for b in list_backups(backup_dir) if not b.checks.get("pgbackrest")]
     removed = []
     # per kind: a run of pg_dump backups must not push out the last SQLite snapshot
     for kind in {b.kind for b in backups}:
