@@ -494,10 +494,17 @@ def csrf_pair(port: int) -> tuple[str, str]:
     """One CSRF cookie and form token: Django accepts the pair for every later POST."""
     import http.client
 
-    conn = http.client.HTTPConnection(HOST, port, timeout=30)
-    conn.request("GET", "/admin/login/", headers={"Host": HOST})
-    response = conn.getresponse()
-    page = response.read().decode()
+    for attempt in range(10):  # a worker still starting may reset the first connection
+        try:
+            conn = http.client.HTTPConnection(HOST, port, timeout=60)
+            conn.request("GET", "/admin/login/", headers={"Host": HOST})
+            response = conn.getresponse()
+            page = response.read().decode()
+            break
+        except OSError:
+            if attempt == 9:
+                raise
+            time.sleep(2)
     cookie = re.search(r"csrftoken=([^;]+)", response.getheader("Set-Cookie") or "")[1]
     token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page)[1]
     return cookie, token
