@@ -292,10 +292,13 @@ def wait_port(port: int, process: subprocess.Popen, timeout: float = 60) -> None
 
 
 def stop(process: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)  # the group this bench started
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=30)
+    """Stop the process group this bench started; the next mode needs its port free."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=wait)
+            return
 
 
 def django_env(db_url: str, *, pooling: str, replica: str = "", workers: int = 1) -> dict:
@@ -323,6 +326,9 @@ def start_gunicorn(port: int, env: dict, workers: int, threads: int, log: Path) 
         stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     wait_port(port, process)
+    time.sleep(1)
+    if process.poll() is not None:  # the port answered, but not this gunicorn
+        raise SystemExit(f"gunicorn exited with {process.returncode}: see {log}")
     return process
 
 
