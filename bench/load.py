@@ -12,7 +12,7 @@ Sessions for 2,000 users and the staff are made with Django's SessionStore.
 
 What it runs, per mode (``native``: Django's pool; ``pgbouncer``: a PgBouncer in transaction
 mode on 55173; ``replica``: native pool plus POSTGRES_REPLICA_URLS=the standby), against
-gunicorn (``--workers`` x ``--threads``, gthread, the prod profile):
+gunicorn (``--workers`` x ``--threads``, gthread, the dev profile with DEBUG off):
 
 1. capacity: ``--clients`` (200) concurrent clients, closed loop, ``--seconds``: throughput,
    errors (anything but the expected status), PostgreSQL client connections at peak;
@@ -302,8 +302,11 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def django_env(db_url: str, *, pooling: str, replica: str = "", workers: int = 1) -> dict:
+    # not the prod profile: it demands HTTPS (every plain-HTTP request becomes a redirect) and
+    # TLS to PostgreSQL; dev with DEBUG off serves the same code without either
     return {
-        "PROPCORE_ENV": "prod",
+        "PROPCORE_ENV": "dev",
+        "DEBUG": "false",
         "SECRET_KEY": SECRET_KEY,
         "POSTGRES_URL": db_url,
         "POSTGRES_POOLING": pooling,
