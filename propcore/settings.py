@@ -9,7 +9,12 @@ from django.core.exceptions import ImproperlyConfigured
 from dbmigration.pgurl import ALLOW_REQUIRE_VARIABLE, check_verified_tls
 from dbmigration.state import StateError, read_active_backend
 from propcore.pgserver import BadPostgresUrl, PostgresUnavailable, resolve_postgres_url
-from propcore.pooling import UnknownPoolingMode, apply_pooling, persistent_connections
+from propcore.pooling import (
+    UnknownPoolingMode,
+    apply_pooling,
+    persistent_connections,
+    pgbouncer_server_connections,
+)
 from propcore.profiles import UnknownProfile, get_profile
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -188,6 +193,16 @@ DATABASE_ROUTERS = ["propcore.routers.AuditRouter", "propcore.replicas.ReplicaRo
 DBMIGRATION = {
     "STATE_DIR": DATABASE_DIR,
     "POOL_MAX": PROFILE.pool_max,
+    # gunicorn reads WEB_CONCURRENCY for its worker count: each worker holds its own pool
+    "WORKERS": env.int("WEB_CONCURRENCY", 1),
+    # through PgBouncer the server sees PgBouncer's pool, not the workers' (PGBOUNCER_INI)
+    "PGBOUNCER_POOL": (
+        pgbouncer_server_connections(
+            env.path("PGBOUNCER_INI", str(BASE_DIR / "deploy" / "pgbouncer.ini"))
+        )
+        if POSTGRES_POOLING == "pgbouncer"
+        else None
+    ),
     "MODEL_POLICIES": {},
     "PROCESS_BACKEND": "propcore.middleware.process_backend",
     "SLOW_QUERIES": "propcore.query_timing.slow_queries_since",
