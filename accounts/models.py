@@ -4,7 +4,8 @@ import uuid
 
 from django.contrib.auth.models import AbstractBaseUser, PermissionsMixin
 from django.db import models
-from django.db.models import Q
+from django.db.models import F, Q
+from django.db.models.functions import Upper
 from django.utils import timezone
 
 from accounts.choices import (
@@ -133,6 +134,11 @@ class User(AbstractBaseUser, PermissionsMixin, TimestampedModel, SoftDeleteModel
             models.Index(fields=["status", "role"], name="user_status_role_idx"),
             models.Index(fields=["kyc_status"], name="user_kyc_status_idx"),
             models.Index(fields=["last_name", "first_name"], name="user_name_idx"),
+            # the admin's filters, newest first (substring search: trigram indexes, 0005)
+            models.Index(fields=["role", "-created_at"], name="user_role_created_idx"),
+            models.Index(
+                fields=["-created_at"], name="user_staff_created_idx", condition=Q(is_staff=True)
+            ),
             models.Index(
                 fields=["deleted_at"],
                 name="user_deleted_idx",
@@ -212,6 +218,9 @@ class KycVerification(TimestampedModel):
         indexes = [
             models.Index(fields=["status", "created_at"], name="kyc_status_created_idx"),
             models.Index(fields=["user", "-created_at"], name="kyc_user_created_idx"),
+            # the admin's filters, newest first; the country's also lists its values
+            models.Index(fields=["document_type", "created_at"], name="kyc_type_created_idx"),
+            models.Index(fields=["document_country", "created_at"], name="kyc_country_created_idx"),
         ]
         constraints = [
             in_choices("status", KycStatus),
@@ -241,6 +250,12 @@ class LoginEvent(models.Model):
         indexes = [
             models.Index(fields=["user", "-created_at"], name="login_user_created_idx"),
             models.Index(fields=["created_at"], name="login_created_idx"),
+            # the admin's filters and exact searches, newest first (an append-only table:
+            # each index costs every sign-in a little, each saves a scan of every row)
+            models.Index(fields=["success", "created_at"], name="login_success_created_idx"),
+            models.Index(fields=["failure_reason", "created_at"], name="login_reason_created_idx"),
+            models.Index(fields=["ip_address", "created_at"], name="login_ip_created_idx"),
+            models.Index(Upper("email_attempted"), F("created_at"), name="login_email_upper_idx"),
         ]
 
     def __str__(self) -> str:
