@@ -17,17 +17,20 @@ class EstimatedCountPaginator(Paginator):
     """Counts exactly up to a bound; past it on PostgreSQL, takes the planner's estimate."""
 
     exact_up_to = 10_000
+    # an estimate this far above the bound is trusted without counting at all
+    surely_above = 10 * exact_up_to
 
     @cached_property
     def count(self) -> int:
         rows = self.object_list
         if connections[rows.db].vendor != "postgresql":
             return super().count
+        estimate = planned_rows(rows)
+        if estimate >= self.surely_above:
+            return estimate
         # a bounded count: it stops at exact_up_to + 1 rows however many match
         counted = rows.order_by()[: self.exact_up_to + 1].count()
-        if counted <= self.exact_up_to:
-            return counted
-        return max(counted, planned_rows(rows))
+        return counted if counted <= self.exact_up_to else max(counted, estimate)
 
 
 def planned_rows(rows) -> int:

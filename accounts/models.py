@@ -186,6 +186,8 @@ class Membership(TimestampedModel):
             models.UniqueConstraint(fields=["user", "organisation"], name="membership_unique"),
             in_choices("role", MembershipRole),
         ]
+        # the admin's role filter, newest first (its list is ordered by -id)
+        indexes = [models.Index(fields=["role", "-id"], name="membership_role_idx")]
 
     def __str__(self) -> str:
         return f"{self.user} @ {self.organisation} ({self.role})"

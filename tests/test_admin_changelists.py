@@ -3,8 +3,8 @@
 Seeds a few hundred thousand users and login events in PostgreSQL with generate_series,
 requests each changelist (plain, searched, filtered, by date range, a later page) as a
 superuser through the test client, and runs EXPLAIN ANALYZE on every SELECT the page made:
-no sequential scan of a big table, and no scan of one that reads more than a bounded number
-of rows (a full index scan would pass the first test and fail this one).
+no sequential scan of a big table (but one a LIMIT stops early), and no scan of one that reads
+more than a bounded number of rows (a full index scan would pass the first test, not this one).
 """
 
 import copy
@@ -83,7 +83,7 @@ SEED = [
            CASE WHEN i % 20 <> 0 THEN '' WHEN i % 1000 = 0 THEN 'locked'
                 ELSE 'bad_password' END,
            now() - i * interval '30 seconds'
-      FROM generate_series(1, {LOGINS}) AS i
+      FROM generate_series(1::bigint, {LOGINS}) AS i
     """,
     "VACUUM ANALYZE accounts_organisation, accounts_user, accounts_membership, "
     "accounts_kycverification, accounts_loginevent",
@@ -139,8 +139,8 @@ def default_on_postgresql():
             DatabaseWrapper._connection_pools[DEFAULT_DB_ALIAS] = saved_pool
 
 
-def big_table_scans(plan: dict):
-    """(node type, table, rows read) of every scan of a big table in an EXPLAIN ANALYZE plan."""
+def big_table_scans(plan: dict, *, limited: bool = False):
+    """(node type, table, rows read, under a LIMIT) of every scan of a big table in a plan."""
     table = plan.get("Relation Name")
     if table in BIG_TABLES:
         loops = plan.get("Actual Loops", 1)
@@ -148,9 +148,9 @@ def big_table_scans(plan: dict):
         removed = plan.get("Rows Removed by Filter", 0) + plan.get(
             "Rows Removed by Index Recheck", 0
         )
-        yield plan["Node Type"], table, (kept + removed) * loops
+        yield plan["Node Type"], table, (kept + removed) * loops, limited
     for child in plan.get("Plans", []):
-        yield from big_table_scans(child)
+        yield from big_table_scans(child, limited=limited or plan["Node Type"] == "Limit")
 
 
 def test_each_changelist_reads_a_bounded_part_of_the_big_tables(default_on_postgresql):
@@ -176,7 +176,8 @@ def test_each_changelist_reads_a_bounded_part_of_the_big_tables(default_on_postg
                 cursor.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}")
                 plan = cursor.fetchone()[0]
             plan = json.loads(plan) if isinstance(plan, str) else plan
-            for node, table, rows in big_table_scans(plan[0]["Plan"]):
-                if node == "Seq Scan" or rows > MAX_ROWS_READ:
+            for node, table, rows, limited in big_table_scans(plan[0]["Plan"]):
+                # a sequential scan passes only under a LIMIT that stopped it early
+                if (node == "Seq Scan" and not limited) or rows > MAX_ROWS_READ:
                     problems.append(f"{url}?{params}: {node} on {table} read {rows:,} rows\n{sql}")
     assert not problems, "\n\n".join(problems)

@@ -23,6 +23,10 @@ class Migration(migrations.Migration):
     operations = [
         TrigramExtension(),
         migrations.AddIndex(
+            model_name="membership",
+            index=models.Index(fields=["role", "-id"], name="membership_role_idx"),
+        ),
+        migrations.AddIndex(
             model_name="kycverification",
             index=models.Index(fields=["document_type", "created_at"], name="kyc_type_created_idx"),
         ),
