@@ -67,6 +67,7 @@ class SwitchResult:
     report_path: Path | None
     seconds: float
     took_over: str = ""  # the void freeze of a killed run that this switch replaced
+    lifted_fence: str = ""  # the fence a switch killed before its flip left on SQLite
     refills: list[str] = dataclasses.field(default_factory=list)  # skipped models to refill
 
 
@@ -429,11 +430,17 @@ def switch_to_postgresql(
     try:
         with run.step("lift_old_fences") as step:
             # PostgreSQL is written from here on (the last rollback fenced it); SQLite is
-            # still the active store, so a fence on it is the leftover of a killed switch
+            # still the active store and no live freeze is on (plan_switch), so a fence on
+            # it is the leftover of a switch killed before its flip: SQLite holds every write
+            leftover = fence.sqlite_fence(sqlite_path)
             step.details = {
                 "postgresql": fence.lift_postgres_fence("postgresql"),
                 "sqlite": fence.lift_sqlite_fence(sqlite_path),
             }
+            if leftover is not None and step.details["sqlite"]:
+                lifted = fence.describe_sqlite_fence(leftover)
+                step.details["lifted"] = run.facts["lifted_fence"] = lifted
+                note(f"lifted the {lifted}, left by a switch killed before its flip")
         with run.step("presync") as step:
             note("stage 1 (writes go on): snapshot SQLite, sync PostgreSQL to it, verify")
             synced, checked = presync(
@@ -479,6 +486,7 @@ def switch_to_postgresql(
             lock.fence([t.db_table for t in tables.tables], reason="switched to PostgreSQL")
             step.details = {"tables": len(tables.tables)}
             note("SQLite fenced: any later write to it fails")
+        fz.pause_point("switch_fenced")  # a kill -9 here leaves the fence orphaned
         with run.step("flip_active_backend") as step:
             if not fz.still_held(flag, freeze):
                 # the freeze expired or was removed: writes may have reached SQLite since
@@ -513,7 +521,7 @@ def switch_to_postgresql(
         run.facts["error"] = error_text(exc)
         run.facts["active_backend"] = read_state(state_file).active_backend
         if lock is not None and lock.fenced:  # SQLite stays the active store: unfence it
-            fence.lift_sqlite_fence(sqlite_path)
+            lock.unfence()
         if lost is not None:
             raise exc from lost
         raise
@@ -539,5 +547,6 @@ def switch_to_postgresql(
         report_path=report_path,
         seconds=run.facts["seconds"],
         took_over=run.facts.get("took_over_freeze", ""),
+        lifted_fence=run.facts.get("lifted_fence", ""),
         refills=run.facts["refills"],
     )

@@ -17,6 +17,7 @@ from django.conf import settings
 from django.db import connections
 
 from dbmigration import conf
+from dbmigration.fence import describe_sqlite_fence, lift_orphaned_sqlite_fence
 from dbmigration.freeze import freeze_path_for, inspect_freeze
 from dbmigration.state import StateError, read_active_backend, read_state
 
@@ -190,6 +191,18 @@ def check_migration_phase() -> CheckResult:
     except StateError as exc:
         return CheckResult("migration_phase", DOWN, str(exc))
     details = {"phase": state.phase, "active_backend": state.active_backend}
+    # a switch killed after fencing SQLite, before its flip: every write would be refused
+    orphan = lift_orphaned_sqlite_fence(conf.sqlite_path(), state_file=conf.state_file())
+    if orphan is not None:
+        details["lifted_fence"] = lifted = describe_sqlite_fence(orphan)
+        return CheckResult(
+            "migration_phase",
+            DEGRADED,
+            f"phase {state.phase}; lifted the orphaned {lifted} (that switch was killed before "
+            "its flip: no write reached PostgreSQL); writes go on on SQLite. Run "
+            "switch_to_postgresql again.",
+            details,
+        )
     freeze = inspect_freeze(freeze_path_for(conf.state_file()))
     if freeze is not None:
         details["write_freeze"] = summary = freeze.summary()
