@@ -459,12 +459,13 @@ def test_kill_9_between_the_fence_and_the_flip_leaves_no_orphaned_fence(
             assert done.returncode == 1, said  # degraded: it says what it did
         else:
             assert done.returncode == 0, said
-    assert fence.sqlite_fence(sqlite_file) is None
     if recovery == "switch_to_postgresql":  # finished: everything SQLite held is on PostgreSQL
         state = read_state(settings.STATE_FILE)
         assert (state.phase, state.active_backend) == ("switched", "postgresql")
+        assert fence.sqlite_fence(sqlite_file)["owner"]["pid"] != proc.pid  # the new switch's
         assert_same_everywhere()
         return
+    assert fence.sqlite_fence(sqlite_file) is None
     assert read_state(settings.STATE_FILE).active_backend == "sqlite"
     assert client.get("/sneaky/").status_code == 200  # writes go on, on SQLite
     assert Organisation.objects.using("sqlite").filter(name="Sneaky").exists()
