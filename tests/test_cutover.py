@@ -378,7 +378,7 @@ def test_switch_waits_for_a_transaction_in_flight_and_fences_sqlite(state_file, 
     assert steps["drain"]["details"]["waited_seconds"] >= 0.5
     assert steps["fence_sqlite"]["status"] == "ok"
     # SQLite refuses every later write, from this process and from any other
-    with pytest.raises(IntegrityError, match="propcore write fence"):
+    with pytest.raises(middleware.FenceRefused, match="propcore write fence"):
         Organisation.objects.using("sqlite").create(name="Too late", kind="developer")
     assert fence.sqlite_fence(sqlite_path())["reason"] == "switched to PostgreSQL"
 
@@ -459,3 +459,22 @@ def test_a_fence_refusal_answers_503_wherever_it_is_raised(client, state_file, s
         post_save.disconnect(_organisation_after_login_event, sender=LoginEvent)
         fence.lift_sqlite_fence(sqlite_path())
     assert client.post(url).status_code == 201
+
+
+@pytest.mark.django_db(databases="__all__", transaction=True)
+def test_a_sqlite_fence_refusal_is_no_integrity_error():
+    # regression: the trigger's RAISE read as IntegrityError, which the session store's
+    # create() takes for a key collision: it drew new keys and saved again, for ever
+    from django.db import OperationalError
+
+    lock = fence.hold_sqlite_write_lock(sqlite_path(), timeout=5)
+    lock.fence([Organisation._meta.db_table], reason="switched to PostgreSQL")
+    lock.release()
+    try:
+        with pytest.raises(OperationalError, match="propcore write fence") as refused:
+            Organisation.objects.using("sqlite").create(name="Late", kind="developer")
+        assert isinstance(refused.value, middleware.FenceRefused)
+        assert not isinstance(refused.value, IntegrityError)
+        assert fence.is_fence_refusal(refused.value)
+    finally:
+        fence.lift_sqlite_fence(sqlite_path())

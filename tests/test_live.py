@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from io import StringIO
 from pathlib import Path
 
@@ -60,8 +61,8 @@ class Clients:
         self, kind: str, count: int, pause: float = 0.01, url: str = "/live/write/", **params
     ) -> None:
         """count threads sending url?params, waiting pause seconds between requests."""
-        for number in range(count):
-            args = (f"{kind}{number}", kind, pause, url, params)
+        for _ in range(count):
+            args = (f"{kind}{len(self.threads)}", kind, pause, url, params)
             thread = threading.Thread(target=self._loop, args=args)
             thread.start()
             self.threads.append(thread)
@@ -71,7 +72,7 @@ class Clients:
         while not self.stop.is_set():
             key = f"{name}-{sequence}"
             sequence += 1
-            query = "&".join([f"key={key}", *(f"{k}={v}" for k, v in params.items())])
+            query = urllib.parse.urlencode({"key": key, **params})
             sent = time.monotonic()
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
@@ -227,17 +228,27 @@ def test_live_runbook_loses_no_acknowledged_write(site, tmp_path):
         assert ".migrate_data-" in read_from["sync"]  # a fresh one, removed afterwards
         assert not list(settings.SQLITE_PATH.parent.glob("*.migrate_data-*"))
 
+        # a session saved after the view, by a request that passed the freeze check before
+        # the switch and saves once it is over: SQLite's fence refuses it (503, retried)
+        switched_marker = tmp_path / "switched"
+        clients.start("straggler", 1, url="/live/session/", until=str(switched_marker))
+        time.sleep(0.5)
         switch_start = time.monotonic()
         switched = cutover.switch_to_postgresql(drain_seconds=10, progress=mark)
         switch_end = time.monotonic()
+        switched_marker.touch()
         on_sqlite = names("sqlite")  # fenced: this is final
         assert fence.sqlite_fence(settings.SQLITE_PATH) is not None
         clients.start("stuck", 1, pause=0.3, hold=4.0)  # past the rollback's 2 s drain bound
         time.sleep(2)  # writes go on, on PostgreSQL
 
+        rolled_marker = tmp_path / "rolled_back"  # the same, at the rollback (PG's fence)
+        clients.start("straggler", 1, url="/live/session/", until=str(rolled_marker))
+        time.sleep(0.5)
         back_start = time.monotonic()
         rolled = rollback.rollback_to_sqlite(drain_seconds=2, progress=mark)
         back_end = time.monotonic()
+        rolled_marker.touch()
         on_postgres = names("postgresql")  # fenced: this is final
         time.sleep(2)  # writes go on, on SQLite again
     finally:
@@ -251,7 +262,7 @@ def test_live_runbook_loses_no_acknowledged_write(site, tmp_path):
     state = read_state(settings.STATE_FILE)
     assert (state.phase, state.active_backend) == ("rolled_back", "sqlite")
     orm_acked = acked_file.read_text().split()
-    sessions = clients.acked("session")
+    sessions = clients.acked("session") + clients.acked("straggler")
     acked = [k for k in clients.acked() if k not in set(sessions)] + orm_acked
     final = names("sqlite")
     lost = [key for key in acked if final[key] != 1]
@@ -265,8 +276,12 @@ def test_live_runbook_loses_no_acknowledged_write(site, tmp_path):
     assert not set(names("postgresql")) - set(final)
     assert orm_acked and all(k.startswith("orm-") for k in orm_acked)
     # every kind of write got through, and the slow ones outlived the freeze's start
-    for kind in ("fast", "slow", "stuck", "late", "session"):
+    for kind in ("fast", "slow", "stuck", "late", "session", "straggler"):
         assert any(r.kind == kind and r.status == 201 for r in clients.results), kind
+    # each straggler's first request met a fence after the view (none answered 500: below)
+    stragglers = [r for r in clients.results if r.kind == "straggler"]
+    first = {r.key.split("-")[0]: r.status for r in reversed(stragglers)}
+    assert list(first.values()) == [503, 503], stragglers[:4]
     freezes = sorted(moments.values())
     drained = [
         len(clients.in_flight_at(t, "slow") + clients.in_flight_at(t, "stuck")) for t in freezes
@@ -278,7 +293,7 @@ def test_live_runbook_loses_no_acknowledged_write(site, tmp_path):
         "acknowledged_http": len(clients.acked()),
         "acknowledged_sessions": len(sessions),
         "refused_503_sessions": sum(
-            1 for r in clients.results if r.kind == "session" and r.status == 503
+            1 for r in clients.results if r.kind in ("session", "straggler") and r.status == 503
         ),
         "acknowledged_orm_process": len(orm_acked),
         "lost": len(lost),
