@@ -4,6 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DEMO_USERS ?= 10000
+# the server's major version, for Debian's extension packages (postgresql-15-pgaudit)
+PG_MAJOR ?= $(or $(shell pg_config --version 2>/dev/null | sed -E 's/^PostgreSQL ([0-9]+).*/\1/'),15)
 # setuptools' build backend warns (experimental ext-modules, editable install) through pip -q
 PIP_QUIET := PYTHONWARNINGS=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 
@@ -20,7 +22,9 @@ $(STAMP): pyproject.toml dbmigration/_copytext.c
 	touch $(STAMP)
 
 install: $(STAMP)
+	@command -v faketime >/dev/null || { apt-get update -q && apt-get install -y -q faketime; } || { echo "faketime is missing: install Debian's faketime package (tests/test_pitr.py ages pgBackRest's backups to test retention by days)"; exit 1; }
 	@test -x /usr/sbin/pgbouncer || { apt-get update -q && apt-get install -y -q pgbouncer; } || { echo "PgBouncer is missing: install Debian's pgbouncer package (the transaction-pooling tests start one)"; exit 1; }
+	@test -f /usr/lib/postgresql/$(PG_MAJOR)/lib/pgaudit.so || { apt-get update -q && apt-get install -y -q postgresql-$(PG_MAJOR)-pgaudit; } || { echo "pgaudit is missing: install Debian's postgresql-$(PG_MAJOR)-pgaudit package (the audit tests preload it)"; exit 1; }
 
 lint: install
 	$(VENV)/bin/ruff check .
