@@ -10,7 +10,7 @@ from datetime import timedelta
 from io import StringIO
 
 import pytest
-from auditlog.context import set_actor
+from auditlog.context import disable_auditlog, set_actor
 from django.contrib.auth.models import Group
 from django.core.management import CommandError, call_command
 from django.utils import timezone
@@ -342,3 +342,30 @@ def test_unknown_setting_key_is_refused(settings):
     settings.SECURITY_SCAN = {"BRUTE_FORCE": 3}
     out, code = run()
     assert code == 78
+
+
+def test_the_admin_lists_and_filters_findings(client):
+    with disable_auditlog():  # or making the operator a superuser is itself a finding
+        staff = make_user("default", "sec@prop.ie", role="admin", is_staff=True, is_superuser=True)
+    victim = make_user("default", "admin-victim@example.ie")
+    logins("default", *[(60 - n, victim, "203.0.113.8", False) for n in range(10)])
+    logins("default", (45, victim, "203.0.113.8", True))
+    record(scan("default").findings, database="default", now=NOW)
+    client.force_login(staff)
+    url = "/admin/security/securityfinding/"
+    page = client.get(url).content.decode()
+    assert "admin-victim@example.ie" in page and "Brute force on one account" in page
+    critical = client.get(url, {"severity__exact": "critical"}).content.decode()
+    assert "1 security finding" in critical  # the success after failures, not the brute force
+    assert 'class="field-kind">Success right after a run of failures' in critical
+    assert "2 security findings" in client.get(url, {"resolved__exact": "0"}).content.decode()
+    assert "0 security findings" in client.get(url, {"kind__exact": "pgaudit_off"}).content.decode()
+    day = NOW.astimezone().date()
+    assert client.get(url, {"last_seen__gte": str(day)}).status_code == 200
+    finding = SecurityFinding.objects.get(kind="brute_force")
+    response = client.post(
+        url, {"action": "mark_resolved", "_selected_action": [finding.pk]}, follow=True
+    )
+    assert "1 finding(s) marked resolved." in response.content.decode()
+    assert SecurityFinding.objects.get(pk=finding.pk).resolved_at is not None
+    assert client.get(f"{url}add/").status_code == 403
