@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from django.db import connections
 from django.db.models import Count, Max
 
 from security import conf
@@ -11,6 +14,10 @@ from security.scan.findings import RANK, SEVERITIES
 
 def unresolved_findings(database: str = "default") -> dict:
     """Unresolved findings at or above SECURITY_SCAN['HEALTH_SEVERITY'], counted by severity."""
+    settings_dict = connections[database].settings_dict
+    if connections[database].vendor == "sqlite" and not Path(settings_dict["NAME"]).exists():
+        # Django's SQLite backend would create the missing file on connect
+        raise FileNotFoundError(f"the SQLite database {settings_dict['NAME']} does not exist")
     floor = RANK[conf.options()["HEALTH_SEVERITY"]]
     wanted = [severity for severity in SEVERITIES if RANK[severity] >= floor]
     open_ = SecurityFinding.objects.using(database).filter(resolved=False, severity__in=wanted)

@@ -360,8 +360,9 @@ def test_the_admin_lists_and_filters_findings(client):
     assert 'class="field-kind">Success right after a run of failures' in critical
     assert "2 security findings" in client.get(url, {"resolved__exact": "0"}).content.decode()
     assert "0 security findings" in client.get(url, {"kind__exact": "pgaudit_off"}).content.decode()
-    day = NOW.astimezone().date()
-    assert client.get(url, {"last_seen__gte": str(day)}).status_code == 200
+    day = timezone.localdate(NOW)  # the date hierarchy's drill-down
+    by_day = {"last_seen__year": day.year, "last_seen__month": day.month, "last_seen__day": day.day}
+    assert "2 security findings" in client.get(url, by_day).content.decode()
     finding = SecurityFinding.objects.get(kind="brute_force")
     response = client.post(
         url, {"action": "mark_resolved", "_selected_action": [finding.pk]}, follow=True
@@ -369,3 +370,23 @@ def test_the_admin_lists_and_filters_findings(client):
     assert "1 finding(s) marked resolved." in response.content.decode()
     assert SecurityFinding.objects.get(pk=finding.pk).resolved_at is not None
     assert client.get(f"{url}add/").status_code == 403
+
+
+@pytest.mark.django_db(databases=["default", "sqlite", "postgresql"], transaction=True)
+def test_health_with_the_sqlite_file_missing_creates_nothing(tmp_path):
+    from django.db import connections
+
+    gone = tmp_path / "propcore.sqlite3"  # its directory exists: Django would create the file
+    aliases = [a for a in ("sqlite", "default") if connections[a].vendor == "sqlite"]
+    saved = {alias: connections.settings[alias]["NAME"] for alias in aliases}
+    for alias in aliases:
+        connections[alias].close()
+        connections.settings[alias]["NAME"] = str(gone)
+    try:
+        result = health.run_check("security")
+    finally:
+        for alias in aliases:
+            connections[alias].close()
+            connections.settings[alias]["NAME"] = saved[alias]
+    assert (result.status, result.message.split(":")[0]) == (health.OK, "not checked")
+    assert not gone.exists()
