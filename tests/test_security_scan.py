@@ -390,3 +390,28 @@ def test_health_with_the_sqlite_file_missing_creates_nothing(tmp_path):
             connections.settings[alias]["NAME"] = saved[alias]
     assert (result.status, result.message.split(":")[0]) == (health.OK, "not checked")
     assert not gone.exists()
+
+
+def test_failed_authentications_read_from_a_server_log(tmp_path):
+    from datetime import UTC, datetime
+
+    from security.scan.db_posture import read_auth_failures
+
+    log = tmp_path / "postgresql.log"
+    log.write_text(
+        '2026-12-01 09:59:59.900 UTC [11] FATAL:  password authentication failed for user "app"\n'
+        '2026-12-01 10:00:01.000 UTC [12] FATAL:  password authentication failed for user "app"\n'
+        "2026-12-01 10:00:02.000 UTC [12] DETAIL:  Connection matched pg_hba.conf line 99\n"
+        '2026-12-01 11:00:03 +01 [13] FATAL:  no pg_hba.conf entry for host "192.0.2.1", '
+        'user "mallory", database "propcore", SSL off\n'
+        '2026-12-01 10:30:00.000 UTC [14] FATAL:  role "root" does not exist\n'
+        "2026-12-01 10:30:01.000 UTC [15] LOG:  checkpoint starting: time\n"
+        '2026-12-01 12:00:00.000 UTC [16] FATAL:  password authentication failed for user "app"\n'
+    )
+    since, until = datetime(2026, 12, 1, 10, tzinfo=UTC), datetime(2026, 12, 1, 11, tzinfo=UTC)
+    found = read_auth_failures(log, since=since, until=until, tail_mb=1)
+    assert dict(found) == {
+        "app": [datetime(2026, 12, 1, 10, 0, 1, tzinfo=UTC)],
+        "mallory": [datetime(2026, 12, 1, 10, 0, 3, tzinfo=UTC)],  # 11:00:03 +01
+        "root": [datetime(2026, 12, 1, 10, 30, tzinfo=UTC)],
+    }

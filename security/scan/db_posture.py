@@ -9,6 +9,7 @@ loaded, and failed authentications in the server log.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import os
 import re
 from collections import defaultdict
@@ -209,26 +210,22 @@ def _server_log(conn, options: dict) -> tuple[Path | None, str]:
     return Path(path), ""
 
 
-def _zone(conn_zone: str | None, abbreviation: str | None):
-    from datetime import UTC
-
-    name = abbreviation or conn_zone or "UTC"
-    if name in ("UTC", "GMT", "Z"):
-        return UTC
+def _zone(name: str | None) -> dt.tzinfo:
+    """The time zone of a log line's stamp: %m writes an abbreviation (UTC) or an offset."""
+    if not name or name in ("UTC", "GMT", "Z"):
+        return dt.UTC
     if name[0] in "+-":
-        sign = -1 if name[0] == "-" else 1
         digits = name[1:].ljust(4, "0")
-        return timedelta(hours=int(digits[:2]), minutes=int(digits[2:4])) * sign
+        offset = dt.timedelta(hours=int(digits[:2]), minutes=int(digits[2:4]))
+        return dt.timezone(-offset if name[0] == "-" else offset)
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
-        return UTC
+        return dt.UTC  # an abbreviation zoneinfo does not know (IST, CET...): read as UTC
 
 
 def read_auth_failures(path: Path, *, since: datetime, until: datetime, tail_mb: int) -> dict:
     """role -> [times] of failed authentications logged between since and until."""
-    from datetime import timezone as tz
-
     size = path.stat().st_size
     failures: dict[str, list[datetime]] = defaultdict(list)
     with path.open("rb") as handle:
@@ -242,9 +239,7 @@ def read_auth_failures(path: Path, *, since: datetime, until: datetime, tail_mb:
             failed, stamp = AUTH_FAILED.search(line), LOG_TIME.match(line)
             if not (failed and stamp):
                 continue
-            zone = _zone(None, stamp[2])
-            zone = tz(zone) if isinstance(zone, timedelta) else zone
-            at = datetime.fromisoformat(stamp[1]).replace(tzinfo=zone)
+            at = datetime.fromisoformat(stamp[1]).replace(tzinfo=_zone(stamp[2]))
             if since <= at < until:
                 role = failed["user"] or failed["hba_user"] or failed["unknown"] or "?"
                 failures[role].append(at)
