@@ -8,14 +8,10 @@ Each test plants one weakness, asserts its finding and severity, and takes it ba
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import subprocess
-import tempfile
 import time
 from datetime import timedelta
 from io import StringIO
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -28,83 +24,39 @@ from propcore.pgserver import find_pg_bin
 from security import conf
 from security.models import SecurityFinding
 from security.scan import db_posture
+from tests.clusters import PrivateCluster
 
 pytestmark = pytest.mark.django_db(databases=["default", "postgresql"], transaction=True)
 
-PORT = 55141  # the brief's range for this module: 55140-55149
+PORT = 55141  # this helper's range: 55140-55149
 ADMIN_PW, APP_PW, OWNER_PW = "admin-pw-scan", "app-pw-scan", "owner-pw-scan"
 NAMES = role_names()
-BASE_OPTIONS = (
-    f"-p {PORT} -c listen_addresses=127.0.0.1 -c max_connections=30 -c log_timezone=UTC "
-    "-c logging_collector=on -c log_directory=log -c log_filename=postgresql.log "
-)
 
 
-def _as_postgres(cmd: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
-
-
-class Cluster:
-    def __init__(self, root: Path):
-        self.root, self.data = root, root / "data"
-        self.pg_ctl = find_pg_bin("pg_ctl")
-
-    def options(self, *, pgaudit: bool) -> str:
-        ssl = (
-            f"-c ssl=on -c ssl_cert_file={self.root}/server.crt "
-            f"-c ssl_key_file={self.root}/server.key -k {self.root} "
-        )
-        return BASE_OPTIONS + ssl + ("-c shared_preload_libraries=pgaudit" if pgaudit else "")
-
-    def start(self, *, pgaudit: bool = True) -> None:
-        subprocess.run(
-            _as_postgres(
-                [self.pg_ctl, "-D", str(self.data), "-l", str(self.root / "startup.log"), "-w",
-                 "-o", self.options(pgaudit=pgaudit), "start"]
-            ),
-            check=True, capture_output=True,
-        )  # fmt: skip
-
-    def stop(self) -> None:
-        subprocess.run(
-            _as_postgres([self.pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "stop"]),
-            check=False,
-            capture_output=True,
-        )
-
-    def conninfo(self, user="postgres", password=ADMIN_PW, **extra) -> dict:
-        return {"host": "127.0.0.1", "port": PORT, "user": user, "password": password,
-                "dbname": "propcore", **extra}  # fmt: skip
+def conninfo(cluster: PrivateCluster, user="postgres", password=ADMIN_PW, **extra) -> dict:
+    """Over TCP with a password, as a remote application or operator would connect."""
+    return {"host": "127.0.0.1", "port": cluster.port, "user": user, "password": password,
+            "dbname": "propcore", **extra}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def cluster(django_db_setup, django_db_blocker):
-    root = Path(tempfile.mkdtemp(prefix="propcore_posture_"))
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-    (root / "pw").write_text(ADMIN_PW)
-    os.chmod(root / "pw", 0o644)
-    subprocess.run(
-        _as_postgres(
-            [find_pg_bin("initdb"), "-D", str(root / "data"), "-U", "postgres", "--pwfile",
-             str(root / "pw"), "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8"]
-        ),
-        check=True, capture_output=True,
-    )  # fmt: skip
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-         "/CN=localhost", "-keyout", str(root / "server.key"), "-out", str(root / "server.crt")],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    for name in ("server.key", "server.crt"):
-        os.chmod(root / name, 0o600)
-        if os.geteuid() == 0:
-            shutil.chown(root / name, "postgres")
-    server = Cluster(root)
-    server.start()
-    try:
-        with psycopg.connect(**server.conninfo(dbname="postgres"), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE propcore ENCODING 'UTF8' TEMPLATE template0")
+    server = PrivateCluster(
+        "propcore_posture_",
+        conf={
+            "shared_preload_libraries": "pgaudit",
+            "logging_collector": True,  # so that pg_current_logfile() names the log
+            "log_directory": "log",
+            "log_filename": "postgresql.log",
+            "log_timezone": "UTC",
+        },
+        hba=["host all all 127.0.0.1/32 scram-sha-256"],
+        superuser_password=ADMIN_PW,
+        port=PORT,
+        tls=True,
+    )
+    with server:
+        server.sql("CREATE DATABASE propcore ENCODING 'UTF8' TEMPLATE template0")
         # the migrated test database's schema, as the runbook's migrate would leave it
         with django_db_blocker.unblock():
             test_db = connections["postgresql"].settings_dict["NAME"]
@@ -114,33 +66,29 @@ def cluster(django_db_setup, django_db_blocker):
             check=True, capture_output=True, text=True,
         ).stdout  # fmt: skip
         subprocess.run(
-            [find_pg_bin("psql"), "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p",
-             str(PORT), "-U", "postgres", "-d", "propcore"],
+            [find_pg_bin("psql"), "-q", "-v", "ON_ERROR_STOP=1", "-h", str(server.root), "-p",
+             str(server.port), "-U", "postgres", "-d", "propcore"],
             input=schema, check=True, capture_output=True, text=True,
-            env={**os.environ, "PGPASSWORD": ADMIN_PW},
         )  # fmt: skip
         sync_roles(
-            conninfo=server.conninfo(),
+            conninfo=server.admin_conninfo("propcore"),
             names=NAMES,
             passwords={"app": APP_PW, "owner": OWNER_PW},
             owner_login=True,
         )
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def admin(cluster):
-    with psycopg.connect(**cluster.conninfo(), autocommit=True) as conn:
+    with psycopg.connect(**cluster.admin_conninfo("propcore"), autocommit=True) as conn:
         yield conn
 
 
 @contextlib.contextmanager
 def app_session(cluster, *, sslmode="require"):
     """The application connected, as it would be while the scan runs."""
-    with psycopg.connect(**cluster.conninfo(NAMES.app, APP_PW), sslmode=sslmode) as conn:
+    with psycopg.connect(**conninfo(cluster, NAMES.app, APP_PW), sslmode=sslmode) as conn:
         conn.execute("SELECT 1")
         yield conn
 
@@ -148,7 +96,7 @@ def app_session(cluster, *, sslmode="require"):
 def posture(cluster, *, since, app_user=NAMES.app, **overrides):
     options = {**conf.DEFAULTS, "SSL_EXEMPT_LOOPBACK": False, **overrides}
     return db_posture.scan(
-        conninfo=cluster.conninfo(),
+        conninfo=conninfo(cluster),
         app_user=app_user,
         names=NAMES,
         since=since,
@@ -249,13 +197,13 @@ def test_failed_postgresql_logins_from_the_server_log(cluster):
     for _ in range(6):
         with pytest.raises(psycopg.OperationalError):
             psycopg.connect(
-                **cluster.conninfo(NAMES.app, "wrong-password", sslmode="require"),
+                **conninfo(cluster, NAMES.app, "wrong-password", sslmode="require"),
                 connect_timeout=3,
             )
     for _ in range(2):  # under the threshold
         with pytest.raises(psycopg.OperationalError):
             psycopg.connect(
-                **cluster.conninfo("nobody_here", "x", sslmode="require"), connect_timeout=3
+                **conninfo(cluster, "nobody_here", "x", sslmode="require"), connect_timeout=3
             )
     time.sleep(0.5)  # the log collector writes asynchronously
     found = posture(cluster, since=since).findings
@@ -271,8 +219,8 @@ def test_failed_postgresql_logins_from_the_server_log(cluster):
 
 
 def test_the_command_records_posture_findings(cluster, settings):
-    settings.POSTGRES_ADMIN_URL = f"postgres://postgres:{ADMIN_PW}@127.0.0.1:{PORT}/propcore"
-    settings.POSTGRES_URL = f"postgres://{NAMES.owner}:{OWNER_PW}@127.0.0.1:{PORT}/propcore"
+    settings.POSTGRES_ADMIN_URL = cluster.url(password=ADMIN_PW, database="propcore")
+    settings.POSTGRES_URL = cluster.url(user=NAMES.owner, password=OWNER_PW, database="propcore")
     out = StringIO()
     with pytest.raises(CommandError) as exc:
         call_command("security_scan", "--database", "postgresql", "--since", "1h", stdout=out)
@@ -287,13 +235,13 @@ def test_the_command_records_posture_findings(cluster, settings):
 
 
 def test_pgaudit_not_loaded(cluster):
-    cluster.stop()
-    cluster.start(pgaudit=False)
+    cluster.configure(shared_preload_libraries="")
+    cluster.restart()
     try:
         found = posture(cluster, since=timezone.now()).findings
         assert [(f.kind, f.severity) for f in found] == [("pgaudit_off", "warning")]
-        assert found[0].subject == f"127.0.0.1:{PORT}"
+        assert found[0].subject == f"127.0.0.1:{cluster.port}"
     finally:
-        cluster.stop()
-        cluster.start()
+        cluster.configure(shared_preload_libraries="pgaudit")
+        cluster.restart()
     assert posture(cluster, since=timezone.now()).findings == []
