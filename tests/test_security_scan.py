@@ -415,3 +415,21 @@ def test_failed_authentications_read_from_a_server_log(tmp_path):
         "mallory": [datetime(2026, 12, 1, 10, 0, 3, tzinfo=UTC)],  # 11:00:03 +01
         "root": [datetime(2026, 12, 1, 10, 30, tzinfo=UTC)],
     }
+
+
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        ({"BRUTE_FORCE": 3}, "security.E001"),
+        ({"BRUTE_FORCE_FAILURES": 0}, "security.E002"),
+        ({"SPRAY_ACCOUNTS": "10"}, "security.E002"),
+        ({"HEALTH_SEVERITY": "info"}, "security.E003"),
+        ({"SINCE": "yesterday"}, "security.E004"),
+    ],
+)
+def test_system_checks_refuse_a_bad_security_scan_setting(settings, bad, error):
+    from security.checks import check_security_scan_settings
+
+    assert check_security_scan_settings() == []
+    settings.SECURITY_SCAN = bad
+    assert [message.id for message in check_security_scan_settings()] == [error]
