@@ -383,8 +383,11 @@ def test_pg_dump_backup_with_verify_restore(tmp_path):
     assert info.checks["verify_restore"]["row_counts_equal"] is True
     assert "accounts.0003_analytics_view" in info.migrations
     assert file_sha256(info.path / "db.dump") == info.files[0].sha256
+    # the scratch database is named after the one verified; other databases on a shared
+    # server may well have "_verify_" in their names
+    scratch = connections["postgresql"].settings_dict["NAME"] + "_verify_%"
     with connections["postgresql"].cursor() as cur:
-        cur.execute("SELECT count(*) FROM pg_database WHERE datname LIKE %s", ["%_verify_%"])
+        cur.execute("SELECT count(*) FROM pg_database WHERE datname LIKE %s", [scratch])
         assert cur.fetchone()[0] == 0
 
 

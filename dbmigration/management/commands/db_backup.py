@@ -3,7 +3,7 @@ import os
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from dbmigration import backup, conf
+from dbmigration import backup, conf, pitr
 from dbmigration.errors import ConfigError, MigrationError
 from dbmigration.management.output import describe_rows, json_document
 from dbmigration.management.progress import ProgressRenderer
@@ -14,7 +14,8 @@ from dbmigration.reports import command_run
 class Command(BaseCommand):
     help = (
         "Take a verified backup of the active database: SQLite as a consistent snapshot plus "
-        "JSON Lines per table; PostgreSQL as pg_dump -Fc. Listed backups always verified."
+        "JSON Lines per table; PostgreSQL through pgBackRest when point-in-time recovery is set "
+        "up (db_pitr setup), else as pg_dump -Fc. Listed backups always verified."
     )
 
     def add_arguments(self, parser):
@@ -42,6 +43,17 @@ class Command(BaseCommand):
             "--verify-restore",
             action="store_true",
             help="PostgreSQL: restore the dump into a scratch database and compare row counts.",
+        )
+        parser.add_argument(
+            "--type",
+            choices=pitr.BACKUP_TYPES,
+            help="PostgreSQL with pgBackRest: backup type (default: full the first time, then "
+            "diff).",
+        )
+        parser.add_argument(
+            "--pg-dump",
+            action="store_true",
+            help="PostgreSQL: take a pg_dump even when pgBackRest is set up.",
         )
         parser.add_argument("--backup-dir", help="Where backups go (default: database/backups).")
         parser.add_argument(
@@ -72,7 +84,12 @@ class Command(BaseCommand):
                 ) as run,
                 run.step(f"backup_{kind}") as step,
             ):
-                if kind == "postgresql":
+                if kind == "postgresql" and pitr.is_set_up() and not opts["pg_dump"]:
+                    self._refuse_for_pgbackrest(opts)
+                    info = backup.create_pgbackrest_backup(
+                        backup_dir=backup_dir, backup_type=opts["type"], progress=renderer.note
+                    )
+                elif kind == "postgresql":
                     info = backup.create_pg_backup(
                         conninfo=conninfo_from_settings(settings.DATABASES["postgresql"]),
                         backup_dir=backup_dir,
@@ -97,6 +114,16 @@ class Command(BaseCommand):
                 }
         except MigrationError as exc:
             raise CommandError(str(exc), returncode=exc.returncode) from exc
+        if "pgbackrest" in info.checks:
+            made = info.checks["pgbackrest"]
+            self.stdout.write(
+                self.style.SUCCESS(
+                    f"pgBackRest {made['type']} backup {made['label']} verified (pgbackrest "
+                    f"verify): {info.source_size:,} bytes, {made['repository_bytes']:,} in "
+                    f"{made['repository']}; {info.seconds:.2f}s; recorded in {info.path}"
+                )
+            )
+            return
         self.stdout.write(
             self.style.SUCCESS(
                 f"Backup verified: {info.path} ({info.kind}, {len(info.files)} files, "
@@ -104,6 +131,22 @@ class Command(BaseCommand):
                 f"{info.seconds:.2f}s{', encrypted' if info.encrypted else ''})"
             )
         )
+
+    def _refuse_for_pgbackrest(self, opts) -> None:
+        # pgBackRest's repository has its own retention (and encryption) settings
+        for option, where in (("keep", "RETENTION_FULL / RETENTION_FULL_DAYS"),):
+            if opts[option] is not None:
+                raise CommandError(
+                    f"--{option} does not apply to pgBackRest backups: pgBackRest expires them "
+                    f"by DBMIGRATION['PITR'] {where} (db_pitr status shows it); or add --pg-dump",
+                    returncode=ConfigError.returncode,
+                )
+        if opts["encrypt"] or opts["verify_restore"]:
+            raise CommandError(
+                "--encrypt and --verify-restore apply to pg_dump backups: add --pg-dump (a "
+                "pgBackRest backup is checked by pgbackrest verify and db_restore_drill)",
+                returncode=ConfigError.returncode,
+            )
 
     def _list(self, backup_dir, *, as_json: bool):
         backups = backup.list_backups(backup_dir)
@@ -120,6 +163,7 @@ class Command(BaseCommand):
                     "rows": sum(info.row_counts.values()),
                     "tables": len(info.row_counts),
                     "migrations": len(info.migrations),
+                    "pgbackrest": info.checks.get("pgbackrest"),
                 }
                 for info in backups
             ]
@@ -128,6 +172,13 @@ class Command(BaseCommand):
         if not backups:
             self.stdout.write(f"No verified backups in {backup_dir}.")
         for info in backups:
+            made = info.checks.get("pgbackrest")
+            if made:
+                self.stdout.write(
+                    f"{info.name}  {info.kind:<10} pgBackRest {made['type']} {made['label']}  "
+                    f"{describe_rows(info.row_counts)}  {len(info.migrations)} migrations"
+                )
+                continue
             self.stdout.write(
                 f"{info.name}  {info.kind:<10} {info.size:>14,} bytes  "
                 f"{describe_rows(info.row_counts)}  {len(info.migrations)} migrations"
