@@ -19,6 +19,7 @@ import os
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import wait
 from operator import call as _call
@@ -252,6 +253,13 @@ def relational_rejections(
                 f"WHERE c.{qi(fk.column)} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM "
                 f"{qi(fk.to_table)} p WHERE p.{qi(fk.to_column)} = c.{qi(fk.column)})"
             ).fetchall()
+            if rows and _holds_uuids(table, fk.column):
+                # PostgreSQL's uuid equates what SQLite's text keeps apart (letter case)
+                there = {
+                    uuid_as_postgresql(v)
+                    for (v,) in conn.execute(f"SELECT {qi(fk.to_column)} FROM {qi(fk.to_table)}")
+                }
+                rows = [row for row in rows if uuid_as_postgresql(row[-1]) not in there]
             reason = f"points to a missing {fk.to_table}.{fk.to_column}"
             found.extend(
                 _fk_rejection(table, fk, key, value, reason)
@@ -302,6 +310,19 @@ def _split_keys(table: PlannedTable, rows) -> Iterator[tuple[Any, tuple]]:
     width = len(table.pk_columns)
     for row in rows:
         yield tuple(row[:width]) if width > 1 else row[0], tuple(row[width:])
+
+
+def _holds_uuids(table: PlannedTable, column: str) -> bool:
+    return any(c.name == column and c.internal_type == "UUIDField" for c in table.columns)
+
+
+def uuid_as_postgresql(value: Any) -> Any:
+    """A stored UUID as PostgreSQL's uuid compares it (letter case and hyphens make no
+    difference there); anything that is not a UUID stays as it is."""
+    try:
+        return uuid.UUID(_param(value)).hex
+    except (AttributeError, TypeError, ValueError):
+        return value
 
 
 def _compared(table: PlannedTable, column: str, prefix: str = "") -> str:
@@ -424,11 +445,18 @@ def cascade_rejections(conn, plan: Plan, rejected: dict[str, set]) -> list[Rejec
                 target = plan.table(fk.to_table)
                 values = _column_values(conn, target, fk.to_column, gone[fk.to_table])
                 mine = gone.setdefault(table.db_table, set())
+                column = qi(fk.column)
+                if _holds_uuids(table, fk.column):
+                    # every row pointing at that UUID as PostgreSQL reads it, whatever its
+                    # letter case: on SQLite the ORM and a join could each mean another row
+                    conn.create_function("dbm_uuid", 1, uuid_as_postgresql, deterministic=True)
+                    values = {uuid_as_postgresql(v) for v in values}
+                    column = f"dbm_uuid({column})"
                 for chunk in _chunks([_param(v) for v in values], 500):
                     marks = ", ".join("?" * len(chunk))
                     rows = conn.execute(
                         f"SELECT {_key_columns(table)}, {qi(fk.column)} FROM "
-                        f"{qi(table.db_table)} WHERE {qi(fk.column)} IN ({marks})",
+                        f"{qi(table.db_table)} WHERE {column} IN ({marks})",
                         chunk,
                     ).fetchall()
                     for pk_value, (value,) in _split_keys(table, rows):

@@ -462,3 +462,57 @@ def test_switch_catch_up_and_rollback_round_trip(runbook):
     assert m.CompositeKey.objects.using(LITE).filter(slot="new on postgresql").exists()
     assert m.Computed.objects.using(LITE).get(name="Made On postgresql").total == 42
     assert_orm_equal()
+
+
+MIXED = "AbCdEf0123456789aBcDeF0123456789"
+
+
+@ALL
+def test_uuid_key_pointed_at_in_another_letter_case_arrives_pointing_at_the_same_row(runbook):
+    """A foreign key holding a UUID in another letter case than the key it points at: SQLite
+    compares text (its check called it dangling, the copy carried it), PostgreSQL compares
+    uuids. The dry run, the copy and verification agree: carried as the canonical uuid,
+    pointing at the row Django's ORM on SQLite reads for it."""
+    fill()
+    parent = m.UUIDKey.objects.using(LITE).create(id=uuid.UUID(UPPER), name="stored lower")
+    target = m.ToFieldTarget.objects.using(LITE).create(code="T-3")
+    child = m.ToFieldChild.objects.using(LITE).create(target=target, to_uuid=parent)
+    raw_sql(
+        "UPDATE corpus_relations_tofieldchild SET to_uuid_id = ? WHERE id = ?", [MIXED, child.pk]
+    )
+    assert m.ToFieldChild.objects.using(LITE).get(pk=child.pk).to_uuid == parent
+    assert scan_source(sqlite_path=source_path()).rejections == []
+    prepared(runbook.STATE_FILE)
+    assert "migrate_data (copy) done." in run("migrate_data")
+    assert m.ToFieldChild.objects.using(PG).get(pk=child.pk).to_uuid.name == "stored lower"
+    assert_orm_equal()
+
+
+@ALL
+def test_quarantine_sets_aside_every_row_pointing_at_a_case_folded_duplicate(runbook):
+    """Two UUID keys equal for PostgreSQL: one is set aside, and so is every row pointing at
+    that uuid in any letter case (on SQLite the ORM reads one row, a join another)."""
+    fill()
+    lower = m.UUIDKey.objects.using(LITE).create(id=uuid.UUID(UPPER), name="lower case")
+    raw_sql("INSERT INTO corpus_relations_uuidkey (id, name) VALUES (?, 'upper case')", [UPPER])
+    target = m.ToFieldTarget.objects.using(LITE).create(code="T-4")
+    children = {}
+    for stored in (UPPER.lower(), UPPER, MIXED):
+        child = m.ToFieldChild.objects.using(LITE).create(target=target, to_uuid=lower)
+        raw_sql(
+            "UPDATE corpus_relations_tofieldchild SET to_uuid_id = ? WHERE id = ?",
+            [stored, child.pk],
+        )
+        children[stored] = child.pk
+    prepared(runbook.STATE_FILE)
+    out = run("migrate_data", "--quarantine")
+    assert "migrate_data (copy) done." in out
+    facts = report_of(out)["facts"]
+    assert rejected(facts["rejections"]) == {
+        ("corpus_relations_uuidkey", json.dumps(UPPER.lower()), "id"),
+        *{
+            ("corpus_relations_tofieldchild", json.dumps(pk), "to_uuid_id")
+            for pk in children.values()
+        },
+    }
+    assert not m.ToFieldChild.objects.using(PG).filter(pk__in=children.values()).exists()
