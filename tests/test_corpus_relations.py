@@ -238,8 +238,9 @@ def plant_postgresql_only_refusals() -> dict:
 
 @ALL
 def test_dry_run_predicts_what_it_can(runbook):
-    """The generated overflow and the letter-case UUID duplicate are named by the dry run;
-    the functional unique only PostgreSQL can judge (README says so)."""
+    """The generated overflow and the letter-case UUID duplicate are named from SQLite;
+    what only PostgreSQL can judge (a generated a * b it computes in int4, two rows equal
+    under Lower()) by asking PostgreSQL about a temporary copy of the rows."""
     fill()
     planted = plant_postgresql_only_refusals()
     assert m.Computed.objects.using(LITE).get(pk=planted["product"]).product == 1 << 32
@@ -250,12 +251,19 @@ def test_dry_run_predicts_what_it_can(runbook):
     assert "F(a) + F(b)" in over.reason and over.code == "range"
     dup = found[("corpus_relations_uuidkey", UPPER.lower(), "id")]
     assert dup.code == "unique" and "duplicate of pk" in dup.reason
-    assert len(found) == 2
-    # the command lists them too (the product and the functional unique: only at COPY)
+    product = found[("corpus_relations_computed", planted["product"], "total,lowered,product")]
+    assert "integer out of range" in product.reason and "F(a) * F(b)" in product.reason
+    clash = found[("corpus_relations_indexed", planted["clash"], "corpus_indexed_lower_kind_uniq")]
+    assert clash.code == "unique" and f"duplicate of pk {planted['keep']}" in clash.reason
+    assert len(found) == 4
+    # the command lists them too, and PostgreSQL kept nothing of the dry run
     out = run("migration_prepare")
-    assert "2 rows would be rejected:" in out
+    assert "4 rows would be rejected:" in out
     assert f"corpus_relations_computed pk={planted['over']} total:" in out
     assert f"corpus_relations_uuidkey pk={UPPER.lower()} id:" in out
+    assert f"corpus_relations_computed pk={planted['product']} total,lowered,product:" in out
+    assert f"corpus_relations_indexed pk={planted['clash']} corpus_indexed_lower_kind_uniq:" in out
+    assert not m.Indexed.objects.using(PG).exists()
 
 
 @ALL
