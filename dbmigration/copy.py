@@ -1778,13 +1778,27 @@ def migrate_data(
             from dbmigration.sync import sync_to_postgresql
 
             with run.step("sync") as step:
+                reject_file = report_dir / f"rejects_{run.started_at[:19].replace(':', '')}.jsonl"
                 result.sync = sync_to_postgresql(
                     sqlite_path=sqlite_path,
                     alias=alias,
                     tables=tables,
                     state_file=state_file,
                     progress=_in_stage(progress, "sync"),
+                    quarantine=quarantine,
+                    reject_file=reject_file,
                 )
+                quarantined = result.sync.rejections
+                for r in quarantined:
+                    exclude.setdefault(r.table, set()).add(key_text(r.pk))
+                if quarantined:
+                    run.facts["rejected_total"] = len(quarantined)
+                    run.facts["rejections"] = [r.as_dict() for r in quarantined[:1000]]
+                    run.facts["reject_file"] = str(result.sync.reject_file)
+                    step.warnings.append(
+                        f"{len(quarantined)} row(s) quarantined, listed in "
+                        f"{result.sync.reject_file}"
+                    )
                 step.details.update(
                     {
                         "rows_written": result.sync.rows_written,
@@ -1846,7 +1860,10 @@ def migrate_data(
                 source_fingerprint=fingerprint,
                 last_report=str(run.report_path),
             )
-        status = "ok" if not (result.copy and result.copy.rejected_total) else "warning"
+        quarantined = (result.copy and result.copy.rejected_total) or (
+            result.sync and result.sync.rejections
+        )
+        status = "warning" if quarantined else "ok"
     except Exception as exc:
         lost = postgres_lost(exc)
         if lost is None:

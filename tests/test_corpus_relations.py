@@ -524,3 +524,65 @@ def test_quarantine_sets_aside_every_row_pointing_at_a_case_folded_duplicate(run
         },
     }
     assert not m.ToFieldChild.objects.using(PG).filter(pk__in=children.values()).exists()
+
+
+def plant_sync_refusals() -> dict:
+    """After the copy: a kind equal under Lower() to a copied one, with a smaller key than
+    it (the copied row still keeps the key), and a generated a * b PostgreSQL computes in
+    int4, with a row pointing at it."""
+    copied = m.Indexed.objects.using(LITE).get(kind="Äpfel")
+    clash = m.Indexed.objects.using(LITE).create(id=copied.pk - 1, kind="äpfel", rank=9)
+    product = m.Computed.objects.using(LITE).create(a=65536, b=65536, name="late product")
+    target = m.ToFieldTarget.objects.using(LITE).get(code="T-1")
+    uses = m.ToFieldChild.objects.using(LITE).create(target=target, computed=product)
+    return {"keep": copied.pk, "clash": clash.pk, "product": product.pk, "uses": uses.pk}
+
+
+@ALL
+def test_sync_names_a_functional_unique_collision_by_its_rows(runbook):
+    """--sync named a row colliding under Lower(kind) by PostgreSQL's key detail; now as the
+    copy names it: table, pk, index, and the pk of the row already there."""
+    fill()
+    keep = m.Indexed.objects.using(LITE).create(id=500, kind="Äpfel", rank=7)
+    prepared(runbook.STATE_FILE)
+    run("migrate_data")
+    m.Indexed.objects.using(LITE).create(id=400, kind="äpfel", rank=8)
+    with pytest.raises(CommandError) as caught:
+        run("migrate_data", "--sync")
+    assert caught.value.returncode == 5
+    message = str(caught.value)
+    assert "corpus_relations_indexed pk=400 column corpus_indexed_lower_kind_uniq:" in message
+    assert f"duplicate of pk {keep.pk} under unique corpus_indexed_lower_kind_uniq" in message
+    assert not m.Indexed.objects.using(PG).filter(pk=400).exists()
+    with connections[PG].cursor() as cur:  # the index the investigation dropped is back
+        cur.execute("SELECT 1 FROM pg_indexes WHERE indexname = 'corpus_indexed_lower_kind_uniq'")
+        assert cur.fetchone()
+
+
+@ALL
+def test_sync_quarantine_sets_aside_rows_postgresql_refuses(runbook):
+    """--sync --quarantine sets aside what COPY or a unique index refuses, with the rows
+    pointing at it, lists them like the copy, and verifies the rest."""
+    fill()
+    m.Indexed.objects.using(LITE).create(id=500, kind="Äpfel", rank=7)
+    prepared(runbook.STATE_FILE)
+    run("migrate_data")
+    planted = plant_sync_refusals()
+    m.Select.objects.using(LITE).create(order=9, group="late", spaced="ok")
+    out = run("migrate_data", "--sync", "--quarantine")
+    assert "migrate_data (sync) done." in out and "3 row(s) quarantined" in out
+    facts = report_of(out)["facts"]
+    assert rejected(facts["rejections"]) == {
+        (
+            "corpus_relations_indexed",
+            json.dumps(planted["clash"]),
+            "corpus_indexed_lower_kind_uniq",
+        ),
+        ("corpus_relations_computed", json.dumps(planted["product"]), "total,lowered,product"),
+        ("corpus_relations_tofieldchild", json.dumps(planted["uses"]), "computed_id"),
+    }
+    lines = Path(facts["reject_file"]).read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(line)["values"] for line in lines)
+    assert m.Select.objects.using(PG).filter(group="late").exists()
+    assert not m.Indexed.objects.using(PG).filter(pk=planted["clash"]).exists()
+    assert not m.ToFieldChild.objects.using(PG).filter(pk=planted["uses"]).exists()
