@@ -586,3 +586,33 @@ def test_sync_quarantine_sets_aside_rows_postgresql_refuses(runbook):
     assert m.Select.objects.using(PG).filter(group="late").exists()
     assert not m.Indexed.objects.using(PG).filter(pk=planted["clash"]).exists()
     assert not m.ToFieldChild.objects.using(PG).filter(pk=planted["uses"]).exists()
+
+
+@ALL
+def test_switch_names_a_late_row_pointing_nowhere_in_one_line(runbook):
+    """A row written while the switch ran, pointing at a missing row (SQLite enforces no
+    foreign key for a plain connection): PostgreSQL refuses it only at commit, with no COPY
+    line; the switch names it in one line with the fix, no traceback."""
+    from dbmigration import cutover
+    from dbmigration.errors import DataError
+
+    fill()
+    prepared(runbook.STATE_FILE)
+    run("migrate_data")
+    target = m.ToFieldTarget.objects.using(LITE).get(code="T-1")
+
+    def write_during_the_switch(message: str) -> None:
+        if message == "write freeze on":
+            raw_sql(
+                "INSERT INTO corpus_relations_tofieldchild (id, target_id, computed_id) "
+                "VALUES (777, ?, 424242)",
+                [target.code],
+            )
+
+    with pytest.raises(DataError) as caught:
+        cutover.switch_to_postgresql(drain_seconds=0, progress=write_during_the_switch)
+    message = str(caught.value)
+    assert "\n" not in message and caught.value.returncode == 5
+    assert "corpus_relations_tofieldchild pk=777 computed_id: points to a missing" in message
+    assert "Fix it in SQLite, then switch again." in message
+    assert state_mod.read_state(runbook.STATE_FILE).active_backend == LITE
