@@ -126,6 +126,7 @@ def plan_switch(*, state_file: Path) -> SwitchPlan:
 
 def presync(*, sqlite_path: Path, snapshot: Path, state_file: Path, progress: Progress) -> Any:
     """Snapshot SQLite, ``migrate_data --sync`` PostgreSQL to it, verify every table."""
+    from dbmigration.copy import RowsRejected
     from dbmigration.sqlite_source import snapshot_to
     from dbmigration.sync import sync_to_postgresql
     from dbmigration.verify import Side, verify
@@ -135,9 +136,21 @@ def presync(*, sqlite_path: Path, snapshot: Path, state_file: Path, progress: Pr
             progress(f"pre-sync: {table} ({number}/{total})")
 
     snapshot_to(sqlite_path, snapshot)
-    synced = sync_to_postgresql(
-        sqlite_path=snapshot, alias="postgresql", state_file=state_file, progress=per_table
-    )
+    try:
+        synced = sync_to_postgresql(
+            sqlite_path=snapshot, alias="postgresql", state_file=state_file, progress=per_table
+        )
+    except RowsRejected as exc:
+        # the switch takes no --quarantine: one line naming the rows and the fix
+        from dbmigration.errors import DataError
+
+        rows = exc.result.rejections
+        named = "; ".join(f"{r.table} pk={r.pk!r} {r.column}: {r.reason}" for r in rows[:5])
+        more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+        raise DataError(
+            f"{len(rows)} row(s) in SQLite cannot arrive exactly: {named}{more}. Nothing "
+            "was switched; fix them in SQLite, then switch again."
+        ) from None
     source, target = Side(sqlite_path=snapshot), Side(alias="postgresql")
     checked = verify(source=source, target=target)
     if not checked.ok:

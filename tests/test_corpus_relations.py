@@ -616,3 +616,23 @@ def test_switch_names_a_late_row_pointing_nowhere_in_one_line(runbook):
     assert "corpus_relations_tofieldchild pk=777 computed_id: points to a missing" in message
     assert "Fix it in SQLite, then switch again." in message
     assert state_mod.read_state(runbook.STATE_FILE).active_backend == LITE
+
+
+@ALL
+def test_switch_names_rows_its_sync_cannot_carry_in_one_line(runbook):
+    """The switch's first sync stopped with the copy's multi-line refusal, which suggests
+    --quarantine, an option the switch does not take; now one line with the fix."""
+    from dbmigration import cutover
+    from dbmigration.errors import DataError
+
+    fill()
+    prepared(runbook.STATE_FILE)
+    run("migrate_data")
+    late = m.Computed.objects.using(LITE).create(a=65536, b=65536, name="before the switch")
+    with pytest.raises(DataError) as caught:
+        cutover.switch_to_postgresql(drain_seconds=0)
+    message = str(caught.value)
+    assert "\n" not in message and "--quarantine" not in message
+    assert f"corpus_relations_computed pk={late.pk} total,lowered,product:" in message
+    assert "fix them in SQLite, then switch again" in message
+    assert state_mod.read_state(runbook.STATE_FILE).active_backend == LITE
