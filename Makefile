@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml dbmigration/_copytext.c
 	touch $(STAMP)
 
 install: $(STAMP)
+	@command -v faketime >/dev/null || { apt-get update -q && apt-get install -y -q faketime; } || { echo "faketime is missing: install Debian's faketime package (tests/test_pitr.py ages pgBackRest's backups to test retention by days)"; exit 1; }
 	@test -x /usr/sbin/pgbouncer || { apt-get update -q && apt-get install -y -q pgbouncer; } || { echo "PgBouncer is missing: install Debian's pgbouncer package (the transaction-pooling tests start one)"; exit 1; }
 	@test -f /usr/lib/postgresql/$(PG_MAJOR)/lib/pgaudit.so || { apt-get update -q && apt-get install -y -q postgresql-$(PG_MAJOR)-pgaudit; } || { echo "pgaudit is missing: install Debian's postgresql-$(PG_MAJOR)-pgaudit package (the audit tests preload it)"; exit 1; }
 

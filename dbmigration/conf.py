@@ -155,6 +155,8 @@ PITR_DEFAULTS = {
     "REPO_PATH": None,  # default STATE_DIR / "pgbackrest" / "repo"
     "RETENTION_FULL": 2,  # full backups kept (their diffs, incrs and WAL expire with them)
     "RETENTION_DIFF": 7,  # differential backups kept
+    # by age instead of count: keep the full backups whose recovery window covers N days
+    "RETENTION_FULL_DAYS": None,
     "PROCESS_MAX": None,  # default: half the machine's cores, at least 1
     "COMPRESS_TYPE": "zst",
     "OS_USER": "postgres",  # pgbackrest runs as the server's OS user (it reads the data dir)

@@ -32,6 +32,7 @@ from dbmigration.reports import RunReport, error_text
 from dbmigration.state import NEXT_COMMAND, MigrationState, read_state, transition
 
 Progress = Callable[[str], None] | None
+RowsProgress = Callable[[str, int, int], None] | None  # (item, done, total), numbers only
 SWITCH_FREEZE_ESTIMATE = 5.0  # seconds after the drain, sent as Retry-After (measured 3-8 s)
 SWITCH_STEPS = (
     "check that migrate_data finished and verified",
@@ -236,7 +237,12 @@ def _chunks(items: list, size: int = 500):
 
 
 def apply_source_changes(
-    *, sqlite_path: Path, changes: list[SourceChanges], plan, progress: Progress
+    *,
+    sqlite_path: Path,
+    changes: list[SourceChanges],
+    plan,
+    progress: Progress,
+    rows_progress: RowsProgress = None,
 ) -> dict:
     """Write the changed rows to PostgreSQL in one transaction, converted as migrate_data does."""
     import psycopg
@@ -251,6 +257,15 @@ def apply_source_changes(
     targets = plan_targets(plan, "postgresql")
     conn = open_readonly(sqlite_path, raw_text=True)
     written = deleted = 0
+    # rows carried: each upsert written and each pure deletion, against all of them
+    total = sum(len(c.upserts) + len(c.deleted) for c in changes)
+    carried = 0
+
+    def report(every: int = 1) -> None:
+        if rows_progress and carried % every == 0:
+            rows_progress("rows", carried, total)
+
+    report()
     try:
         with transaction.atomic(using="postgresql"), pg.cursor() as cur:
             # Django's foreign keys are DEFERRABLE INITIALLY DEFERRED: order within is free
@@ -265,6 +280,8 @@ def apply_source_changes(
                         _pk_values(table, chunk),
                     )
                     deleted += cur.rowcount
+                carried += len(change.deleted)
+                report()
                 if not change.upserts:
                     continue
                 converter = RowConverter(table, targets[table.db_table])
@@ -287,11 +304,14 @@ def apply_source_changes(
                                     raise _cannot_arrive(bad) from None
                                 copied.append(table.key_of(raw))
                                 written += 1
+                                carried += 1
+                                report(every=500)
                 except psycopg.Error as exc:
                     refused = _refused_row(table, exc, copied, conn)
                     if refused is None:
                         raise
                     raise _cannot_arrive([refused]) from exc
+                report()
             for statement in pg.ops.sequence_reset_sql(no_style(), plan.models):
                 cur.execute(statement)
         with pg.cursor() as cur:
@@ -435,10 +455,12 @@ def switch_to_postgresql(
     freeze_max_seconds: float = fz.DEFAULT_MAX_SECONDS,
     sqlite_path: Path | None = None,
     progress: Progress = None,
+    rows_progress: RowsProgress = None,
 ) -> SwitchResult:
     """Cut over to PostgreSQL; on any failure the application stays on SQLite, unfrozen.
 
     ``drain_seconds``: the longest wait for SQLite's write lock after the freeze begins.
+    ``progress`` gets step messages; ``rows_progress`` the catch-up's rows carried / total.
     """
     state_file = Path(state_file or conf.state_file())
     sqlite_path = Path(sqlite_path or connections.settings["sqlite"]["NAME"])
@@ -510,7 +532,11 @@ def switch_to_postgresql(
             note("stage 2 (frozen): final catch-up of what changed since the snapshot")
             changes = source_changes(sqlite_path=sqlite_path, snapshot=snapshot, plan=tables)
             caught_up = apply_source_changes(
-                sqlite_path=sqlite_path, changes=changes, plan=tables, progress=note
+                sqlite_path=sqlite_path,
+                changes=changes,
+                plan=tables,
+                progress=note,
+                rows_progress=rows_progress,
             )
             step.details = caught_up
             note(f"catch-up wrote {caught_up['rows_written']} rows")
