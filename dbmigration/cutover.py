@@ -127,6 +127,7 @@ def plan_switch(*, state_file: Path) -> SwitchPlan:
 
 def presync(*, sqlite_path: Path, snapshot: Path, state_file: Path, progress: Progress) -> Any:
     """Snapshot SQLite, ``migrate_data --sync`` PostgreSQL to it, verify every table."""
+    from dbmigration.copy import RowsRejected
     from dbmigration.sqlite_source import snapshot_to
     from dbmigration.sync import sync_to_postgresql
     from dbmigration.verify import Side, verify
@@ -136,9 +137,21 @@ def presync(*, sqlite_path: Path, snapshot: Path, state_file: Path, progress: Pr
             progress(f"pre-sync: {table} ({number}/{total})")
 
     snapshot_to(sqlite_path, snapshot)
-    synced = sync_to_postgresql(
-        sqlite_path=snapshot, alias="postgresql", state_file=state_file, progress=per_table
-    )
+    try:
+        synced = sync_to_postgresql(
+            sqlite_path=snapshot, alias="postgresql", state_file=state_file, progress=per_table
+        )
+    except RowsRejected as exc:
+        # the switch takes no --quarantine: one line naming the rows and the fix
+        from dbmigration.errors import DataError
+
+        rows = exc.result.rejections
+        named = "; ".join(f"{r.table} pk={r.pk!r} {r.column}: {r.reason}" for r in rows[:5])
+        more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+        raise DataError(
+            f"{len(rows)} row(s) in SQLite cannot arrive exactly: {named}{more}. Nothing "
+            "was switched; fix them in SQLite, then switch again."
+        ) from None
     source, target = Side(sqlite_path=snapshot), Side(alias="postgresql")
     checked = verify(source=source, target=target)
     if not checked.ok:
@@ -234,7 +247,7 @@ def apply_source_changes(
     """Write the changed rows to PostgreSQL in one transaction, converted as migrate_data does."""
     import psycopg
     from django.core.management.color import no_style
-    from django.db import transaction
+    from django.db import DatabaseError, transaction
 
     from dbmigration.copy import RowConverter, _refused_row, plan_targets, read_rows
     from dbmigration.sqlite_source import open_readonly
@@ -305,6 +318,10 @@ def apply_source_changes(
             cur.execute("SELECT schemaname, matviewname FROM pg_matviews WHERE ispopulated")
             for schema, view in cur.fetchall():
                 cur.execute(f"REFRESH MATERIALIZED VIEW {_qi(schema)}.{_qi(view)}")
+    except (psycopg.Error, DatabaseError) as exc:
+        if postgres_lost(exc) is not None:
+            raise
+        raise _refused_unnamed(exc, conn, plan, changes) from exc
     finally:
         conn.close()
     return {
@@ -312,6 +329,32 @@ def apply_source_changes(
         "rows_deleted": deleted,
         "tables": {c.table: c.counts for c in changes if any(c.counts)},
     }
+
+
+def _refused_unnamed(exc: Exception, conn, plan, changes: list[SourceChanges]) -> Exception:
+    """A refusal no COPY line names (a foreign key PostgreSQL checks at commit): the changed
+    rows it would refuse, found on SQLite as the copy finds them; else PostgreSQL's words.
+    Either way one line and the fix, never a traceback."""
+    from dbmigration.copy import _param, _source_tables, relational_rejections
+    from dbmigration.errors import DataError
+    from dbmigration.plan import Plan
+
+    changed = {(c.table, _param(pk)) for c in changes for _, pk, _ in c.upserts}
+    tables = [t for t in plan.tables if t.db_table in {table for table, _ in changed}]
+    rows = relational_rejections(
+        conn, Plan(tables=tables, deferred_fks=[]), source_tables=_source_tables(conn)
+    )
+    rows = [r for r in rows if (r.table, _param(r.raw_pk)) in changed]
+    if rows:
+        return _cannot_arrive(rows)
+    diag = getattr(exc, "diag", None) or getattr(exc.__cause__, "diag", None)
+    words = " ".join(
+        filter(None, [diag and diag.message_primary, diag and diag.message_detail])
+    ) or str(exc).replace("\n", " ")
+    return DataError(
+        f"PostgreSQL refused a row written since migrate_data: {words}. Nothing of the "
+        "catch-up was kept; fix it in SQLite, then switch again."
+    )
 
 
 def _cannot_arrive(rows) -> Exception:
