@@ -335,7 +335,8 @@ def create_sqlite_backup(
         snapshot = partial / SNAPSHOT
         counts, migrations = _snapshot(sqlite_path, snapshot, lock_timeout=lock_timeout)
         if progress:
-            progress(f"snapshot taken: {sum(counts.values()):,} rows in {len(counts)} tables")
+            # no row total here: the command's summary says what its total counts
+            progress(f"snapshot taken ({len(counts)} tables); exporting JSON Lines")
         exported = _export_jsonl(snapshot, partial / "jsonl", progress=progress)
         info = BackupInfo(
             path=final,
@@ -493,9 +494,12 @@ def _check_keep(keep: int | None) -> None:
 
 
 def apply_retention(backup_dir: Path, *, keep: int) -> list[Path]:
-    """Delete all but the newest keep verified backups of each kind; return what was removed."""
+    """Delete all but the newest keep verified backups of each kind; return what was removed.
+
+    Records of pgBackRest backups are left alone: pgBackRest's own retention decides when
+    they go (prune_expired_records), and a pg_dump must not hide a restorable backup."""
     _check_keep(keep)
-    backups = list_backups(backup_dir)
+    backups = [b for b in list_backups(backup_dir) if not b.checks.get("pgbackrest")]
     removed = []
     # per kind: a run of pg_dump backups must not push out the last SQLite snapshot
     for kind in {b.kind for b in backups}:

@@ -1,12 +1,21 @@
+import argparse
 import os
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration import backup, conf, pitr
-from dbmigration.errors import ConfigError, MigrationError
+from dbmigration.errors import ConfigError
 from dbmigration.management.output import describe_rows, json_document
 from dbmigration.management.progress import ProgressRenderer
+from dbmigration.management.runbook import (
+    add_database,
+    add_json,
+    add_keep,
+    add_lock_timeout,
+    engine_errors,
+    resolve_keep,
+)
 from dbmigration.preflight import conninfo_from_settings
 from dbmigration.reports import command_run
 
@@ -20,20 +29,21 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--list", action="store_true", help="List verified backups and exit.")
-        parser.add_argument(
-            "--json", action="store_true", help="With --list: print one JSON document."
-        )
-        parser.add_argument(
-            "--backend",
+        add_json(parser, what="--list")
+        add_database(
+            parser,
             choices=["active", "sqlite", "postgresql"],
             default="active",
-            help="Which database to back up (default: the active backend).",
+            help="Which database to back up: the one the application runs on, or this alias",
         )
+        # the option's first name: scripts written for it keep working
         parser.add_argument(
-            "--keep",
-            type=int,
-            help="After a good backup, delete all but the newest N (default: keep every backup).",
+            "--backend",
+            dest="database",
+            choices=["active", "sqlite", "postgresql"],
+            help=argparse.SUPPRESS,
         )
+        add_keep(parser)
         parser.add_argument(
             "--encrypt",
             action="store_true",
@@ -56,13 +66,7 @@ class Command(BaseCommand):
             help="PostgreSQL: take a pg_dump even when pgBackRest is set up.",
         )
         parser.add_argument("--backup-dir", help="Where backups go (default: database/backups).")
-        parser.add_argument(
-            "--lock-timeout",
-            type=float,
-            default=5.0,
-            help="Seconds to wait for a SQLite writer's lock before giving up "
-            "(default: %(default)s).",
-        )
+        add_lock_timeout(parser, waits_for="a SQLite writer's lock")
 
     def handle(self, *args, **opts):
         backup_dir = opts["backup_dir"] or conf.backup_dir()
@@ -74,46 +78,45 @@ class Command(BaseCommand):
                 f"--encrypt needs the key in ${backup.KEY_ENV}; set it and retry.",
                 returncode=ConfigError.returncode,
             )
-        kind = self._active() if opts["backend"] == "active" else opts["backend"]
+        if opts["json"]:
+            raise CommandError("--json goes with --list.", returncode=2)
+        kind = self._active() if opts["database"] == "active" else opts["database"]
         renderer = ProgressRenderer(self.stdout, verbosity=opts["verbosity"])
-        try:
-            with (
-                renderer,
-                command_run(
-                    "db_backup", report_dir=conf.report_dir(), log_dir=conf.log_dir()
-                ) as run,
-                run.step(f"backup_{kind}") as step,
-            ):
-                if kind == "postgresql" and pitr.is_set_up() and not opts["pg_dump"]:
-                    self._refuse_for_pgbackrest(opts)
-                    info = backup.create_pgbackrest_backup(
-                        backup_dir=backup_dir, backup_type=opts["type"], progress=renderer.note
-                    )
-                elif kind == "postgresql":
-                    info = backup.create_pg_backup(
-                        conninfo=conninfo_from_settings(settings.DATABASES["postgresql"]),
-                        backup_dir=backup_dir,
-                        verify_restore=opts["verify_restore"],
-                        encrypt_key=key,
-                        keep=opts["keep"],
-                        progress=renderer.note,
-                    )
-                else:
-                    info = backup.create_sqlite_backup(
-                        sqlite_path=conf.sqlite_path(),
-                        backup_dir=backup_dir,
-                        encrypt_key=key,
-                        keep=opts["keep"],
-                        lock_timeout=opts["lock_timeout"],
-                        progress=renderer.note,
-                    )
-                step.details = {
-                    "backup": str(info.path),
-                    "bytes": info.size,
-                    "tables": {t: {"rows": n} for t, n in info.row_counts.items()},
-                }
-        except MigrationError as exc:
-            raise CommandError(str(exc), returncode=exc.returncode) from exc
+        keep = resolve_keep(opts["keep"])
+        with (
+            engine_errors(),
+            renderer,
+            command_run("db_backup", report_dir=conf.report_dir(), log_dir=conf.log_dir()) as run,
+            run.step(f"backup_{kind}") as step,
+        ):
+            if kind == "postgresql" and pitr.is_set_up() and not opts["pg_dump"]:
+                self._refuse_for_pgbackrest(opts)
+                info = backup.create_pgbackrest_backup(
+                    backup_dir=backup_dir, backup_type=opts["type"], progress=renderer.note
+                )
+            elif kind == "postgresql":
+                info = backup.create_pg_backup(
+                    conninfo=conninfo_from_settings(settings.DATABASES["postgresql"]),
+                    backup_dir=backup_dir,
+                    verify_restore=opts["verify_restore"],
+                    encrypt_key=key,
+                    keep=keep,
+                    progress=renderer.note,
+                )
+            else:
+                info = backup.create_sqlite_backup(
+                    sqlite_path=conf.sqlite_path(),
+                    backup_dir=backup_dir,
+                    encrypt_key=key,
+                    keep=keep,
+                    lock_timeout=opts["lock_timeout"],
+                    progress=renderer.note,
+                )
+            step.details = {
+                "backup": str(info.path),
+                "bytes": info.size,
+                "tables": {t: {"rows": n} for t, n in info.row_counts.items()},
+            }
         if "pgbackrest" in info.checks:
             made = info.checks["pgbackrest"]
             self.stdout.write(

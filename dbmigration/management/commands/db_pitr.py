@@ -22,7 +22,12 @@ class Command(BaseCommand):
         parser.add_argument(
             "--apply", action="store_true", help="setup: ALTER SYSTEM the server's settings."
         )
-        parser.add_argument("--type", choices=pitr.BACKUP_TYPES, default="full")
+        parser.add_argument(
+            "--type",
+            choices=pitr.BACKUP_TYPES,
+            default="full",
+            help="backup: full, diff or incr (default: %(default)s).",
+        )
         parser.add_argument(
             "--to-time", help='restore: e.g. "2026-12-01 10:15:00+00" (a time zone is required)'
         )

@@ -9,6 +9,7 @@ from django.db import connections
 
 from dbmigration import backup, conf, pitr
 from dbmigration.errors import MigrationError, NotConfirmed, PhaseError, RestoreTargetError
+from dbmigration.management.runbook import add_lock_timeout, add_noinput, engine_errors
 from dbmigration.preflight import code_migrations
 from dbmigration.reports import command_run
 from dbmigration.state import StateError, read_state, why_precious
@@ -50,12 +51,7 @@ class Command(BaseCommand):
             action="store_true",
             help="Only verify the backup (checksums, migrations) and say what would happen.",
         )
-        parser.add_argument(
-            "--lock-timeout",
-            type=float,
-            default=20.0,
-            help="Seconds to wait for other SQLite connections to let go (default: %(default)s).",
-        )
+        add_lock_timeout(parser, default=20.0, waits_for="other SQLite connections to let go")
         parser.add_argument(
             "--replace-live-database",
             action="store_true",
@@ -63,13 +59,7 @@ class Command(BaseCommand):
             "backup are lost), after you type its file name; with --to-time, the live "
             "PostgreSQL database (kept renamed), after you type its name. Never with --noinput.",
         )
-        parser.add_argument(
-            "--noinput",
-            "--no-input",
-            action="store_false",
-            dest="interactive",
-            help="Never prompt; replacing the live database is then refused.",
-        )
+        add_noinput(parser, help="Never prompt; replacing the live database is then refused.")
 
     def handle(self, *args, **opts):
         if opts["to_time"]:
@@ -90,7 +80,7 @@ class Command(BaseCommand):
             lock_timeout=opts["lock_timeout"],
             progress=progress,
         )
-        try:
+        with engine_errors():
             # verified first: never ask to confirm a restore that would fail anyway
             checked = backup.restore_sqlite_backup(**restore, dry_run=True)
             if opts["dry_run"]:
@@ -110,8 +100,6 @@ class Command(BaseCommand):
                         else None,
                         "tables": {t: {"rows": n} for t, n in result.row_counts.items()},
                     }
-        except MigrationError as exc:
-            raise CommandError(str(exc), returncode=exc.returncode) from exc
         if result.dry_run:
             self.stdout.write(
                 f"Backup {result.restored_from} verified; would keep the current database as a "
