@@ -1379,49 +1379,46 @@ static int put_utf8(HBuf *out, unsigned int code) {
     return hput(out, s, n);
 }
 
-/* The string at j->p (clean_json() accepted it), decoded, without its quotes. */
-static int jdecode(Json *j, HBuf *out) {
-    j->p++;
-    while (*j->p != '"') {
-        const char *start = j->p;
-        while (*j->p != '"' && *j->p != '\\')
-            j->p++;
-        if (j->p > start && hput(out, start, j->p - start) < 0)
-            return -1;
-        if (*j->p == '"')
-            break;
-        char e = j->p[1];
-        unsigned int code = 0, low = 0;
-        j->p += 2;
-        switch (e) {
-        case 'b': code = '\b'; break;
-        case 'f': code = '\f'; break;
-        case 'n': code = '\n'; break;
-        case 'r': code = '\r'; break;
-        case 't': code = '\t'; break;
-        case 'u':
-            hex4(j->p, &code);
-            j->p += 4;
-            if (code >= 0xD800 && code <= 0xDBFF) {
-                hex4(j->p + 2, &low);
-                j->p += 6;
-                code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
-            }
-            break;
-        default: code = (unsigned char)e; /* " \ / */
-        }
-        if (put_utf8(out, code) < 0)
-            return -1;
+/* The next character of the string at j->p (clean_json() accepted it), decoded: its code
+ * point, or -1 at the closing quote (consumed). */
+static long jnext(Json *j) {
+    unsigned char c = (unsigned char)*j->p;
+    if (c == '"') {
+        j->p++;
+        return -1;
     }
-    j->p++;
-    return 0;
+    if (c != '\\') {
+        j->p++;
+        return c; /* a byte of UTF-8: copied as it is */
+    }
+    char e = j->p[1];
+    unsigned int code = 0, low = 0;
+    j->p += 2;
+    switch (e) {
+    case 'b': return '\b';
+    case 'f': return '\f';
+    case 'n': return '\n';
+    case 'r': return '\r';
+    case 't': return '\t';
+    case 'u':
+        hex4(j->p, &code);
+        j->p += 4;
+        if (code >= 0xD800 && code <= 0xDBFF) {
+            hex4(j->p + 2, &low);
+            j->p += 6;
+            code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
+        }
+        return code >= 0x80 ? -2 - (long)code : (long)code; /* -2 - code: write as UTF-8 */
+    default: return (unsigned char)e; /* " \ / */
+    }
 }
 
-static int jescape(HBuf *out, const char *s, size_t n) {
-    if (hput(out, "\"", 1) < 0)
-        return -1;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
+/* Append one decoded character (jnext's result, not -1); escaped when `escape`. */
+static int jput(HBuf *out, long ch, int escape) {
+    if (ch <= -2)
+        return put_utf8(out, (unsigned int)(-2 - ch));
+    unsigned char c = (unsigned char)ch;
+    if (escape) {
         const char *esc = NULL;
         char text[8];
         switch (c) {
@@ -1437,16 +1434,68 @@ static int jescape(HBuf *out, const char *s, size_t n) {
             snprintf(text, sizeof text, "\\u%04x", c);
             esc = text;
         }
-        if (esc ? hput(out, esc, strlen(esc)) < 0 : hput(out, (const char *)&c, 1) < 0)
+        if (esc)
+            return hput(out, esc, strlen(esc));
+    }
+    return hput(out, (const char *)&c, 1);
+}
+
+/* The string at j->p, decoded (escape 0: the bytes jsonb compares keys by) or as
+ * escape_json() prints it (escape 1: with its quotes). */
+static int jstring(Json *j, HBuf *out, int escape) {
+    j->p++;
+    if (escape && hput(out, "\"", 1) < 0)
+        return -1;
+    for (;;) {
+        const char *start = j->p; /* a run of bytes printed as they are */
+        while (*j->p != '"' && *j->p != '\\')
+            j->p++;
+        if (j->p > start && hput(out, start, j->p - start) < 0)
+            return -1;
+        if (*j->p == '"') {
+            j->p++;
+            break;
+        }
+        if (jput(out, jnext(j), escape) < 0) /* an escape */
             return -1;
     }
+    return escape ? hput(out, "\"", 1) : 0;
+}
+
+static int jescape(HBuf *out, const char *s, size_t n) {
+    if (hput(out, "\"", 1) < 0)
+        return -1;
+    for (size_t i = 0; i < n; i++)
+        if (jput(out, (unsigned char)s[i], 1) < 0)
+            return -1;
     return hput(out, "\"", 1);
 }
 
 typedef struct {
-    size_t key, key_len, value, value_len; /* offsets in the object's two buffers */
+    size_t key, key_len, value, value_len; /* offsets in the level's two buffers */
     size_t order;
 } JMember;
+
+/* Buffers for each nesting level, kept from one document to the next. */
+typedef struct {
+    HBuf keys, values;
+    JMember *members;
+    size_t cap;
+} JLevel;
+
+typedef struct {
+    HBuf out;
+    JLevel levels[JSON_MAX_DEPTH + 2];
+} JScratch;
+
+static void jscratch_free(JScratch *js) {
+    free(js->out.data);
+    for (int i = 0; i < JSON_MAX_DEPTH + 2; i++) {
+        free(js->levels[i].keys.data);
+        free(js->levels[i].values.data);
+        free(js->levels[i].members);
+    }
+}
 
 /* jsonb's order: shorter keys first, then bytewise; among equal keys the later first */
 static int jmember_after(const JMember *a, const JMember *b, const char *keys) {
@@ -1456,36 +1505,36 @@ static int jmember_after(const JMember *a, const JMember *b, const char *keys) {
     return res ? res > 0 : a->order < b->order;
 }
 
-static int jnorm(Json *j, HBuf *out);
+static int jnorm(Json *j, HBuf *out, JScratch *js, int depth);
 
-static int jnorm_object(Json *j, HBuf *out) {
-    HBuf keys = {0}, values = {0};
-    JMember *members = NULL;
-    size_t count = 0, cap = 0;
-    int rc = -1;
+static int jnorm_object(Json *j, HBuf *out, JScratch *js, int depth) {
+    JLevel *level = &js->levels[depth];
+    HBuf *keys = &level->keys, *values = &level->values;
+    size_t count = 0;
+    keys->len = values->len = 0;
     j->p++;
     json_space(j);
     while (*j->p != '}') {
-        if (count == cap) {
-            cap = cap ? cap * 2 : 8;
-            JMember *grown = realloc(members, cap * sizeof(JMember));
+        if (count == level->cap) {
+            size_t cap = level->cap ? level->cap * 2 : 16;
+            JMember *grown = realloc(level->members, cap * sizeof(JMember));
             if (!grown)
-                goto done;
-            members = grown;
+                return -1;
+            level->members = grown;
+            level->cap = cap;
         }
-        JMember *m = &members[count];
+        JMember *m = &level->members[count];
         m->order = count;
-        m->key = keys.len;
-        if (jdecode(j, &keys) < 0)
-            goto done;
-        m->key_len = keys.len - m->key;
+        m->key = keys->len;
+        if (jstring(j, keys, 0) < 0)
+            return -1;
+        m->key_len = keys->len - m->key;
         json_space(j);
         j->p++; /* : */
-        json_space(j);
-        m->value = values.len;
-        if (jnorm(j, &values) < 0)
-            goto done;
-        m->value_len = values.len - m->value;
+        m->value = values->len;
+        if (jnorm(j, values, js, depth + 1) < 0)
+            return -1;
+        m->value_len = values->len - m->value;
         count++;
         json_space(j);
         if (*j->p == ',') {
@@ -1494,47 +1543,43 @@ static int jnorm_object(Json *j, HBuf *out) {
         }
     }
     j->p++;
+    JMember *members = level->members;
     for (size_t i = 1; i < count; i++) { /* insertion sort: one level's keys, usually few */
         JMember item = members[i];
         size_t k = i;
-        while (k > 0 && jmember_after(&members[k - 1], &item, keys.data)) {
+        while (k > 0 && jmember_after(&members[k - 1], &item, keys->data)) {
             members[k] = members[k - 1];
             k--;
         }
         members[k] = item;
     }
     if (hput(out, "{", 1) < 0)
-        goto done;
+        return -1;
     for (size_t i = 0, written = 0; i < count; i++) {
         JMember *m = &members[i];
         if (i && m->key_len == members[i - 1].key_len &&
-            memcmp(keys.data + m->key, keys.data + members[i - 1].key, m->key_len) == 0)
+            memcmp(keys->data + m->key, keys->data + members[i - 1].key, m->key_len) == 0)
             continue; /* an earlier duplicate: the later one was kept */
         if ((written++ && hput(out, ", ", 2) < 0) ||
-            jescape(out, keys.data + m->key, m->key_len) < 0 || hput(out, ": ", 2) < 0 ||
-            hput(out, values.data + m->value, m->value_len) < 0)
-            goto done;
+            jescape(out, keys->data + m->key, m->key_len) < 0 || hput(out, ": ", 2) < 0 ||
+            hput(out, values->data + m->value, m->value_len) < 0)
+            return -1;
     }
-    rc = hput(out, "}", 1);
-done:
-    free(members);
-    free(keys.data);
-    free(values.data);
-    return rc;
+    return hput(out, "}", 1);
 }
 
-static int jnorm(Json *j, HBuf *out) {
+static int jnorm(Json *j, HBuf *out, JScratch *js, int depth) {
     json_space(j);
     char c = *j->p;
     if (c == '{')
-        return jnorm_object(j, out);
+        return jnorm_object(j, out, js, depth);
     if (c == '[') {
         j->p++;
         json_space(j);
         if (hput(out, "[", 1) < 0)
             return -1;
         for (int first = 1; *j->p != ']'; first = 0) {
-            if ((!first && hput(out, ", ", 2) < 0) || jnorm(j, out) < 0)
+            if ((!first && hput(out, ", ", 2) < 0) || jnorm(j, out, js, depth + 1) < 0)
                 return -1;
             json_space(j);
             if (*j->p == ',')
@@ -1544,14 +1589,8 @@ static int jnorm(Json *j, HBuf *out) {
         j->p++;
         return hput(out, "]", 1);
     }
-    if (c == '"') {
-        HBuf raw = {0};
-        int rc = jdecode(j, &raw);
-        if (rc == 0)
-            rc = jescape(out, raw.data ? raw.data : "", raw.len);
-        free(raw.data);
-        return rc;
-    }
+    if (c == '"')
+        return jstring(j, out, 1);
     const char *start = j->p; /* a literal or an integer */
     while (j->p < j->end && (*j->p == '-' || (*j->p >= '0' && *j->p <= '9') ||
                              (*j->p >= 'a' && *j->p <= 'z')))
@@ -1565,7 +1604,7 @@ static int jnorm(Json *j, HBuf *out) {
 
 /* The hash PostgreSQL computes for the value the copy stores: 1 done, 0 not a clean value
  * (the Python path decides), -1 out of memory. */
-static int value_hash(const Column *col, const Raw *raw, uint64_t seed, HBuf *scratch,
+static int value_hash(const Column *col, const Raw *raw, uint64_t seed, JScratch *scratch,
                       uint64_t *hash) {
     if (misfiled(col, raw))
         return 0;
@@ -1645,21 +1684,24 @@ static int value_hash(const Column *col, const Raw *raw, uint64_t seed, HBuf *sc
         if (utf8_chars((const unsigned char *)s, n) < 0 || !clean_json(s, n))
             return 0;
         Json j = {s, s + n};
-        scratch->len = 0;
-        if (jnorm(&j, scratch) < 0)
+        scratch->out.len = 0;
+        if (jnorm(&j, &scratch->out, scratch, 0) < 0)
             return -1;
-        *hash = pg_hash_bytes((const unsigned char *)scratch->data, scratch->len, seed);
+        *hash = pg_hash_bytes((const unsigned char *)scratch->out.data, scratch->out.len, seed);
         return 1;
     }
     case K_IP: { /* inet's varlena data: family, bits, address */
         unsigned char bytes[18];
         unsigned int groups[8];
         if (valid_ipv4(s, n)) {
-            int octet[4];
-            sscanf(s, "%d.%d.%d.%d", &octet[0], &octet[1], &octet[2], &octet[3]);
-            bytes[0] = 2, bytes[1] = 32;
-            for (int i = 0; i < 4; i++)
-                bytes[2 + i] = (unsigned char)octet[i];
+            int octet = 0;
+            bytes[0] = 2, bytes[1] = 32, bytes[2] = 0;
+            for (Py_ssize_t i = 0; i < n; i++) {
+                if (s[i] == '.')
+                    bytes[2 + ++octet] = 0;
+                else
+                    bytes[2 + octet] = (unsigned char)(bytes[2 + octet] * 10 + (s[i] - '0'));
+            }
             *hash = pg_hash_bytes(bytes, 6, seed);
             return 1;
         }
@@ -1702,7 +1744,7 @@ static PyObject *range_sums(PyObject *self, PyObject *args) {
     sqlite3 *db = NULL;
     sqlite3_stmt *stmt = NULL;
     PyObject *result = NULL;
-    HBuf scratch = {0};
+    JScratch *scratch = calloc(1, sizeof(JScratch));
     if (!columns || !counts || !sums) {
         PyErr_NoMemory();
         goto done;
@@ -1713,7 +1755,9 @@ static PyObject *range_sums(PyObject *self, PyObject *args) {
                               &col->storage))
             goto done;
     }
-    if (sqlite3_open_v2(uri, &db, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI, NULL) != SQLITE_OK) {
+    /* one thread uses this connection: no mutex around every column read */
+    int flags = SQLITE_OPEN_READONLY | SQLITE_OPEN_URI | SQLITE_OPEN_NOMUTEX;
+    if (sqlite3_open_v2(uri, &db, flags, NULL) != SQLITE_OK) {
         sqlite_error(db, "cannot open the SQLite source");
         goto done;
     }
@@ -1769,7 +1813,7 @@ static PyObject *range_sums(PyObject *self, PyObject *args) {
             Raw raw;
             uint64_t hash = 0;
             raw_from_sqlite(&raw, stmt, (int)c);
-            int ok = value_hash(&columns[c], &raw, (uint64_t)(c + 1), &scratch, &hash);
+            int ok = value_hash(&columns[c], &raw, (uint64_t)(c + 1), scratch, &hash);
             if (ok <= 0)
                 status = ok < 0 ? SUMS_NO_MEMORY : SUMS_UNCLEAN;
             row ^= hash;
@@ -1820,7 +1864,9 @@ done:
         sqlite3_finalize(stmt);
     if (db)
         sqlite3_close(db);
-    free(scratch.data);
+    if (scratch)
+        jscratch_free(scratch);
+    free(scratch);
     PyMem_Free(columns);
     PyMem_Free(counts);
     PyMem_Free(sums);
@@ -1838,7 +1884,7 @@ static PyObject *hash_rows(PyObject *self, PyObject *args) {
     Py_ssize_t ncols = PyTuple_GET_SIZE(spec);
     Column *columns = PyMem_Calloc(ncols ? ncols : 1, sizeof(Column));
     PyObject *out = PyList_New(0);
-    HBuf scratch = {0};
+    JScratch *scratch = calloc(1, sizeof(JScratch));
     if (!columns || !out)
         goto error;
     for (Py_ssize_t i = 0; i < ncols; i++) {
@@ -1859,7 +1905,7 @@ static PyObject *hash_rows(PyObject *self, PyObject *args) {
             Raw raw;
             uint64_t one = 0;
             raw_from_object(&raw, PyTuple_GET_ITEM(row, c));
-            ok = value_hash(&columns[c], &raw, (uint64_t)(c + 1), &scratch, &one);
+            ok = value_hash(&columns[c], &raw, (uint64_t)(c + 1), scratch, &one);
             hash ^= one;
         }
         if (ok < 0) {
@@ -1873,11 +1919,15 @@ static PyObject *hash_rows(PyObject *self, PyObject *args) {
         }
         Py_DECREF(item);
     }
-    free(scratch.data);
+    if (scratch)
+        jscratch_free(scratch);
+    free(scratch);
     PyMem_Free(columns);
     return out;
 error:
-    free(scratch.data);
+    if (scratch)
+        jscratch_free(scratch);
+    free(scratch);
     PyMem_Free(columns);
     Py_XDECREF(out);
     return NULL;

@@ -19,6 +19,7 @@ digests also name the rows of any range that differs here.
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from dbmigration.casts import (
 )
 from dbmigration.copy_lines import _copytext
 from dbmigration.plan import PlannedColumn, PlannedTable
+from dbmigration.sqlite_source import open_readonly
 
 # per kind: PostgreSQL's hash of the stored value ({c} the column, {s} the seed), and the
 # column types whose stored value that hash reads as C assumes
@@ -155,13 +157,13 @@ def sums(
     else:
         buckets, bucket_sql = UUID_BUCKETS, f"left({pk}::text, 3)"
     uri = f"{Path(sqlite_path).resolve().as_uri()}?mode=ro"  # as open_readonly opens it
-    lite: dict = {}
+    parts = [{"select": plan.select + where} for where in _rowid_halves(sqlite_path, table)]
 
-    def hash_sqlite() -> None:
+    def hash_sqlite(part: dict) -> None:
         try:
-            lite["result"] = _copytext.range_sums(
+            part["result"] = _copytext.range_sums(
                 uri,
-                plan.select,
+                part["select"],
                 plan.spec,
                 table.pk_index,
                 plan.key_mode,
@@ -171,12 +173,18 @@ def sums(
                 skip,
             )
         except BaseException as exc:  # noqa: BLE001 re-raised by the caller's thread
-            lite["error"] = exc
+            part["error"] = exc
 
-    # a daemon thread: a process told to stop does not wait for it (it holds no lock
-    # and writes nothing; its SQLite handle closes with the process)
-    worker = threading.Thread(target=hash_sqlite, name=f"range-sums {table.db_table}", daemon=True)
-    worker.start()
+    # daemon threads: a process told to stop does not wait for them (they hold no lock
+    # and write nothing; their SQLite handles close with the process)
+    workers = [
+        threading.Thread(
+            target=hash_sqlite, args=(part,), name=f"range-sums {table.db_table}", daemon=True
+        )
+        for part in parts
+    ]
+    for worker in workers:
+        worker.start()
     # an error or an interrupt here does not wait for the thread (it finishes on its own)
     with connection.cursor() as cur:
         cur.execute(
@@ -187,11 +195,38 @@ def sums(
         for bucket, count, total in cur.fetchall():
             theirs.buckets[bucket] = [count, int(total) % (1 << 64)]
             theirs.rows += count
-    worker.join()
-    if "error" in lite:
-        raise lite["error"]
-    if lite["result"] is None:
-        return None
-    rows, ranges = lite["result"]
-    ours = Sums(rows=rows, buckets={b: [n, s] for b, n, s in ranges})
+    for worker in workers:
+        worker.join()
+    ours = Sums(rows=0, buckets={})
+    for part in parts:
+        if "error" in part:
+            raise part["error"]
+        if part["result"] is None:
+            return None
+        rows, ranges = part["result"]
+        ours.rows += rows
+        for bucket, count, total in ranges:
+            slot = ours.buckets.setdefault(bucket, [0, 0])
+            slot[0] += count
+            slot[1] = (slot[1] + total) % (1 << 64)
     return ours, theirs
+
+
+SPLIT_MIN_ROWS = 20_000  # below this one thread hashes the whole table
+
+
+def _rowid_halves(sqlite_path: Path, table: PlannedTable) -> list[str]:
+    """WHERE clauses splitting a big table in two by rowid, for two C threads (the SQL
+    side is usually done first: C on both cores meanwhile); [""] for one thread."""
+    conn = open_readonly(sqlite_path)
+    try:
+        sql = f"SELECT min(rowid), max(rowid) FROM {_qi(table.db_table)}"
+        low, high = conn.execute(sql).fetchone()
+    except sqlite3.OperationalError:  # WITHOUT ROWID
+        return [""]
+    finally:
+        conn.close()
+    if low is None or high - low < SPLIT_MIN_ROWS:
+        return [""]
+    middle = (low + high) // 2
+    return [f" WHERE rowid <= {middle}", f" WHERE rowid > {middle}"]
