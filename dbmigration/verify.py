@@ -5,6 +5,10 @@ The canonical form of a row is computed from the Python values Django itself wou
 and a PostgreSQL database, in either direction.  Range checksums are order-independent sums
 of row hashes, so neither side needs to sort; a mismatch names the range, then the rows.
 Also checked: foreign keys valid, sequences above max(pk), applied migrations equal.
+
+A SQLite file against a PostgreSQL database is summed by range_sums.py where it covers the
+table (PostgreSQL in SQL on the server, SQLite in C on threads, at once); elsewhere, and to
+name the rows of a differing range, by the Python path here.  Nothing forks.
 """
 
 from __future__ import annotations
