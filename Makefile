@@ -4,6 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DEMO_USERS ?= 10000
+# the server's major version, for Debian's extension packages (postgresql-15-pgaudit)
+PG_MAJOR ?= $(or $(shell pg_config --version 2>/dev/null | sed -E 's/^PostgreSQL ([0-9]+).*/\1/'),15)
 # setuptools' build backend warns (experimental ext-modules, editable install) through pip -q
 PIP_QUIET := PYTHONWARNINGS=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 
@@ -21,6 +23,7 @@ $(STAMP): pyproject.toml dbmigration/_copytext.c
 
 install: $(STAMP)
 	@test -x /usr/sbin/pgbouncer || { apt-get update -q && apt-get install -y -q pgbouncer; } || { echo "PgBouncer is missing: install Debian's pgbouncer package (the transaction-pooling tests start one)"; exit 1; }
+	@test -f /usr/lib/postgresql/$(PG_MAJOR)/lib/pgaudit.so || { apt-get update -q && apt-get install -y -q postgresql-$(PG_MAJOR)-pgaudit; } || { echo "pgaudit is missing: install Debian's postgresql-$(PG_MAJOR)-pgaudit package (the audit tests preload it)"; exit 1; }
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -120,6 +120,9 @@ def connect(conninfo: dict, *, timeout: int = CONNECT_TIMEOUT):
         # psycopg's first line names the cause (refused, timeout, unknown host)
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         low = str(exc).lower()
+        tls = _tls_failure(low, text, where)
+        if tls:
+            raise TargetError(tls) from None
         if "password authentication failed" in low or "no password supplied" in low:
             raise TargetError(
                 f"PostgreSQL at {where} refused the password for role "
@@ -140,6 +143,47 @@ def connect(conninfo: dict, *, timeout: int = CONNECT_TIMEOUT):
             f"PostgreSQL at {where} is not reachable ({text}). Fix: start the server or "
             "correct POSTGRES_URL (host, port), and check firewalls."
         ) from None
+
+
+# libpq's TLS failures, each with what it means and the fix (README "Encrypted connections")
+TLS_FAILURES = (
+    (
+        "does not match host name",
+        "presented a certificate issued for another name",
+        "connect with a name the certificate holds (POSTGRES_URL's host), or reissue the "
+        "server certificate with this name in its subjectAltName",
+    ),
+    (
+        "certificate verify failed",
+        "presented a certificate that the CA in sslrootcert did not sign",
+        "point sslrootcert at the CA that signed the server's certificate",
+    ),
+    (
+        "root certificate file",
+        "cannot be verified: no CA file to check its certificate against",
+        "add sslrootcert=/path/to/ca.crt to POSTGRES_URL (or sslrootcert=system for the "
+        "system's trusted roots)",
+    ),
+    (
+        "no encryption",
+        "accepts only encrypted connections",
+        "add sslmode=verify-full&sslrootcert=/path/to/ca.crt to POSTGRES_URL",
+    ),
+    (
+        "server does not support ssl",
+        "does not offer SSL",
+        "turn ssl on at the server (ssl_cert_file, ssl_key_file), or lower sslmode in dev only",
+    ),
+)
+
+
+def _tls_failure(low: str, text: str, where: str) -> str | None:
+    """One line for a TLS failure (the cause without libpq's 'connection to ... failed:')."""
+    for marker, meaning, fix in TLS_FAILURES:
+        if marker in low:
+            cause = text.rsplit(" failed: ", 1)[-1].removeprefix("FATAL:").strip()
+            return f"PostgreSQL at {where} {meaning} ({cause}). Fix: {fix}."
+    return None
 
 
 def target_identity(conninfo: dict) -> dict:

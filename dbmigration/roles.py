@@ -14,6 +14,9 @@ executes it in one transaction).  Running it again finds nothing to do.
 - developer (``developer_role``): read-only debugging of production.  It sees every row
   (BYPASSRLS) but only the columns that are not personal data (column privileges).
 - analytics (``analytics_role``): reads the analytics materialized views only.
+- auditor (``auditor``): never logs in; pgaudit's object audit role (``pgaudit.role``, see
+  deploy/postgresql-audit.conf).  Its DML grants on the personal-data tables are what makes
+  pgaudit log every read and write of them, by anyone.
 
 Passwords never appear in a plan, a message or the server log: the statement carries the
 SCRAM verifier libpq computes on this side.
@@ -33,6 +36,7 @@ BASE_NAMES = {
     "admin": "admin_role",
     "developer": "developer_role",
     "analytics": "analytics_role",
+    "auditor": "auditor",
 }
 
 # Columns that hold personal data: hidden from developer_role.  A table missing here is
@@ -51,6 +55,10 @@ PERSONAL_COLUMNS = {
     "django_admin_log": {"object_repr", "change_message"},
     "django_session": {"session_data"},
 }  # fmt: skip
+
+# pgaudit logs each statement reading or writing a table its role (auditor) holds that
+# privilege on: every table with personal data, for SELECT, INSERT, UPDATE and DELETE.
+AUDITED_TABLES = frozenset(PERSONAL_COLUMNS)
 
 # Tables the application reads but never changes.
 READ_ONLY_TABLES = {"django_migrations"}
@@ -73,6 +81,7 @@ class RoleNames:
     admin: str
     developer: str
     analytics: str
+    auditor: str
 
     def of(self, kind: str) -> str:
         return getattr(self, kind)
@@ -93,6 +102,7 @@ def role_specs(*, owner_login: bool | None = None) -> dict[str, RoleSpec]:
         "admin": RoleSpec("admin", login=True, bypassrls=False),
         "developer": RoleSpec("developer", login=True, bypassrls=True),
         "analytics": RoleSpec("analytics", login=True, bypassrls=False),
+        "auditor": RoleSpec("auditor", login=False, bypassrls=False),
     }
 
 
@@ -198,7 +208,7 @@ def read_catalog(conn, *, names: RoleNames) -> Catalog:
         "SELECT r.rolname, 'schema public', NULL, x.privilege_type FROM pg_namespace n "
         "CROSS JOIN LATERAL aclexplode(n.nspacl) x JOIN pg_roles r ON r.oid = x.grantee "
         "WHERE n.nspname = 'public' AND r.rolname = ANY(%(roles)s)",
-        {"roles": [names.app, names.admin, names.developer, names.analytics]},
+        {"roles": [names.app, names.admin, names.developer, names.analytics, names.auditor]},
     ):
         grants[(role, obj, column)].add(privilege)
     types = {
@@ -227,7 +237,7 @@ def read_catalog(conn, *, names: RoleNames) -> Catalog:
 
 
 def desired_grants(catalog: Catalog, *, names: RoleNames) -> dict[tuple, set[str]]:
-    """(role, object, column or None) -> privileges, for the four managed login roles."""
+    """(role, object, column or None) -> privileges, for the managed roles below the owner."""
     want: dict[tuple, set[str]] = defaultdict(set)
     for role in (names.app, names.admin, names.developer, names.analytics):
         want[(role, "schema public", None)] = {"USAGE"}
@@ -249,6 +259,8 @@ def desired_grants(catalog: Catalog, *, names: RoleNames) -> dict[tuple, set[str
                         want[(names.developer, name, column)] = {"SELECT"}
         if kind == "m":
             want[(names.analytics, name, None)] = {"SELECT"}
+        if kind in "rp" and name in AUDITED_TABLES:
+            want[(names.auditor, name, None)] = set(DML)
     for signature in catalog.functions:
         for role in (names.app, names.admin):
             want[(role, signature, None)] = {"EXECUTE"}

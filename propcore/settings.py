@@ -6,6 +6,7 @@ from pathlib import Path
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
+from dbmigration.pgurl import ALLOW_REQUIRE_VARIABLE, check_verified_tls
 from dbmigration.state import StateError, read_active_backend
 from propcore.pgserver import BadPostgresUrl, PostgresUnavailable, resolve_postgres_url
 from propcore.pooling import UnknownPoolingMode, apply_pooling, persistent_connections
@@ -30,7 +31,24 @@ if PROFILE.needs_secrets and not env.str("SECRET_KEY", ""):
         "a long random string (python -c 'import secrets; print(secrets.token_urlsafe(50))')."
     )
 SECRET_KEY = env.str("SECRET_KEY", "dev-only-insecure-key-not-for-staging-or-prod")
+if PROFILE.secure_transport and not env.list("ALLOWED_HOSTS", default=[]):
+    raise ImproperlyConfigured(
+        f"ALLOWED_HOSTS must be set in the environment for the {PROFILE.name} profile; set it "
+        "to the site's host names, comma-separated (e.g. prop.ie,www.prop.ie)."
+    )
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["*"] if DEBUG else [])
+
+# --- HTTPS only in staging and prod (check --deploy; README "Encrypted connections") ----------
+SECURE_SSL_REDIRECT = PROFILE.secure_transport
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = PROFILE.secure_transport
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", PROFILE.hsts_seconds)
+_https = PROFILE.secure_transport
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", _https)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", _https)
+# behind a proxy that ends TLS, the redirect would loop unless Django trusts its header; only
+# safe when the proxy sets X-Forwarded-Proto itself and strips the client's
+if env.bool("BEHIND_TLS_PROXY", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 # --- Files the runbook writes -------------------------------------------------
 DATABASE_DIR = Path(env.str("PROPCORE_DATABASE_DIR", str(BASE_DIR / "database")))
@@ -141,6 +159,25 @@ REPLICA_ROUTING = {
     "MAX_LAG_SECONDS": env.float("REPLICA_MAX_LAG_SECONDS", 60.0),
     "CHECK_INTERVAL": env.float("REPLICA_CHECK_INTERVAL", 5.0),
 }
+
+# staging and prod talk to PostgreSQL only over TLS that verifies the server: sslmode
+# verify-full (or require, with the documented opt-out) on every URL they may connect with
+if PROFILE.secure_transport:
+    _urls = [("POSTGRES_URL", POSTGRES_URL), ("POSTGRES_OWNER_URL", POSTGRES_OWNER_URL)]
+    _urls += [("POSTGRES_ADMIN_URL", POSTGRES_ADMIN_URL)]
+    _urls += [("POSTGRES_REPLICA_URLS", url) for url in REPLICA_URLS]
+    try:
+        for _name, _url in _urls:
+            if _url:
+                check_verified_tls(
+                    _url,
+                    name=_name,
+                    profile=PROFILE.name,
+                    allow_require=env.bool(ALLOW_REQUIRE_VARIABLE, False),
+                    environ=dict(env.ENVIRON),
+                )
+    except BadPostgresUrl as exc:
+        raise ImproperlyConfigured(str(exc)) from None
 
 # audit entries first (they follow their row's alias), then reads to replicas
 DATABASE_ROUTERS = ["propcore.routers.AuditRouter", "propcore.replicas.ReplicaRouter"]

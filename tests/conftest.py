@@ -87,3 +87,13 @@ def _lift_write_fences(request):
     params = {"dbname": pg_cfg["NAME"], "host": pg_cfg["HOST"], "user": pg_cfg["USER"]}
     with psycopg.connect(**params, port=pg_cfg["PORT"] or 5432, autocommit=True) as conn:
         conn.execute(f"DROP FUNCTION IF EXISTS {fence.PG_FUNCTION}() CASCADE")
+
+
+@pytest.fixture(autouse=True)
+def _forget_slow_queries():
+    """The slow-query record is per process: one test's slow queries (or a loaded machine's)
+    must not make the next test's health check degraded."""
+    from propcore.query_timing import RECENT_SLOW_QUERIES
+
+    RECENT_SLOW_QUERIES.clear()
+    yield

@@ -6,11 +6,7 @@ cannot fail there: those tests start a private cluster with scram-sha-256 auth.
 
 from __future__ import annotations
 
-import os
-import shutil
 import sqlite3
-import subprocess
-import tempfile
 from io import StringIO
 from pathlib import Path
 
@@ -29,7 +25,8 @@ from dbmigration.preflight import (
     conninfo_from_url,
     required_extensions,
 )
-from propcore.pgserver import _free_port, find_pg_bin
+from propcore.pgserver import _free_port
+from tests.clusters import PrivateCluster
 from tests.test_backup import make_source
 
 ADMIN_PW = "admin-pw-9f2"
@@ -37,96 +34,23 @@ GOOD_PW = "right-horse-battery"
 NOPRIV_PW = "nopriv-pw-71"
 
 
-def _as_postgres(cmd: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
-
-
 @pytest.fixture(scope="module")
 def scram_cluster():
     """A private PostgreSQL with password auth on 127.0.0.1, with two roles and a database."""
-    # pytest's tmp dirs are private to root; the server runs as postgres
-    root = Path(tempfile.mkdtemp(prefix="propcore_scram_"))
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-    data, pwfile = root / "data", root / "pw"
-    pwfile.write_text(ADMIN_PW)
-    os.chmod(pwfile, 0o644)
-    initdb, pg_ctl = find_pg_bin("initdb"), find_pg_bin("pg_ctl")
-    subprocess.run(
-        _as_postgres(
-            [
-                initdb,
-                "-D",
-                str(data),
-                "-U",
-                "postgres",
-                "--pwfile",
-                str(pwfile),
-                "--auth-local=trust",
-                "--auth-host=scram-sha-256",
-                "-E",
-                "UTF8",
-            ]
-        ),
-        check=True,
-        capture_output=True,
-    )
-    # a throwaway self-signed certificate, so that the SSL check sees a real TLS session
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            str(root / "server.key"),
-            "-out",
-            str(root / "server.crt"),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    for name in ("server.key", "server.crt"):
-        os.chmod(root / name, 0o600)
-        if os.geteuid() == 0:
-            shutil.chown(root / name, "postgres")
-    port = _free_port()
-    subprocess.run(
-        _as_postgres(
-            [
-                pg_ctl,
-                "-D",
-                str(data),
-                "-l",
-                str(root / "log"),
-                "-w",
-                "-o",
-                f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=20 "
-                f"-c ssl=on -c ssl_cert_file={root}/server.crt -c ssl_key_file={root}/server.key",
-                "start",
-            ]
-        ),
-        check=True,
-        capture_output=True,
-    )
-    admin = {"host": "127.0.0.1", "port": port, "user": "postgres", "password": ADMIN_PW}
-    with psycopg.connect(**admin, dbname="postgres", autocommit=True) as conn:
-        conn.execute(f"CREATE ROLE migrator LOGIN PASSWORD '{GOOD_PW}'")
-        conn.execute(f"CREATE ROLE nopriv LOGIN PASSWORD '{NOPRIV_PW}'")
-        conn.execute("CREATE DATABASE target OWNER migrator ENCODING 'UTF8' TEMPLATE template0")
-    yield {"port": port, "admin": admin}
-    subprocess.run(
-        _as_postgres([pg_ctl, "-D", str(data), "-m", "immediate", "stop"]),
-        check=False,
-        capture_output=True,
-    )
-    shutil.rmtree(root, ignore_errors=True)
+    with PrivateCluster(
+        "propcore_scram_",
+        superuser_password=ADMIN_PW,
+        hba=["host all all 127.0.0.1/32 scram-sha-256"],
+        conf={"max_connections": 20},
+        tls=True,  # so that the SSL check sees a real TLS session
+    ) as cluster:
+        port = cluster.port
+        admin = {"host": "127.0.0.1", "port": port, "user": "postgres", "password": ADMIN_PW}
+        with psycopg.connect(**admin, dbname="postgres", autocommit=True) as conn:
+            conn.execute(f"CREATE ROLE migrator LOGIN PASSWORD '{GOOD_PW}'")
+            conn.execute(f"CREATE ROLE nopriv LOGIN PASSWORD '{NOPRIV_PW}'")
+            conn.execute("CREATE DATABASE target OWNER migrator ENCODING 'UTF8' TEMPLATE template0")
+        yield {"port": port, "admin": admin}
 
 
 def _url(user: str, password: str, port: int, db: str = "target") -> str:

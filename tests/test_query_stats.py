@@ -1,10 +1,6 @@
 """db_top_queries on a private cluster, first without pg_stat_statements, then with it."""
 
 import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -14,48 +10,23 @@ from django.test import RequestFactory
 
 from dbmigration import health
 from propcore import query_stats
-from propcore.pgserver import find_pg_bin
 from propcore.query_tags import QueryTagMiddleware, query_tag, view_name
-from tests.test_health import _free_port, _run
+from tests.clusters import PrivateCluster
 
 pytestmark = pytest.mark.slow
 
 ALIAS = "scale_stats"
 
 
-def _pg_ctl(data: Path, port: int, action: str, preload: str = "") -> None:
-    options = f"-p {port} -k {data.parent} -c listen_addresses=127.0.0.1 -c fsync=off"
-    if preload:
-        options += f" -c shared_preload_libraries={preload}"
-    _run(
-        find_pg_bin("pg_ctl"), "-D", str(data), "-l", str(data.parent / "log"), "-w",
-        "-o", options, action,
-    )  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def cluster(django_db_blocker):
     """A private server (no pg_stat_statements yet) behind the alias scale_stats."""
-    root = Path(tempfile.mkdtemp(prefix="propcore_stats_"))
-    root.chmod(0o755)
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-    data, port = root / "data", _free_port()
-    try:
-        _run(find_pg_bin("initdb"), "-D", str(data), "-U", "postgres", "-A", "trust")
-        _pg_ctl(data, port, "start")
-        config = {**connections.settings["postgresql"], "HOST": "127.0.0.1", "PORT": port}
-        config.update(NAME="postgres", CONN_MAX_AGE=0)
-        config["OPTIONS"] = {k: v for k, v in config["OPTIONS"].items() if k != "pool"}
-        connections.settings[ALIAS] = config
+    with PrivateCluster("propcore_stats_") as private:
+        connections.settings[ALIAS] = private.django_alias(connections.settings["postgresql"])
         with django_db_blocker.unblock():
-            yield data, port
+            yield private
             connections[ALIAS].close()
         del connections.settings[ALIAS]
-    finally:
-        if (data / "postmaster.pid").exists():
-            _run(find_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_without_pg_stat_statements_the_command_says_what_to_do(cluster):
@@ -65,8 +36,9 @@ def test_without_pg_stat_statements_the_command_says_what_to_do(cluster):
 
 
 def test_top_queries_name_the_view_that_ran_them(cluster, settings, caplog):
-    data, port = cluster
-    _pg_ctl(data, port, "restart", preload="pg_stat_statements -c pg_stat_statements.max=100")
+    cluster.configure(shared_preload_libraries="pg_stat_statements")
+    cluster.configure(**{"pg_stat_statements.max": 100})
+    cluster.restart()
     connections[ALIAS].close()
     query_stats.reset(connections.settings[ALIAS])
 
@@ -111,7 +83,7 @@ def _command(*args: str) -> str:
 
 
 def test_health_warns_when_pg_stat_statements_evicts_entries(cluster):
-    _, port = cluster  # pg_stat_statements loaded with room for 100 entries (test above)
+    port = cluster.port  # pg_stat_statements loaded with room for 100 entries (test above)
     postgresql = connections.settings["postgresql"]
     saved = postgresql["HOST"], postgresql["PORT"], postgresql["NAME"]
     postgresql["HOST"], postgresql["PORT"], postgresql["NAME"] = "127.0.0.1", port, "postgres"

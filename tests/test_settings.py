@@ -34,7 +34,8 @@ def test_pool_size_follows_the_profile(profile, max_size):
         "settings.DATABASES['postgresql']['CONN_MAX_AGE']]",
         PROPCORE_ENV=profile,
         SECRET_KEY="k",
-        POSTGRES_URL="postgres://app:pw@127.0.0.1:5432/propcore",
+        ALLOWED_HOSTS="prop.ie",
+        POSTGRES_URL="postgres://app:pw@127.0.0.1:5432/propcore?sslmode=verify-full",
     )
     assert result.returncode == 0, result.stderr
     pool, conn_max_age = json.loads(result.stdout)
@@ -96,6 +97,16 @@ def test_slow_queries_are_logged_with_alias_and_without_parameters(settings, cap
     assert "secret-iban" not in messages[0]
 
 
+# the documented production variables (README "Encrypted connections")
+PROD_URL = "postgres://app:s3cret@db.prop.internal:5432/propcore?sslmode=verify-full&sslrootcert=/etc/propcore/pg-ca.crt"
+PROD = {
+    "PROPCORE_ENV": "prod",
+    "SECRET_KEY": "v8Qm3-Zr7pT2xW9kLcN4hJ6sD1fG5aY0uE8iO3bV7nM2qR4tX6zK9wC1",
+    "ALLOWED_HOSTS": "prop.ie,www.prop.ie",
+    "POSTGRES_URL": PROD_URL,
+}
+
+
 def manage_py(*args: str, **env) -> subprocess.CompletedProcess:
     """Run manage.py in a fresh process under the given environment."""
     full_env = {**os.environ, "DJANGO_SETTINGS_MODULE": "propcore.settings", **env}
@@ -114,7 +125,32 @@ def manage_py(*args: str, **env) -> subprocess.CompletedProcess:
     [
         ({"PROPCORE_ENV": "prod", "SECRET_KEY": ""}, ["SECRET_KEY", "prod profile", "set it"]),
         ({"PROPCORE_ENV": "production"}, ["PROPCORE_ENV='production'", "dev, staging, prod"]),
-        ({"PROPCORE_ENV": "staging", "SECRET_KEY": "k", "POSTGRES_URL": ""}, ["POSTGRES_URL"]),
+        ({**PROD, "PROPCORE_ENV": "staging", "POSTGRES_URL": ""}, ["POSTGRES_URL"]),
+        # staging and prod: HTTPS needs the host names, PostgreSQL a verified server
+        ({**PROD, "ALLOWED_HOSTS": ""}, ["ALLOWED_HOSTS", "prod profile", "prop.ie"]),
+        ({**PROD, "PROPCORE_ENV": "staging", "ALLOWED_HOSTS": ""}, ["ALLOWED_HOSTS", "staging"]),
+        ({**PROD, "POSTGRES_URL": "postgres://app:s3cret@db:5432/x"}, ["POSTGRES_URL", "prefer"]),
+        ({**PROD, "POSTGRES_URL": PROD_URL.replace("verify-full", "require")}, ["require"]),
+        ({**PROD, "POSTGRES_URL": PROD_URL.replace("verify-full", "verify-ca")}, ["verify-ca"]),
+        ({**PROD, "POSTGRES_URL": PROD_URL.replace("verify-full", "verify_full")}, ["not know"]),
+        (
+            {**PROD, "PGSSLMODE": "disable", "POSTGRES_URL": "postgres://app:s3cret@db/x"},
+            ["PGSSLMODE"],
+        ),
+        ({**PROD, "POSTGRES_OWNER_URL": "postgres://o:s3cret@db/x"}, ["POSTGRES_OWNER_URL"]),
+        (
+            {**PROD, "POSTGRES_ADMIN_URL": "postgres://a:s3cret@db/x?sslmode=allow"},
+            ["POSTGRES_ADMIN_URL"],
+        ),
+        ({**PROD, "POSTGRES_REPLICA_URLS": "postgres://r:s3cret@db2/x"}, ["POSTGRES_REPLICA_URLS"]),
+        (
+            {
+                **PROD,
+                "POSTGRES_ALLOW_SSLMODE_REQUIRE": "true",
+                "POSTGRES_URL": "postgres://a:s3cret@db/x",
+            },
+            ["POSTGRES_URL", "sslmode=prefer"],
+        ),
         # a '/' in the password ends the host part early: it must be percent-encoded
         ({"POSTGRES_URL": "postgres://app:s3cr/et@127.0.0.1:5432/x"}, ["POSTGRES_URL", "%2F"]),
         ({"POSTGRES_URL": "postgres://app:s3cret@127.0.0.1:54x2/x"}, ["POSTGRES_URL", "port"]),
@@ -144,3 +180,44 @@ def test_a_good_postgres_url_still_passes(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "System check identified no issues" in result.stdout
+
+
+@pytest.mark.parametrize("profile", ["prod", "staging"])
+def test_check_deploy_is_clean_with_the_documented_production_variables(profile):
+    result = manage_py(
+        "check", "--deploy", "--fail-level", "WARNING", **{**PROD, "PROPCORE_ENV": profile}
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "System check identified no issues (0 silenced)." in result.stdout
+
+
+def test_check_deploy_in_dev_still_warns():
+    # dev is unchanged: plain HTTP, no HSTS (the warnings prove the check is really run)
+    result = manage_py("check", "--deploy", PROPCORE_ENV="dev")
+    assert result.returncode == 0, result.stderr
+    for warning in ("security.W004", "security.W008", "security.W012", "security.W016"):
+        assert warning in result.stderr
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {
+            "POSTGRES_ALLOW_SSLMODE_REQUIRE": "true",
+            "POSTGRES_URL": PROD_URL.replace("verify-full", "require"),
+        },
+        # a Unix socket never leaves the machine: libpq ignores sslmode there
+        {"POSTGRES_OWNER_URL": "postgres://owner:s3cret@%2Frun%2Fpostgresql/propcore"},
+        {"PGSSLMODE": "verify-full", "POSTGRES_URL": "postgres://app:s3cret@db.prop.internal/x"},
+    ],
+)
+def test_accepted_postgres_tls_settings_in_prod(env):
+    result = manage_py("check", **{**PROD, **env})
+    assert result.returncode == 0, result.stderr
+
+
+def test_dev_accepts_any_sslmode():
+    result = manage_py(
+        "check", POSTGRES_URL="postgres://app:s3cret@127.0.0.1:5432/x?sslmode=disable"
+    )
+    assert result.returncode == 0, result.stderr

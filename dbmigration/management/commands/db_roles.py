@@ -7,7 +7,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration.errors import MigrationError
 from dbmigration.preflight import conninfo_from_settings, conninfo_from_url
-from dbmigration.roles import BASE_NAMES, role_names, sync_roles
+from dbmigration.roles import role_names, role_specs, sync_roles
 
 
 def password_variable(kind: str) -> str:
@@ -16,8 +16,9 @@ def password_variable(kind: str) -> str:
 
 class Command(BaseCommand):
     help = (
-        "Create or update the database roles (owner, app, admin, developer, analytics), the "
-        "owner of every object and every grant. --plan prints the SQL, --check reports drift."
+        "Create or update the database roles (owner, app, admin, developer, analytics, "
+        "auditor), the owner of every object and every grant. --plan prints the SQL, --check "
+        "reports drift."
     )
 
     def add_arguments(self, parser):
@@ -69,7 +70,8 @@ class Command(BaseCommand):
         """Passwords of the login roles: the environment, else a prompt (never arguments)."""
         if opts["no_password"]:
             return {}
-        kinds = [k for k in BASE_NAMES if k != "owner" or opts["owner_login"]]
+        specs = role_specs(owner_login=opts["owner_login"] or None)
+        kinds = [kind for kind, spec in specs.items() if spec.login]
         passwords = {
             k: os.environ[password_variable(k)]
             for k in kinds

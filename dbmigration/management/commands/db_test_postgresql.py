@@ -5,15 +5,18 @@ from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration import conf
 from dbmigration.errors import ConfigError, TargetError
+from dbmigration.pgaudit import pgaudit_check
 from dbmigration.pgurl import BadPostgresUrl, check_postgres_url
 from dbmigration.preflight import check_postgresql, conninfo_from_settings, conninfo_from_url
+from dbmigration.roles import role_names
 from dbmigration.security import app_role_check
 
 
 class Command(BaseCommand):
     help = (
         "Check the PostgreSQL target: version, latency, SSL, UTF8 encoding, privileges, "
-        "extensions, max_connections against the pool. Exit 0 only when all are fine."
+        "extensions, max_connections against the pool, the app role, pgaudit (a warning). "
+        "Exit 0 only when all are fine."
     )
 
     def add_arguments(self, parser):
@@ -49,6 +52,9 @@ class Command(BaseCommand):
             with contextlib.suppress(TargetError):  # no database yet: nothing to own
                 role = app_role_check(conninfo=app_conninfo, strict=profile == "prod")
                 report.checks.append(role)
+            with contextlib.suppress(TargetError):
+                auditor = role_names(suffix=getattr(settings, "DB_ROLE_SUFFIX", "")).auditor
+                report.checks.append(pgaudit_check(conninfo=conninfo, auditor_role=auditor))
         self.stdout.write(f"PostgreSQL target {report.target}")
         for check in report.checks:
             style = self.style.SUCCESS if check.ok and not check.warning else self.style.WARNING
