@@ -411,6 +411,8 @@ def both_sums(
     covers the table, else in Python, one side after the other (no forked process)."""
     fast = _fast_sums(source, target, table, ranges, exclude=exclude)
     if fast is not None:
+        if progress:
+            progress(table.db_table, fast[0].rows, 0)
         return fast
     return (
         side_sums(source, table, ranges, exclude=exclude, progress=progress),
