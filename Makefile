@@ -9,7 +9,7 @@ PG_MAJOR ?= $(or $(shell pg_config --version 2>/dev/null | sed -E 's/^PostgreSQL
 # setuptools' build backend warns (experimental ext-modules, editable install) through pip -q
 PIP_QUIET := PYTHONWARNINGS=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench bench-load clean
 
 $(STAMP): pyproject.toml dbmigration/_copytext.c
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 11)' 2>/dev/null || { echo "Python 3.11 is required (found: $(PYTHON))"; exit 1; }
@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml dbmigration/_copytext.c
 	touch $(STAMP)
 
 install: $(STAMP)
+	@command -v faketime >/dev/null || { apt-get update -q && apt-get install -y -q faketime; } || { echo "faketime is missing: install Debian's faketime package (tests/test_pitr.py ages pgBackRest's backups to test retention by days)"; exit 1; }
 	@test -x /usr/sbin/pgbouncer || { apt-get update -q && apt-get install -y -q pgbouncer; } || { echo "PgBouncer is missing: install Debian's pgbouncer package (the transaction-pooling tests start one)"; exit 1; }
 	@test -f /usr/lib/postgresql/$(PG_MAJOR)/lib/pgaudit.so || { apt-get update -q && apt-get install -y -q postgresql-$(PG_MAJOR)-pgaudit; } || { echo "pgaudit is missing: install Debian's postgresql-$(PG_MAJOR)-pgaudit package (the audit tests preload it)"; exit 1; }
 
@@ -72,6 +73,16 @@ BENCH_ARGS  ?=
 bench: install
 	command -v pgloader >/dev/null || { apt-get update -q && apt-get install -y -q pgloader; } || echo "pgloader could not be installed: the benchmark will say so"
 	$(PY) bench/run.py --users $(BENCH_USERS) $(BENCH_ARGS)
+
+# The load test (README "Latency budget at 1M users"): gunicorn on private PostgreSQL servers
+# (primary, streaming standby, PgBouncer on ports 55171-55174), native pool vs PgBouncer vs a
+# replica.  The data is built once per scale under var/bench/ (1M users: about 20 minutes
+# on 2 busy cores), then each run takes about 3 minutes per mode.
+LOAD_USERS ?= 1000000
+LOAD_ARGS  ?=
+
+bench-load: install
+	$(PY) bench/load.py --users $(LOAD_USERS) $(LOAD_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache

@@ -241,6 +241,12 @@ class LoginEvent(models.Model):
         indexes = [
             models.Index(fields=["user", "-created_at"], name="login_user_created_idx"),
             models.Index(fields=["created_at"], name="login_created_idx"),
+            # security_scan: failures in a period (a small share of all events), and one
+            # address's attempts in time order (password spraying)
+            models.Index(
+                fields=["created_at"], name="login_failed_created_idx", condition=Q(success=False)
+            ),
+            models.Index(fields=["ip_address", "created_at"], name="login_ip_created_idx"),
         ]
 
     def __str__(self) -> str:

@@ -335,7 +335,8 @@ def create_sqlite_backup(
         snapshot = partial / SNAPSHOT
         counts, migrations = _snapshot(sqlite_path, snapshot, lock_timeout=lock_timeout)
         if progress:
-            progress(f"snapshot taken: {sum(counts.values()):,} rows in {len(counts)} tables")
+            # no row total here: the command's summary says what its total counts
+            progress(f"snapshot taken ({len(counts)} tables); exporting JSON Lines")
         exported = _export_jsonl(snapshot, partial / "jsonl", progress=progress)
         info = BackupInfo(
             path=final,
@@ -493,9 +494,12 @@ def _check_keep(keep: int | None) -> None:
 
 
 def apply_retention(backup_dir: Path, *, keep: int) -> list[Path]:
-    """Delete all but the newest keep verified backups of each kind; return what was removed."""
+    """Delete all but the newest keep verified backups of each kind; return what was removed.
+
+    Records of pgBackRest backups are left alone: pgBackRest's own retention decides when
+    they go (prune_expired_records), and a pg_dump must not hide a restorable backup."""
     _check_keep(keep)
-    backups = list_backups(backup_dir)
+    backups = [b for b in list_backups(backup_dir) if not b.checks.get("pgbackrest")]
     removed = []
     # per kind: a run of pg_dump backups must not push out the last SQLite snapshot
     for kind in {b.kind for b in backups}:
@@ -759,6 +763,77 @@ def create_pg_backup(
     return info
 
 
+# --- PostgreSQL with point-in-time recovery: pgBackRest ---------------------------------------
+
+
+def create_pgbackrest_backup(
+    *, backup_dir: Path, backup_type: str | None = None, progress: Progress = None
+) -> BackupInfo:
+    """Take a pgBackRest backup (verified with pgbackrest verify) and list it with the others.
+
+    The backup itself lives in pgBackRest's repository; backup_dir gets its record (manifest
+    only: label, type, the repository), so db_backup --list, the health check and status see
+    it beside the SQLite snapshots and pg_dumps.  Records of backups pgBackRest has expired
+    are removed here: the repository decides what exists.
+    """
+    from dbmigration import conf, pitr
+
+    backup_dir = Path(backup_dir)
+    start = time.perf_counter()
+    stanza = pitr.info()
+    # full the first time (pgBackRest would promote a diff anyway), then differentials
+    backup_type = backup_type or ("diff" if stanza.last("full") else "full")
+    if progress:
+        progress(f"pgbackrest backup --type={backup_type}")
+    with _partial_dir(backup_dir, label="pgbackrest") as (partial, final):
+        taken = pitr.backup(backup_type=backup_type)
+        counts = pitr.count_rows()
+        options = conf.pitr()
+        info = BackupInfo(
+            path=final,
+            kind="postgresql",
+            created_at=taken.backup.stopped.isoformat(),
+            row_counts=counts,  # read just after the backup ended, not in its snapshot
+            migrations=pitr.applied_migrations(),
+            source=f"pgbackrest stanza {options['STANZA']}",
+            source_size=taken.backup.size,
+            tool_version=tool_version(),
+            label="pgbackrest",
+            checks={
+                "pgbackrest": {
+                    "label": taken.backup.label,
+                    "type": taken.backup.type,
+                    "repository": str(options["REPO_PATH"]),
+                    "repository_bytes": taken.backup.repo_size,
+                },
+                "pgbackrest_verify": "ok",
+            },
+        )
+        _finish(partial, final, info, start)
+    prune_expired_records(backup_dir, {b.label for b in pitr.info().backups})
+    return info
+
+
+def expire_pgbackrest(backup_dir: Path):
+    """Let pgBackRest apply its retention now; drop the records of what it expired."""
+    from dbmigration import pitr
+
+    stanza = pitr.expire()
+    prune_expired_records(backup_dir, {b.label for b in stanza.backups})
+    return stanza
+
+
+def prune_expired_records(backup_dir: Path, labels: set[str]) -> list[Path]:
+    """Remove the records of pgBackRest backups its retention has expired (never their data)."""
+    removed = []
+    for info in list_backups(backup_dir):
+        label = info.checks.get("pgbackrest", {}).get("label")
+        if label and label not in labels:
+            shutil.rmtree(info.path)
+            removed.append(info.path)
+    return removed
+
+
 def _verify_restore(conninfo: dict, dump: Path, counts: dict, env: dict, args: list) -> dict:
     """Restore the dump into a scratch database and compare its row counts."""
     import psycopg
@@ -801,6 +876,7 @@ __all__ = [
     "SourceError",
     "apply_retention",
     "create_pg_backup",
+    "create_pgbackrest_backup",
     "create_sqlite_backup",
     "last_verified_backup",
     "list_backups",

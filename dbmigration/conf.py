@@ -10,11 +10,14 @@ Every key is optional::
         "LOG_DIR": ...,                       # default STATE_DIR / "logs"
         "SQLITE_PATH": ...,                   # default: the 'sqlite' alias's NAME
         "POOL_MAX": 10,                       # connections per app process (max_connections check)
+        "WORKERS": 1,                         # app processes sharing the server (gunicorn workers)
+        "PGBOUNCER_POOL": None,               # server connections PgBouncer opens (pgbouncer mode)
         "MODEL_POLICIES": {},                 # per-model handling, see model_policies()
         "PROCESS_BACKEND": None,              # dotted path: callable -> backend this process uses
         "SLOW_QUERIES": None,                 # dotted path: callable(window_s) -> slow query count
         "PITR": {},                           # pgBackRest point-in-time recovery, see pitr()
         "REPLICAS": None,                     # dotted path: callable -> replicas' lag, rotation
+        "SECURITY": None,                     # dotted path: callable -> unresolved findings
     }
 
 The engine's database aliases are named after the backends: ``sqlite`` (the source) and
@@ -109,6 +112,17 @@ def pool_max() -> int:
     return int(_options().get("POOL_MAX", 10))
 
 
+def workers() -> int:
+    """Application processes that each hold a pool of up to POOL_MAX connections."""
+    return int(_options().get("WORKERS", 1))
+
+
+def pgbouncer_pool() -> int | None:
+    """Server connections PgBouncer may open (the app then holds none of its own), or None."""
+    value = _options().get("PGBOUNCER_POOL")
+    return None if value is None else int(value)
+
+
 def hook(name: str):
     """The callable a dotted-path key names, or None."""
     from django.utils.module_loading import import_string
@@ -155,6 +169,8 @@ PITR_DEFAULTS = {
     "REPO_PATH": None,  # default STATE_DIR / "pgbackrest" / "repo"
     "RETENTION_FULL": 2,  # full backups kept (their diffs, incrs and WAL expire with them)
     "RETENTION_DIFF": 7,  # differential backups kept
+    # by age instead of count: keep the full backups whose recovery window covers N days
+    "RETENTION_FULL_DAYS": None,
     "PROCESS_MAX": None,  # default: half the machine's cores, at least 1
     "COMPRESS_TYPE": "zst",
     "OS_USER": "postgres",  # pgbackrest runs as the server's OS user (it reads the data dir)

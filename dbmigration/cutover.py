@@ -32,6 +32,7 @@ from dbmigration.reports import RunReport, error_text
 from dbmigration.state import NEXT_COMMAND, MigrationState, read_state, transition
 
 Progress = Callable[[str], None] | None
+RowsProgress = Callable[[str, int, int], None] | None  # (item, done, total), numbers only
 SWITCH_FREEZE_ESTIMATE = 5.0  # seconds after the drain, sent as Retry-After (measured 3-8 s)
 SWITCH_STEPS = (
     "check that migrate_data finished and verified",
@@ -126,6 +127,7 @@ def plan_switch(*, state_file: Path) -> SwitchPlan:
 
 def presync(*, sqlite_path: Path, snapshot: Path, state_file: Path, progress: Progress) -> Any:
     """Snapshot SQLite, ``migrate_data --sync`` PostgreSQL to it, verify every table."""
+    from dbmigration.copy import RowsRejected
     from dbmigration.sqlite_source import snapshot_to
     from dbmigration.sync import sync_to_postgresql
     from dbmigration.verify import Side, verify
@@ -135,9 +137,21 @@ def presync(*, sqlite_path: Path, snapshot: Path, state_file: Path, progress: Pr
             progress(f"pre-sync: {table} ({number}/{total})")
 
     snapshot_to(sqlite_path, snapshot)
-    synced = sync_to_postgresql(
-        sqlite_path=snapshot, alias="postgresql", state_file=state_file, progress=per_table
-    )
+    try:
+        synced = sync_to_postgresql(
+            sqlite_path=snapshot, alias="postgresql", state_file=state_file, progress=per_table
+        )
+    except RowsRejected as exc:
+        # the switch takes no --quarantine: one line naming the rows and the fix
+        from dbmigration.errors import DataError
+
+        rows = exc.result.rejections
+        named = "; ".join(f"{r.table} pk={r.pk!r} {r.column}: {r.reason}" for r in rows[:5])
+        more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+        raise DataError(
+            f"{len(rows)} row(s) in SQLite cannot arrive exactly: {named}{more}. Nothing "
+            "was switched; fix them in SQLite, then switch again."
+        ) from None
     source, target = Side(sqlite_path=snapshot), Side(alias="postgresql")
     checked = verify(source=source, target=target)
     if not checked.ok:
@@ -223,12 +237,17 @@ def _chunks(items: list, size: int = 500):
 
 
 def apply_source_changes(
-    *, sqlite_path: Path, changes: list[SourceChanges], plan, progress: Progress
+    *,
+    sqlite_path: Path,
+    changes: list[SourceChanges],
+    plan,
+    progress: Progress,
+    rows_progress: RowsProgress = None,
 ) -> dict:
     """Write the changed rows to PostgreSQL in one transaction, converted as migrate_data does."""
     import psycopg
     from django.core.management.color import no_style
-    from django.db import transaction
+    from django.db import DatabaseError, transaction
 
     from dbmigration.copy import RowConverter, _refused_row, plan_targets, read_rows
     from dbmigration.sqlite_source import open_readonly
@@ -238,6 +257,15 @@ def apply_source_changes(
     targets = plan_targets(plan, "postgresql")
     conn = open_readonly(sqlite_path, raw_text=True)
     written = deleted = 0
+    # rows carried: each upsert written and each pure deletion, against all of them
+    total = sum(len(c.upserts) + len(c.deleted) for c in changes)
+    carried = 0
+
+    def report(every: int = 1) -> None:
+        if rows_progress and carried % every == 0:
+            rows_progress("rows", carried, total)
+
+    report()
     try:
         with transaction.atomic(using="postgresql"), pg.cursor() as cur:
             # Django's foreign keys are DEFERRABLE INITIALLY DEFERRED: order within is free
@@ -252,6 +280,8 @@ def apply_source_changes(
                         _pk_values(table, chunk),
                     )
                     deleted += cur.rowcount
+                carried += len(change.deleted)
+                report()
                 if not change.upserts:
                     continue
                 converter = RowConverter(table, targets[table.db_table])
@@ -274,17 +304,24 @@ def apply_source_changes(
                                     raise _cannot_arrive(bad) from None
                                 copied.append(table.key_of(raw))
                                 written += 1
+                                carried += 1
+                                report(every=500)
                 except psycopg.Error as exc:
                     refused = _refused_row(table, exc, copied, conn)
                     if refused is None:
                         raise
                     raise _cannot_arrive([refused]) from exc
+                report()
             for statement in pg.ops.sequence_reset_sql(no_style(), plan.models):
                 cur.execute(statement)
         with pg.cursor() as cur:
             cur.execute("SELECT schemaname, matviewname FROM pg_matviews WHERE ispopulated")
             for schema, view in cur.fetchall():
                 cur.execute(f"REFRESH MATERIALIZED VIEW {_qi(schema)}.{_qi(view)}")
+    except (psycopg.Error, DatabaseError) as exc:
+        if postgres_lost(exc) is not None:
+            raise
+        raise _refused_unnamed(exc, conn, plan, changes) from exc
     finally:
         conn.close()
     return {
@@ -292,6 +329,32 @@ def apply_source_changes(
         "rows_deleted": deleted,
         "tables": {c.table: c.counts for c in changes if any(c.counts)},
     }
+
+
+def _refused_unnamed(exc: Exception, conn, plan, changes: list[SourceChanges]) -> Exception:
+    """A refusal no COPY line names (a foreign key PostgreSQL checks at commit): the changed
+    rows it would refuse, found on SQLite as the copy finds them; else PostgreSQL's words.
+    Either way one line and the fix, never a traceback."""
+    from dbmigration.copy import _param, _source_tables, relational_rejections
+    from dbmigration.errors import DataError
+    from dbmigration.plan import Plan
+
+    changed = {(c.table, _param(pk)) for c in changes for _, pk, _ in c.upserts}
+    tables = [t for t in plan.tables if t.db_table in {table for table, _ in changed}]
+    rows = relational_rejections(
+        conn, Plan(tables=tables, deferred_fks=[]), source_tables=_source_tables(conn)
+    )
+    rows = [r for r in rows if (r.table, _param(r.raw_pk)) in changed]
+    if rows:
+        return _cannot_arrive(rows)
+    diag = getattr(exc, "diag", None) or getattr(exc.__cause__, "diag", None)
+    words = " ".join(
+        filter(None, [diag and diag.message_primary, diag and diag.message_detail])
+    ) or str(exc).replace("\n", " ")
+    return DataError(
+        f"PostgreSQL refused a row written since migrate_data: {words}. Nothing of the "
+        "catch-up was kept; fix it in SQLite, then switch again."
+    )
 
 
 def _cannot_arrive(rows) -> Exception:
@@ -392,10 +455,12 @@ def switch_to_postgresql(
     freeze_max_seconds: float = fz.DEFAULT_MAX_SECONDS,
     sqlite_path: Path | None = None,
     progress: Progress = None,
+    rows_progress: RowsProgress = None,
 ) -> SwitchResult:
     """Cut over to PostgreSQL; on any failure the application stays on SQLite, unfrozen.
 
     ``drain_seconds``: the longest wait for SQLite's write lock after the freeze begins.
+    ``progress`` gets step messages; ``rows_progress`` the catch-up's rows carried / total.
     """
     state_file = Path(state_file or conf.state_file())
     sqlite_path = Path(sqlite_path or connections.settings["sqlite"]["NAME"])
@@ -467,7 +532,11 @@ def switch_to_postgresql(
             note("stage 2 (frozen): final catch-up of what changed since the snapshot")
             changes = source_changes(sqlite_path=sqlite_path, snapshot=snapshot, plan=tables)
             caught_up = apply_source_changes(
-                sqlite_path=sqlite_path, changes=changes, plan=tables, progress=note
+                sqlite_path=sqlite_path,
+                changes=changes,
+                plan=tables,
+                progress=note,
+                rows_progress=rows_progress,
             )
             step.details = caught_up
             note(f"catch-up wrote {caught_up['rows_written']} rows")

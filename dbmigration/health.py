@@ -419,6 +419,33 @@ def check_statement_evictions() -> CheckResult:
     return CheckResult("query_stats", OK, f"pg_stat_statements: {dealloc} eviction(s)", details)
 
 
+def check_security() -> CheckResult:
+    """Unresolved threat-detection findings (DBMIGRATION['SECURITY']): degraded while any."""
+    summary = conf.hook("SECURITY")
+    if summary is None:
+        return CheckResult("security", OK, "not tracked (DBMIGRATION['SECURITY'] unset)")
+    try:
+        found = summary()
+    except Exception as exc:  # the database is down or not migrated: active_backend says so
+        return CheckResult("security", OK, f"not checked: {_error_text(exc)}")
+    details = {
+        "unresolved": found["unresolved"],
+        "by_severity": found["by_severity"],
+        "last_seen": found["last_seen"],
+    }
+    if not found["unresolved"]:
+        return CheckResult("security", OK, "no unresolved security findings", details)
+    counts = ", ".join(f"{n} {severity}" for severity, n in found["by_severity"].items())
+    return CheckResult(
+        "security",
+        DEGRADED,
+        f"{found['unresolved']} unresolved security finding(s) ({counts}); newest: "
+        f"{found['newest']}. Read them in the admin (Threat detection), resolve each when "
+        "handled",
+        details,
+    )
+
+
 def _lag_text(replica: dict) -> str:
     return f"lag {replica['lag_bytes']} bytes, {replica['lag_seconds'] or 0:.1f} s"
 
@@ -434,6 +461,7 @@ CHECKS: dict[str, Callable[[], CheckResult]] = {
     "pitr": check_pitr,
     "read_replicas": check_read_replicas,
     "query_stats": check_statement_evictions,
+    "security": check_security,
 }
 
 

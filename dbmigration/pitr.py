@@ -57,7 +57,7 @@ def _chown(path: Path, user: str | None) -> None:
 
 def _error_line(output: str) -> str:
     lines = [line.strip() for line in output.splitlines() if line.strip()]
-    errors = [line for line in lines if "ERROR:" in line]
+    errors = [line for line in lines if re.search(r"\b(ERROR|FATAL|PANIC):", line)]
     return (errors or lines or ["no output"])[0]
 
 
@@ -173,7 +173,7 @@ def render_config(server: Server) -> str:
             "# settings and rerun setup rather than editing this file",
             "[global]",
             f"repo1-path={options['REPO_PATH']}",
-            f"repo1-retention-full={options['RETENTION_FULL']}",
+            *retention_lines(options),
             f"repo1-retention-diff={options['RETENTION_DIFF']}",
             f"process-max={options['PROCESS_MAX']}",
             f"compress-type={options['COMPRESS_TYPE']}",
@@ -187,6 +187,30 @@ def render_config(server: Server) -> str:
             f"pg1-socket-path={server.socket_dir}",
             "",
         ]
+    )
+
+
+def retention_lines(options: dict) -> list[str]:
+    """pgBackRest's retention: full backups by count, or by days of recovery window."""
+    days = options["RETENTION_FULL_DAYS"]
+    if days:
+        # time-based: keep the full backups (and their WAL) that cover the last N days
+        return ["repo1-retention-full-type=time", f"repo1-retention-full={days}"]
+    return [f"repo1-retention-full={options['RETENTION_FULL']}"]
+
+
+def describe_retention(options: dict | None = None) -> str:
+    """One line: what pgBackRest keeps, as configured."""
+    options = options or conf.pitr()
+    days = options["RETENTION_FULL_DAYS"]
+    full = (
+        f"full backups covering the last {days} day{'s' if days != 1 else ''} of recovery"
+        if days
+        else f"the last {options['RETENTION_FULL']} full backups"
+    )
+    return (
+        f"{full} and the last {options['RETENTION_DIFF']} differentials, with the WAL they "
+        "need; pgBackRest expires the rest after each backup"
     )
 
 
@@ -311,6 +335,44 @@ def info() -> StanzaInfo:
         archive_min=archives[-1].get("min"),
         archive_max=archives[-1].get("max"),
     )
+
+
+@dataclasses.dataclass
+class Status:
+    stanza: StanzaInfo
+    retention: str  # as DBMIGRATION['PITR'] asks for it
+    retention_written: list[str]  # the repo1-retention lines of pgbackrest.conf
+    retention_stale: bool  # settings changed since setup wrote the config
+
+    @property
+    def oldest_restorable(self) -> datetime | None:
+        """The earliest time a restore can reach: just after the oldest backup ended."""
+        return self.stanza.backups[0].stopped if self.stanza.backups else None
+
+
+def status() -> Status:
+    """The stanza's backups and the retention in force (and whether setup must rerun)."""
+    options = conf.pitr()
+    stanza = require_stanza()
+    written = [
+        line.strip()
+        for line in options["CONFIG"].read_text().splitlines()
+        if line.startswith("repo1-retention")
+    ]
+    wanted = [line for line in retention_lines(options) if line.startswith("repo1-retention")]
+    wanted.append(f"repo1-retention-diff={options['RETENTION_DIFF']}")
+    return Status(
+        stanza=stanza,
+        retention=describe_retention(options),
+        retention_written=written,
+        retention_stale=sorted(written) != sorted(wanted),
+    )
+
+
+def expire() -> StanzaInfo:
+    """Let pgBackRest expire what the retention no longer keeps (it also runs after backups)."""
+    pgbackrest("expire")
+    return info()
 
 
 @dataclasses.dataclass
@@ -469,6 +531,22 @@ def pick_backup(backups: list[Backup], target: datetime) -> Backup:
     return before[-1]
 
 
+def require_stanza() -> StanzaInfo:
+    """The stanza's info, or a one-line error when PITR or the stanza is missing."""
+    options = conf.pitr()
+    if not is_set_up():
+        raise RestoreTargetError(
+            f"point-in-time recovery is not set up (no {options['CONFIG']}): run db_pitr setup"
+        )
+    stanza = info()
+    if stanza.status.startswith("missing stanza"):
+        raise RestoreTargetError(
+            f"no stanza {options['STANZA']!r} in the pgBackRest repository "
+            f"{options['REPO_PATH']} ({stanza.status}): run db_pitr setup, then db_pitr backup"
+        )
+    return stanza
+
+
 def _pg_ctl(*args: str) -> subprocess.CompletedProcess:
     # on PATH, else Debian's layout (the newest major version)
     debian = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), reverse=True)
@@ -551,7 +629,7 @@ def restore(
         )
     if target_dir.exists() and any(target_dir.iterdir()):
         raise RestoreTargetError(f"{target_dir} is not empty: give a new or empty directory")
-    chosen = pick_backup(info().backups, to_time)
+    chosen = pick_backup(require_stanza().backups, to_time)
     target_dir.mkdir(parents=True, exist_ok=True)
     target_dir.chmod(0o700)
     _chown(target_dir, options["OS_USER"])
@@ -574,7 +652,8 @@ def restore(
     log = target_dir / "pitr_restore.log"
     started = _pg_ctl(
         "-D", str(target_dir), "-l", str(log), "-w", "-t", "600",
-        "-o", f"-p {port} -k {target_dir} -c listen_addresses=127.0.0.1", "start",
+        # TCP only: a socket under a deep target_dir passes the 107-byte limit of its path
+        "-o", f"-p {port} -c unix_socket_directories='' -c listen_addresses=127.0.0.1", "start",
     )  # fmt: skip
     # pg_ctl returns once hot standby opens; running out of WAL before the target comes later
     stopped = _wait_for_log(log, rf"recovery stopping (before|at) .*|{UNREACHED}", timeout=120)
@@ -628,10 +707,213 @@ def count_rows(*, alias: str = conf.TARGET_ALIAS, **overrides) -> dict[str, int]
         }
 
 
+def applied_migrations(*, alias: str = conf.TARGET_ALIAS) -> list[str]:
+    """The alias database's django_migrations as app.name (empty when it has none)."""
+    with _connect(alias) as conn:
+        exists = conn.execute("SELECT to_regclass('django_migrations')").fetchone()[0]
+        if not exists:
+            return []
+        return sorted(
+            f"{app}.{name}" for app, name in conn.execute("SELECT app, name FROM django_migrations")
+        )
+
+
 def stop_restored(target_dir: Path) -> None:
     """Stop a scratch server restore() started (immediate: it holds nothing to keep)."""
     if (target_dir / "postmaster.pid").exists():
         _pg_ctl("-D", str(target_dir), "-m", "immediate", "stop")
+
+
+# --- restore one database beside (or over) the live one --------------------------------
+
+
+@dataclasses.dataclass
+class DatabaseRestoreResult:
+    database: str  # where the restored rows are now, on the live server
+    live_database: str
+    kept_as: str | None  # the live database's new name when it was replaced
+    backup_label: str
+    target_time: datetime
+    stopped_at: str  # the scratch server's "recovery stopping before ..." line
+    row_counts: dict[str, int]
+    seconds: float
+
+    @property
+    def replaced(self) -> bool:
+        return self.kept_as is not None
+
+
+def default_target_db(live: str, to_time: datetime) -> str:
+    """A new database beside the live one, named by the time it holds."""
+    return f"{live}_at_{to_time.astimezone(UTC):%Y%m%dT%H%M%S}"[:63]
+
+
+def _libpq_env(cfg: dict) -> dict:
+    env = dict(os.environ)
+    if cfg.get("PASSWORD"):  # through the environment, never on a command line
+        env["PGPASSWORD"] = str(cfg["PASSWORD"])
+    return env
+
+
+def _run_tool(cmd: list[str], *, env: dict, what: str) -> None:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=6 * 3600)
+    if proc.returncode:
+        raise PitrError(f"{what} failed: {_error_line(proc.stderr + proc.stdout)}")
+
+
+def _database_exists(conn, name: str) -> bool:
+    found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
+    return found is not None
+
+
+def restore_database(
+    *,
+    to_time: datetime,
+    scratch_root: Path,
+    target_db: str | None = None,
+    replace_live: bool = False,
+    alias: str = conf.TARGET_ALIAS,
+    progress: Progress = _no_progress,
+) -> DatabaseRestoreResult:
+    """Restore the alias's database as of to_time into a new database on the live server.
+
+    pgBackRest restores whole clusters, so the time is reached in a scratch cluster (restore());
+    its copy of the database is then dumped and loaded into target_db beside the live one, the
+    counts compared, and the scratch cluster dropped.  With replace_live the new database takes
+    the live one's name and the live one is kept, renamed, with connections to it ended: the
+    caller must have asked the operator first.
+    """
+    from psycopg import sql
+
+    start = time.perf_counter()
+    cfg = connections.settings[alias]
+    live = cfg["NAME"]
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    if replace_live:
+        target_db = f"{live}_pitr_{stamp}"[:63]  # renamed to live at the end
+    target_db = target_db or default_target_db(live, to_time)
+    if target_db == live:
+        raise RestoreTargetError(
+            f"--target-db {live} is the live database: restore beside it under another name, "
+            "or replace it with --replace-live-database"
+        )
+    with _connect(alias, dbname="postgres") as admin:
+        if _database_exists(admin, target_db):
+            raise RestoreTargetError(
+                f"database {target_db} already exists: name another with --target-db, or drop it"
+            )
+        owner = admin.execute(
+            "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", [live]
+        ).fetchone()[0]
+    scratch = scratch_root / f"propcore_pitr_{stamp}"
+    dump = scratch_root / f"propcore_pitr_{stamp}.dump"
+    env = _libpq_env(cfg)
+    created = False
+    try:
+        restored = restore(to_time=to_time, target_dir=scratch, alias=alias, progress=progress)
+        progress("restore", f"dump {live}", 1, 3)
+        user = ["-U", cfg["USER"]] if cfg.get("USER") else []
+        _run_tool(
+            ["pg_dump", "-Fc", "-h", "127.0.0.1", "-p", str(restored.port), *user,
+             "-f", str(dump), live],
+            env=env, what="pg_dump of the restored database",
+        )  # fmt: skip
+        stop_restored(scratch)
+        progress("restore", f"load {target_db}", 2, 3)
+        with _connect(alias, dbname="postgres") as admin:
+            admin.execute(
+                sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE template0").format(
+                    sql.Identifier(target_db), sql.Identifier(owner)
+                )
+            )
+        created = True
+        host = ["-h", cfg["HOST"]] if cfg.get("HOST") else []
+        port = ["-p", str(cfg["PORT"])] if cfg.get("PORT") else []
+        _run_tool(
+            ["pg_restore", "--exit-on-error", *host, *port, *user, "-d", target_db, str(dump)],
+            env=env, what=f"pg_restore into {target_db}",
+        )  # fmt: skip
+        progress("restore", "count rows", 3, 3)
+        counts = count_rows(alias=alias, dbname=target_db)
+        if counts != restored.row_counts:
+            differing = sorted(t for t in counts if counts[t] != restored.row_counts.get(t))
+            raise PitrError(
+                f"{target_db}'s row counts differ from the restored cluster's "
+                f"({', '.join(differing[:3])}); it was dropped, the live database is untouched"
+            )
+        kept_as = _swap_in(target_db, live, stamp, alias=alias) if replace_live else None
+    except BaseException:
+        if created:
+            with _connect(alias, dbname="postgres") as admin:
+                admin.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                        sql.Identifier(target_db)
+                    )
+                )
+        raise
+    finally:
+        stop_restored(scratch)
+        shutil.rmtree(scratch, ignore_errors=True)
+        dump.unlink(missing_ok=True)
+    return DatabaseRestoreResult(
+        database=live if replace_live else target_db,
+        live_database=live,
+        kept_as=kept_as,
+        backup_label=restored.backup_label,
+        target_time=to_time,
+        stopped_at=restored.stopped_at,
+        row_counts=counts,
+        seconds=round(time.perf_counter() - start, 2),
+    )
+
+
+def _swap_in(restored: str, live: str, stamp: str, *, alias: str) -> str:
+    """Rename live out of the way (kept) and restored into its place; return the kept name."""
+    from psycopg import sql
+
+    kept = f"{live}_before_pitr_{stamp}"[:63]
+    with _connect(alias, dbname="postgres") as admin:
+        # no new session may slip in between ending the old ones and the rename
+        admin.execute(
+            sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(live))
+        )
+        try:
+            for _ in range(50):
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = %s AND pid <> pg_backend_pid()",
+                    [live],
+                )
+                busy = admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", [live]
+                ).fetchone()[0]
+                if not busy:
+                    break
+                time.sleep(0.1)
+            admin.execute(
+                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    sql.Identifier(live), sql.Identifier(kept)
+                )
+            )
+        finally:
+            name = kept if _database_exists(admin, kept) else live
+            admin.execute(
+                sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name))
+            )
+        try:
+            admin.execute(
+                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    sql.Identifier(restored), sql.Identifier(live)
+                )
+            )
+        except Exception:  # never leave the application without its database
+            admin.execute(
+                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    sql.Identifier(kept), sql.Identifier(live)
+                )
+            )
+            raise
+    return kept
 
 
 # --- the restore drill ---------------------------------------------------------------

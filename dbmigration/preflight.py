@@ -257,10 +257,16 @@ def check_postgresql(
     *,
     conninfo: dict,
     pool_max: int,
+    workers: int = 1,
+    pgbouncer_pool: int | None = None,
     extensions: list[str] | None = None,
     progress: Progress = None,
 ) -> CheckReport:
-    """Run every check the migration needs against a PostgreSQL server; never raises."""
+    """Run every check the migration needs against a PostgreSQL server; never raises.
+
+    ``workers`` processes each hold a pool of up to ``pool_max`` connections; with PgBouncer
+    (``pgbouncer_pool`` set) the server sees PgBouncer's pool instead.
+    """
     report = CheckReport(target=describe(conninfo))
     missing_db = False
     try:
@@ -281,7 +287,7 @@ def check_postgresql(
             conn,
             report,
             conninfo=conninfo,
-            pool_max=pool_max,
+            demand=ConnectionDemand(pool_max, workers, pgbouncer_pool),
             missing_db=missing_db,
             extensions=required_extensions() if extensions is None else extensions,
         )
@@ -295,7 +301,7 @@ def _fix(exc: Exception) -> str:
     return text.split(" Fix: ", 1)[1] if " Fix: " in text else ""
 
 
-def _run_checks(conn, report, *, conninfo, pool_max, missing_db, extensions) -> None:
+def _run_checks(conn, report, *, conninfo, demand, missing_db, extensions) -> None:
     one = conn.execute
     samples = []
     for _ in range(5):
@@ -356,7 +362,7 @@ def _run_checks(conn, report, *, conninfo, pool_max, missing_db, extensions) -> 
         )
         report.checks.append(_privileges_check(conn, conninfo))
     report.checks.append(_extensions_check(one, extensions))
-    report.checks.append(_connections_check(one, pool_max))
+    report.checks.append(_connections_check(one, demand))
 
 
 def _createdb_check(one, conninfo) -> Check:
@@ -434,21 +440,62 @@ def _extensions_check(one, extensions: list[str]) -> Check:
     )
 
 
-def _connections_check(one, pool_max: int) -> Check:
+@dataclasses.dataclass(frozen=True)
+class ConnectionDemand:
+    """How many server connections the application can hold at its peak."""
+
+    pool_max: int  # per application process
+    workers: int = 1  # application processes (gunicorn workers)
+    pgbouncer_pool: int | None = None  # PgBouncer's default_pool_size + reserve_pool_size
+
+    @property
+    def app_total(self) -> int:
+        if self.pgbouncer_pool is not None:
+            return self.pgbouncer_pool  # PgBouncer holds the server connections, not the app
+        return self.workers * self.pool_max
+
+    def describe(self) -> str:
+        if self.pgbouncer_pool is not None:
+            return f"PgBouncer's pool of {self.pgbouncer_pool} (default_pool_size + reserve)"
+        return f"{self.workers} worker(s) x a pool of up to {self.pool_max}"
+
+
+def _connections_check(one, demand: ConnectionDemand) -> Check:
     max_conn = int(one("SHOW max_connections").fetchone()[0])
     reserved = int(one("SHOW superuser_reserved_connections").fetchone()[0])
     in_use = one("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'")
     used = in_use.fetchone()[0]
-    available = max_connections_free = max_conn - reserved - used
-    # a pool per application process, plus one for the migration itself
-    ok = pool_max + 1 <= max_connections_free
+    available = max_conn - reserved - used
+    # what the app holds at peak, plus one for the migration runbook itself
+    needed = demand.app_total + 1
+    server = f"max_connections {max_conn} ({reserved} reserved, {used} in use, {available} free)"
+    if demand.pgbouncer_pool is None and demand.pool_max + 1 > available:
+        return Check(
+            "max_connections",
+            False,
+            f"{server} for a pool of up to {demand.pool_max} per process",
+            "raise max_connections on the server or lower the profile's pool_max",
+        )
+    if needed > available:
+        # a warning: the app starts, and fails with "too many connections" only at its peak
+        fix = (
+            "lower default_pool_size in pgbouncer.ini"
+            if demand.pgbouncer_pool is not None
+            else "lower pool_max or the worker count (WEB_CONCURRENCY), or put PgBouncer in "
+            "front (POSTGRES_POOLING=pgbouncer)"
+        )
+        return Check(
+            "max_connections",
+            True,
+            f"{server} is too small for {demand.describe()}: {needed} needed at peak (with one "
+            f"for the runbook); set max_connections to at least {max_conn + needed - available} "
+            f"(a restart) or {fix}",
+            warning=True,
+        )
     return Check(
         "max_connections",
-        ok,
-        f"max_connections {max_conn} ({reserved} reserved, {used} in use, {available} free) "
-        f"for a pool of up to {pool_max} per process",
-        "raise max_connections on the server or lower the profile's pool_max",
-        warning=ok and pool_max * 2 > available,
+        True,
+        f"{server} for {demand.describe()}: {needed} needed at peak (with one for the runbook)",
     )
 
 

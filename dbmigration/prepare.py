@@ -458,8 +458,9 @@ def _dry_run(sqlite_path: Path, result: PrepareResult, step, note, *, pg_alias: 
         }
     )
     note(
-        f"phase 5: {result.rows_scanned:,} rows converted in {seconds:.2f}s, "
-        f"{len(result.rejections):,} would be rejected"
+        # no row total: the command's summary gives it, saying what it counts
+        f"phase 5: every table converted in {seconds:.2f}s, "
+        f"{len(result.rejections):,} row(s) would be rejected"
     )
 
 

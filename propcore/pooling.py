@@ -14,6 +14,9 @@ transaction, so nothing may outlive one:
 
 from __future__ import annotations
 
+import configparser
+from pathlib import Path
+
 MODES = ("native", "pgbouncer")
 PERSISTENT_CONN_MAX_AGE = 60  # seconds a thread keeps its connection (to PgBouncer, a replica)
 
@@ -51,3 +54,13 @@ def persistent_connections(config: dict) -> dict:
     config["CONN_MAX_AGE"] = PERSISTENT_CONN_MAX_AGE
     config["CONN_HEALTH_CHECKS"] = True  # a restarted server must not fail the next request
     return config
+
+
+def pgbouncer_server_connections(ini: Path) -> int:
+    """The server connections a PgBouncer config opens per database: default + reserve pool."""
+    # inline_comment_prefixes: PgBouncer reads ';' after a value as a comment, configparser not
+    parser = configparser.ConfigParser(inline_comment_prefixes=(";", "#"), interpolation=None)
+    parser.read_string(Path(ini).read_text())
+    section = parser["pgbouncer"]
+    # PgBouncer's own defaults when a key is left out
+    return section.getint("default_pool_size", 20) + section.getint("reserve_pool_size", 0)

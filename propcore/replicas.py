@@ -14,6 +14,9 @@ The model is GitLab's database load balancer:
   the user's next requests read from a replica only once that replica has replayed past it
   (``pg_last_wal_replay_lsn()``), then the cookie is dropped when every replica in rotation
   has caught up (clearing it when one had caught up gave GitLab stale reads, #413203).
+- A read that fails on a replica in the middle of a request (the replica died, or recovery
+  cancelled the query) does not become a 500: when the request has written nothing, the
+  middleware runs the view once more with every read on the primary, and logs it.
 - The state of one request lives in a ContextVar (``routing_context()``), not a
   thread-local, so it neither leaks to the next request on the thread nor breaks in async
   code.  ``use_primary()`` forces fresh reads for a block.
@@ -29,6 +32,7 @@ import contextlib
 import contextvars
 import dataclasses
 import itertools
+import logging
 import re
 import threading
 import time
@@ -36,7 +40,7 @@ from collections.abc import Iterator
 
 import psycopg
 from django.conf import settings
-from django.db import connections
+from django.db import InterfaceError, OperationalError, connections
 
 from dbmigration.preflight import conninfo_from_settings
 
@@ -50,6 +54,10 @@ DEFAULTS = {
 }
 LSN_COOKIE = "propcore_replica_lsn"
 LSN_COOKIE_MAX_AGE = 300  # seconds: past it, a replica still behind is out of rotation anyway
+logger = logging.getLogger(__name__)
+# not 0.0: time.monotonic() may count from boot, and a machine up for less than
+# CHECK_INTERVAL would then never measure its replicas
+NEVER = float("-inf")
 _LSN = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
 
 
@@ -77,6 +85,7 @@ class RoutingContext:
     min_lsn: int | None = None  # the user's last write: read only from replicas past it
     wrote: bool = False  # this request wrote: its reads stay on the primary
     replica: str | None = None  # the replica this request reads from
+    retried: bool = False  # a failed replica read already sent this request to the primary
     caught_up: dict[str, bool] = dataclasses.field(default_factory=dict)
 
 
@@ -134,13 +143,13 @@ class ReplicaSet:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._states: dict[str, ReplicaState] = {}
-        self._checked_at = 0.0
+        self._checked_at = NEVER
         self._turn = itertools.count()
 
     def reset(self) -> None:
         """Forget every measurement (tests; a settings change)."""
         with self._lock:
-            self._states, self._checked_at = {}, 0.0
+            self._states, self._checked_at = {}, NEVER
 
     def states(self) -> list[ReplicaState]:
         self._refresh_if_due()
@@ -347,6 +356,54 @@ class ReplicaStickinessMiddleware:
         elif min_lsn is not None and _all_caught_up(context):
             response.delete_cookie(LSN_COOKIE)
         return response
+
+    def process_exception(self, request, exception):
+        """Run the view again on the primary, once, when a read on its replica failed.
+
+        Only for a request that has written nothing through the router (a read-only view,
+        or a form that failed before saving): running it again cannot write twice.  The
+        retry stays inside the inner middlewares' work (the row-level security
+        transaction on the primary is still open), so only the view runs again.
+        """
+        context = _context.get()
+        if not _replica_read_failed(context, exception):
+            return None
+        replica, context.replica, context.retried = context.replica, None, True
+        if not _still_usable(replica):
+            replicas.mark_out(replica, exception)
+        logger.warning(
+            "read replica %s failed during %s %s (%s); the request runs again on the primary",
+            replica,
+            request.method,
+            request.path,
+            _error_line(exception),
+        )
+        match = request.resolver_match
+        with use_primary():
+            response = match.func(request, *match.args, **match.kwargs)
+            if callable(getattr(response, "render", None)):  # templates read too
+                response = response.render()
+        return response
+
+
+def _replica_read_failed(context: RoutingContext | None, exception: Exception) -> bool:
+    """The request's replica raised a connection or server error, and nothing was written."""
+    if context is None or context.replica is None or context.wrote or context.retried:
+        return False
+    if not isinstance(exception, (OperationalError, InterfaceError)):
+        return False
+    return connections[context.replica].errors_occurred
+
+
+def _still_usable(alias: str) -> bool:
+    """A cancelled query leaves a working replica; a dead one is closed here."""
+    connection = connections[alias]
+    with contextlib.suppress(Exception):
+        if connection.connection is not None and connection.is_usable():
+            return True
+    with contextlib.suppress(Exception):
+        connection.close()
+    return False
 
 
 def _primary_lsn(primary: str) -> int | None:

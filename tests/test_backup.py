@@ -161,6 +161,22 @@ def test_list_keep_and_command(tmp_path):
             call_command("db_backup", "--keep", "0", stdout=StringIO())
 
 
+def test_retention_leaves_pgbackrest_records_to_pgbackrest(tmp_path):
+    """A run of pg_dump backups with the default --keep must not delete the record of a
+    pgBackRest backup: --list and backup_age would stop seeing a restorable backup."""
+    from tests.test_health import make_backup
+
+    backup_dir = tmp_path / "b"
+    pgbackrest = make_backup(backup_dir, age_hours=5, kind="postgresql")
+    manifest = json.loads((pgbackrest / backup.MANIFEST).read_text())
+    manifest["checks"] = {"pgbackrest": {"label": "20261201-101010F", "type": "full"}}
+    (pgbackrest / backup.MANIFEST).write_text(json.dumps(manifest))
+    dumps = [make_backup(backup_dir, age_hours=h, kind="postgresql") for h in (3, 2, 1)]
+    removed = backup.apply_retention(backup_dir, keep=1)
+    assert sorted(removed) == sorted(dumps[:2])
+    assert pgbackrest.exists() and dumps[2].exists()
+
+
 def test_encrypted_backup_round_trip(tmp_path, monkeypatch):
     source = make_source(tmp_path / "src.sqlite3")
     info = backup.create_sqlite_backup(
@@ -383,8 +399,11 @@ def test_pg_dump_backup_with_verify_restore(tmp_path):
     assert info.checks["verify_restore"]["row_counts_equal"] is True
     assert "accounts.0003_analytics_view" in info.migrations
     assert file_sha256(info.path / "db.dump") == info.files[0].sha256
+    # the scratch database is named after the one verified; other databases on a shared
+    # server may well have "_verify_" in their names
+    scratch = connections["postgresql"].settings_dict["NAME"] + "_verify_%"
     with connections["postgresql"].cursor() as cur:
-        cur.execute("SELECT count(*) FROM pg_database WHERE datname LIKE %s", ["%_verify_%"])
+        cur.execute("SELECT count(*) FROM pg_database WHERE datname LIKE %s", [scratch])
         assert cur.fetchone()[0] == 0
 
 

@@ -237,6 +237,32 @@ def test_switch_catches_up_verifies_and_flips(state_file, migrated, settings):
 
 
 @pytest.mark.django_db(databases="__all__", transaction=True)
+def test_the_switch_shows_the_catch_ups_rows_carried_and_rate(
+    state_file, migrated, settings, monkeypatch
+):
+    from dbmigration.management.progress import ProgressRenderer
+
+    org, users = migrated
+    settings.DBMIGRATION = {**getattr(settings, "DBMIGRATION", {}), "PROGRESS_SECONDS": 0}
+    note = ProgressRenderer.note
+    late = []
+
+    def app_writes_during_stage_1(renderer, message):
+        # the renderer is the real one; the application writes while stage 1 runs
+        if message.startswith("pre-sync:") and not late:
+            late.append(writes_on_sqlite(org, users))
+        note(renderer, message)
+
+    monkeypatch.setattr(ProgressRenderer, "note", app_writes_during_stage_1)
+    out = run_switch("--noinput", "--drain-seconds", "0")
+    assert late and read_state(state_file).active_backend == "postgresql"
+    # 1 + 1 users, 2 audit entries written, 1 login event deleted: 5 rows carried
+    lines = [line for line in out.splitlines() if line.startswith("catch-up: rows ")]
+    assert lines[0].startswith("catch-up: rows 0/5"), out
+    assert lines[-1].startswith("catch-up: rows 5/5 (") and " rows/s" in lines[-1], out
+
+
+@pytest.mark.django_db(databases="__all__", transaction=True)
 def test_interrupted_switch_stays_on_sqlite_and_loses_nothing(state_file, migrated):
     org, users = migrated
     late = []

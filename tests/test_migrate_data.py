@@ -382,7 +382,9 @@ def test_plan_lists_tables_rows_and_order_and_copies_nothing(dirs):
     assert listed == order  # foreign-key order, the order the copy loads
     user_line = next(line for line in lines if " accounts_user " in line)
     assert user_line.rstrip().endswith("3 rows")
-    assert f"in {len(order)} tables; nothing was copied." in out
+    summary = re.search(r"Plan: ([\d,]+) rows in (\d+) tables? \(\+[\d,]+ in (\d+) of", out)
+    assert summary and int(summary[2]) + int(summary[3]) == len(order), out
+    assert out.rstrip().endswith("; nothing was copied.")
     # nothing touched: no state move, no report, no rows on PostgreSQL, the file unchanged
     assert (dirs / "state.json").read_text() == state_before
     assert not (dirs / "reports").exists()
@@ -398,3 +400,21 @@ def test_plan_lists_tables_rows_and_order_and_copies_nothing(dirs):
         out = run("--plan")
     assert "skipped accounts.LoginEvent: rebuilt from the logs" in out
     assert " accounts_loginevent " not in out
+
+
+@ALL
+def test_plan_as_json_lists_the_same_tables_and_rows(dirs):
+    make_people(3)
+    prepared(source_path(), dirs / "state.json")
+    document = json.loads(run("--plan", "--json"))
+    assert (document["status"], document["ok"], document["changed"]) == ("ok", True, False)
+    tables = document["tables"]
+    assert [t["table"] for t in tables] == [t.db_table for t in build_plan().tables]
+    assert [t["order"] for t in tables] == list(range(1, len(tables) + 1))
+    users = next(t for t in tables if t["table"] == "accounts_user")
+    assert users["source_rows"] == 3
+    assert document["rows"] == sum(t["source_rows"] or 0 for t in tables)
+    assert not (dirs / "reports").exists()  # a plan writes nothing, in JSON too
+    with pytest.raises(CommandError, match="--json goes with --plan") as caught:
+        run("--json")
+    assert caught.value.returncode == 2

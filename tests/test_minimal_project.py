@@ -7,22 +7,13 @@ its own directory and its own PostgreSQL database, as an operator would run them
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import uuid
-from pathlib import Path
 
-import psycopg
 import pytest
-from psycopg import sql
 
 from dbmigration.sqlite_source import file_sha256
+from tests.subprojects import must, on_target, subproject, unique_db_name
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parent.parent
-MAINTENANCE = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 SEED = """
 import datetime, decimal
@@ -63,53 +54,19 @@ print(json.dumps({
 @pytest.fixture
 def project(tmp_path):
     """A migrated, filled SQLite source and a unique (not yet created) PostgreSQL database."""
-    name = f"minimal_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.minimal_project.settings",
-        "MINIMAL_DIR": str(tmp_path),
-        "MINIMAL_PG_NAME": name,
-        "PYTHONPATH": str(ROOT),
-    }
-    env.pop("PROPCORE_TEST_SUFFIX", None)
-
-    def run(*args: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "django", *args],
-            cwd=ROOT,
-            env={**env, **(extra_env or {})},
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-
-    # migrate through `default` (SQLite while it is active): the data migration writes
-    # through default too, so one connection does both (README: aliases with data migrations)
-    must(run("migrate", "-v", "0"))
-    must(run("shell", "-c", SEED))
-    run.source = tmp_path / "shop.sqlite3"
-    run.pg_name = name
-    try:
+    name = unique_db_name("minimal")
+    env = {"MINIMAL_DIR": str(tmp_path), "MINIMAL_PG_NAME": name}
+    with subproject("tests.minimal_project.settings", pg_name=name, env=env) as run:
+        # migrate through `default` (SQLite while it is active): the data migration writes
+        # through default too, so one connection does both (README: aliases with data migrations)
+        must(run("migrate", "-v", "0"))
+        must(run("shell", "-c", SEED))
+        run.source = tmp_path / "shop.sqlite3"
         yield run
-    finally:
-        with psycopg.connect(MAINTENANCE, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
-
-
-def must(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
 
 
 def snapshot(run) -> dict:
     return json.loads(must(run("shell", "-c", SNAPSHOT)).strip().splitlines()[-1])
-
-
-def on_target(run, query: str) -> list:
-    with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{run.pg_name}") as conn:
-        return conn.execute(query).fetchall()
 
 
 def test_runbook_runs_for_a_project_that_is_not_propcore(project):

@@ -25,8 +25,9 @@ from django.core.management import CommandError, call_command
 from django.db import connections
 from django.test import override_settings
 
-from dbmigration import health, pitr
+from dbmigration import backup, health, pitr
 from dbmigration.errors import RestoreTargetError
+from dbmigration.state import MigrationState, write_state
 from propcore.pgserver import find_pg_bin
 
 pytestmark = pytest.mark.slow
@@ -46,6 +47,10 @@ def _as_postgres(*cmd: str) -> subprocess.CompletedProcess:
 
 def _pg_ctl(data: Path, *args: str) -> None:
     _as_postgres(find_pg_bin("pg_ctl"), "-D", str(data), *args)
+
+
+FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"  # Debian's faketime
+LIVE_DB = "propcore_live"  # the application's database; 'postgres' stays for maintenance
 
 
 class Cluster:
@@ -78,8 +83,8 @@ class Cluster:
         _pg_ctl(self.data, "-m", "fast", "-w", "stop")
         self.start()
 
-    def sql(self, query: str, *params):
-        url = f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+    def sql(self, query: str, *params, dbname: str = LIVE_DB):
+        url = f"host=127.0.0.1 port={self.port} user=postgres dbname={dbname}"
         with psycopg.connect(url, autocommit=True) as conn:
             cur = conn.execute(query, params or None)
             return cur.fetchall() if cur.description else None
@@ -101,13 +106,18 @@ def cluster():
         "REPO_PATH": str(root / "pgbackrest" / "repo"),
     }
     override = override_settings(
-        DBMIGRATION={**settings.DBMIGRATION, "PITR": pitr_settings, "REPORT_DIR": root / "reports"}
+        DBMIGRATION={**settings.DBMIGRATION, "PITR": pitr_settings, "REPORT_DIR": root / "reports"},
+        STATE_FILE=root / "state.json",
+        BACKUP_DIR=root / "backups",
+        REPORT_DIR=root / "reports",
+        LOG_DIR=root / "logs",
     )
     try:
         _as_postgres(find_pg_bin("initdb"), "-D", str(node.data), "-U", "postgres", "-A", "trust")
         node.debian_layout()  # the layout of the server on 127.0.0.1:5432 here
         node.start()
-        alias["HOST"], alias["PORT"], alias["NAME"] = "127.0.0.1", node.port, "postgres"
+        node.sql(f"CREATE DATABASE {LIVE_DB}", dbname="postgres")
+        alias["HOST"], alias["PORT"], alias["NAME"] = "127.0.0.1", node.port, LIVE_DB
         override.enable()
         yield node
     finally:
@@ -153,7 +163,7 @@ def test_setup_backup_and_restore_to_before_the_mistake(cluster):
         assert "recovery stopping before" in out, out
         assert f"pg_ctl -D {scratch} promote" in out
         port = int(out.split("127.0.0.1:")[1].split(".")[0])
-        url = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
+        url = f"host=127.0.0.1 port={port} user=postgres dbname={LIVE_DB}"
         with psycopg.connect(url) as conn:
             assert conn.execute("SELECT count(*) FROM ledger").fetchone()[0] == 80
             assert conn.execute("SELECT count(*) FROM ledger WHERE note = 'T1'").fetchone() == (30,)
@@ -203,6 +213,148 @@ def test_restore_drill_matches_the_live_counts_and_is_recorded(cluster):
     assert result.status == health.DEGRADED
     assert "restore drill failed: 3 tables differ" in result.message
     pitr.drill_record_path().unlink()
+
+
+def _restore(*args: str, answer: str | None = None, mp=None) -> str:
+    if answer is not None:
+        mp.setattr("builtins.input", lambda text: answer)
+    out = StringIO()
+    call_command("db_restore", *args, stdout=out)
+    return out.getvalue()
+
+
+def _private_tempdir(cluster, monkeypatch) -> Path:
+    """Where db_restore's temporary scratch directories go during this test (to count them)."""
+    temp = cluster.root / f"tmp_{time.monotonic_ns()}"
+    temp.mkdir(mode=0o755)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    return temp
+
+
+def _databases(cluster) -> set[str]:
+    return {row[0] for row in cluster.sql("SELECT datname FROM pg_database", dbname="postgres")}
+
+
+def test_db_backup_and_db_restore_to_a_time_beside_and_over_the_live_database(cluster, monkeypatch):
+    cluster.sql("CREATE TABLE orders (id int PRIMARY KEY, note text)")
+    cluster.sql("INSERT INTO orders SELECT g, 'before' FROM generate_series(1, 40) g")
+    out = StringIO()
+    call_command("db_backup", "--backend", "postgresql", stdout=out)
+    assert "pgBackRest diff backup" in out.getvalue() and "verified" in out.getvalue(), out
+    out = StringIO()
+    call_command("db_backup", "--list", "--json", stdout=out)
+    listed = json.loads(out.getvalue())["backups"]
+    made = listed[-1]["pgbackrest"]
+    assert made["type"] == "diff" and made["label"] == pitr.info().backups[-1].label
+    assert listed[-1]["kind"] == "postgresql"
+    with pytest.raises(CommandError, match="--keep does not apply to pgBackRest backups"):
+        call_command("db_backup", "--backend", "postgresql", "--keep", "1", stdout=StringIO())
+
+    cluster.sql("INSERT INTO orders SELECT g, 'T1' FROM generate_series(41, 60) g")  # T1
+    time.sleep(1.1)
+    between = cluster.sql("SELECT clock_timestamp()")[0][0]
+    time.sleep(1.1)
+    cluster.sql("DELETE FROM orders WHERE note = 'T1'")  # T2: the mistake
+    cluster.sql("INSERT INTO orders VALUES (1000, 'after the mistake')")
+    _call("check")
+    at = between.isoformat(sep=" ")
+
+    databases = _databases(cluster)
+    out = _restore("--to-time", at, "--dry-run")
+    assert f"Would restore pgBackRest backup {pitr.info().backups[-1].label}" in out, out
+    assert f"into database {LIVE_DB}_at_" in out and _databases(cluster) == databases
+
+    # beside the live one: the safe default
+    temp = _private_tempdir(cluster, monkeypatch)
+    out = _restore("--to-time", at, "--target-db", "inspect_orders")
+    assert "recovery stopping before" in out and "beside the live one" in out, out
+    assert cluster.sql("SELECT count(*) FROM orders", dbname="inspect_orders")[0][0] == 60
+    assert cluster.sql("SELECT count(*) FROM orders")[0][0] == 41  # the live one untouched
+    assert not list(temp.iterdir())  # the scratch cluster and its directory are gone
+
+    # over the live one: refused while the application runs on it, unless the name is typed
+    write_state(settings.STATE_FILE, MigrationState(phase="switched", active_backend="postgresql"))
+    with pytest.raises(CommandError, match="is the live database") as caught:
+        _restore("--to-time", at, "--target-db", LIVE_DB)
+    with pytest.raises(CommandError, match="under --noinput: the application runs on it") as caught:
+        _restore("--to-time", at, "--replace-live-database", "--noinput")
+    assert caught.value.returncode == 9
+    with pytest.raises(CommandError, match="Cancelled: nothing was restored"):
+        _restore("--to-time", at, "--replace-live-database", answer="yes", mp=monkeypatch)
+    assert cluster.sql("SELECT count(*) FROM orders")[0][0] == 41
+    before = _databases(cluster)
+    out = _restore("--to-time", at, "--replace-live-database", answer=LIVE_DB, mp=monkeypatch)
+    assert "the previous database is kept as" in out, out
+    assert cluster.sql("SELECT count(*) FROM orders WHERE note = 'T1'")[0][0] == 20
+    assert cluster.sql("SELECT count(*) FROM orders WHERE id = 1000")[0][0] == 0
+    (kept,) = _databases(cluster) - before
+    assert kept.startswith(f"{LIVE_DB}_before_pitr_")
+    assert cluster.sql("SELECT count(*) FROM orders WHERE id = 1000", dbname=kept)[0][0] == 1
+    write_state(settings.STATE_FILE, MigrationState())
+
+
+def test_db_restore_to_a_time_it_cannot_reach_is_one_clear_line(cluster, monkeypatch):
+    first = pitr.info().backups[0]
+    cases = [
+        (first.started.isoformat(sep=" "), "is before the first backup"),
+        ((datetime.now(UTC) + timedelta(hours=1)).isoformat(sep=" "), "in the future"),
+    ]
+    quiet = cluster.sql("SELECT clock_timestamp()")[0][0]  # no commit after it
+    _call("check")
+    cases.append((quiet.isoformat(sep=" "), "past the archived WAL"))
+    before = _databases(cluster)
+    temp = _private_tempdir(cluster, monkeypatch)
+    for to_time, message in cases:
+        with pytest.raises(CommandError, match=re.escape(message)) as caught:
+            _restore("--to-time", to_time)
+        assert "\n" not in str(caught.value) and caught.value.returncode == 4, caught.value
+    assert not list(temp.iterdir())
+    assert _databases(cluster) == before  # nothing half-restored left behind
+
+    pitr_settings = {**settings.DBMIGRATION["PITR"], "STANZA": "no_such_stanza"}
+    with (
+        override_settings(DBMIGRATION={**settings.DBMIGRATION, "PITR": pitr_settings}),
+        pytest.raises(CommandError, match="no stanza 'no_such_stanza'") as caught,
+    ):
+        _restore("--to-time", quiet.isoformat(sep=" "))
+    assert "\n" not in str(caught.value) and "run db_pitr setup" in str(caught.value)
+
+
+def test_retention_by_days_is_shown_and_pgbackrest_expires_what_it_no_longer_covers(
+    cluster, monkeypatch
+):
+    pitr_settings = {**settings.DBMIGRATION["PITR"], "RETENTION_FULL_DAYS": 2}
+    with override_settings(DBMIGRATION={**settings.DBMIGRATION, "PITR": pitr_settings}):
+        out = _call("status")
+        assert "full backups covering the last 2 days of recovery" in out
+        assert "rerun db_pitr setup" in out  # the written config still keeps 2 by count
+        _call("setup")
+        config = Path(pitr_settings["CONFIG"]).read_text()
+        assert "repo1-retention-full-type=time" in config and "repo1-retention-full=2" in config
+        out = _call("status")
+        assert "rerun db_pitr setup" not in out and "recovery window: from" in out, out
+        old = pitr.info().backups
+        assert len([b for b in old if b.type == "full"]) == 1
+        call_command("db_backup", "--backend", "postgresql", "--type", "full", stdout=StringIO())
+        newest = pitr.info().backups[-1]
+        assert len(pitr.info().backups) == len(old) + 1  # nothing is 2 days old yet
+
+        # three days later (pgBackRest's clock moved by faketime): only the newest full
+        # backup is needed to cover two days of recovery
+        monkeypatch.setenv("LD_PRELOAD", FAKETIME_LIB)
+        monkeypatch.setenv("FAKETIME", "+3d")
+        _call("expire")
+        monkeypatch.delenv("LD_PRELOAD")
+        monkeypatch.delenv("FAKETIME")
+        kept = pitr.info().backups
+        assert [b.label for b in kept] == [newest.label], kept
+        recorded = [
+            b.checks["pgbackrest"]["label"]
+            for b in backup.list_backups(settings.BACKUP_DIR)
+            if "pgbackrest" in b.checks
+        ]
+        assert recorded == [newest.label]  # records of expired backups went with them
+        _call("setup")  # back to retention by count for the tests after this one
 
 
 def test_archive_failure_makes_health_degraded_with_the_fix(cluster):

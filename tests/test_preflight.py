@@ -228,3 +228,67 @@ def test_squashed_migrations_are_judged_as_django_judges_them():
         assert unapplied_migrations([*ours, "shop.0001_initial", *later]) == [
             "shop.0001_squashed_0002_seed"
         ]
+
+
+# --- max_connections against workers x pool (the private cluster runs max_connections=20) ---
+
+
+def _connections(report):
+    return next(c for c in report.checks if c.name == "max_connections")
+
+
+def _free_connections(port: int) -> tuple[int, int]:
+    """(max_connections, free) as the check counts them, minus the check's own connection."""
+    admin = {"host": "127.0.0.1", "port": port, "user": "postgres", "password": ADMIN_PW}
+    with psycopg.connect(**admin, dbname="postgres") as conn:
+        max_conn = int(conn.execute("SHOW max_connections").fetchone()[0])
+        reserved = int(conn.execute("SHOW superuser_reserved_connections").fetchone()[0])
+        used = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+        ).fetchone()[0]
+    return max_conn, max_conn - reserved - used  # the check's connection replaces this one
+
+
+def test_workers_times_pool_over_max_connections_warns_with_the_number_needed(scram_cluster):
+    conninfo = conninfo_from_url(_url("migrator", GOOD_PW, scram_cluster["port"]))
+    max_conn, free = _free_connections(scram_cluster["port"])
+    report = check_postgresql(conninfo=conninfo, pool_max=5, workers=4)
+    check = _connections(report)
+    # one process fits, four do not: the app starts, and fails only at its peak
+    assert report.ok and check.warning, check.line()
+    assert "too small for 4 worker(s) x a pool of up to 5: 21 needed at peak" in check.detail
+    assert f"set max_connections to at least {max_conn + 21 - free}" in check.detail
+    assert "POSTGRES_POOLING=pgbouncer" in check.detail
+    # the control: two workers fit
+    fits = _connections(check_postgresql(conninfo=conninfo, pool_max=5, workers=2))
+    assert fits.ok and not fits.warning, fits.line()
+    assert "2 worker(s) x a pool of up to 5: 11 needed at peak" in fits.detail
+
+
+def test_through_pgbouncer_the_server_sees_pgbouncers_pool_not_the_workers(scram_cluster):
+    conninfo = conninfo_from_url(_url("migrator", GOOD_PW, scram_cluster["port"]))
+    small = _connections(
+        check_postgresql(conninfo=conninfo, pool_max=50, workers=8, pgbouncer_pool=10)
+    )
+    assert small.ok and not small.warning, small.line()
+    assert "PgBouncer's pool of 10" in small.detail
+    large = _connections(check_postgresql(conninfo=conninfo, pool_max=5, pgbouncer_pool=45))
+    assert large.ok and large.warning
+    assert "46 needed at peak" in large.detail and "lower default_pool_size" in large.detail
+
+
+def test_db_test_postgresql_warns_for_the_workers_and_still_exits_0(scram_cluster):
+    url = _url("migrator", GOOD_PW, scram_cluster["port"])
+    out, err = _run_test_command("--url", url, "--pool-max", "5", "--workers", "6")
+    assert err is None, out
+    line = next(x for x in out.splitlines() if x.strip().startswith("max_connections"))
+    assert "max_connections: warning" in line and "6 worker(s) x a pool of up to 5" in line
+
+
+def test_the_pgbouncer_pool_is_read_from_its_config(tmp_path):
+    from propcore.pooling import pgbouncer_server_connections
+
+    assert pgbouncer_server_connections(Path("deploy/pgbouncer.ini")) == 40 + 5
+    ini = tmp_path / "pgbouncer.ini"
+    ini.write_text("[pgbouncer]\npool_mode = transaction ; a comment\n")
+    assert pgbouncer_server_connections(ini) == 20  # PgBouncer's defaults: 20 + 0

@@ -96,8 +96,13 @@ def test_row_totals_say_what_they_count():
         "django_migrations": 38,
         "auth_permission": 55,
     }
-    assert describe_rows(counts) == ("76,384 rows in 2 tables (+93 in 2 of Django's own tables)")
-    assert describe_rows({"accounts_user": 1}) == "1 rows in 1 table"
+    assert describe_rows(counts) == (
+        "76,384 rows in 2 tables (+55 in 1 of Django's own tables, +38 in django_migrations)"
+    )
+    assert describe_rows({"accounts_user": 1}) == "1 row in 1 table"
+    assert describe_rows({"accounts_user": 3, "auth_permission": 55}) == (
+        "3 rows in 1 table (+55 in 1 of Django's own tables)"
+    )
 
 
 def test_a_terminal_gets_bars_with_the_stage_and_item():

@@ -10,22 +10,13 @@ rollback, and the site's pages, page tree, search and admin are served from Post
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import uuid
-from pathlib import Path
 
-import psycopg
 import pytest
-from psycopg import sql
 
 from dbmigration.sqlite_source import file_sha256
+from tests.subprojects import must, on_target, subproject, unique_db_name
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parent.parent
-MAINTENANCE = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 ADMIN = """
 from django.contrib.auth import get_user_model
@@ -77,47 +68,21 @@ about.save_revision().publish()
 @pytest.fixture
 def project(tmp_path):
     """Wagtail's test site in a migrated SQLite file, and a unique PostgreSQL database name."""
-    name = f"real_project_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    name = unique_db_name("real_project")
     env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.real_project.settings",
         "REAL_PROJECT_DIR": str(tmp_path),
         "REAL_PROJECT_PG_NAME": name,
-        "PYTHONPATH": str(ROOT),
         "PYTHONWARNINGS": "ignore",
     }
-    env.pop("PROPCORE_TEST_SUFFIX", None)
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "django", *args],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-
-    # the project's own setup, through `default` (SQLite while it is active)
-    must(run("migrate", "-v", "0"))
-    must(run("createcachetable"))
-    must(run("loaddata", "test.json"))
-    must(run("update_index"))
-    must(run("shell", "-c", ADMIN))
-    run.source = tmp_path / "wagtail.sqlite3"
-    run.pg_name = name
-    try:
+    with subproject("tests.real_project.settings", pg_name=name, env=env) as run:
+        # the project's own setup, through `default` (SQLite while it is active)
+        must(run("migrate", "-v", "0"))
+        must(run("createcachetable"))
+        must(run("loaddata", "test.json"))
+        must(run("update_index"))
+        must(run("shell", "-c", ADMIN))
+        run.source = tmp_path / "wagtail.sqlite3"
         yield run
-    finally:
-        with psycopg.connect(MAINTENANCE, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
-
-
-def must(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
-    return proc.stdout
 
 
 def shell_json(run, code: str) -> dict:
@@ -136,11 +101,6 @@ def assert_every_object_equal(run) -> int:
     # the search index is skipped by the configured policy, and nothing else is
     assert "wagtailsearch.IndexEntry" not in result and "wagtailcore.Page" in result
     return sum(counts["sqlite"] for counts in result.values())
-
-
-def on_target(run, query: str) -> list:
-    with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{run.pg_name}") as conn:
-        return conn.execute(query).fetchall()
 
 
 def test_wagtail_test_site_goes_to_postgresql_and_back(project):

@@ -5,6 +5,7 @@ of its own (``scale_primary``, ``scale_replica``) and reads and writes ContentTy
 whose table it creates on the private primary.
 """
 
+import logging
 import time
 
 import psycopg
@@ -12,7 +13,8 @@ import pytest
 from django.contrib.contenttypes.models import ContentType
 from django.db import ProgrammingError, close_old_connections, connections, transaction
 from django.http import HttpResponse
-from django.test import RequestFactory
+from django.test import Client, RequestFactory
+from django.urls import path
 
 from dbmigration import health
 from propcore import replicas
@@ -25,7 +27,7 @@ from propcore.replicas import (
     routing_context,
     use_primary,
 )
-from tests.test_health import _run, streaming_pair
+from tests.test_health import _run, _start, streaming_pair
 
 pytestmark = pytest.mark.slow
 
@@ -202,6 +204,13 @@ def test_lag_is_measured_at_most_once_per_interval(router, settings, monkeypatch
     assert len(measured) == 1
 
 
+def test_the_first_lag_check_runs_whatever_the_interval(router, settings):
+    # regression: "never checked" was monotonic time 0.0, so an interval longer than the
+    # machine's uptime meant no check and no replica at all
+    settings.REPLICA_ROUTING = {**settings.REPLICA_ROUTING, "CHECK_INTERVAL": 1e12}
+    assert replicas.replicas.in_rotation() == [REPLICA]
+
+
 def test_with_the_standby_stopped_reads_still_succeed(router, settings):
     root, _, _ = router
     # no lag check will run in this test: the router finds the dead standby by itself
@@ -226,3 +235,60 @@ def test_the_health_page_does_not_probe_replicas_as_databases():
     checks = health_checks(["default", "replica1"], ["replica1"])
     probed = [kwargs.get("alias") for _, kwargs in checks]
     assert "default" in probed and "replica1" not in probed
+
+
+# --- a replica that dies in the middle of a request ------------------------------------------
+
+_killer = {}  # the standby's data directory, set by the test; emptied once it is stopped
+
+
+def _stop_standby_mid_request(request):
+    """Read (from the standby), kill the standby, read again: the second read fails there."""
+    first = ContentType.objects.filter(app_label="scale").count()
+    if _killer:
+        _run(find_pg_bin("pg_ctl"), "-D", str(_killer.pop("standby")), "-m", "immediate", "stop")
+    models = list(ContentType.objects.filter(app_label="scale").values_list("model", flat=True))
+    return HttpResponse(f"{first} {len(models)}")
+
+
+urlpatterns = [path("mid-request/", _stop_standby_mid_request)]
+
+
+@pytest.fixture
+def standby_running(router):
+    """A running standby (an earlier test may have stopped it), running again afterwards."""
+    root, _, s_port = router
+
+    def start() -> None:
+        if not (root / "standby" / "postmaster.pid").exists():
+            _start(root / "standby", s_port, root)
+        connections[REPLICA].close()
+
+    start()
+    yield root / "standby"
+    _killer.clear()
+    start()
+
+
+def test_a_read_whose_replica_dies_mid_request_is_retried_on_the_primary(
+    router, settings, standby_running, caplog
+):
+    settings.ROOT_URLCONF = __name__
+    settings.MIDDLEWARE = ["propcore.replicas.ReplicaStickinessMiddleware"]
+    settings.REPLICA_ROUTING = {**settings.REPLICA_ROUTING, "CHECK_INTERVAL": 600.0}
+    ContentType.objects.create(app_label="scale", model="mid_request")
+    _wait_for(lambda: _on_replica("mid_request"))
+    expected = ContentType.objects.using(PRIMARY).filter(app_label="scale").count()
+    with routing_context():
+        assert read_alias() == REPLICA  # the request's first read goes to the standby
+    _killer["standby"] = standby_running
+    with caplog.at_level(logging.WARNING, logger="propcore.replicas"):
+        response = Client().get("/mid-request/")  # a 500 would raise here
+    assert not _killer, "the view did not stop the standby"
+    assert response.status_code == 200
+    assert response.content.decode() == f"{expected} {expected}"
+    retried = [r.getMessage() for r in caplog.records if r.name == "propcore.replicas"]
+    assert len(retried) == 1
+    assert f"read replica {REPLICA} failed during GET /mid-request/" in retried[0]
+    assert "runs again on the primary" in retried[0]
+    assert replicas.replicas.in_rotation() == []  # the dead standby left rotation

@@ -187,6 +187,44 @@ def test_dry_run_lists_what_would_be_carried_back_and_changes_nothing(state_file
     assert read_state(state_file).active_backend == "postgresql"
 
 
+def test_dry_run_as_json_says_what_would_be_carried_back(state_file):
+    org, users = seed_both()
+    write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))
+    write_on_postgresql(org, users)
+    state_before = state_file.read_text()
+
+    document = json.loads(run_rollback("--dry-run", "--json"))  # nothing but the document
+
+    assert (document["status"], document["ok"], document["changed"]) == ("ok", True, False)
+    assert (document["phase"], document["active_backend"]) == ("switched", "postgresql")
+    assert document["was_switched"] is True and document["freeze_expected"] is True
+    carried = {t["model"]: t for t in document["carry_back"]}
+    assert carried["accounts.User"] == {
+        "table": "accounts_user",
+        "model": "accounts.User",
+        "inserted": 1,
+        "updated": 2,
+        "deleted": 1,
+    }
+    assert document["discard"] == []
+    assert state_file.read_text() == state_before
+    discard = json.loads(run_rollback("--dry-run", "--json", "--discard-postgres-writes"))
+    assert discard["carry_back"] == [] and discard["freeze_expected"] is False
+    assert {t["model"] for t in discard["discard"]} == set(carried)
+
+
+def test_dry_run_says_when_the_rollback_would_be_refused(state_file):
+    write_state(state_file, MigrationState(phase="nothing"))
+    out = StringIO()
+    with pytest.raises(CommandError, match="Dry run: Nothing to roll back") as caught:
+        call_command("rollback_to_sqlite", "--dry-run", "--json", stdout=out)
+    assert caught.value.returncode == 7
+    document = json.loads(out.getvalue())
+    assert (document["status"], document["ok"]) == ("refused", False)
+    assert "Run migration_prepare" in document["refusal"]
+    assert read_state(state_file).phase == "nothing"
+
+
 def test_dry_run_before_the_switch_moves_nothing(state_file):
     write_state(state_file, MigrationState(phase="data_migrated"))
     out = run_rollback("--dry-run")

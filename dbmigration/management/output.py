@@ -18,6 +18,8 @@ def thousands(n: int) -> str:
 
 # tables no project writes: Django's bookkeeping and SQLite's own
 _BOOKKEEPING = {"django_migrations", "sqlite_sequence", "sqlite_stat1", "sqlite_stat4"}
+# named on its own: a backup holds it, a copy leaves it to migrate (verification compares it)
+_MIGRATIONS = "django_migrations"
 
 
 def _djangos_own_tables() -> set[str]:
@@ -32,15 +34,22 @@ def _djangos_own_tables() -> set[str]:
 
 def describe_rows(counts: dict[str, int]) -> str:
     """Say what a row total counts, the same way everywhere: project tables first, then
-    Django's own (migrations, content types, permissions, sessions), e.g.
-    "76,384 rows in 12 tables (+93 in 6 of Django's own tables)"."""
+    Django's own (content types, permissions, sessions...), then django_migrations, e.g.
+    "76,384 rows in 12 tables (+93 in 6 of Django's own tables, +38 in django_migrations)"."""
     own = _djangos_own_tables()
     ours = {t: n for t, n in counts.items() if t not in own}
-    theirs = {t: n for t, n in counts.items() if t in own}
-    text = f"{sum(ours.values()):,} rows in {_tables(len(ours))}"
+    theirs = {t: n for t, n in counts.items() if t in own and t != _MIGRATIONS}
+    text = f"{_rows(sum(ours.values()))} in {_tables(len(ours))}"
+    extra = []
     if theirs:
-        text += f" (+{sum(theirs.values()):,} in {len(theirs)} of Django's own tables)"
-    return text
+        extra.append(f"+{sum(theirs.values()):,} in {len(theirs)} of Django's own tables")
+    if _MIGRATIONS in counts:
+        extra.append(f"+{counts[_MIGRATIONS]:,} in {_MIGRATIONS}")
+    return f"{text} ({', '.join(extra)})" if extra else text
+
+
+def _rows(n: int) -> str:
+    return "1 row" if n == 1 else f"{n:,} rows"
 
 
 def _tables(n: int) -> str:

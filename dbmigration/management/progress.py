@@ -62,7 +62,7 @@ class ProgressRenderer:
         self._started: dict[tuple[str, str], tuple[float, int]] = {}  # (stage, item) -> t0, done0
         self._current: tuple[str, str, int, int] | None = None
         self._step: tuple[str, float] | None = None  # the last message and when it came
-        self._last_line = 0.0
+        self._last_line = float("-inf")  # the first report is a line, however young the clock
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
         self._bars = None

@@ -1,5 +1,9 @@
 from django.core.management.base import BaseCommand, CommandError
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
+
+from dbmigration.errors import PhaseError, TargetError
+from dbmigration.management.runbook import add_database, engine_errors
+from dbmigration.preflight import connect, conninfo_from_settings
 
 VIEW = "accounts_daily_analytics"
 
@@ -11,11 +15,16 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--database", default=DEFAULT_DB_ALIAS, help="Alias to refresh.")
+        add_database(
+            parser,
+            default=DEFAULT_DB_ALIAS,
+            help="The alias to refresh ('default' follows the active backend)",
+        )
         parser.add_argument(
             "--blocking",
             action="store_true",
-            help="Plain REFRESH (locks readers out); needed once if the view was never filled.",
+            help="Plain REFRESH (locks readers out). A view never filled gets one anyway: "
+            "CONCURRENTLY needs a filled view.",
         )
 
     def handle(self, *args, database, blocking, **options):
@@ -25,10 +34,33 @@ class Command(BaseCommand):
                 f"'{database}' is {connection.vendor}: no materialized view to refresh."
             )
             return
-        mode = "" if blocking else " CONCURRENTLY"
+        # reachable? one line (exit 3) rather than the connection pool's retries
+        with engine_errors():
+            connect(conninfo_from_settings(connection.settings_dict)).close()
         try:
             with connection.cursor() as cursor:
+                cursor.execute("SELECT ispopulated FROM pg_matviews WHERE matviewname = %s", [VIEW])
+                row = cursor.fetchone()
+                if row is None:
+                    raise CommandError(
+                        f"'{database}' has no {VIEW}: its schema is not migrated. Run: manage.py "
+                        f"migrate --database {database} (or migration_prepare), then "
+                        "refresh_analytics.",
+                        returncode=PhaseError.returncode,
+                    )
+                concurrently = row[0] and not blocking
+                mode = " CONCURRENTLY" if concurrently else ""
                 cursor.execute(f"REFRESH MATERIALIZED VIEW{mode} {VIEW}")
-        except Exception as exc:
-            raise CommandError(f"Could not refresh {VIEW} on '{database}': {exc}") from exc
-        self.stdout.write(self.style.SUCCESS(f"Refreshed {VIEW} on '{database}'."))
+        except DatabaseError as exc:
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CommandError(
+                f"PostgreSQL ('{database}') refused to refresh {VIEW}: {why}.",
+                returncode=TargetError.returncode,
+            ) from exc
+        how = (
+            ""
+            if concurrently
+            else " (plain REFRESH: "
+            + ("--blocking)" if blocking else "the view had never been filled)")
+        )
+        self.stdout.write(self.style.SUCCESS(f"Refreshed {VIEW} on '{database}'{how}."))

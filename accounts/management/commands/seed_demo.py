@@ -1,6 +1,14 @@
-from django.core.management.base import BaseCommand, CommandError
+from pathlib import Path
 
+from django.core.management.base import BaseCommand, CommandError
+from django.db import OperationalError, connections
+
+from dbmigration import conf
+from dbmigration.errors import PhaseError, SourceError
 from dbmigration.management.output import describe_rows
+from dbmigration.management.runbook import add_database
+from dbmigration.sqlite_source import open_readonly, row_counts
+from dbmigration.state import StateError, read_state
 from fixtures.demo import DEFAULT_SEED, DEMO_PASSWORD, SeedError, seed_database
 
 
@@ -19,12 +27,10 @@ class Command(BaseCommand):
             "--seed",
             type=int,
             default=DEFAULT_SEED,
-            help=f"Random seed: the same seed and --users give the same data (default "
-            f"{DEFAULT_SEED}).",
+            help="Random seed: the same seed and --users give the same data "
+            "(default: %(default)s).",
         )
-        parser.add_argument(
-            "--database", default="sqlite", help="SQLite alias to fill (default: sqlite)."
-        )
+        add_database(parser, default="sqlite", help="The SQLite alias to fill")
         parser.add_argument(
             "--reset",
             action="store_true",
@@ -34,7 +40,7 @@ class Command(BaseCommand):
             "--batch-users",
             type=int,
             default=10_000,
-            help="Users written per batch (memory and progress granularity; default 10000).",
+            help="Users written per batch (memory and progress granularity; default: %(default)s).",
         )
 
     def handle(self, *args, users, seed, database, reset, batch_users, verbosity, **options):
@@ -45,6 +51,9 @@ class Command(BaseCommand):
                     f"{seconds:7.1f}s  ({sum(rows.values()) / max(seconds, 1e-9):,.0f} rows/s)"
                 )
 
+        refusal = _after_the_switch(database)
+        if refusal:
+            raise CommandError(refusal, returncode=PhaseError.returncode)
         try:
             result = seed_database(
                 users=users,
@@ -55,7 +64,14 @@ class Command(BaseCommand):
                 progress=progress,
             )
         except SeedError as exc:
-            raise CommandError(str(exc)) from exc
+            raise CommandError(str(exc), returncode=exc.returncode) from exc
+        except OperationalError as exc:  # locked by a writer, disk full, read-only file
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CommandError(
+                f"SQLite ('{database}') refused the demo data: {why}. Nothing was written; "
+                "fix that and run seed_demo again.",
+                returncode=SourceError.returncode,
+            ) from exc
         if verbosity >= 1:
             for table, count in result.rows.items():
                 self.stdout.write(f"  {table:<28} {count:>11,}")
@@ -66,3 +82,27 @@ class Command(BaseCommand):
                     f"Demo password for every user: {DEMO_PASSWORD}"
                 )
             )
+            # the whole file, counted as db_backup and migration_prepare count it
+            conn = open_readonly(Path(connections[database].settings_dict["NAME"]))
+            try:
+                holds = describe_rows(row_counts(conn))
+            finally:
+                conn.close()
+            self.stdout.write(f"'{result.alias}' now holds {holds}.")
+
+
+def _after_the_switch(alias: str) -> str | None:
+    """Why SQLite takes no demo data now: after the switch it is fenced, kept for rollback."""
+    if connections[alias].vendor != "sqlite":
+        return None  # seed_database names the problem
+    try:
+        active = read_state(conf.state_file()).active_backend
+    except StateError:
+        return None  # settings already refused an unreadable state file
+    if active != "postgresql":
+        return None
+    return (
+        "The application runs on PostgreSQL since the switch; SQLite is fenced and kept "
+        "only for rollback_to_sqlite. Seed before migration_prepare, or run "
+        "rollback_to_sqlite first."
+    )

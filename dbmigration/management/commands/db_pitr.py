@@ -3,23 +3,31 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from dbmigration import pitr
+from dbmigration import backup, conf, pitr
 from dbmigration.errors import MigrationError
 
 
 class Command(BaseCommand):
     help = (
         "Point-in-time recovery with pgBackRest: setup (config, server settings with --apply, "
-        "stanza-create, check), check, backup --type full|diff|incr, status, and restore "
+        "stanza-create, check), check, backup --type full|diff|incr, status (backups, "
+        "retention, recovery window), expire (apply the retention now), and restore "
         "--to-time T --target-dir DIR (a scratch cluster, never the live one)."
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("action", choices=["setup", "check", "backup", "status", "restore"])
+        parser.add_argument(
+            "action", choices=["setup", "check", "backup", "status", "expire", "restore"]
+        )
         parser.add_argument(
             "--apply", action="store_true", help="setup: ALTER SYSTEM the server's settings."
         )
-        parser.add_argument("--type", choices=pitr.BACKUP_TYPES, default="full")
+        parser.add_argument(
+            "--type",
+            choices=pitr.BACKUP_TYPES,
+            default="full",
+            help="backup: full, diff or incr (default: %(default)s).",
+        )
         parser.add_argument(
             "--to-time", help='restore: e.g. "2026-12-01 10:15:00+00" (a time zone is required)'
         )
@@ -68,12 +76,40 @@ class Command(BaseCommand):
         )
 
     def _status(self, opts):
-        stanza = pitr.info()
+        status = pitr.status()
+        stanza = status.stanza
         self.stdout.write(
             f"stanza: {stanza.status}; WAL {stanza.archive_min}..{stanza.archive_max}"
         )
-        for b in stanza.backups:
-            self.stdout.write(f"  {b.label}  {b.type:<4}  ended {b.stopped:%Y-%m-%d %H:%M:%S}Z")
+        self.stdout.write(f"retention: {status.retention}")
+        if status.retention_stale:
+            self.stdout.write(
+                self.style.WARNING(
+                    f"  pgbackrest.conf still says {', '.join(status.retention_written)}: rerun "
+                    "db_pitr setup to apply the retention settings"
+                )
+            )
+        if status.oldest_restorable:
+            self.stdout.write(
+                f"recovery window: from {status.oldest_restorable:%Y-%m-%d %H:%M:%S}Z "
+                "to the last archived WAL"
+            )
+        self.stdout.write(self._backups_table(stanza))
+
+    def _expire(self, opts):
+        stanza = backup.expire_pgbackrest(conf.backup_dir())
+        self.stdout.write(f"expired by the retention ({pitr.describe_retention()}); kept:")
+        self.stdout.write(self._backups_table(stanza))
+
+    def _backups_table(self, stanza) -> str:
+        return (
+            "\n".join(
+                f"  {b.label}  {b.type:<4}  ended {b.stopped:%Y-%m-%d %H:%M:%S}Z  "
+                f"{b.age_hours / 24:.1f} days old"
+                for b in stanza.backups
+            )
+            or "  no backups"
+        )
 
     def _restore(self, opts):
         if not (opts["to_time"] and opts["target_dir"]):

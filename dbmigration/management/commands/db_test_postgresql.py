@@ -30,6 +30,12 @@ class Command(BaseCommand):
             type=int,
             help="Pool size to check max_connections against (default: the profile's).",
         )
+        parser.add_argument(
+            "--workers",
+            type=int,
+            help="Application processes sharing the server, each with its own pool (default: "
+            "DBMIGRATION['WORKERS'], propcore: WEB_CONCURRENCY).",
+        )
 
     def handle(self, *args, **opts):
         if opts["url"]:
@@ -45,7 +51,12 @@ class Command(BaseCommand):
         # privileges to create the schema are the owner's, where migrations run
         owner_url = getattr(settings, "POSTGRES_OWNER_URL", "")
         conninfo = conninfo_from_url(owner_url) if owner_url and not opts["url"] else app_conninfo
-        report = check_postgresql(conninfo=conninfo, pool_max=opts["pool_max"] or conf.pool_max())
+        report = check_postgresql(
+            conninfo=conninfo,
+            pool_max=opts["pool_max"] or conf.pool_max(),
+            workers=opts["workers"] or conf.workers(),
+            pgbouncer_pool=conf.pgbouncer_pool(),
+        )
         if report.ok:
             # in prod the application must not be able to bypass row-level security
             profile = getattr(getattr(settings, "PROFILE", None), "name", "")

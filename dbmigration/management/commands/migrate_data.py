@@ -5,10 +5,9 @@ from django.core.management.base import BaseCommand, CommandError
 from dbmigration import conf
 from dbmigration.casts import REPAIR_RULES
 from dbmigration.copy import migrate_data
-from dbmigration.errors import Interrupted, MigrationError
-from dbmigration.management.output import describe_rows
-from dbmigration.management.progress import ProgressRenderer
-from dbmigration.reports import refusals_recorded
+from dbmigration.errors import Interrupted
+from dbmigration.management.output import describe_rows, json_document
+from dbmigration.management.runbook import add_json, add_noinput, engine_errors, runbook_run
 
 
 class Command(BaseCommand):
@@ -22,7 +21,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--quarantine",
             action="store_true",
-            help="Set offending rows aside in a JSON Lines reject file and copy the rest.",
+            help="Set offending rows aside in a JSON Lines reject file; copy (or --sync) the rest.",
         )
         parser.add_argument(
             "--repair",
@@ -56,20 +55,22 @@ class Command(BaseCommand):
             action="store_true",
             help="Show what would be copied (tables in order, rows, skipped models); copy nothing.",
         )
+        add_json(parser, what="--plan")
+        add_noinput(
+            parser, help="Accepted like the other runbook commands; migrate_data never asks."
+        )
 
     def handle(self, *args, **opts):
         if opts["plan"]:
-            return self._plan(opts["tables"])
+            return self._plan(opts["tables"], as_json=opts["json"])
+        if opts["json"]:
+            raise CommandError("--json goes with --plan.", returncode=2)
         # SIGTERM unwinds like Ctrl-C: the open table rolls back, its marker is never written
         previous = signal.signal(signal.SIGTERM, _interrupt)
-        progress = ProgressRenderer(self.stdout, verbosity=opts["verbosity"])
         try:
-            with (
-                progress,
-                refusals_recorded(
-                    "migrate_data", report_dir=conf.report_dir(), log_dir=conf.log_dir()
-                ),
-            ):
+            with runbook_run(
+                "migrate_data", stdout=self.stdout, verbosity=opts["verbosity"]
+            ) as progress:
                 r = migrate_data(
                     sqlite_path=conf.sqlite_path(),
                     state_file=conf.state_file(),
@@ -83,8 +84,6 @@ class Command(BaseCommand):
                     verify=not opts["no_verify"],
                     progress=progress if progress.enabled else None,
                 )
-        except MigrationError as exc:
-            raise CommandError(str(exc), returncode=exc.returncode) from exc
         except KeyboardInterrupt as exc:
             name = "SIGTERM" if "signal" in str(exc) else "Ctrl-C"
             raise CommandError(
@@ -115,6 +114,12 @@ class Command(BaseCommand):
                 f"Synced {r.sync.changed:,} changed row(s): {r.sync.rows_written:,} written, "
                 f"{r.sync.rows_deleted:,} deleted, in {r.sync.seconds:.2f}s"
             )
+            if r.sync.rejections:
+                self.stdout.write(
+                    self.style.WARNING(
+                        f"{len(r.sync.rejections):,} row(s) quarantined: {r.sync.reject_file}"
+                    )
+                )
         if r.verification:
             rows = describe_rows({c.table: c.target_rows for c in r.verification.tables})
             self.stdout.write(
@@ -126,13 +131,26 @@ class Command(BaseCommand):
         self.stdout.write(f"Report: {r.report_path}\nLog:    {r.log_path}")
         self.stdout.write(self.style.SUCCESS(f"migrate_data ({r.mode}) done."))
 
-    def _plan(self, tables) -> None:
+    def _plan(self, tables, *, as_json: bool) -> None:
         from dbmigration.plan import preview_copy
 
-        try:
+        with engine_errors():
             p = preview_copy(sqlite_path=conf.sqlite_path(), only=tables)
-        except MigrationError as exc:
-            raise CommandError(str(exc), returncode=exc.returncode) from exc
+        if as_json:
+            document = json_document(
+                status="ok",
+                action="plan",
+                changed=False,
+                tables=[
+                    {"order": n, "table": t.db_table, "source_rows": t.source_rows}
+                    for n, t in enumerate(p.tables, 1)
+                ],
+                skipped=[{"model": label, "why": why} for label, why in p.skipped],
+                deferred_foreign_keys=p.deferred_fks,
+                rows=p.rows,
+            )
+            self.stdout.write(document)
+            return
         self.stdout.write("Would copy, in this order:")
         for n, t in enumerate(p.tables, 1):
             rows = f"{t.source_rows:>12,} rows" if t.source_rows is not None else "  not in SQLite"
@@ -141,11 +159,8 @@ class Command(BaseCommand):
             self.stdout.write(f"  skipped {label}: {why}")
         if p.deferred_fks:
             self.stdout.write(f"  {p.deferred_fks} foreign key(s) added after the load")
-        self.stdout.write(
-            self.style.SUCCESS(
-                f"Plan: {p.rows:,} rows in {len(p.tables)} tables; nothing was copied."
-            )
-        )
+        rows = describe_rows({t.db_table: t.source_rows or 0 for t in p.tables})
+        self.stdout.write(self.style.SUCCESS(f"Plan: {rows}; nothing was copied."))
 
 
 def _what_was_interrupted(opts) -> str:

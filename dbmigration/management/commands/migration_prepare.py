@@ -4,11 +4,16 @@ from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration import conf
 from dbmigration.backup import KEY_ENV
-from dbmigration.errors import ConfigError, MigrationError
+from dbmigration.errors import ConfigError
 from dbmigration.management.output import describe_rows
-from dbmigration.management.progress import ProgressRenderer
+from dbmigration.management.runbook import (
+    add_keep,
+    add_lock_timeout,
+    add_noinput,
+    resolve_keep,
+    runbook_run,
+)
 from dbmigration.prepare import run_prepare
-from dbmigration.reports import refusals_recorded
 
 
 class Command(BaseCommand):
@@ -19,27 +24,13 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument(
-            "--keep",
-            type=int,
-            help="Keep only the newest N verified backups afterwards (default: keep every backup).",
-        )
+        add_keep(parser)
         parser.add_argument(
             "--encrypt", action="store_true", help=f"Encrypt the backup with ${KEY_ENV}."
         )
-        parser.add_argument(
-            "--lock-timeout",
-            type=float,
-            default=5.0,
-            help="Seconds to wait for a SQLite writer's lock before giving up "
-            "(default: %(default)s).",
-        )
-        parser.add_argument(
-            "--noinput",
-            "--no-input",
-            action="store_false",
-            dest="interactive",
-            help="Accepted like the other runbook commands; prepare never asks anything.",
+        add_lock_timeout(parser, waits_for="a SQLite writer's lock")
+        add_noinput(
+            parser, help="Accepted like the other runbook commands; prepare never asks anything."
         )
         parser.add_argument(
             "--strict",
@@ -55,39 +46,34 @@ class Command(BaseCommand):
                 f"--encrypt needs the key in ${KEY_ENV}; set it and retry.",
                 returncode=ConfigError.returncode,
             )
-        renderer = ProgressRenderer(self.stdout, verbosity=opts["verbosity"])
-        try:
-            with (
-                renderer,
-                refusals_recorded(
-                    "migration_prepare", report_dir=conf.report_dir(), log_dir=conf.log_dir()
-                ),
-            ):
-                r = run_prepare(
-                    sqlite_path=conf.sqlite_path(),
-                    state_file=conf.state_file(),
-                    backup_dir=conf.backup_dir(),
-                    report_dir=conf.report_dir(),
-                    log_dir=conf.log_dir(),
-                    pg_alias=conf.TARGET_ALIAS,
-                    pool_max=conf.pool_max(),
-                    keep=opts["keep"],
-                    encrypt_key=key,
-                    lock_timeout=opts["lock_timeout"],
-                    strict=opts["strict"],
-                    progress=renderer.note,
-                )
-        except MigrationError as exc:
-            raise CommandError(str(exc), returncode=exc.returncode) from exc
+        with runbook_run(
+            "migration_prepare", stdout=self.stdout, verbosity=opts["verbosity"]
+        ) as renderer:
+            r = run_prepare(
+                sqlite_path=conf.sqlite_path(),
+                state_file=conf.state_file(),
+                backup_dir=conf.backup_dir(),
+                report_dir=conf.report_dir(),
+                log_dir=conf.log_dir(),
+                pg_alias=conf.TARGET_ALIAS,
+                pool_max=conf.pool_max(),
+                keep=resolve_keep(opts["keep"]),
+                encrypt_key=key,
+                lock_timeout=opts["lock_timeout"],
+                strict=opts["strict"],
+                progress=renderer.note,
+            )
         for phase in r.phases:
             self.stdout.write(f"  {phase.name:<22} {phase.status:<8} {phase.seconds:7.2f}s")
             for warning in phase.warnings:
                 self.stdout.write(self.style.WARNING(f"    {warning}"))
-        clean = r.rows_scanned - len(r.rejections)
+        converts = (
+            f"{len(r.rejections):,} would be rejected" if r.rejections else "every row converts"
+        )
         self.stdout.write(
             f"Source sha256 {r.fingerprint_before['sha256'][:16]}... unchanged; backup "
-            f"{r.backup.path.name}; scanned {describe_rows(r.rows_by_table)}: {clean:,} "
-            f"convert cleanly ({r.conversion_rows_per_s:,.0f} rows/s); copy estimate "
+            f"{r.backup.path.name}; scanned {describe_rows(r.rows_by_table)}: {converts} "
+            f"({r.conversion_rows_per_s:,.0f} rows/s); copy estimate "
             f"{r.estimated_copy_seconds:.0f}s"
         )
         if r.rejections:

@@ -1,8 +1,8 @@
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand
 
 from dbmigration import conf
-from dbmigration.errors import MigrationError
 from dbmigration.management.output import describe_rows, json_document
+from dbmigration.management.runbook import engine_errors
 from dbmigration.status import migration_status, runbook_summary
 
 
@@ -20,15 +20,13 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **opts):
-        try:
+        with engine_errors():
             s = migration_status(
                 state_file=conf.state_file(),
                 backup_dir=conf.backup_dir(),
                 sqlite_path=conf.sqlite_path(),
                 report_dir=conf.report_dir(),
             )
-        except MigrationError as exc:
-            raise CommandError(str(exc), returncode=exc.returncode) from exc
         if opts["json"]:
             self.stdout.write(json_document(status="stale" if s.stale else "ok", **s.to_json()))
             return
@@ -67,7 +65,7 @@ class Command(BaseCommand):
     def _summary(self, report_dir) -> None:
         r = runbook_summary(report_dir)
         self.stdout.write(f"Reports:        {r.reports} in {report_dir}")
-        self.stdout.write(f"Rows copied:    {describe_rows(r.rows_copied)} (the last full copy)")
+        self.stdout.write(f"Rows copied:    {describe_rows(r.rows_copied)}, by the last full copy")
         if r.rows_verified:
             self.stdout.write(f"Rows verified:  {describe_rows(r.rows_verified)}")
         for command, seconds in r.freezes:

@@ -2,9 +2,9 @@ from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration import conf, rollback
 from dbmigration import freeze as fz
-from dbmigration.errors import MigrationError, NotConfirmed
-from dbmigration.management.progress import ProgressRenderer
-from dbmigration.reports import refusals_recorded
+from dbmigration.errors import NotConfirmed, PhaseError
+from dbmigration.management.output import json_document
+from dbmigration.management.runbook import add_json, add_noinput, engine_errors, runbook_run
 from dbmigration.state import StateError, read_state
 
 
@@ -19,13 +19,7 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument(
-            "--noinput",
-            "--no-input",
-            action="store_false",
-            dest="interactive",
-            help="Do not ask for the typed confirmation (for scripts).",
-        )
+        add_noinput(parser)
         parser.add_argument(
             "--drop-postgres",
             action="store_true",
@@ -47,12 +41,13 @@ class Command(BaseCommand):
             action="store_true",
             help="Show what would be carried back (or discarded) and change nothing.",
         )
+        add_json(parser, what="--dry-run's plan")
         parser.add_argument(
             "--drain-seconds",
             type=float,
             default=10.0,
             help="Longest wait for transactions begun before the freeze to end; those left "
-            "are ended (10).",
+            "are ended (default: %(default)g).",
         )
         parser.add_argument(
             "--freeze-timeout",
@@ -63,19 +58,19 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
-        try:
-            state = read_state(conf.state_file())
-        except StateError as exc:
-            raise CommandError(str(exc), returncode=7) from exc
         discard = options["discard_postgres_writes"]
+        if options["dry_run"]:
+            return self._dry_run(discard=discard, drop=options["drop_postgres"], opts=options)
+        if options["json"]:
+            raise CommandError("--json goes with --dry-run.", returncode=2)
+        with engine_errors(also=(StateError,)):
+            state = read_state(conf.state_file())
         confirmed = options["confirm_discard"]
         where = "PostgreSQL (switched)" if state.active_backend == "postgresql" else "SQLite"
         self.stdout.write(f"Phase {state.phase}; the application runs on {where}.")
-        if options["dry_run"]:
-            return self._dry_run(discard=discard, drop=options["drop_postgres"])
         refusal = rollback.nothing_to_roll_back(state, drop_postgres=options["drop_postgres"])
         if refusal:  # before asking: there is nothing to confirm
-            raise CommandError(refusal, returncode=7)
+            raise CommandError(refusal, returncode=PhaseError.returncode)
         if options["interactive"]:
             if discard:
                 prompt = (
@@ -87,26 +82,21 @@ class Command(BaseCommand):
                     raise CommandError("Rollback cancelled.", returncode=NotConfirmed.returncode)
             elif input("Roll back to SQLite?\n    Type 'yes' to continue: ") != "yes":
                 raise CommandError("Rollback cancelled.", returncode=NotConfirmed.returncode)
-        renderer = ProgressRenderer(self.stdout, verbosity=options["verbosity"])
-        try:
-            with (
-                renderer,
-                refusals_recorded(
-                    "rollback_to_sqlite", report_dir=conf.report_dir(), log_dir=conf.log_dir()
-                ),
-            ):
-                result = rollback.rollback_to_sqlite(
-                    drop_postgres=options["drop_postgres"],
-                    discard_postgres_writes=discard,
-                    discard_confirmed=confirmed,
-                    drain_seconds=options["drain_seconds"],
-                    freeze_max_seconds=options["freeze_timeout"],
-                    progress=renderer.note,
-                )
-        except (MigrationError, StateError) as exc:
-            raise CommandError(
-                f"{exc} The state file was not changed.", returncode=getattr(exc, "returncode", 7)
-            ) from exc
+        with runbook_run(
+            "rollback_to_sqlite",
+            stdout=self.stdout,
+            verbosity=options["verbosity"],
+            then="The state file was not changed.",
+            also=(StateError,),
+        ) as renderer:
+            result = rollback.rollback_to_sqlite(
+                drop_postgres=options["drop_postgres"],
+                discard_postgres_writes=discard,
+                discard_confirmed=confirmed,
+                drain_seconds=options["drain_seconds"],
+                freeze_max_seconds=options["freeze_timeout"],
+                progress=renderer.note,
+            )
         if result.took_over:
             self.stdout.write(self.style.WARNING(f"Took over a leftover {result.took_over}."))
         if result.leftovers_removed:
@@ -134,11 +124,21 @@ class Command(BaseCommand):
         )
         self.stdout.write(f"Report: {result.report_path}")
 
-    def _dry_run(self, *, discard: bool, drop: bool) -> None:
-        try:
+    def _dry_run(self, *, discard: bool, drop: bool, opts) -> None:
+        with engine_errors(also=(StateError,)):
+            refusal = rollback.nothing_to_roll_back(
+                read_state(conf.state_file()), drop_postgres=drop
+            )
             p = rollback.preview_rollback(discard_postgres_writes=discard, drop_postgres=drop)
-        except (MigrationError, StateError) as exc:
-            raise CommandError(str(exc), returncode=getattr(exc, "returncode", 7)) from exc
+        if opts["json"]:
+            self._dry_run_json(p, discard=discard, drop=drop, refusal=refusal)
+        else:
+            where = "PostgreSQL (switched)" if p.active_backend == "postgresql" else "SQLite"
+            self.stdout.write(f"Phase {p.phase}; the application runs on {where}.")
+        if refusal:  # what the real run would answer, with its exit code
+            raise CommandError(f"Dry run: {refusal}", returncode=PhaseError.returncode)
+        if opts["json"]:
+            return
         if not p.was_switched:
             self.stdout.write(
                 "Would move the state to rolled_back; SQLite holds every row already."
@@ -161,3 +161,34 @@ class Command(BaseCommand):
         if drop:
             self.stdout.write("Would drop the PostgreSQL copy (unapply every migration).")
         self.stdout.write(self.style.SUCCESS("Dry run: nothing was changed."))
+
+    def _dry_run_json(self, p, *, discard: bool, drop: bool, refusal: str | None) -> None:
+        def tables(carries):
+            return [
+                {
+                    "table": t.table,
+                    "model": t.label,
+                    "inserted": t.inserted,
+                    "updated": t.updated,
+                    "deleted": t.deleted,
+                }
+                for t in carries
+            ]
+
+        self.stdout.write(
+            json_document(
+                status="refused" if refusal else "ok",
+                action="dry_run",
+                refusal=refusal,
+                changed=False,
+                phase=p.phase,
+                active_backend=p.active_backend,
+                was_switched=p.was_switched,
+                carry_back=tables(p.carried),
+                discard=tables(p.discarded),
+                discard_postgres_writes=discard,
+                drop_postgres=drop,
+                freeze_expected=p.was_switched and not discard,
+                last_freeze_seconds=p.last_freeze_seconds,
+            )
+        )

@@ -2,9 +2,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration import conf, cutover
 from dbmigration import freeze as fz
-from dbmigration.errors import MigrationError, NotConfirmed, PhaseError
-from dbmigration.management.progress import ProgressRenderer
-from dbmigration.reports import refusals_recorded
+from dbmigration.errors import NotConfirmed, PhaseError
+from dbmigration.management.runbook import add_noinput, runbook_run
 from dbmigration.state import StateError
 
 
@@ -18,13 +17,7 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument(
-            "--noinput",
-            "--no-input",
-            action="store_false",
-            dest="interactive",
-            help="Do not ask for the typed confirmation (for scripts).",
-        )
+        add_noinput(parser)
         parser.add_argument(
             "--dry-run", action="store_true", help="Check the preconditions, show the plan, stop."
         )
@@ -32,7 +25,8 @@ class Command(BaseCommand):
             "--drain-seconds",
             type=float,
             default=10.0,
-            help="Longest wait after the freeze starts for SQLite's write lock (10).",
+            help="Longest wait after the freeze starts for SQLite's write lock "
+            "(default: %(default)g).",
         )
         parser.add_argument(
             "--freeze-timeout",
@@ -66,24 +60,19 @@ class Command(BaseCommand):
                 raise CommandError(
                     "Switch cancelled: nothing was changed.", returncode=NotConfirmed.returncode
                 )
-        renderer = ProgressRenderer(self.stdout, verbosity=options["verbosity"])
-        try:
-            with (
-                renderer,
-                refusals_recorded(
-                    "switch_to_postgresql", report_dir=conf.report_dir(), log_dir=conf.log_dir()
-                ),
-            ):
-                result = cutover.switch_to_postgresql(
-                    drain_seconds=options["drain_seconds"],
-                    freeze_max_seconds=options["freeze_timeout"],
-                    progress=renderer.note,
-                )
-        except (MigrationError, StateError) as exc:
-            raise CommandError(
-                f"{exc} The application stays on SQLite; the write freeze was lifted.",
-                returncode=getattr(exc, "returncode", PhaseError.returncode),
-            ) from exc
+        with runbook_run(
+            "switch_to_postgresql",
+            stdout=self.stdout,
+            verbosity=options["verbosity"],
+            then="The application stays on SQLite; the write freeze was lifted.",
+            also=(StateError,),
+        ) as renderer:
+            result = cutover.switch_to_postgresql(
+                drain_seconds=options["drain_seconds"],
+                freeze_max_seconds=options["freeze_timeout"],
+                progress=renderer.note,
+                rows_progress=renderer.stage("catch-up"),
+            )
         if result.took_over:
             self.stdout.write(self.style.WARNING(f"Took over a leftover {result.took_over}."))
         self.stdout.write(

@@ -4,6 +4,7 @@ import json
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
 
+from dbmigration.management.runbook import add_database
 from propcore import query_stats
 
 
@@ -14,13 +15,18 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--limit", type=int, default=10, help="How many (default 10).")
         parser.add_argument(
-            "--order", choices=list(query_stats.ORDERS), default="total", help="Sort key."
+            "--limit", type=int, default=10, help="How many (default: %(default)s)."
+        )
+        parser.add_argument(
+            "--order",
+            choices=list(query_stats.ORDERS),
+            default="total",
+            help="Sort key (default: %(default)s).",
         )
         parser.add_argument("--json", action="store_true", help="Print one JSON document.")
         parser.add_argument("--reset", action="store_true", help="Reset the counters after.")
-        parser.add_argument("--database", default="postgresql", help="Alias (default postgresql).")
+        add_database(parser, default="postgresql", help="The PostgreSQL alias to read")
 
     def handle(self, *args, **options):
         settings_dict = connections.settings[options["database"]]

@@ -2,6 +2,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration.errors import NotConfirmed, PhaseError, TargetError
+from dbmigration.management.runbook import add_noinput
 from dbmigration.state import StateError, read_state, why_precious
 from propcore.pgserver import database_name, drop_database, ensure_database, redact_url
 
@@ -25,13 +26,7 @@ class Command(BaseCommand):
             help="With --recreate: allow dropping the migrated or live database, after you type "
             "its name (never with --noinput).",
         )
-        parser.add_argument(
-            "--noinput",
-            "--no-input",
-            action="store_false",
-            dest="interactive",
-            help="Never prompt; a drop that needs a typed confirmation is refused.",
-        )
+        add_noinput(parser, help="Never prompt; a drop that needs a typed confirmation is refused.")
 
     def handle(self, *args, recreate, drop_live_database, interactive, **options):
         url = settings.POSTGRES_URL
