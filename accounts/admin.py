@@ -49,7 +49,7 @@ class LargeTableAdmin(admin.ModelAdmin):
     """A changelist that answers at millions of rows: no COUNT(*) or facet counts per page.
 
     Filters and searches of these admins are backed by indexes (models' Meta.indexes and
-    migration 0005); a date hierarchy is not, as it lists dates with a DISTINCT over every row,
+    migration 0006); a date hierarchy is not, as it lists dates with a DISTINCT over every row,
     so dates are filtered by range instead.
     """
 
@@ -163,7 +163,7 @@ class UserAdmin(AuditHistoryMixin, LargeTableAdmin, DjangoUserAdmin):
         "created_at",
     ]
     list_filter = ["status", "kyc_status", "role", "is_staff", "created_at", CreatedRangeFilter]
-    # icontains on PostgreSQL is served by trigram indexes (migration 0005)
+    # icontains on PostgreSQL is served by trigram indexes (migration 0006)
     search_fields = ["email", "first_name", "last_name", "phone"]
     search_help_text = "An email address (exact), or part of an email, a name or a phone number."
     readonly_fields = ["id", "created_at", "updated_at", "deleted_at", "last_login"]

@@ -134,7 +134,7 @@ class User(AbstractBaseUser, PermissionsMixin, TimestampedModel, SoftDeleteModel
             models.Index(fields=["status", "role"], name="user_status_role_idx"),
             models.Index(fields=["kyc_status"], name="user_kyc_status_idx"),
             models.Index(fields=["last_name", "first_name"], name="user_name_idx"),
-            # the admin's filters, newest first (substring search: trigram indexes, 0005)
+            # the admin's filters, newest first (substring search: trigram indexes, 0006)
             models.Index(fields=["role", "-created_at"], name="user_role_created_idx"),
             models.Index(
                 fields=["-created_at"], name="user_staff_created_idx", condition=Q(is_staff=True)
@@ -252,11 +252,15 @@ class LoginEvent(models.Model):
         indexes = [
             models.Index(fields=["user", "-created_at"], name="login_user_created_idx"),
             models.Index(fields=["created_at"], name="login_created_idx"),
-            # the admin's filters and exact searches, newest first (an append-only table:
-            # each index costs every sign-in a little, each saves a scan of every row)
-            models.Index(fields=["success", "created_at"], name="login_success_created_idx"),
-            models.Index(fields=["failure_reason", "created_at"], name="login_reason_created_idx"),
+            # security_scan: failures in a period (a small share of all events), and one
+            # address's attempts in time order (password spraying); the admin filters
+            # failures and finds an IP address through them too
+            models.Index(
+                fields=["created_at"], name="login_failed_created_idx", condition=Q(success=False)
+            ),
             models.Index(fields=["ip_address", "created_at"], name="login_ip_created_idx"),
+            # the admin's failure reason filter and exact email search, newest first
+            models.Index(fields=["failure_reason", "created_at"], name="login_reason_created_idx"),
             models.Index(Upper("email_attempted"), F("created_at"), name="login_email_upper_idx"),
         ]
 

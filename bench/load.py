@@ -22,7 +22,7 @@ gunicorn (``--workers`` x ``--threads``, gthread, the dev profile with DEBUG off
 
 The mix (weights): the self-service API (me 30, kyc 20, logins 20), the admin's user list (5),
 a user search (5) and the login events list (5), and a staff login (5: a write: session row,
-last_login).  ``--mix api`` leaves the admin pages out (before migration 0005 their full
+last_login).  ``--mix api`` leaves the admin pages out (before migration 0006 their full
 scans saturated a small machine by themselves).  Each run's table goes to
 bench/results/<date>-load-users<N>-<mix>.md and .json; with --repeat the cells are medians.
 """

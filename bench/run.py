@@ -36,8 +36,8 @@ ACCOUNT_TABLES = (
     "accounts_kycverification",
     "accounts_loginevent",
 )
-METHODS = ("copy", "copy_verify", "limit", "pgloader", "dumpdata")
-ALIASES = {"migrate_data": ("copy", "copy_verify")}
+METHODS = ("copy", "verify", "copy_verify", "limit", "pgloader", "dumpdata")
+ALIASES = {"migrate_data": ("copy", "verify", "copy_verify")}
 TARGETS = {
     "copy_vs_limit": 1.5,  # migrate_data copy within 1.5x of the limit
     "pgloader_vs_copy": 2.0,  # at least 2x faster than pgloader
@@ -47,6 +47,7 @@ TARGETS = {
 LABELS = {
     "limit": "physical limit (binary COPY from files + rebuild)",
     "copy": "migrate_data --no-verify (copy only)",
+    "verify": "migrate_data --verify-only (verify alone, after the copy)",
     "copy_verify": "migrate_data (copy + verify)",
     "pgloader": "pgloader",
     "dumpdata": "dumpdata + loaddata",
@@ -186,7 +187,10 @@ def prepare_state(sc: Scenario, *, full: bool = False) -> Path:
     return snapshot
 
 
-def run_migrate_data(sc: Scenario, *, verify: bool, rows: int, repeat: int) -> MethodResult:
+def run_migrate_data(
+    sc: Scenario, *, verify: bool, rows: int, repeat: int, verify_alone: MethodResult | None = None
+) -> MethodResult:
+    """Time migrate_data; with verify_alone, also `--verify-only` right after each copy."""
     key = "copy_verify" if verify else "copy"
     result = MethodResult(key=key, label=LABELS[key], rows=rows)
     env = sc.env("full", "target")
@@ -197,6 +201,12 @@ def run_migrate_data(sc: Scenario, *, verify: bool, rows: int, repeat: int) -> M
         args = ["migrate_data", "-v", "1"] + ([] if verify else ["--no-verify"])
         m = manage(*args, env=env, log=sc.dir("full") / f"{key}_{i}.log")
         _record(result, m, f"{LABELS[key]} run {i + 1}")
+        if verify_alone is not None and m.ok:
+            alone = manage(
+                "migrate_data", "--verify-only", "-v", "1", env=env,
+                log=sc.dir("full") / f"verify_{i}.log",
+            )  # fmt: skip
+            _record(verify_alone, alone, f"{LABELS['verify']} run {i + 1}")
     if result.ok:
         counts = pg.table_counts(sc.url("target"), list(sc_source_counts(sc)))
         lost = {t: (n, counts.get(t)) for t, n in sc_source_counts(sc).items() if counts[t] != n}
@@ -518,6 +528,16 @@ def check_targets(by_key: dict[str, MethodResult]) -> list[str]:
     if copy and copy.seconds and limit and limit.seconds:
         ratio = copy.seconds / limit.seconds
         out.append(f"copy / limit = {ratio:.2f} (target <= 1.5): {verdict(ratio <= 1.5)}")
+    both, alone = by_key.get("copy_verify"), by_key.get("verify")
+    if both and both.seconds and limit and limit.seconds:
+        ratio = both.seconds / limit.seconds
+        out.append(f"copy + verify / limit = {ratio:.2f} (target <= 2): {verdict(ratio <= 2.0)}")
+    if alone and alone.seconds and copy and copy.seconds:
+        ratio = alone.seconds / copy.seconds
+        out.append(
+            f"verify alone / copy = {ratio:.2f} (target <= 1, verification no slower than "
+            f"the copy): {verdict(ratio <= 1.0)}"
+        )
     if copy and copy.seconds and loader and loader.seconds and loader.ok:
         ratio = loader.seconds / copy.seconds
         out.append(f"{loader.label} / copy = {ratio:.2f} (target >= 2): {verdict(ratio >= 2)}")
@@ -527,7 +547,7 @@ def check_targets(by_key: dict[str, MethodResult]) -> list[str]:
             f"dumpdata+loaddata / copy = {ratio:.0f} (target >= 50, extrapolated): "
             f"{verdict(ratio >= 50)}"
         )
-    for key in ("copy", "copy_verify"):
+    for key in ("copy", "verify", "copy_verify"):
         r = by_key.get(key)
         if r and r.peak_mb:
             out.append(
@@ -643,10 +663,22 @@ def main(argv: list[str] | None = None) -> int:
     if "copy" in only or "copy_verify" in only:
         say("migrate_data")
         prepare_state(sc, full=args.prepare == "full")
+        alone = None
+        if "verify" in only:
+            alone = MethodResult(key="verify", label=LABELS["verify"], rows=rows)
         for verify in (False, True):
-            if ("copy_verify" if verify else "copy") in only:
-                result = run_migrate_data(sc, verify=verify, rows=rows, repeat=args.repeat)
-                results.append(result)
+            if ("copy_verify" if verify else "copy") in only or (alone and not verify):
+                result = run_migrate_data(
+                    sc,
+                    verify=verify,
+                    rows=rows,
+                    repeat=args.repeat,
+                    verify_alone=None if verify else alone,
+                )
+                if ("copy_verify" if verify else "copy") in only:
+                    results.append(result)
+                if alone is not None and not verify:
+                    results.append(alone)
     if "limit" in only:
         say("physical limit")
         if not any(r.key.startswith("copy") and r.ok for r in results):

@@ -17,6 +17,7 @@ Every key is optional::
         "SLOW_QUERIES": None,                 # dotted path: callable(window_s) -> slow query count
         "PITR": {},                           # pgBackRest point-in-time recovery, see pitr()
         "REPLICAS": None,                     # dotted path: callable -> replicas' lag, rotation
+        "SECURITY": None,                     # dotted path: callable -> unresolved findings
     }
 
 The engine's database aliases are named after the backends: ``sqlite`` (the source) and

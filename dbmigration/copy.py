@@ -19,6 +19,7 @@ import os
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import wait
 from operator import call as _call
@@ -252,6 +253,13 @@ def relational_rejections(
                 f"WHERE c.{qi(fk.column)} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM "
                 f"{qi(fk.to_table)} p WHERE p.{qi(fk.to_column)} = c.{qi(fk.column)})"
             ).fetchall()
+            if rows and _holds_uuids(table, fk.column):
+                # PostgreSQL's uuid equates what SQLite's text keeps apart (letter case)
+                there = {
+                    uuid_as_postgresql(v)
+                    for (v,) in conn.execute(f"SELECT {qi(fk.to_column)} FROM {qi(fk.to_table)}")
+                }
+                rows = [row for row in rows if uuid_as_postgresql(row[-1]) not in there]
             reason = f"points to a missing {fk.to_table}.{fk.to_column}"
             found.extend(
                 _fk_rejection(table, fk, key, value, reason)
@@ -302,6 +310,19 @@ def _split_keys(table: PlannedTable, rows) -> Iterator[tuple[Any, tuple]]:
     width = len(table.pk_columns)
     for row in rows:
         yield tuple(row[:width]) if width > 1 else row[0], tuple(row[width:])
+
+
+def _holds_uuids(table: PlannedTable, column: str) -> bool:
+    return any(c.name == column and c.internal_type == "UUIDField" for c in table.columns)
+
+
+def uuid_as_postgresql(value: Any) -> Any:
+    """A stored UUID as PostgreSQL's uuid compares it (letter case and hyphens make no
+    difference there); anything that is not a UUID stays as it is."""
+    try:
+        return uuid.UUID(_param(value)).hex
+    except (AttributeError, TypeError, ValueError):
+        return value
 
 
 def _compared(table: PlannedTable, column: str, prefix: str = "") -> str:
@@ -424,11 +445,18 @@ def cascade_rejections(conn, plan: Plan, rejected: dict[str, set]) -> list[Rejec
                 target = plan.table(fk.to_table)
                 values = _column_values(conn, target, fk.to_column, gone[fk.to_table])
                 mine = gone.setdefault(table.db_table, set())
+                column = qi(fk.column)
+                if _holds_uuids(table, fk.column):
+                    # every row pointing at that UUID as PostgreSQL reads it, whatever its
+                    # letter case: on SQLite the ORM and a join could each mean another row
+                    conn.create_function("dbm_uuid", 1, uuid_as_postgresql, deterministic=True)
+                    values = {uuid_as_postgresql(v) for v in values}
+                    column = f"dbm_uuid({column})"
                 for chunk in _chunks([_param(v) for v in values], 500):
                     marks = ", ".join("?" * len(chunk))
                     rows = conn.execute(
                         f"SELECT {_key_columns(table)}, {qi(fk.column)} FROM "
-                        f"{qi(table.db_table)} WHERE {qi(fk.column)} IN ({marks})",
+                        f"{qi(table.db_table)} WHERE {column} IN ({marks})",
                         chunk,
                     ).fetchall()
                     for pk_value, (value,) in _split_keys(table, rows):
@@ -534,6 +562,8 @@ def scan_source(
                 conn, table, targets.get(table.db_table), frozenset(repairs), sink, progress
             )
         sink.extend(relational_rejections(conn, plan, source_tables=present))
+        if target_alias is not None and targets:
+            sink.extend(postgresql_judged(conn, plan, target_alias, targets, sink.rows))
     finally:
         conn.close()
     return ScanResult(
@@ -1097,10 +1127,17 @@ def unique_parts(obj: SchemaObject) -> tuple[str, str | None, bool] | None:
     return text[start + 1 : end], predicate, distinct
 
 
-def postgresql_duplicates(pg, plan: Plan, failed: list[SchemaObject]) -> list[RejectedRow]:
+def postgresql_duplicates(
+    pg, plan: Plan, failed: list[SchemaObject], *, relation: str | None = None, newcomers=None
+) -> list[RejectedRow]:
     """Rows that keep a unique index or key from building, found by asking PostgreSQL for
     the duplicate groups under the index's own expressions and predicate (``Lower(kind)``
-    makes 'Ä' and 'ä' equal there, not in SQLite).  The first row of a group keeps it."""
+    makes 'Ä' and 'ä' equal there, not in SQLite).  The first row of a group keeps it.
+
+    ``relation``: read the rows from this table (the dry run's probe) instead of the
+    index's own.  ``newcomers``: {table: Django keys} of rows a sync brings; they lose
+    to a row already there, whatever the order of their keys.
+    """
     planned = {t.db_table: t for t in plan.tables}
     found = []
     for obj in failed:
@@ -1113,14 +1150,21 @@ def postgresql_duplicates(pg, plan: Plan, failed: list[SchemaObject]) -> list[Re
         where = [f"({predicate})"] if predicate else []
         if distinct:
             where.append(f"ROW({exprs}) IS NOT NULL")
+        order, params = keys, []
+        new = list((newcomers or {}).get(obj.table, ()))
+        if new:
+            order = f"CASE WHEN {table.key_in(len(new), '%s')} THEN 1 ELSE 0 END, {keys}"
+            params = table.key_params(new, pg)
         with pg.cursor() as cur:
             cur.execute(
                 f"SELECT {keys}, duplicate, number FROM (SELECT {keys}, "
                 f"ROW({exprs})::text AS duplicate, count(*) OVER same AS copies, "
-                f"row_number() OVER (same ORDER BY {keys}) AS number "
-                f"FROM {qi(table.db_table)} {'WHERE ' + ' AND '.join(where) if where else ''} "
+                f"row_number() OVER (same ORDER BY {order}) AS number "
+                f"FROM {qi(relation or table.db_table)} "
+                f"{'WHERE ' + ' AND '.join(where) if where else ''} "
                 f"WINDOW same AS (PARTITION BY {exprs})) grouped "
-                f"WHERE copies > 1 ORDER BY duplicate, number"
+                f"WHERE copies > 1 ORDER BY duplicate, number",
+                params,
             )
             rows = cur.fetchall()
         lite = connections["sqlite"]
@@ -1146,6 +1190,95 @@ def postgresql_duplicates(pg, plan: Plan, failed: list[SchemaObject]) -> list[Re
                     ),
                     excerpt=excerpt(duplicate),
                 )
+            )
+    return found
+
+
+PROBE = "dbmigration_probe"  # a temporary table: the dry run's rows, as PostgreSQL stores them
+
+
+def postgresql_judged(
+    conn, plan: Plan, alias: str, targets: dict, rejected: list[RejectedRow]
+) -> list[RejectedRow]:
+    """What only PostgreSQL can judge, asked of PostgreSQL without keeping anything: each
+    table with generated columns or a functional or partial unique index is loaded into a
+    temporary copy of itself (generated expressions included, no index), which names the
+    rows whose generated value PostgreSQL cannot compute (``a * b`` in int4) by their COPY
+    line, then asked for the duplicate groups under each such index.  Rows already
+    rejected are left out."""
+    pg = connections[alias]
+    found: list[RejectedRow] = []
+    with pg.cursor() as cur:
+        indexes = _judged_indexes(cur, [t.db_table for t in plan.tables if targets.get(t.db_table)])
+    for table in plan.tables:
+        judged = indexes.get(table.db_table, [])
+        if not targets.get(table.db_table) or not (table.generated or judged):
+            continue
+        skip = {r.raw_pk for r in rejected if r.table == table.db_table}
+        with transaction.atomic(using=alias), pg.cursor() as cur:
+            cur.execute(
+                f"CREATE TEMPORARY TABLE {qi(PROBE)} (LIKE {qi(table.db_table)} "
+                "INCLUDING DEFAULTS INCLUDING GENERATED) ON COMMIT DROP"
+            )
+            found += _probe_load(cur, conn, table, targets[table.db_table], skip, alias)
+            found += postgresql_duplicates(pg, plan, judged, relation=PROBE)
+            transaction.set_rollback(True, using=alias)
+    return found
+
+
+def _judged_indexes(cur, tables: list[str]) -> dict[str, list[SchemaObject]]:
+    """Unique indexes whose keys SQLite may compare otherwise: on expressions, or partial."""
+    found: dict[str, list[SchemaObject]] = {}
+    for obj in schema_snapshot(cur, tables):
+        parts = unique_parts(obj)
+        if parts is not None and obj.kind == "index" and ("(" in parts[0] or parts[1]):
+            found.setdefault(obj.table, []).append(obj)
+    return found
+
+
+def _probe_load(cur, conn, table: PlannedTable, targets, skip: set, alias) -> list[RejectedRow]:
+    """COPY the table's convertible rows into the probe, batch by batch; a row PostgreSQL
+    refuses is named by its line and the batch sent again without it."""
+    import psycopg
+    from django.db import DatabaseError
+
+    rc = RowConverter(table, targets)
+    cols = ", ".join(qi(c) for c in table.column_names)
+    found = []
+    for batch in read_rows(conn, table):
+        rows, keys = [], []
+        for raw in batch:
+            key = table.key_of(raw)
+            if key in skip:
+                continue
+            try:
+                rows.append(rc.convert(raw))
+            except _RowRejected:
+                continue  # already listed by the scan
+            keys.append(key)
+        for _ in range(MAX_REFUSED_RETRIES):
+            try:
+                with (
+                    transaction.atomic(using=alias),
+                    cur.cursor.copy(f"COPY {qi(PROBE)} ({cols}) FROM STDIN") as cp,
+                ):
+                    for row in rows:
+                        cp.write_row(row)
+                break
+            except (psycopg.Error, DatabaseError) as exc:
+                refused = _refused_row(table, exc, keys, conn)
+                if refused is None:
+                    raise TargetError(
+                        f"PostgreSQL refused {table.db_table} in the dry run without naming "
+                        f"a row: {exc}. Nothing was written."
+                    ) from exc
+                found.append(refused)
+                at = keys.index(refused.raw_pk)
+                del rows[at], keys[at]
+        else:
+            raise TargetError(
+                f"PostgreSQL refused more than {MAX_REFUSED_RETRIES} rows of one batch of "
+                f"{table.db_table} in the dry run; fix those first."
             )
     return found
 
@@ -1645,13 +1778,27 @@ def migrate_data(
             from dbmigration.sync import sync_to_postgresql
 
             with run.step("sync") as step:
+                reject_file = report_dir / f"rejects_{run.started_at[:19].replace(':', '')}.jsonl"
                 result.sync = sync_to_postgresql(
                     sqlite_path=sqlite_path,
                     alias=alias,
                     tables=tables,
                     state_file=state_file,
                     progress=_in_stage(progress, "sync"),
+                    quarantine=quarantine,
+                    reject_file=reject_file,
                 )
+                quarantined = result.sync.rejections
+                for r in quarantined:
+                    exclude.setdefault(r.table, set()).add(key_text(r.pk))
+                if quarantined:
+                    run.facts["rejected_total"] = len(quarantined)
+                    run.facts["rejections"] = [r.as_dict() for r in quarantined[:1000]]
+                    run.facts["reject_file"] = str(result.sync.reject_file)
+                    step.warnings.append(
+                        f"{len(quarantined)} row(s) quarantined, listed in "
+                        f"{result.sync.reject_file}"
+                    )
                 step.details.update(
                     {
                         "rows_written": result.sync.rows_written,
@@ -1713,7 +1860,10 @@ def migrate_data(
                 source_fingerprint=fingerprint,
                 last_report=str(run.report_path),
             )
-        status = "ok" if not (result.copy and result.copy.rejected_total) else "warning"
+        quarantined = (result.copy and result.copy.rejected_total) or (
+            result.sync and result.sync.rejections
+        )
+        status = "warning" if quarantined else "ok"
     except Exception as exc:
         lost = postgres_lost(exc)
         if lost is None:

@@ -68,6 +68,7 @@ class SwitchResult:
     report_path: Path | None
     seconds: float
     took_over: str = ""  # the void freeze of a killed run that this switch replaced
+    lifted_fence: str = ""  # the fence a switch killed before its flip left on SQLite
     refills: list[str] = dataclasses.field(default_factory=list)  # skipped models to refill
 
 
@@ -127,6 +128,7 @@ def plan_switch(*, state_file: Path) -> SwitchPlan:
 
 def presync(*, sqlite_path: Path, snapshot: Path, state_file: Path, progress: Progress) -> Any:
     """Snapshot SQLite, ``migrate_data --sync`` PostgreSQL to it, verify every table."""
+    from dbmigration.copy import RowsRejected
     from dbmigration.sqlite_source import snapshot_to
     from dbmigration.sync import sync_to_postgresql
     from dbmigration.verify import Side, verify
@@ -136,9 +138,21 @@ def presync(*, sqlite_path: Path, snapshot: Path, state_file: Path, progress: Pr
             progress(f"pre-sync: {table} ({number}/{total})")
 
     snapshot_to(sqlite_path, snapshot)
-    synced = sync_to_postgresql(
-        sqlite_path=snapshot, alias="postgresql", state_file=state_file, progress=per_table
-    )
+    try:
+        synced = sync_to_postgresql(
+            sqlite_path=snapshot, alias="postgresql", state_file=state_file, progress=per_table
+        )
+    except RowsRejected as exc:
+        # the switch takes no --quarantine: one line naming the rows and the fix
+        from dbmigration.errors import DataError
+
+        rows = exc.result.rejections
+        named = "; ".join(f"{r.table} pk={r.pk!r} {r.column}: {r.reason}" for r in rows[:5])
+        more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+        raise DataError(
+            f"{len(rows)} row(s) in SQLite cannot arrive exactly: {named}{more}. Nothing "
+            "was switched; fix them in SQLite, then switch again."
+        ) from None
     source, target = Side(sqlite_path=snapshot), Side(alias="postgresql")
     checked = verify(source=source, target=target)
     if not checked.ok:
@@ -234,7 +248,7 @@ def apply_source_changes(
     """Write the changed rows to PostgreSQL in one transaction, converted as migrate_data does."""
     import psycopg
     from django.core.management.color import no_style
-    from django.db import transaction
+    from django.db import DatabaseError, transaction
 
     from dbmigration.copy import RowConverter, _refused_row, plan_targets, read_rows
     from dbmigration.sqlite_source import open_readonly
@@ -305,6 +319,10 @@ def apply_source_changes(
             cur.execute("SELECT schemaname, matviewname FROM pg_matviews WHERE ispopulated")
             for schema, view in cur.fetchall():
                 cur.execute(f"REFRESH MATERIALIZED VIEW {_qi(schema)}.{_qi(view)}")
+    except (psycopg.Error, DatabaseError) as exc:
+        if postgres_lost(exc) is not None:
+            raise
+        raise _refused_unnamed(exc, conn, plan, changes) from exc
     finally:
         conn.close()
     return {
@@ -312,6 +330,32 @@ def apply_source_changes(
         "rows_deleted": deleted,
         "tables": {c.table: c.counts for c in changes if any(c.counts)},
     }
+
+
+def _refused_unnamed(exc: Exception, conn, plan, changes: list[SourceChanges]) -> Exception:
+    """A refusal no COPY line names (a foreign key PostgreSQL checks at commit): the changed
+    rows it would refuse, found on SQLite as the copy finds them; else PostgreSQL's words.
+    Either way one line and the fix, never a traceback."""
+    from dbmigration.copy import _param, _source_tables, relational_rejections
+    from dbmigration.errors import DataError
+    from dbmigration.plan import Plan
+
+    changed = {(c.table, _param(pk)) for c in changes for _, pk, _ in c.upserts}
+    tables = [t for t in plan.tables if t.db_table in {table for table, _ in changed}]
+    rows = relational_rejections(
+        conn, Plan(tables=tables, deferred_fks=[]), source_tables=_source_tables(conn)
+    )
+    rows = [r for r in rows if (r.table, _param(r.raw_pk)) in changed]
+    if rows:
+        return _cannot_arrive(rows)
+    diag = getattr(exc, "diag", None) or getattr(exc.__cause__, "diag", None)
+    words = " ".join(
+        filter(None, [diag and diag.message_primary, diag and diag.message_detail])
+    ) or str(exc).replace("\n", " ")
+    return DataError(
+        f"PostgreSQL refused a row written since migrate_data: {words}. Nothing of the "
+        "catch-up was kept; fix it in SQLite, then switch again."
+    )
 
 
 def _cannot_arrive(rows) -> Exception:
@@ -451,11 +495,17 @@ def switch_to_postgresql(
     try:
         with run.step("lift_old_fences") as step:
             # PostgreSQL is written from here on (the last rollback fenced it); SQLite is
-            # still the active store, so a fence on it is the leftover of a killed switch
+            # still the active store and no live freeze is on (plan_switch), so a fence on
+            # it is the leftover of a switch killed before its flip: SQLite holds every write
+            leftover = fence.sqlite_fence(sqlite_path)
             step.details = {
                 "postgresql": fence.lift_postgres_fence("postgresql"),
                 "sqlite": fence.lift_sqlite_fence(sqlite_path),
             }
+            if leftover is not None and step.details["sqlite"]:
+                lifted = fence.describe_sqlite_fence(leftover)
+                step.details["lifted"] = run.facts["lifted_fence"] = lifted
+                note(f"lifted the {lifted}, left by a switch killed before its flip")
         with run.step("presync") as step:
             note("stage 1 (writes go on): snapshot SQLite, sync PostgreSQL to it, verify")
             synced, checked = presync(
@@ -505,6 +555,7 @@ def switch_to_postgresql(
             lock.fence([t.db_table for t in tables.tables], reason="switched to PostgreSQL")
             step.details = {"tables": len(tables.tables)}
             note("SQLite fenced: any later write to it fails")
+        fz.pause_point("switch_fenced")  # a kill -9 here leaves the fence orphaned
         with run.step("flip_active_backend") as step:
             if not fz.still_held(flag, freeze):
                 # the freeze expired or was removed: writes may have reached SQLite since
@@ -539,7 +590,7 @@ def switch_to_postgresql(
         run.facts["error"] = error_text(exc)
         run.facts["active_backend"] = read_state(state_file).active_backend
         if lock is not None and lock.fenced:  # SQLite stays the active store: unfence it
-            fence.lift_sqlite_fence(sqlite_path)
+            lock.unfence()
         if lost is not None:
             raise exc from lost
         raise
@@ -565,5 +616,6 @@ def switch_to_postgresql(
         report_path=report_path,
         seconds=run.facts["seconds"],
         took_over=run.facts.get("took_over_freeze", ""),
+        lifted_fence=run.facts.get("lifted_fence", ""),
         refills=run.facts["refills"],
     )

@@ -27,6 +27,13 @@ fence closes that gap where no process can step around it:
 
 A write refused by either fence raises a database error whose text holds ``FENCE_MARK``;
 the middleware answers it 503 (retry), like the freeze, never 500.
+
+The SQLite fence names its owner (the switch's process).  A switch killed after fencing and
+before flipping the state leaves SQLite fenced while the state still names it active: every
+write would be refused for ever.  Such a fence is *orphaned* (its owner is dead, so it can
+never flip the state; the state never flipped, so no application process wrote to
+PostgreSQL): SQLite holds every acknowledged write, and ``lift_orphaned_sqlite_fence`` lifts
+it.  The next switch, rollback, migration_status, health check or refused request does.
 """
 
 from __future__ import annotations
@@ -38,7 +45,9 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from dbmigration import freeze as fz
 from dbmigration.errors import MigrationError
+from dbmigration.state import StateError, read_active_backend
 
 FENCE_MARK = "propcore write fence"
 FENCE_TABLE = "propcore_fence"
@@ -96,6 +105,10 @@ class SqliteWriteLock:
         self.conn.execute("COMMIT")
         self.fenced = True
 
+    def unfence(self) -> bool:
+        """Lift our fence (not one a later run put up meanwhile); say whether we did."""
+        return lift_sqlite_fence(self.path, owner=fz.this_process())
+
     def release(self) -> None:
         """Let writers in again; without a committed fence nothing of ours remains."""
         if self.conn.in_transaction:
@@ -124,8 +137,11 @@ def hold_sqlite_write_lock(path: Path, *, timeout: float) -> SqliteWriteLock:
 
 def _create_sqlite_fence(conn: sqlite3.Connection, tables: Iterable[str], *, reason: str) -> None:
     _drop_sqlite_fence(conn)  # a leftover of a killed run, replaced by ours
-    conn.execute(f"CREATE TABLE {FENCE_TABLE} (reason TEXT NOT NULL, since REAL NOT NULL)")
-    conn.execute(f"INSERT INTO {FENCE_TABLE} VALUES (?, ?)", [reason, time.time()])
+    conn.execute(
+        f"CREATE TABLE {FENCE_TABLE} (reason TEXT NOT NULL, since REAL NOT NULL, owner TEXT)"
+    )
+    owner = json.dumps(fz.this_process())  # who may flip the state while it holds
+    conn.execute(f"INSERT INTO {FENCE_TABLE} VALUES (?, ?, ?)", [reason, time.time(), owner])
     refuse = f"SELECT RAISE(ABORT, {_literal(_message(reason))})"
     for table in tables:
         for operation in ("INSERT", "UPDATE", "DELETE"):
@@ -152,16 +168,78 @@ def _drop_sqlite_fence(conn: sqlite3.Connection) -> bool:
     return bool(triggers or table)
 
 
-def lift_sqlite_fence(path: Path, *, timeout: float = 20.0) -> bool:
-    """Remove the fence from a SQLite file (ours, or a killed run's); return whether it had one."""
+def lift_sqlite_fence(path: Path, *, timeout: float = 20.0, owner: dict | None = None) -> bool:
+    """Remove the fence from a SQLite file; return whether it had one.
+
+    owner: lift it only if that process put it up (``fz.this_process()``).
+    """
     if not Path(path).exists() or not _has_sqlite_fence(path):
         return False  # checked first without the write lock, which may be busy
     conn = sqlite3.connect(Path(path), timeout=timeout, isolation_level=None)
     try:
         conn.execute("BEGIN IMMEDIATE")
+        if owner is not None and not _same_process(_read_sqlite_fence(conn), owner):
+            conn.execute("ROLLBACK")
+            return False
         had = _drop_sqlite_fence(conn)
         conn.execute("COMMIT" if had else "ROLLBACK")
         return had
+    finally:
+        conn.close()
+
+
+def _same_process(found: dict | None, owner: dict) -> bool:
+    theirs = (found or {}).get("owner") or {}
+    keys = ("host", "pid", "pid_started", "pid_namespace")
+    return all(theirs.get(k) == owner.get(k) for k in keys)
+
+
+def owner_gone(found: dict) -> bool:
+    """Whether the process that put this SQLite fence up is dead (known only on its host)."""
+    owner = found.get("owner") or {}
+    if not owner.get("pid"):
+        return False  # a fence from before owners were recorded: nobody can tell
+    keys = ("host", "pid", "pid_started", "pid_namespace")
+    return fz.process_alive(**{k: owner.get(k, "") for k in keys}) is False
+
+
+def describe_sqlite_fence(found: dict) -> str:
+    """One line for people: whose fence, why, since when."""
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(found["since"]))
+    who = (found.get("owner") or {}).get("owner", "an unknown process")
+    return f"write fence on SQLite by {who} ({found['reason']}) since {since}"
+
+
+def lift_orphaned_sqlite_fence(
+    path: Path, *, state_file: Path, timeout: float = 5.0
+) -> dict | None:
+    """Lift the fence a killed switch left on the active SQLite; return it, or None.
+
+    Only when its owner is dead and the state still names SQLite active, both checked under
+    SQLite's write lock: a switch that is alive may still flip, and a new switch replaces
+    the fence under that lock before it flips.
+    """
+    found = sqlite_fence(path)
+    if found is None or not owner_gone(found):
+        return None  # the common case, read-only and without the write lock
+    conn = sqlite3.connect(Path(path), timeout=timeout, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        found = _read_sqlite_fence(conn)
+        try:
+            active = read_active_backend(Path(state_file))
+        except StateError:
+            active = None  # unknown: where writes belong is not ours to decide
+        if found is None or not owner_gone(found) or active != "sqlite":
+            conn.execute("ROLLBACK")
+            return None
+        _drop_sqlite_fence(conn)
+        conn.execute("COMMIT")
+        return found
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            return None  # a writer holds the lock: the next caller tries again
+        raise
     finally:
         conn.close()
 
@@ -180,17 +258,27 @@ def _has_sqlite_fence(path: Path) -> bool:
 
 
 def sqlite_fence(path: Path) -> dict | None:
-    """The fence on a SQLite file ({reason, since}), or None; read-only."""
+    """The fence on a SQLite file ({reason, since, owner}), or None; read-only."""
     if not Path(path).exists():
         return None
     conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
     try:
-        row = conn.execute(f"SELECT reason, since FROM {FENCE_TABLE}").fetchone()
-    except sqlite3.OperationalError:  # no such table: no fence
-        return None
+        return _read_sqlite_fence(conn)
     finally:
         conn.close()
-    return {"reason": row[0], "since": row[1]} if row else None
+
+
+def _read_sqlite_fence(conn: sqlite3.Connection) -> dict | None:
+    try:
+        cur = conn.execute(f"SELECT * FROM {FENCE_TABLE}")
+    except sqlite3.OperationalError:  # no such table: no fence
+        return None
+    row = cur.fetchone()
+    if row is None:
+        return None
+    found = dict(zip([c[0] for c in cur.description], row, strict=True))
+    found["owner"] = json.loads(found.get("owner") or "null")  # None: an older fence
+    return found
 
 
 # --- PostgreSQL ---------------------------------------------------------------------------------

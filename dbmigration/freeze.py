@@ -83,6 +83,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def process_alive(*, host: str, pid: int, pid_started: str, pid_namespace: str) -> bool | None:
+    """Whether that process lives; None when it runs on another host or pid namespace."""
+    if not pid or host != HOST or pid_namespace != PID_NAMESPACE:
+        return None
+    if pid_started:
+        return process_start(pid) == pid_started
+    return _pid_alive(pid)
+
+
+def this_process() -> dict:
+    """This process as an owner is recorded (the freeze's fields; the fence keeps them too)."""
+    return {
+        "owner": f"{getpass.getuser()}@{HOST} pid {os.getpid()}",
+        "host": HOST,
+        "pid": os.getpid(),
+        "pid_started": process_start(os.getpid()) or "",
+        "pid_namespace": PID_NAMESPACE,
+    }
+
+
 @dataclasses.dataclass
 class Freeze:
     reason: str
@@ -112,11 +132,10 @@ class Freeze:
 
     def owner_alive(self) -> bool | None:
         """Whether the owner process lives; None when it runs elsewhere (only the lease tells)."""
-        if not self.pid or self.host != HOST or self.pid_namespace != PID_NAMESPACE:
-            return None
-        if self.pid_started:
-            return process_start(self.pid) == self.pid_started
-        return _pid_alive(self.pid)
+        return process_alive(
+            host=self.host, pid=self.pid, pid_started=self.pid_started,
+            pid_namespace=self.pid_namespace,
+        )  # fmt: skip
 
     def void_reason(self, now: float | None = None) -> str | None:
         """Why this freeze no longer holds, or None while it does."""
@@ -278,12 +297,8 @@ def freeze_on(
             reason=reason,
             started_at=now,
             expires_at=now + max_seconds,
-            owner=f"{getpass.getuser()}@{HOST} pid {os.getpid()}",
             token=os.urandom(8).hex(),
-            host=HOST,
-            pid=os.getpid(),
-            pid_started=process_start(os.getpid()) or "",
-            pid_namespace=PID_NAMESPACE,
+            **this_process(),
             renewed_at=now,
             lease_seconds=lease_seconds,
             expected_end=now + expected_seconds if expected_seconds else 0.0,

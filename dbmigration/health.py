@@ -17,6 +17,7 @@ from django.conf import settings
 from django.db import connections
 
 from dbmigration import conf
+from dbmigration.fence import describe_sqlite_fence, lift_orphaned_sqlite_fence
 from dbmigration.freeze import freeze_path_for, inspect_freeze
 from dbmigration.state import StateError, read_active_backend, read_state
 
@@ -190,6 +191,18 @@ def check_migration_phase() -> CheckResult:
     except StateError as exc:
         return CheckResult("migration_phase", DOWN, str(exc))
     details = {"phase": state.phase, "active_backend": state.active_backend}
+    # a switch killed after fencing SQLite, before its flip: every write would be refused
+    orphan = lift_orphaned_sqlite_fence(conf.sqlite_path(), state_file=conf.state_file())
+    if orphan is not None:
+        details["lifted_fence"] = lifted = describe_sqlite_fence(orphan)
+        return CheckResult(
+            "migration_phase",
+            DEGRADED,
+            f"phase {state.phase}; lifted the orphaned {lifted} (that switch was killed before "
+            "its flip: no write reached PostgreSQL); writes go on on SQLite. Run "
+            "switch_to_postgresql again.",
+            details,
+        )
     freeze = inspect_freeze(freeze_path_for(conf.state_file()))
     if freeze is not None:
         details["write_freeze"] = summary = freeze.summary()
@@ -419,6 +432,33 @@ def check_statement_evictions() -> CheckResult:
     return CheckResult("query_stats", OK, f"pg_stat_statements: {dealloc} eviction(s)", details)
 
 
+def check_security() -> CheckResult:
+    """Unresolved threat-detection findings (DBMIGRATION['SECURITY']): degraded while any."""
+    summary = conf.hook("SECURITY")
+    if summary is None:
+        return CheckResult("security", OK, "not tracked (DBMIGRATION['SECURITY'] unset)")
+    try:
+        found = summary()
+    except Exception as exc:  # the database is down or not migrated: active_backend says so
+        return CheckResult("security", OK, f"not checked: {_error_text(exc)}")
+    details = {
+        "unresolved": found["unresolved"],
+        "by_severity": found["by_severity"],
+        "last_seen": found["last_seen"],
+    }
+    if not found["unresolved"]:
+        return CheckResult("security", OK, "no unresolved security findings", details)
+    counts = ", ".join(f"{n} {severity}" for severity, n in found["by_severity"].items())
+    return CheckResult(
+        "security",
+        DEGRADED,
+        f"{found['unresolved']} unresolved security finding(s) ({counts}); newest: "
+        f"{found['newest']}. Read them in the admin (Threat detection), resolve each when "
+        "handled",
+        details,
+    )
+
+
 def _lag_text(replica: dict) -> str:
     return f"lag {replica['lag_bytes']} bytes, {replica['lag_seconds'] or 0:.1f} s"
 
@@ -434,6 +474,7 @@ CHECKS: dict[str, Callable[[], CheckResult]] = {
     "pitr": check_pitr,
     "read_replicas": check_read_replicas,
     "query_stats": check_statement_evictions,
+    "security": check_security,
 }
 
 

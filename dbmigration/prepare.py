@@ -14,6 +14,7 @@ from pathlib import Path
 
 from django.apps import apps
 
+from dbmigration import fence
 from dbmigration import state as state_mod
 from dbmigration.backup import BackupInfo, create_sqlite_backup, signals_as_errors
 from dbmigration.errors import (
@@ -330,8 +331,11 @@ def _create_schema(
     """Create the database if missing, then run Django's migrate against it with ``default``
     pointing at it and the source read-only (in a child process: schema_child.py says why)."""
     created = _ensure_database(conninfo)
+    # the last rollback left the target fenced (fence.py); it is not the live store (the
+    # phase allows a prepare) and migrate's own writes (content types, permissions) need it
+    lifted = fence.lift_postgres_fence(pg_alias)
     outcome = migrate_target(target_alias=pg_alias, source_path=sqlite_path, log=log)
-    return {"database_created": created, **outcome}
+    return {"database_created": created, "lifted_postgres_fence": lifted, **outcome}
 
 
 # column types PostgreSQL may hold wider than Django asks for, nothing lost (e.g. the ids of

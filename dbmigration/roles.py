@@ -54,6 +54,7 @@ PERSONAL_COLUMNS = {
     },
     "django_admin_log": {"object_repr", "change_message"},
     "django_session": {"session_data"},
+    "security_securityfinding": {"subject", "detail", "evidence", "resolution_note"},
 }  # fmt: skip
 
 # pgaudit logs each statement reading or writing a table its role (auditor) holds that

@@ -94,6 +94,7 @@ class RollbackResult:
     seconds: float
     warnings: list[str] = dataclasses.field(default_factory=list)
     took_over: str = ""  # the void freeze (owner gone) this run cleared or replaced
+    lifted_fence: str = ""  # the fence a switch killed before its flip left on SQLite
     leftovers_removed: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -420,8 +421,12 @@ def rollback_to_sqlite(
     run.facts.update(took_over_freeze=took_over, leftovers_removed=leftovers)
     try:
         if not was_switched:
-            if fence.lift_sqlite_fence(sqlite_path):  # a killed switch fenced it, then died
+            leftover = fence.sqlite_fence(sqlite_path)
+            # a switch fenced SQLite and died before its flip: no write reached PostgreSQL
+            if fence.lift_sqlite_fence(sqlite_path) and leftover is not None:
                 run.facts["lifted_sqlite_fence"] = True
+                run.facts["lifted_fence"] = fence.describe_sqlite_fence(leftover)
+                note(f"lifted the {run.facts['lifted_fence']}")
             new_state = transition(
                 state_file, "rolled_back", active_backend="sqlite", note="rollback_to_sqlite"
             )
@@ -542,6 +547,7 @@ def rollback_to_sqlite(
         seconds=run.facts["seconds"],
         warnings=[w for step in run.steps for w in step.warnings] + refills,
         took_over=took_over or (freeze.replaced if freeze is not None else ""),
+        lifted_fence=run.facts.get("lifted_fence", ""),
         leftovers_removed=leftovers,
     )
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from dbmigration import fence
 from dbmigration import freeze as fz
 from dbmigration import state as state_mod
 from dbmigration.backup import BackupInfo, last_verified_backup
@@ -33,6 +34,8 @@ class StatusResult:
     write_freeze: dict | None = None  # Freeze.summary() of the flag on disk, live or void
     # the last runbook step that moved the state (a refusal or failure moves none)
     last_completed_step: str | None = None
+    # the SQLite fence a switch killed before its flip left (lifted by this call), described
+    lifted_fence: str | None = None
 
     def to_json(self) -> dict:
         """The status with stable keys and plain values, for --json and monitors."""
@@ -55,6 +58,7 @@ class StatusResult:
             else None,
             "stale": self.stale,
             "write_freeze": self.write_freeze,
+            "lifted_fence": self.lifted_fence,
             "history": self.history,
         }
 
@@ -62,7 +66,8 @@ class StatusResult:
 def migration_status(
     *, state_file: Path, backup_dir: Path, sqlite_path: Path, report_dir: Path | None = None
 ) -> StatusResult:
-    """Read the state file, the last report and the backups; never writes anything."""
+    """Read the state file, the last report and the backups; writes nothing, except that it
+    lifts the SQLite fence a switch killed before its flip left (fence.py says why it is safe)."""
     try:
         current = state_mod.read_state(state_file)
     except state_mod.StateError as exc:
@@ -99,7 +104,10 @@ def migration_status(
             "of its writes)"
         )
     freeze = fz.inspect_freeze(fz.freeze_path_for(state_file))
+    # every write on the live SQLite is refused until this fence goes: lift it, say so
+    orphan = fence.lift_orphaned_sqlite_fence(sqlite_path, state_file=state_file)
     return StatusResult(
+        lifted_fence=fence.describe_sqlite_fence(orphan) if orphan else None,
         write_freeze=freeze.summary() if freeze is not None else None,
         phase=current.phase,
         active_backend=current.active_backend,

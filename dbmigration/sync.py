@@ -36,14 +36,22 @@ from dbmigration.copy import (
     RejectedRow,
     RowConverter,
     RowsRejected,
+    _param,
     _read_marks,
     _refused_row,
+    _RejectionSink,
+    _RowRejected,
     _source_tables,
     _write_marks,
+    cascade_rejections,
+    fetch_row,
     plan_targets,
+    postgresql_duplicates,
     qi,
     read_rows,
     relational_rejections,
+    schema_snapshot,
+    unique_parts,
 )
 from dbmigration.errors import DataError, TargetError
 from dbmigration.plan import Plan, PlannedTable, build_plan
@@ -72,6 +80,8 @@ class SyncResult:
     rows_written: int = 0
     rows_deleted: int = 0
     seconds: float = 0.0
+    rejections: list[RejectedRow] = dataclasses.field(default_factory=list)  # set aside
+    reject_file: Path | None = None
 
     @property
     def changed(self) -> int:
@@ -134,8 +144,16 @@ def sync_to_postgresql(
     tables: Iterable[str] | None = None,
     state_file: Path | None = None,
     progress: Progress | None = None,
+    quarantine: bool = False,
+    reject_file: Path | None = None,
 ) -> SyncResult:
-    """Apply SQLite's inserts, updates and deletes since the last run, in one transaction."""
+    """Apply SQLite's inserts, updates and deletes since the last run, in one transaction.
+
+    A row PostgreSQL would refuse stops the sync naming it (RowsRejected), or under
+    ``quarantine`` is set aside with the rows pointing at it, as the copy does: it is not
+    written (and removed from PostgreSQL if an older version was there) and listed in
+    ``reject_file``; the transaction is then tried again without it.
+    """
     started = time.perf_counter()
     plan = build_plan(only=tables)
     if state_file is not None:
@@ -154,72 +172,34 @@ def sync_to_postgresql(
     diffs = diff_tables(source=source, target=target, plan=plan, progress=progress)
     result = SyncResult(diffs=diffs, source_sha256=sha)
     targets = plan_targets(plan, alias)
-    pg, lite = connections[alias], connections["sqlite"]
-    rejected: list[RejectedRow] = []
-    copying: tuple[PlannedTable, list] | None = None  # the COPY in flight, a key per line
     conn = open_readonly(sqlite_path, raw_text=True)
+    aside: dict[str, set] = {}  # raw keys set aside (quarantine)
     try:
         # broken keys and CHECKs by query first, as the full copy does
-        rejected.extend(relational_rejections(conn, plan, source_tables=_source_tables(conn)))
-        if rejected:
-            raise _SyncRejected()
-        with transaction.atomic(using=alias), pg.cursor() as cur:
-            # Django's foreign keys are DEFERRABLE INITIALLY DEFERRED: order within is free
-            for table, diff in zip(plan.tables, diffs, strict=True):
-                if not diff.changed:
-                    continue
-                gone = diff.deleted_pks + diff.updated_pks
-                for chunk in _chunks(gone):
-                    cur.execute(
-                        f"DELETE FROM {qi(table.db_table)} WHERE {table.key_in(len(chunk), '%s')}",
-                        table.key_params(chunk, pg),
-                    )
-                    result.rows_deleted += cur.rowcount
-                wanted = diff.inserted_pks + diff.updated_pks
-                rc = RowConverter(table, targets[table.db_table])
-                cols = ", ".join(qi(c) for c in table.column_names)
-                copying = (table, [])
-                with cur.cursor.copy(f"COPY {qi(table.db_table)} ({cols}) FROM STDIN") as cp:
-                    for chunk in _chunks(wanted):
-                        where = f"WHERE {table.key_in(len(chunk))}"
-                        # as the copy reads them: a TEXT/BLOB of the wrong class is marked
-                        params = table.key_params(chunk, lite)
-                        rows = [
-                            r for b in read_rows(conn, table, where=where, params=params) for r in b
-                        ]
-                        for raw in rows:
-                            try:
-                                cp.write_row(rc.convert(raw))
-                                copying[1].append(table.key_of(raw))
-                                result.rows_written += 1
-                            except Exception as exc:  # _RowRejected carries the rows
-                                rows_ = getattr(exc, "rows", None)
-                                if rows_ is None:
-                                    raise
-                                rejected.extend(rows_)
-                copying = None
-                if rejected:
-                    raise _SyncRejected()
-            for statement in pg.ops.sequence_reset_sql(no_style(), plan.models):
-                cur.execute(statement)
-    except _SyncRejected:
-        failed = CopyResult(tables=[], rejections=rejected, repairs=[], source_sha256=sha)
-        failed.rejected_total = len(rejected)
-        raise RowsRejected(failed) from None
-    except (psycopg.Error, DatabaseError) as exc:
-        # a row PostgreSQL refused although every check passed: named by its COPY line
-        refused = _refused_row(copying[0], exc, copying[1], conn) if copying else None
-        if refused is not None:
-            failed = CopyResult(tables=[], rejections=[refused], repairs=[], source_sha256=sha)
-            failed.rejected_total = 1
-            raise RowsRejected(failed) from exc
-        raise TargetError(
-            f"PostgreSQL refused the sync: {exc}. Nothing of it was kept; fix the rows in "
-            "SQLite and run migrate_data --sync again."
-        ) from exc
+        found = relational_rejections(conn, plan, source_tables=_source_tables(conn))
+        for _ in range(MAX_REFUSED_RETRIES):
+            if found:
+                if not quarantine:
+                    raise RowsRejected(_rejected(found, sha))
+                _set_aside(conn, plan, found, aside, result)
+            try:
+                _apply(alias, conn, plan, diffs, targets, aside, result)
+                break
+            except _SyncRejected as exc:
+                found = exc.rows
+        else:
+            raise TargetError(
+                f"PostgreSQL refused more than {MAX_REFUSED_RETRIES} rows of the sync one by "
+                "one; nothing of it was kept. Fix them in SQLite and run migrate_data --sync."
+            )
     finally:
         conn.close()
-    with pg.cursor() as cur:
+    if result.rejections:
+        sink = _RejectionSink(reject_file)
+        sink.extend(result.rejections)
+        sink.close()
+        result.reject_file = reject_file
+    with connections[alias].cursor() as cur:
         cur.execute("SELECT schemaname, matviewname FROM pg_matviews WHERE ispopulated")
         for schema, view in cur.fetchall():
             cur.execute(f"REFRESH MATERIALIZED VIEW {qi(schema)}.{qi(view)}")
@@ -234,5 +214,141 @@ def sync_to_postgresql(
     return result
 
 
+MAX_REFUSED_RETRIES = 100  # rows PostgreSQL refuses at COPY under --quarantine, one retry each
+
+
+def _rejected(rows: list[RejectedRow], sha: str) -> CopyResult:
+    failed = CopyResult(tables=[], rejections=rows, repairs=[], source_sha256=sha)
+    failed.rejected_total = len(rows)
+    return failed
+
+
+def _set_aside(conn, plan: Plan, rows: list[RejectedRow], aside: dict, result) -> None:
+    """Add rows, and the rows pointing at them, to what the sync leaves out."""
+    by_table: dict[str, set] = {}
+    for row in rows:
+        by_table.setdefault(row.table, set()).add(row.raw_pk)
+    for row in rows + cascade_rejections(conn, plan, by_table):
+        if row.raw_pk in aside.setdefault(row.table, set()):
+            continue
+        aside[row.table].add(row.raw_pk)
+        if row.values is None:
+            row.values = fetch_row(conn, plan.table(row.table), row.raw_pk)
+        result.rejections.append(row)
+
+
+def _apply(alias: str, conn, plan: Plan, diffs, targets, aside: dict, result) -> None:
+    """Write every table's changes in one transaction; raise _SyncRejected naming the rows
+    PostgreSQL refused (nothing kept)."""
+    pg = connections[alias]
+    result.rows_written = result.rows_deleted = 0
+    copying: tuple[PlannedTable, list] | None = None  # the COPY in flight, a key per line
+    try:
+        with transaction.atomic(using=alias), pg.cursor() as cur:
+            # Django's foreign keys are DEFERRABLE INITIALLY DEFERRED: order within is free
+            for table, diff in zip(plan.tables, diffs, strict=True):
+                skip = aside.get(table.db_table, set())
+                if not diff.changed and not skip:
+                    continue
+                copying = (table, [])
+                rejected = _write_table(
+                    cur, pg, conn, table, diff, targets, skip, copying[1], result
+                )
+                copying = None
+                if rejected:
+                    raise _SyncRejected(rejected)
+            for statement in pg.ops.sequence_reset_sql(no_style(), plan.models):
+                cur.execute(statement)
+    except (psycopg.Error, DatabaseError) as exc:
+        if copying is None:
+            raise TargetError(
+                f"PostgreSQL refused the sync: {exc}. Nothing of it was kept; fix the rows in "
+                "SQLite and run migrate_data --sync again."
+            ) from exc
+        # a row PostgreSQL refused although every check passed: named by its COPY line
+        table, keys = copying
+        refused = _refused_row(table, exc, keys, conn)
+        if refused is None:
+            raise TargetError(
+                f"PostgreSQL refused the sync of {table.db_table}: {exc}. Nothing of it was "
+                "kept; fix the rows in SQLite and run migrate_data --sync again."
+            ) from exc
+        named = _unique_collision(alias, conn, plan, table, diffs, targets, aside, exc)
+        raise _SyncRejected(named or [refused]) from exc
+
+
+def _write_table(cur, pg, conn, table, diff, targets, skip: set, copied: list, result) -> list:
+    """Delete the table's old versions (and rows set aside), COPY the new ones; return the
+    rows whose values cannot arrive.  ``copied`` gets a key per COPY line."""
+    lite = connections["sqlite"]
+    gone = diff.deleted_pks + diff.updated_pks
+    gone += [table.python_key(_param(raw), lite) for raw in skip]
+    for chunk in _chunks(gone):
+        cur.execute(
+            f"DELETE FROM {qi(table.db_table)} WHERE {table.key_in(len(chunk), '%s')}",
+            table.key_params(chunk, pg),
+        )
+        result.rows_deleted += cur.rowcount
+    wanted = diff.inserted_pks + diff.updated_pks
+    rc = RowConverter(table, targets[table.db_table])
+    cols = ", ".join(qi(c) for c in table.column_names)
+    rejected: list[RejectedRow] = []
+    aside = {_param(key) for key in skip}  # raw keys as text: read as bytes, found as str
+    with cur.cursor.copy(f"COPY {qi(table.db_table)} ({cols}) FROM STDIN") as cp:
+        for chunk in _chunks(wanted):
+            where = f"WHERE {table.key_in(len(chunk))}"
+            # as the copy reads them: a TEXT/BLOB of the wrong class is marked
+            params = table.key_params(chunk, lite)
+            for raw in (r for b in read_rows(conn, table, where=where, params=params) for r in b):
+                if skip and _param(table.key_of(raw)) in aside:
+                    continue
+                try:
+                    row = rc.convert(raw)
+                except _RowRejected as exc:
+                    rejected.extend(exc.rows)
+                    continue
+                if not rejected:
+                    cp.write_row(row)
+                    copied.append(table.key_of(raw))
+                    result.rows_written += 1
+    return rejected
+
+
+def _unique_collision(alias, conn, plan, table, diffs, targets, aside, exc) -> list[RejectedRow]:
+    """Rows the sync brings that collide under a unique index, named as the copy names them
+    (table, pk, index, the pk of the row that keeps the key): the table's changes are
+    written again in a transaction without that index, PostgreSQL is asked for the
+    duplicate groups, and everything is rolled back.  Rows already there keep the key."""
+    diag = getattr(exc, "diag", None) or getattr(exc.__cause__, "diag", None)
+    if diag is None or diag.sqlstate != "23505" or not diag.constraint_name:
+        return []
+    pg = connections[alias]
+    diff = diffs[plan.tables.index(table)]
+    newcomers = {table.db_table: diff.inserted_pks + diff.updated_pks}
+    try:
+        with transaction.atomic(using=alias), pg.cursor() as cur:
+            objects = [
+                o
+                for o in schema_snapshot(cur, [table.db_table])
+                if o.name == diag.constraint_name and unique_parts(o) is not None
+            ]
+            # a constraint's own index goes with the constraint
+            objects.sort(key=lambda o: o.kind == "index")
+            if not objects:
+                return []
+            cur.execute(objects[0].drop_sql)
+            skip = aside.get(table.db_table, set())
+            _write_table(cur, pg, conn, table, diff, targets, skip, [], SyncResult([], ""))
+            found = postgresql_duplicates(pg, plan, objects[:1], newcomers=newcomers)
+            transaction.set_rollback(True, using=alias)
+    except (psycopg.Error, DatabaseError):
+        return []  # e.g. a primary key others point at cannot be dropped: the line names it
+    for row in found:
+        row.values = fetch_row(conn, table, row.raw_pk)
+    return found
+
+
 class _SyncRejected(Exception):
-    pass
+    def __init__(self, rows: list[RejectedRow]):
+        super().__init__(rows[0].reason)
+        self.rows = rows

@@ -5,6 +5,10 @@ The canonical form of a row is computed from the Python values Django itself wou
 and a PostgreSQL database, in either direction.  Range checksums are order-independent sums
 of row hashes, so neither side needs to sort; a mismatch names the range, then the rows.
 Also checked: foreign keys valid, sequences above max(pk), applied migrations equal.
+
+A SQLite file against a PostgreSQL database is summed by range_sums.py where it covers the
+table (PostgreSQL in SQL on the server, SQLite in C on threads, at once); elsewhere, and to
+name the rows of a differing range, by the Python path here.  Nothing forks.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from typing import Any
 
 from django.db import connections
 
+from dbmigration import range_sums
 from dbmigration.casts import Misfiled, django_utc_text, mark_misfiled, misfiled_sql
 from dbmigration.plan import INTEGER_TYPES, Plan, PlannedTable, build_plan
 from dbmigration.sqlite_source import open_readonly
 
 MOD = 1 << 128
+FAST_MOD = 1 << 64  # range_sums' sums
 BATCH_ROWS = 5000
 INT_BUCKETS = 2000  # at most this many primary-key ranges per integer-keyed table
 MAX_LISTED_ROWS = 50
@@ -392,34 +398,6 @@ def side_sums(
     return sums
 
 
-PARALLEL_MIN_ROWS = 5000
-
-
-def _count(side: Side, table: PlannedTable) -> int:
-    conn = open_readonly(side.sqlite_path)
-    try:
-        return conn.execute(f"SELECT count(*) FROM {_qi(table.db_table)}").fetchone()[0]
-    finally:
-        conn.close()
-
-
-def release_free_memory() -> None:
-    """Hand the heap's free pages back to the OS (glibc keeps them, one arena per thread
-    that ever allocated); elsewhere a no-op."""
-    import contextlib
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
-
-
-def _child_sums(queue, side, table, ranges, exclude) -> None:
-    try:
-        queue.put(side_sums(side, table, ranges, exclude=exclude))
-    except BaseException as exc:  # noqa: BLE001 the parent re-raises it
-        queue.put(RuntimeError(f"checksum process failed on {side}: {exc!r}"))
-
-
 def both_sums(
     source: Side,
     target: Side,
@@ -429,43 +407,62 @@ def both_sums(
     exclude: set[str] | None = None,
     progress: Progress | None = None,
 ) -> tuple[SideSums, SideSums]:
-    """Sum both sides; a SQLite side is read by a forked process meanwhile (two cores)."""
-    import multiprocessing
+    """Sum both sides: SQLite against PostgreSQL in C and SQL at once where range_sums
+    covers the table, else in Python, one side after the other (no forked process)."""
+    fast = _fast_sums(source, target, table, ranges, exclude=exclude)
+    if fast is not None:
+        if progress:
+            progress(table.db_table, fast[0].rows, 0)
+        return fast
+    return (
+        side_sums(source, table, ranges, exclude=exclude, progress=progress),
+        side_sums(target, table, ranges, progress=progress),
+    )
 
+
+def _fast_sums(
+    source: Side, target: Side, table: PlannedTable, ranges: Ranges, *, exclude: set[str] | None
+) -> tuple[SideSums, SideSums] | None:
     lite = source if source.sqlite_path is not None else target
     other = target if lite is source else source
-    if (
-        lite.sqlite_path is None
-        or other.sqlite_path is not None
-        or (_count(lite, table) < PARALLEL_MIN_ROWS)
-    ):
-        return (
-            side_sums(source, table, ranges, exclude=exclude, progress=progress),
-            side_sums(target, table, ranges, progress=progress),
-        )
-    release_free_memory()  # the child counts every resident page of ours again
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    child = context.Process(
-        target=_child_sums,
-        args=(queue, lite, table, ranges, exclude if lite is source else None),
-        daemon=True,
+    if lite.sqlite_path is None or other.alias is None:
+        return None
+    if exclude and lite is not source:
+        return None  # quarantined keys are matched as stored in SQLite only
+    found = range_sums.sums(
+        sqlite_path=lite.sqlite_path,
+        alias=other.alias,
+        table=table,
+        low=ranges.low,
+        width=ranges.width,
+        integer_ranges=ranges.integer,
+        buckets=INT_BUCKETS + 1,
+        skip=_stored_skip(exclude) if exclude else None,
     )
-    child.start()
-    try:
-        mine = side_sums(
-            other, table, ranges, exclude=exclude if other is source else None, progress=progress
+    if found is None:
+        return None
+    mine, theirs = (
+        SideSums(
+            rows=s.rows,
+            checksum=sum(total for _, total in s.buckets.values()) % FAST_MOD,
+            buckets=s.buckets,
         )
-        theirs = queue.get()
-        if isinstance(theirs, BaseException):
-            raise theirs
-    finally:
-        if child.is_alive():
-            child.join(timeout=5)
-        if child.is_alive():
-            child.kill()
-            child.join()
-    return (theirs, mine) if lite is source else (mine, theirs)
+        for s in found
+    )
+    return (mine, theirs) if lite is source else (theirs, mine)
+
+
+def _stored_skip(exclude: set[str]) -> set:
+    """Quarantined keys as the C reader sees stored keys (text as bytes, integers as int),
+    matching what stored_key_text gives the Python path."""
+    skip: set = {key.encode("utf-8", "surrogateescape") for key in exclude}
+    for key in exclude:
+        try:
+            if str(int(key)) == key:
+                skip.add(int(key))
+        except ValueError:
+            pass
+    return skip
 
 
 def row_digests(

@@ -8,12 +8,16 @@ class PropcoreConfig(AppConfig):
     verbose_name = "propcore"
 
     def ready(self) -> None:
-        from propcore import query_tags, query_timing, routers
+        from propcore import middleware, query_tags, query_timing, routers
 
         routers.connect_before_auditlog()
 
         connection_created.connect(query_timing.install, dispatch_uid="propcore.slow_query")
         connection_created.connect(query_tags.install, dispatch_uid="propcore.query_tags")
+        # a write the SQLite fence refuses is no key collision (sessions would retry for ever)
+        connection_created.connect(
+            middleware.install_fence_wrapper, dispatch_uid="propcore.fence_refusal"
+        )
 
 
 class ConsoleAdminConfig(AdminConfig):

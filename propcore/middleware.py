@@ -12,6 +12,11 @@ per request, one ``os.stat`` each:
    the owner dies, see dbmigration/freeze.py), POST/PUT/PATCH/DELETE answer 503 with
    Retry-After; reads go on, and a read that tries to write (a session save, an audit
    entry) is refused at the SQL level and answered 503 too.
+3. Fence refusals: a write the database fence refused (dbmigration/fence.py: a request that
+   passed step 2 before the freeze and wrote after the fence) answers 503 + Retry-After,
+   wherever it was raised.  Django turns an exception raised in another middleware (the
+   session save in SessionMiddleware, code after the view) into a 500 response before it
+   reaches us, so ``got_request_exception`` marks the request and the 500 becomes a 503.
 """
 
 from __future__ import annotations
@@ -21,15 +26,22 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
 
 from django.conf import settings
-from django.db import DatabaseError, connections
+from django.core.signals import got_request_exception
+from django.db import DatabaseError, IntegrityError, OperationalError, connections
 from django.http import HttpResponse
 
-from dbmigration.fence import is_fence_refusal
+from dbmigration.fence import (
+    FENCE_MARK,
+    describe_sqlite_fence,
+    is_fence_refusal,
+    lift_orphaned_sqlite_fence,
+)
 from dbmigration.freeze import Freeze, freeze_path_for, read_freeze
 from dbmigration.state import StateError, read_active_backend
 
@@ -184,6 +196,75 @@ def _frozen_response(freeze: Freeze, what: str) -> HttpResponse:
     return response
 
 
+class FenceRefused(OperationalError):
+    """A write the SQLite fence refused (its trigger's RAISE reads as a constraint failure)."""
+
+
+def fence_refusal_is_no_integrity_error(execute, sql, params, many, context):
+    """Execute wrapper: raise a SQLite fence refusal as FenceRefused, not IntegrityError.
+
+    Code that takes an IntegrityError for a key collision retries: the session store's
+    create() draws another key and saves again, for ever, when the fence refuses the insert.
+    """
+    try:
+        return execute(sql, params, many, context)
+    except IntegrityError as exc:
+        if FENCE_MARK not in str(exc):
+            raise
+        raise FenceRefused(str(exc)) from exc
+
+
+def install_fence_wrapper(sender, connection, **kwargs) -> None:
+    """connection_created receiver (propcore.apps): every SQLite connection, every process."""
+    if connection.vendor != "sqlite":
+        return
+    if fence_refusal_is_no_integrity_error not in connection.execute_wrappers:
+        connection.execute_wrappers.append(fence_refusal_is_no_integrity_error)
+
+
+FENCE_REFUSED = "_propcore_fence_refused"  # request attribute set by _note_fence_refusal
+
+
+def _note_fence_refusal(sender, request=None, **kwargs) -> None:
+    """Mark the request when the exception Django is turning into a 500 is a fence refusal."""
+    exc = sys.exception()  # sent from inside Django's except block
+    if request is not None and exc is not None and is_fence_refusal(exc):
+        setattr(request, FENCE_REFUSED, True)
+
+
+got_request_exception.connect(_note_fence_refusal, dispatch_uid="propcore.fence_refusal")
+
+
+_orphan_checked = 0.0  # monotonic time of this process's last look for an orphaned fence
+
+
+def _lift_orphaned_fence() -> None:
+    """A refusal on the active SQLite may come from a fence a killed switch left: lift it
+    (at most once a second per process; fence.py says why that is safe)."""
+    global _orphan_checked
+    if watcher.backend != "sqlite" or time.monotonic() - _orphan_checked < 1.0:
+        return
+    _orphan_checked = time.monotonic()
+    try:
+        lifted = lift_orphaned_sqlite_fence(
+            Path(connections.settings["sqlite"]["NAME"]), state_file=Path(settings.STATE_FILE)
+        )
+    except Exception:  # never turn a 503 into a 500; the next refusal tries again
+        logger.exception("could not check SQLite for an orphaned write fence")
+        return
+    if lifted is not None:
+        logger.warning("lifted the orphaned %s", describe_sqlite_fence(lifted))
+
+
+def _fence_response(request) -> HttpResponse:
+    _lift_orphaned_fence()  # then the retry succeeds
+    freeze = read_freeze(freeze_path_for(settings.STATE_FILE))
+    if freeze is None:  # the switch is over: the retry goes to the new active store
+        now = time.time()
+        freeze = Freeze("the database was switched", now, now + 1, "", "")
+    return _frozen_response(freeze, f"{request.method} request")
+
+
 class CutoverMiddleware:
     """Reload the active backend when the state file changes; honour the write freeze."""
 
@@ -196,7 +277,7 @@ class CutoverMiddleware:
         watcher.refresh_thread()
         freeze = read_freeze(freeze_path_for(settings.STATE_FILE))
         if freeze is None and watcher.error is None:
-            return self.get_response(request)
+            return self._refused_by_fence(request, self.get_response(request))
         if freeze is None:  # unreadable state file: we cannot know where writes belong
             now = time.time()
             freeze = Freeze("state file unreadable", now, now + 60, "", "")
@@ -216,14 +297,16 @@ class CutoverMiddleware:
             response = self.get_response(request)
         if refused:
             return _frozen_response(freeze, "a write during a read request")
-        return response
+        return self._refused_by_fence(request, response)
+
+    @staticmethod
+    def _refused_by_fence(request, response):
+        """The 500 of a fence refusal raised outside the view (another middleware): a 503."""
+        if not getattr(request, FENCE_REFUSED, False):
+            return response
+        logger.warning("write refused by the fence outside the view: answered 503, not 500")
+        return _fence_response(request)
 
     def process_exception(self, request, exception):
         """A write the database fence refused (a straggler on the store being left): 503."""
-        if not is_fence_refusal(exception):
-            return None
-        freeze = read_freeze(freeze_path_for(settings.STATE_FILE))
-        if freeze is None:  # the switch is over: the retry goes to the new active store
-            now = time.time()
-            freeze = Freeze("the database was switched", now, now + 1, "", "")
-        return _frozen_response(freeze, f"{request.method} request")
+        return _fence_response(request) if is_fence_refusal(exception) else None

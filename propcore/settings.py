@@ -89,6 +89,8 @@ DB_ROLE_SUFFIX = env.str("PROPCORE_DB_ROLE_SUFFIX", "")  # several installations
 OWNER_COMMANDS = {
     "migrate", "migration_prepare", "migrate_data", "switch_to_postgresql", "rollback_to_sqlite",
     "db_backup", "db_restore", "refresh_analytics", "security_check", "sqlflush", "flush",
+    # reads every user's login events and audit entries, which the policies hide from the app
+    "security_scan",
     # operator tools that act for no user: under the policies they would see no row
     "createsuperuser", "changepassword", "loaddata", "dumpdata",
 }  # fmt: skip
@@ -207,6 +209,7 @@ DBMIGRATION = {
     "PROCESS_BACKEND": "propcore.middleware.process_backend",
     "SLOW_QUERIES": "propcore.query_timing.slow_queries_since",
     "REPLICAS": "propcore.replicas.replica_status",
+    "SECURITY": "security.health.unresolved_findings",
 }
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -228,6 +231,7 @@ INSTALLED_APPS = [
     "propcore.apps.PropcoreConfig",
     "accounts",
     "dbmigration",
+    "security",
 ]
 
 MIDDLEWARE = [
@@ -281,6 +285,10 @@ STATIC_ROOT = BASE_DIR / "var" / "static"
 
 # --- Audit trail --------------------------------------------------------------------
 AUDITLOG_DISABLE_ON_RAW_SAVE = True  # loaddata and raw saves are data moves, not user actions
+
+# --- Threat detection (manage.py security_scan; every key and its default: security/conf.py,
+# README "Threat detection").  Only what differs from the defaults goes here.
+SECURITY_SCAN: dict = {}
 
 # --- Slow queries -------------------------------------------------------------------
 try:  # float() itself: django-environ would read '1s' as 1.0 without a word

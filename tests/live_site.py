@@ -4,6 +4,9 @@
   transaction and answers 201.  ``hold=S`` sleeps S seconds after the write, inside the
   transaction (a slow view that outlives the drain); ``late=S`` sleeps before it (a request
   already past the middleware when the freeze begins, like an upload still arriving).
+  ``POST /live/session/?key=K&late=S`` stores K in a new session, which SessionMiddleware
+  saves after the view: a write no view code makes (a fence refusal there must be a 503).
+  ``until=PATH`` waits until PATH exists first (a straggler held past the fence by the test).
 - ``python -m tests.live_site ACKED STOP``: a writer that is no web request (a cron job, a
   worker): it writes through the ORM until the file STOP exists, appending each key whose
   transaction committed to ACKED.  Like a well-behaved worker it re-reads the active backend
@@ -32,7 +35,20 @@ def write(request):
     return JsonResponse({"key": key}, status=201)
 
 
-urlpatterns = [path("live/write/", write)]
+@csrf_exempt
+def session_write(request):
+    key = request.GET["key"]
+    time.sleep(float(request.GET.get("late", 0)))
+    deadline = time.monotonic() + 60
+    while "until" in request.GET and not os.path.exists(request.GET["until"]):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    request.session["key"] = key  # written by SessionMiddleware, after the view
+    return JsonResponse({"key": key}, status=201)
+
+
+urlpatterns = [path("live/write/", write), path("live/session/", session_write)]
 
 
 def orm_writer(acked_path: str, stop_path: str) -> None:

@@ -238,8 +238,9 @@ def plant_postgresql_only_refusals() -> dict:
 
 @ALL
 def test_dry_run_predicts_what_it_can(runbook):
-    """The generated overflow and the letter-case UUID duplicate are named by the dry run;
-    the functional unique only PostgreSQL can judge (README says so)."""
+    """The generated overflow and the letter-case UUID duplicate are named from SQLite;
+    what only PostgreSQL can judge (a generated a * b it computes in int4, two rows equal
+    under Lower()) by asking PostgreSQL about a temporary copy of the rows."""
     fill()
     planted = plant_postgresql_only_refusals()
     assert m.Computed.objects.using(LITE).get(pk=planted["product"]).product == 1 << 32
@@ -250,12 +251,19 @@ def test_dry_run_predicts_what_it_can(runbook):
     assert "F(a) + F(b)" in over.reason and over.code == "range"
     dup = found[("corpus_relations_uuidkey", UPPER.lower(), "id")]
     assert dup.code == "unique" and "duplicate of pk" in dup.reason
-    assert len(found) == 2
-    # the command lists them too (the product and the functional unique: only at COPY)
+    product = found[("corpus_relations_computed", planted["product"], "total,lowered,product")]
+    assert "integer out of range" in product.reason and "F(a) * F(b)" in product.reason
+    clash = found[("corpus_relations_indexed", planted["clash"], "corpus_indexed_lower_kind_uniq")]
+    assert clash.code == "unique" and f"duplicate of pk {planted['keep']}" in clash.reason
+    assert len(found) == 4
+    # the command lists them too, and PostgreSQL kept nothing of the dry run
     out = run("migration_prepare")
-    assert "2 rows would be rejected:" in out
+    assert "4 rows would be rejected:" in out
     assert f"corpus_relations_computed pk={planted['over']} total:" in out
     assert f"corpus_relations_uuidkey pk={UPPER.lower()} id:" in out
+    assert f"corpus_relations_computed pk={planted['product']} total,lowered,product:" in out
+    assert f"corpus_relations_indexed pk={planted['clash']} corpus_indexed_lower_kind_uniq:" in out
+    assert not m.Indexed.objects.using(PG).exists()
 
 
 @ALL
@@ -462,3 +470,169 @@ def test_switch_catch_up_and_rollback_round_trip(runbook):
     assert m.CompositeKey.objects.using(LITE).filter(slot="new on postgresql").exists()
     assert m.Computed.objects.using(LITE).get(name="Made On postgresql").total == 42
     assert_orm_equal()
+
+
+MIXED = "AbCdEf0123456789aBcDeF0123456789"
+
+
+@ALL
+def test_uuid_key_pointed_at_in_another_letter_case_arrives_pointing_at_the_same_row(runbook):
+    """A foreign key holding a UUID in another letter case than the key it points at: SQLite
+    compares text (its check called it dangling, the copy carried it), PostgreSQL compares
+    uuids. The dry run, the copy and verification agree: carried as the canonical uuid,
+    pointing at the row Django's ORM on SQLite reads for it."""
+    fill()
+    parent = m.UUIDKey.objects.using(LITE).create(id=uuid.UUID(UPPER), name="stored lower")
+    target = m.ToFieldTarget.objects.using(LITE).create(code="T-3")
+    child = m.ToFieldChild.objects.using(LITE).create(target=target, to_uuid=parent)
+    raw_sql(
+        "UPDATE corpus_relations_tofieldchild SET to_uuid_id = ? WHERE id = ?", [MIXED, child.pk]
+    )
+    assert m.ToFieldChild.objects.using(LITE).get(pk=child.pk).to_uuid == parent
+    assert scan_source(sqlite_path=source_path()).rejections == []
+    prepared(runbook.STATE_FILE)
+    assert "migrate_data (copy) done." in run("migrate_data")
+    assert m.ToFieldChild.objects.using(PG).get(pk=child.pk).to_uuid.name == "stored lower"
+    assert_orm_equal()
+
+
+@ALL
+def test_quarantine_sets_aside_every_row_pointing_at_a_case_folded_duplicate(runbook):
+    """Two UUID keys equal for PostgreSQL: one is set aside, and so is every row pointing at
+    that uuid in any letter case (on SQLite the ORM reads one row, a join another)."""
+    fill()
+    lower = m.UUIDKey.objects.using(LITE).create(id=uuid.UUID(UPPER), name="lower case")
+    raw_sql("INSERT INTO corpus_relations_uuidkey (id, name) VALUES (?, 'upper case')", [UPPER])
+    target = m.ToFieldTarget.objects.using(LITE).create(code="T-4")
+    children = {}
+    for stored in (UPPER.lower(), UPPER, MIXED):
+        child = m.ToFieldChild.objects.using(LITE).create(target=target, to_uuid=lower)
+        raw_sql(
+            "UPDATE corpus_relations_tofieldchild SET to_uuid_id = ? WHERE id = ?",
+            [stored, child.pk],
+        )
+        children[stored] = child.pk
+    prepared(runbook.STATE_FILE)
+    out = run("migrate_data", "--quarantine")
+    assert "migrate_data (copy) done." in out
+    facts = report_of(out)["facts"]
+    assert rejected(facts["rejections"]) == {
+        ("corpus_relations_uuidkey", json.dumps(UPPER.lower()), "id"),
+        *{
+            ("corpus_relations_tofieldchild", json.dumps(pk), "to_uuid_id")
+            for pk in children.values()
+        },
+    }
+    assert not m.ToFieldChild.objects.using(PG).filter(pk__in=children.values()).exists()
+
+
+def plant_sync_refusals() -> dict:
+    """After the copy: a kind equal under Lower() to a copied one, with a smaller key than
+    it (the copied row still keeps the key), and a generated a * b PostgreSQL computes in
+    int4, with a row pointing at it."""
+    copied = m.Indexed.objects.using(LITE).get(kind="Äpfel")
+    clash = m.Indexed.objects.using(LITE).create(id=copied.pk - 1, kind="äpfel", rank=9)
+    product = m.Computed.objects.using(LITE).create(a=65536, b=65536, name="late product")
+    target = m.ToFieldTarget.objects.using(LITE).get(code="T-1")
+    uses = m.ToFieldChild.objects.using(LITE).create(target=target, computed=product)
+    return {"keep": copied.pk, "clash": clash.pk, "product": product.pk, "uses": uses.pk}
+
+
+@ALL
+def test_sync_names_a_functional_unique_collision_by_its_rows(runbook):
+    """--sync named a row colliding under Lower(kind) by PostgreSQL's key detail; now as the
+    copy names it: table, pk, index, and the pk of the row already there."""
+    fill()
+    keep = m.Indexed.objects.using(LITE).create(id=500, kind="Äpfel", rank=7)
+    prepared(runbook.STATE_FILE)
+    run("migrate_data")
+    m.Indexed.objects.using(LITE).create(id=400, kind="äpfel", rank=8)
+    with pytest.raises(CommandError) as caught:
+        run("migrate_data", "--sync")
+    assert caught.value.returncode == 5
+    message = str(caught.value)
+    assert "corpus_relations_indexed pk=400 column corpus_indexed_lower_kind_uniq:" in message
+    assert f"duplicate of pk {keep.pk} under unique corpus_indexed_lower_kind_uniq" in message
+    assert not m.Indexed.objects.using(PG).filter(pk=400).exists()
+    with connections[PG].cursor() as cur:  # the index the investigation dropped is back
+        cur.execute("SELECT 1 FROM pg_indexes WHERE indexname = 'corpus_indexed_lower_kind_uniq'")
+        assert cur.fetchone()
+
+
+@ALL
+def test_sync_quarantine_sets_aside_rows_postgresql_refuses(runbook):
+    """--sync --quarantine sets aside what COPY or a unique index refuses, with the rows
+    pointing at it, lists them like the copy, and verifies the rest."""
+    fill()
+    m.Indexed.objects.using(LITE).create(id=500, kind="Äpfel", rank=7)
+    prepared(runbook.STATE_FILE)
+    run("migrate_data")
+    planted = plant_sync_refusals()
+    m.Select.objects.using(LITE).create(order=9, group="late", spaced="ok")
+    out = run("migrate_data", "--sync", "--quarantine")
+    assert "migrate_data (sync) done." in out and "3 row(s) quarantined" in out
+    facts = report_of(out)["facts"]
+    assert rejected(facts["rejections"]) == {
+        (
+            "corpus_relations_indexed",
+            json.dumps(planted["clash"]),
+            "corpus_indexed_lower_kind_uniq",
+        ),
+        ("corpus_relations_computed", json.dumps(planted["product"]), "total,lowered,product"),
+        ("corpus_relations_tofieldchild", json.dumps(planted["uses"]), "computed_id"),
+    }
+    lines = Path(facts["reject_file"]).read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(line)["values"] for line in lines)
+    assert m.Select.objects.using(PG).filter(group="late").exists()
+    assert not m.Indexed.objects.using(PG).filter(pk=planted["clash"]).exists()
+    assert not m.ToFieldChild.objects.using(PG).filter(pk=planted["uses"]).exists()
+
+
+@ALL
+def test_switch_names_a_late_row_pointing_nowhere_in_one_line(runbook):
+    """A row written while the switch ran, pointing at a missing row (SQLite enforces no
+    foreign key for a plain connection): PostgreSQL refuses it only at commit, with no COPY
+    line; the switch names it in one line with the fix, no traceback."""
+    from dbmigration import cutover
+    from dbmigration.errors import DataError
+
+    fill()
+    prepared(runbook.STATE_FILE)
+    run("migrate_data")
+    target = m.ToFieldTarget.objects.using(LITE).get(code="T-1")
+
+    def write_during_the_switch(message: str) -> None:
+        if message == "write freeze on":
+            raw_sql(
+                "INSERT INTO corpus_relations_tofieldchild (id, target_id, computed_id) "
+                "VALUES (777, ?, 424242)",
+                [target.code],
+            )
+
+    with pytest.raises(DataError) as caught:
+        cutover.switch_to_postgresql(drain_seconds=0, progress=write_during_the_switch)
+    message = str(caught.value)
+    assert "\n" not in message and caught.value.returncode == 5
+    assert "corpus_relations_tofieldchild pk=777 computed_id: points to a missing" in message
+    assert "Fix it in SQLite, then switch again." in message
+    assert state_mod.read_state(runbook.STATE_FILE).active_backend == LITE
+
+
+@ALL
+def test_switch_names_rows_its_sync_cannot_carry_in_one_line(runbook):
+    """The switch's first sync stopped with the copy's multi-line refusal, which suggests
+    --quarantine, an option the switch does not take; now one line with the fix."""
+    from dbmigration import cutover
+    from dbmigration.errors import DataError
+
+    fill()
+    prepared(runbook.STATE_FILE)
+    run("migrate_data")
+    late = m.Computed.objects.using(LITE).create(a=65536, b=65536, name="before the switch")
+    with pytest.raises(DataError) as caught:
+        cutover.switch_to_postgresql(drain_seconds=0)
+    message = str(caught.value)
+    assert "\n" not in message and "--quarantine" not in message
+    assert f"corpus_relations_computed pk={late.pk} total,lowered,product:" in message
+    assert "fix them in SQLite, then switch again" in message
+    assert state_mod.read_state(runbook.STATE_FILE).active_backend == LITE

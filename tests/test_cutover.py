@@ -36,7 +36,37 @@ def create_view(request):
     return HttpResponse("created", status=201)
 
 
-urlpatterns = [path("count/", count_view), path("create/", create_view)]
+def session_view(request):
+    request.session["basket"] = "flat"  # saved by SessionMiddleware after the view
+    return HttpResponse("saved", status=201)
+
+
+def signal_view(request):
+    # the fenced write happens in a post_save receiver (connected by the test)
+    LoginEvent.objects.using("sqlite").create(email_attempted="x@example.ie", success=True)
+    return HttpResponse("saved", status=201)
+
+
+class WriteAfterViewMiddleware:
+    """Test-only: writes after the view has answered (an audit or stats middleware)."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        response = self.get_response(request)
+        if request.path == "/after/":
+            Organisation.objects.using("sqlite").create(name="After", kind="developer")
+        return response
+
+
+urlpatterns = [
+    path("count/", count_view),
+    path("create/", create_view),
+    path("session/", session_view),
+    path("signal/", signal_view),
+    path("after/", lambda request: HttpResponse("ok", status=201)),
+]
 
 
 @pytest.fixture
@@ -374,7 +404,7 @@ def test_switch_waits_for_a_transaction_in_flight_and_fences_sqlite(state_file, 
     assert steps["drain"]["details"]["waited_seconds"] >= 0.5
     assert steps["fence_sqlite"]["status"] == "ok"
     # SQLite refuses every later write, from this process and from any other
-    with pytest.raises(IntegrityError, match="propcore write fence"):
+    with pytest.raises(middleware.FenceRefused, match="propcore write fence"):
         Organisation.objects.using("sqlite").create(name="Too late", kind="developer")
     assert fence.sqlite_fence(sqlite_path())["reason"] == "switched to PostgreSQL"
 
@@ -418,3 +448,59 @@ def test_a_write_refused_by_the_fence_answers_503_not_500(client, state_file):
     assert int(response["Retry-After"]) >= 1
     fence.lift_sqlite_fence(sqlite_path())
     assert client.post("/create/").status_code == 201
+
+
+def _organisation_after_login_event(sender, instance, created, using, **kwargs):
+    Organisation.objects.using(using).create(name="For a login", kind="developer")
+
+
+@pytest.mark.urls(__name__)
+@pytest.mark.django_db(databases="__all__", transaction=True)
+@pytest.mark.parametrize("where", ["view", "session save", "middleware after the view", "signal"])
+def test_a_fence_refusal_answers_503_wherever_it_is_raised(client, state_file, settings, where):
+    # regression: a refusal raised outside the view (SessionMiddleware saving the session,
+    # a middleware writing after the view) reached Django's 500 handler, not our 503
+    from django.contrib.sessions.models import Session
+    from django.db.models.signals import post_save
+
+    settings.MIDDLEWARE = [
+        *settings.MIDDLEWARE,
+        f"{__name__}.WriteAfterViewMiddleware",  # inside the others: its error is theirs
+    ]
+    client.raise_request_exception = False  # Django's signal still carries the exception
+    url = {"view": "/create/", "session save": "/session/",
+           "middleware after the view": "/after/", "signal": "/signal/"}[where]  # fmt: skip
+    post_save.connect(_organisation_after_login_event, sender=LoginEvent)
+    fenced = [Organisation._meta.db_table, Session._meta.db_table]
+    lock = fence.hold_sqlite_write_lock(sqlite_path(), timeout=5)
+    lock.fence(fenced, reason="switched to PostgreSQL")
+    lock.release()
+    try:
+        # no freeze: a straggler that passed the middleware before it, writing after the flip
+        refused = client.post(url)
+        assert refused.status_code == 503, refused.content[:300]
+        assert refused.json()["error"] == "write_freeze"
+        assert refused["Retry-After"] == "1"  # the switch is over: retry at once, elsewhere
+    finally:
+        post_save.disconnect(_organisation_after_login_event, sender=LoginEvent)
+        fence.lift_sqlite_fence(sqlite_path())
+    assert client.post(url).status_code == 201
+
+
+@pytest.mark.django_db(databases="__all__", transaction=True)
+def test_a_sqlite_fence_refusal_is_no_integrity_error():
+    # regression: the trigger's RAISE read as IntegrityError, which the session store's
+    # create() takes for a key collision: it drew new keys and saved again, for ever
+    from django.db import OperationalError
+
+    lock = fence.hold_sqlite_write_lock(sqlite_path(), timeout=5)
+    lock.fence([Organisation._meta.db_table], reason="switched to PostgreSQL")
+    lock.release()
+    try:
+        with pytest.raises(OperationalError, match="propcore write fence") as refused:
+            Organisation.objects.using("sqlite").create(name="Late", kind="developer")
+        assert isinstance(refused.value, middleware.FenceRefused)
+        assert not isinstance(refused.value, IntegrityError)
+        assert fence.is_fence_refusal(refused.value)
+    finally:
+        fence.lift_sqlite_fence(sqlite_path())

@@ -15,6 +15,7 @@ from django.http import HttpResponse
 from django.urls import path
 
 from accounts.models import Organisation
+from dbmigration import fence
 from dbmigration import freeze as fz
 from dbmigration.state import MigrationState, read_state, write_file_atomic, write_state
 from tests.test_cutover import restore_default  # noqa: F401  (a fixture)
@@ -124,6 +125,7 @@ def test_writes_resume_after_a_frozen_request_that_opened_its_connection(client,
 
 HOLDER = """
 import sys, time
+from dbmigration import fence
 from dbmigration import freeze as fz
 held = fz.freeze_on(sys.argv[1], reason="held by a child", expected_seconds=3)
 print(held.token, flush=True)
@@ -388,3 +390,82 @@ def test_rollback_whose_freeze_ran_out_refuses_to_swap_and_names_freeze_timeout(
     state = read_state(settings.STATE_FILE)
     assert (state.phase, state.active_backend) == ("switched", "postgresql")
     assert not fz.freeze_path_for(settings.STATE_FILE).exists()
+
+
+# --- kill -9 of the switch after it fenced SQLite, before it flipped the state -----------------
+
+
+@pytest.mark.slow
+@pytest.mark.urls(__name__)
+@pytest.mark.django_db(databases="__all__", transaction=True)
+@pytest.mark.parametrize(
+    "recovery",
+    [
+        "request",
+        "migration_status",
+        "db_health_check",
+        "rollback_to_sqlite",
+        "switch_to_postgresql",
+    ],  # fmt: skip
+)
+def test_kill_9_between_the_fence_and_the_flip_leaves_no_orphaned_fence(
+    client, runbook_dir, recovery
+):
+    # regression: SQLite stayed fenced with the state still naming it active, so every
+    # write was refused until someone dropped the fence's triggers by hand
+    from tests.test_cutover import migrated_state
+    from tests.test_rollback import assert_same_everywhere, seed_both
+
+    client.raise_request_exception = False
+    seed_both()
+    write_state(settings.STATE_FILE, migrated_state())
+    sqlite_file = Path(connections.settings["sqlite"]["NAME"])
+    proc = subprocess.Popen(
+        manage("switch_to_postgresql", "--noinput", "--drain-seconds", "0"),
+        env=runbook_env(runbook_dir, pause_at="switch_fenced"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 180
+    while fence.sqlite_fence(sqlite_file) is None:  # committed just before the pause point
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the switch never fenced SQLite"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    state = read_state(settings.STATE_FILE)
+    assert (state.phase, state.active_backend) == ("data_migrated", "sqlite")  # never flipped
+    orphan = fence.sqlite_fence(sqlite_file)
+    assert orphan["owner"]["pid"] == proc.pid and fence.owner_gone(orphan)
+
+    if recovery == "request":  # the first refused write lifts it; its retry goes through
+        assert client.get("/sneaky/").status_code == 503
+        while (status := client.get("/sneaky/").status_code) == 503:
+            assert time.monotonic() < deadline + 10, "writes never came back"
+            time.sleep(0.2)
+        assert status == 200
+    else:
+        done = subprocess.run(
+            manage(recovery, "--noinput") if "_to_" in recovery else manage(recovery),
+            env=runbook_env(runbook_dir),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        said = done.stdout + done.stderr
+        assert "ifted the" in said, said
+        assert f"write fence on SQLite by {orphan['owner']['owner']}" in said
+        if recovery == "db_health_check":
+            assert done.returncode == 1, said  # degraded: it says what it did
+        else:
+            assert done.returncode == 0, said
+    if recovery == "switch_to_postgresql":  # finished: everything SQLite held is on PostgreSQL
+        state = read_state(settings.STATE_FILE)
+        assert (state.phase, state.active_backend) == ("switched", "postgresql")
+        assert fence.sqlite_fence(sqlite_file)["owner"]["pid"] != proc.pid  # the new switch's
+        assert_same_everywhere()
+        return
+    assert fence.sqlite_fence(sqlite_file) is None
+    assert read_state(settings.STATE_FILE).active_backend == "sqlite"
+    assert client.get("/sneaky/").status_code == 200  # writes go on, on SQLite
+    assert Organisation.objects.using("sqlite").filter(name="Sneaky").exists()

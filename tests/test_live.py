@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from io import StringIO
 from pathlib import Path
 
@@ -56,24 +57,26 @@ class Clients:
         self.threads: list[threading.Thread] = []
         self.lock = threading.Lock()
 
-    def start(self, kind: str, count: int, pause: float = 0.01, **params) -> None:
-        """count threads sending ?params, waiting pause seconds between requests."""
-        for number in range(count):
-            args = (f"{kind}{number}", kind, pause, params)
+    def start(
+        self, kind: str, count: int, pause: float = 0.01, url: str = "/live/write/", **params
+    ) -> None:
+        """count threads sending url?params, waiting pause seconds between requests."""
+        for _ in range(count):
+            args = (f"{kind}{len(self.threads)}", kind, pause, url, params)
             thread = threading.Thread(target=self._loop, args=args)
             thread.start()
             self.threads.append(thread)
 
-    def _loop(self, name: str, kind: str, pause: float, params: dict) -> None:
+    def _loop(self, name: str, kind: str, pause: float, url: str, params: dict) -> None:
         sequence = 0
         while not self.stop.is_set():
             key = f"{name}-{sequence}"
             sequence += 1
-            query = "&".join([f"key={key}", *(f"{k}={v}" for k, v in params.items())])
+            query = urllib.parse.urlencode({"key": key, **params})
             sent = time.monotonic()
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-                conn.request("POST", f"/live/write/?{query}")
+                conn.request("POST", f"{url}?{query}")
                 status = conn.getresponse().status
                 conn.close()
             except OSError:
@@ -87,8 +90,8 @@ class Clients:
         for thread in self.threads:
             thread.join(timeout=40)
 
-    def acked(self) -> list[str]:
-        return [r.key for r in self.results if r.status == 201]
+    def acked(self, kind: str | None = None) -> list[str]:
+        return [r.key for r in self.results if r.status == 201 and kind in (None, r.kind)]
 
     def count(self, status: int) -> int:
         return sum(1 for r in self.results if r.status == status)
@@ -125,6 +128,14 @@ def names(alias: str) -> collections.Counter:
     return collections.Counter(
         Organisation._base_manager.using(alias).values_list("name", flat=True)
     )
+
+
+def session_keys(alias: str) -> collections.Counter:
+    """The keys /live/session/ stored, one per session row."""
+    from django.contrib.sessions.models import Session
+
+    rows = Session.objects.using(alias).all()
+    return collections.Counter(row.get_decoded().get("key") for row in rows)
 
 
 def run(name: str, *args: str) -> str:
@@ -200,6 +211,9 @@ def test_live_runbook_loses_no_acknowledged_write(site, tmp_path):
         clients.start("fast", 3)
         clients.start("slow", 1, pause=0.3, hold=1.0)  # holds its transaction open for 1 s
         clients.start("late", 1, late=1.0)  # writes a second after passing the middleware
+        # sessions saved by SessionMiddleware 3 s after passing the freeze check: some meet a
+        # fence, raised outside any view (a 503 then, never a 500)
+        clients.start("session", 2, url="/live/session/", late=3.0)
         time.sleep(1.5)
 
         # the online runbook: nothing pauses the writers
@@ -214,17 +228,27 @@ def test_live_runbook_loses_no_acknowledged_write(site, tmp_path):
         assert ".migrate_data-" in read_from["sync"]  # a fresh one, removed afterwards
         assert not list(settings.SQLITE_PATH.parent.glob("*.migrate_data-*"))
 
+        # a session saved after the view, by a request that passed the freeze check before
+        # the switch and saves once it is over: SQLite's fence refuses it (503, retried)
+        switched_marker = tmp_path / "switched"
+        clients.start("straggler", 1, url="/live/session/", until=str(switched_marker))
+        time.sleep(0.5)
         switch_start = time.monotonic()
         switched = cutover.switch_to_postgresql(drain_seconds=10, progress=mark)
         switch_end = time.monotonic()
+        switched_marker.touch()
         on_sqlite = names("sqlite")  # fenced: this is final
         assert fence.sqlite_fence(settings.SQLITE_PATH) is not None
         clients.start("stuck", 1, pause=0.3, hold=4.0)  # past the rollback's 2 s drain bound
         time.sleep(2)  # writes go on, on PostgreSQL
 
+        rolled_marker = tmp_path / "rolled_back"  # the same, at the rollback (PG's fence)
+        clients.start("straggler", 1, url="/live/session/", until=str(rolled_marker))
+        time.sleep(0.5)
         back_start = time.monotonic()
         rolled = rollback.rollback_to_sqlite(drain_seconds=2, progress=mark)
         back_end = time.monotonic()
+        rolled_marker.touch()
         on_postgres = names("postgresql")  # fenced: this is final
         time.sleep(2)  # writes go on, on SQLite again
     finally:
@@ -238,9 +262,12 @@ def test_live_runbook_loses_no_acknowledged_write(site, tmp_path):
     state = read_state(settings.STATE_FILE)
     assert (state.phase, state.active_backend) == ("rolled_back", "sqlite")
     orm_acked = acked_file.read_text().split()
-    acked = clients.acked() + orm_acked
+    sessions = clients.acked("session") + clients.acked("straggler")
+    acked = [k for k in clients.acked() if k not in set(sessions)] + orm_acked
     final = names("sqlite")
     lost = [key for key in acked if final[key] != 1]
+    final_sessions = session_keys("sqlite")
+    lost += [key for key in sessions if final_sessions[key] != 1]
     assert not lost, f"{len(lost)} acknowledged writes missing or doubled: {lost[:10]}"
     ours = ("fast", "slow", "stuck", "late", "orm-", "seed-")  # (demo data may repeat names)
     assert not [k for k, n in final.items() if k.startswith(ours) and n != 1]  # none twice
@@ -249,8 +276,12 @@ def test_live_runbook_loses_no_acknowledged_write(site, tmp_path):
     assert not set(names("postgresql")) - set(final)
     assert orm_acked and all(k.startswith("orm-") for k in orm_acked)
     # every kind of write got through, and the slow ones outlived the freeze's start
-    for kind in ("fast", "slow", "stuck", "late"):
+    for kind in ("fast", "slow", "stuck", "late", "session", "straggler"):
         assert any(r.kind == kind and r.status == 201 for r in clients.results), kind
+    # each straggler's first request met a fence after the view (none answered 500: below)
+    stragglers = [r for r in clients.results if r.kind == "straggler"]
+    first = {r.key.split("-")[0]: r.status for r in reversed(stragglers)}
+    assert list(first.values()) == [503, 503], stragglers[:4]
     freezes = sorted(moments.values())
     drained = [
         len(clients.in_flight_at(t, "slow") + clients.in_flight_at(t, "stuck")) for t in freezes
@@ -258,8 +289,12 @@ def test_live_runbook_loses_no_acknowledged_write(site, tmp_path):
     assert clients.count(500) == 0, [r for r in clients.results if r.status == 500][:5]
     figures = {
         "users": users,
-        "acknowledged": len(acked),
+        "acknowledged": len(acked) + len(sessions),
         "acknowledged_http": len(clients.acked()),
+        "acknowledged_sessions": len(sessions),
+        "refused_503_sessions": sum(
+            1 for r in clients.results if r.kind in ("session", "straggler") and r.status == 503
+        ),
         "acknowledged_orm_process": len(orm_acked),
         "lost": len(lost),
         "refused_503": clients.count(503),

@@ -4,6 +4,7 @@ import json
 import re
 import sqlite3
 from io import StringIO
+from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -277,6 +278,94 @@ def test_sigterm_mid_copy_stops_both_lanes_and_the_next_run_resumes(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "Verified" in again.stdout
     assert state_mod.read_state(db_dir / "state.json").phase == "data_migrated"
+
+
+def _children(pid: int) -> list[int]:
+    import os
+
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _holders(directory) -> set[int]:
+    """Processes with a file under `directory` open (deleted ones too)."""
+    import os
+
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                if os.readlink(f"/proc/{entry}/fd/{fd}").startswith(str(directory)):
+                    found.add(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+@ALL
+@pytest.mark.slow
+def test_kill_9_during_verification_leaves_no_process_and_no_open_file(tmp_path):
+    """Issue 16: a forked checksum process outlived a kill -9 of migrate_data by 40
+    minutes, holding the SQLite file open.  Verification runs on threads now: nothing is
+    left when the process dies."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from django.conf import settings
+
+    pg = connections["postgresql"].settings_dict
+    url = f"postgres://{pg['USER']}:{pg['PASSWORD'] or ''}@{pg['HOST']}:{pg['PORT']}/{pg['NAME']}"
+    db_dir, source = tmp_path / "db", tmp_path / "source.sqlite3"
+    env = {
+        **os.environ,
+        "PROPCORE_DATABASE_DIR": str(db_dir),
+        "SQLITE_PATH": str(source),
+        "POSTGRES_URL": url,
+        "DATABASE_ACTIVE": "sqlite",
+    }
+    manage = [sys.executable, str(settings.BASE_DIR / "manage.py")]
+    for args in (["migrate", "--database", "sqlite", "-v", "0"], ["seed_demo", "--users", "20000"]):
+        subprocess.run(manage + args, env=env, check=True, capture_output=True)
+    prepared(source, db_dir / "state.json")
+    proc = subprocess.Popen(
+        manage + ["migrate_data", "-v", "0"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    children: list[int] = []
+    with connections["postgresql"].cursor() as cur:
+        while time.monotonic() < deadline:  # verifying: the range sums' query, or a child
+            children = _children(proc.pid)
+            cur.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state = 'active' AND query LIKE '%%GROUP BY 1'"
+            )
+            if cur.fetchone()[0] or children:
+                break
+            assert proc.poll() is None, "migrate_data ended before its verification was seen"
+            time.sleep(0.005)
+    assert time.monotonic() < deadline
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(0.5)
+    survivors = [pid for pid in children if os.path.exists(f"/proc/{pid}")]
+    assert not survivors, f"processes left behind: {survivors}"
+    assert not _holders(tmp_path), "the SQLite file is still held open"
 
 
 @ALL

@@ -13,7 +13,7 @@ import pytest
 from auditlog.models import LogEntry
 from django.core.management import CommandError, call_command
 from django.core.management.color import no_style
-from django.db import DatabaseError, connections
+from django.db import DatabaseError, connections, transaction
 from django.db.migrations.executor import MigrationExecutor
 from django.db.utils import load_backend
 from django.utils import timezone
@@ -46,8 +46,31 @@ def run_rollback(*args):
     return out.getvalue()
 
 
+def mirror_framework_rows():
+    """Content types and permissions as migrate_data leaves them: SQLite's rows, same ids.
+
+    pytest-django flushes each test database on its own and post_migrate re-creates these
+    rows under new ids on each side, so after a few tests the two engines disagree."""
+    from django.contrib.auth.models import Permission
+    from django.contrib.contenttypes.models import ContentType
+
+    types, permissions = (list(m.objects.using("sqlite").all()) for m in (ContentType, Permission))
+    with transaction.atomic(using="postgresql"):
+        Permission.objects.using("postgresql").all().delete()
+        ContentType.objects.using("postgresql").all().delete()
+        ContentType.objects.using("postgresql").bulk_create(types)
+        Permission.objects.using("postgresql").bulk_create(permissions)
+        with connections["postgresql"].cursor() as cursor:
+            for sql in connections["postgresql"].ops.sequence_reset_sql(
+                no_style(), [ContentType, Permission]
+            ):
+                cursor.execute(sql)
+    ContentType.objects.clear_cache()
+
+
 def seed_both():
     """The same rows on both engines, as after migrate_data (bulk: no signals, no audit)."""
+    mirror_framework_rows()
     org = Organisation(name="Cairn Homes", kind="developer", metadata={"tier": 1})
     users = [
         User(email=f"u{i}@example.ie", first_name=f"U{i}", organisation=org, password="x")

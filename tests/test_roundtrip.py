@@ -153,3 +153,36 @@ def test_round_trip(runbook):
     assert User.objects.using(PG).get(pk=late.pk).email == "deireanach@example.ie"
     assert_equal_by_checksums_and_objects(sqlite_path)
     assert "ok" in run("db_health_check", "--check", "active_backend", "--check", "replication")
+
+
+def test_prepare_after_a_rollback_is_not_blocked_by_the_postgresql_fence(runbook):
+    # regression: the rollback leaves PostgreSQL fenced; the next prepare's migrate then
+    # failed on its own inserts (content types, permissions of a model a deploy added)
+    from django.contrib.auth.models import Permission
+
+    from dbmigration import fence
+
+    run("seed_demo", "--users", "10")
+    prepare_and_migrate()
+    run("switch_to_postgresql", "--noinput", "--drain-seconds", "0")
+    writes_on_postgresql()
+    run("rollback_to_sqlite", "--noinput", "--drain-seconds", "0")
+    assert fence.postgres_fence(PG) is not None  # the inactive PostgreSQL refuses writes
+    # a deploy adds a model: its permission is new to the target (removed under the fence's
+    # triggers, which only the runbook may step around)
+    gone = Permission.objects.using("sqlite").get(codename="view_organisation")
+    table = Permission._meta.db_table
+    with connections[PG].cursor() as cur:
+        cur.execute(f'ALTER TABLE "{table}" DISABLE TRIGGER {fence.PG_TRIGGER}')
+        cur.execute(f'DELETE FROM "{table}" WHERE codename = %s', [gone.codename])
+        cur.execute(f'ALTER TABLE "{table}" ENABLE TRIGGER {fence.PG_TRIGGER}')
+
+    out = run("migration_prepare")
+    assert report_of(out)["status"] in ("ok", "warning")
+    assert fence.postgres_fence(PG) is None
+    assert Permission.objects.using(PG).filter(codename=gone.codename).exists()
+    run("migrate_data")
+    out = run("switch_to_postgresql", "--noinput", "--drain-seconds", "0")
+    state = read_state(runbook.STATE_FILE)
+    assert (state.phase, state.active_backend) == ("switched", PG)
+    assert_equal_by_checksums_and_objects(runbook.SQLITE_PATH)

@@ -86,11 +86,25 @@ def test_reader_shortcuts_equal_djangos_readers(tmp_path):
 
 
 @ALL
-def test_sides_summed_in_parallel_agree(tmp_path, monkeypatch):
-    import dbmigration.verify as verify_mod
+def test_range_sums_in_c_and_sql_agree_and_name_the_rows(tmp_path, monkeypatch):
+    """Both sides summed at once (C on a thread, SQL on the server), in either direction;
+    a differing range is still narrowed to its rows."""
+    from dbmigration import range_sums
 
     source, target = copied(tmp_path)
-    monkeypatch.setattr(verify_mod, "PARALLEL_MIN_ROWS", 0)
+    covered = []
+    real = range_sums.sums
+
+    def recorded(**kwargs):
+        found = real(**kwargs)
+        if found is not None:
+            covered.append(kwargs["table"].db_table)
+        return found
+
+    monkeypatch.setattr(range_sums, "sums", recorded)
+    monkeypatch.setattr(range_sums, "SPLIT_MIN_ROWS", 1)  # two C threads, even for 3 rows
+    assert verify(source=source, target=target).ok
+    assert {"accounts_user", "accounts_loginevent", "accounts_organisation"} <= set(covered)
     User.objects.using("postgresql").update(first_name="other")
     result = verify(source=source, target=target)
     users = next(t for t in result.tables if t.table == "accounts_user")

@@ -21,7 +21,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--quarantine",
             action="store_true",
-            help="Set offending rows aside in a JSON Lines reject file and copy the rest.",
+            help="Set offending rows aside in a JSON Lines reject file; copy (or --sync) the rest.",
         )
         parser.add_argument(
             "--repair",
@@ -114,6 +114,12 @@ class Command(BaseCommand):
                 f"Synced {r.sync.changed:,} changed row(s): {r.sync.rows_written:,} written, "
                 f"{r.sync.rows_deleted:,} deleted, in {r.sync.seconds:.2f}s"
             )
+            if r.sync.rejections:
+                self.stdout.write(
+                    self.style.WARNING(
+                        f"{len(r.sync.rejections):,} row(s) quarantined: {r.sync.reject_file}"
+                    )
+                )
         if r.verification:
             rows = describe_rows({c.table: c.target_rows for c in r.verification.tables})
             self.stdout.write(

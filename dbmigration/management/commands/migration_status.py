@@ -56,6 +56,14 @@ class Command(BaseCommand):
                 )
             else:
                 self.stdout.write(self.style.WARNING(f"Write freeze:   ON {facts}"))
+        if s.lifted_fence:
+            self.stdout.write(
+                self.style.WARNING(
+                    f"Write fence:    lifted the orphaned {s.lifted_fence}: that switch was "
+                    "killed before its flip, so no write reached PostgreSQL; SQLite takes "
+                    "writes again (run switch_to_postgresql again)"
+                )
+            )
         for reason in s.stale:
             self.stdout.write(self.style.WARNING(f"Stale prepare:  {reason}"))
         self.stdout.write(self.style.SUCCESS(f"Next:           {s.next_step}"))

@@ -99,6 +99,13 @@ class Command(BaseCommand):
             )
         if result.took_over:
             self.stdout.write(self.style.WARNING(f"Took over a leftover {result.took_over}."))
+        if result.lifted_fence:
+            self.stdout.write(
+                self.style.WARNING(
+                    f"Lifted the {result.lifted_fence}: a switch killed before its flip left "
+                    "it; no write had reached PostgreSQL, SQLite takes writes again."
+                )
+            )
         if result.leftovers_removed:
             removed = ", ".join(result.leftovers_removed)
             self.stdout.write(f"Removed the working copies of killed runs: {removed}")

@@ -75,6 +75,13 @@ class Command(BaseCommand):
             )
         if result.took_over:
             self.stdout.write(self.style.WARNING(f"Took over a leftover {result.took_over}."))
+        if result.lifted_fence:
+            self.stdout.write(
+                self.style.WARNING(
+                    f"Lifted the {result.lifted_fence}: a switch killed before its flip left "
+                    "it (SQLite held every write; this switch carried them over)."
+                )
+            )
         self.stdout.write(
             self.style.SUCCESS(
                 f"Switched to PostgreSQL in {result.seconds:.2f} s; writes were frozen for "
