@@ -545,6 +545,8 @@ class TableCheck:
     missing_on_target: list = dataclasses.field(default_factory=list)
     extra_on_target: list = dataclasses.field(default_factory=list)
     different: list = dataclasses.field(default_factory=list)
+    # set when the C/SQL checksums disagreed but every row compared equal (see compare_table)
+    settled_in_python: bool = False
     seconds: float = 0.0
 
     @property
@@ -609,19 +611,18 @@ def compare_table(
     started = time.perf_counter()
     ranges = plan_ranges((source, target), table)
     ours, theirs = both_sums(source, target, table, ranges, exclude=exclude, progress=progress)
-    check = TableCheck(
-        table=table.db_table,
-        source_rows=ours.rows,
-        target_rows=theirs.rows,
-        excluded=len(exclude or ()),
-        source_checksum=ours.hex,
-        target_checksum=theirs.hex,
-    )
-    bad = {
-        b
-        for b in set(ours.buckets) | set(theirs.buckets)
-        if ours.buckets.get(b) != theirs.buckets.get(b)
-    }
+    check = _check(table, ours, theirs, exclude)
+    bad = _differing_buckets(ours, theirs)
+    if bad and ours.rows == theirs.rows and _fast_sums_apply(source, target, exclude):
+        # the fast checksums are a second implementation of the canonical values; when they
+        # disagree, Python's reference path (the one that names rows) has the last word
+        left = row_digests(source, table, ranges, bad, exclude=exclude)
+        if left == row_digests(target, table, ranges, bad):
+            ours = side_sums(source, table, ranges, exclude=exclude)
+            theirs = side_sums(target, table, ranges)
+            check = _check(table, ours, theirs, exclude)
+            bad = _differing_buckets(ours, theirs)
+            check.settled_in_python = not bad
     if bad:
         check.mismatched_ranges = [ranges.describe(b, table.pk_label) for b in sorted(bad, key=str)]
         left = row_digests(source, table, ranges, bad, exclude=exclude)
@@ -633,6 +634,36 @@ def compare_table(
         ]
     check.seconds = round(time.perf_counter() - started, 3)
     return check
+
+
+def _check(table: PlannedTable, ours: SideSums, theirs: SideSums, exclude) -> TableCheck:
+    return TableCheck(
+        table=table.db_table,
+        source_rows=ours.rows,
+        target_rows=theirs.rows,
+        excluded=len(exclude or ()),
+        source_checksum=ours.hex,
+        target_checksum=theirs.hex,
+    )
+
+
+def _differing_buckets(ours: SideSums, theirs: SideSums) -> set:
+    return {
+        b
+        for b in set(ours.buckets) | set(theirs.buckets)
+        if ours.buckets.get(b) != theirs.buckets.get(b)
+    }
+
+
+def _fast_sums_apply(source: Side, target: Side, exclude) -> bool:
+    """Whether both_sums may have taken the C/SQL path (the same test _fast_sums starts with)."""
+    lite = source if source.sqlite_path is not None else target
+    other = target if lite is source else source
+    return bool(
+        lite.sqlite_path is not None
+        and other.alias is not None
+        and not (exclude and lite is not source)
+    )
 
 
 def compare_generated(

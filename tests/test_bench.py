@@ -96,8 +96,8 @@ def test_whole_benchmark_runs_at_tiny_scale(tmp_path):
     [written] = list((tmp_path / "results").glob("*.json"))
     payload = json.loads(written.read_text())
     methods = {m["key"]: m for m in payload["methods"]}
-    assert set(methods) == {"limit", "copy", "copy_verify", "pgloader", "dumpdata"}
-    for key in ("limit", "copy", "copy_verify", "dumpdata"):
+    assert set(methods) == {"limit", "copy", "verify", "copy_verify", "pgloader", "dumpdata"}
+    for key in ("limit", "copy", "verify", "copy_verify", "dumpdata"):
         assert methods[key]["ok"], methods[key]["notes"]
         assert methods[key]["seconds"] > 0 and methods[key]["peak_mb"] > 10
     assert methods["limit"]["details"]["row_counts_equal"]
