@@ -1,4 +1,4 @@
-"""SQLite as the platform runs on it: concurrent writers queue instead of failing, and a
+"""SQLite as the platform runs on it (WAL): concurrent writers queue instead of failing, and a
 change committed in WAL mode still shows in the source fingerprint."""
 
 import subprocess
@@ -44,11 +44,10 @@ def test_the_sqlite_alias_waits_its_turn():
 
     options = production.DATABASES["sqlite"]["OPTIONS"]
     assert options["transaction_mode"] == "IMMEDIATE" and options["timeout"] >= 10
-    # not WAL: the rollback swaps its verified copy in by rename, which a -wal beside the
-    # path would turn into a malformed database for the next process that opens it
-    assert "init_command" not in options
+    # WAL: readers run beside the writer (rollback.swap_in writes into the file, no rename)
+    assert options["init_command"] == "PRAGMA journal_mode=WAL"
     with connections["sqlite"].cursor() as cursor:
-        assert cursor.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+        assert cursor.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_concurrent_edits_from_several_processes_all_commit(tmp_path):
