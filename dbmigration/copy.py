@@ -47,7 +47,12 @@ from dbmigration.copy_lines import BINARY_HEADER, BINARY_TRAILER, LinePlan, line
 from dbmigration.errors import DataError, SourceError, TargetError
 from dbmigration.plan import Plan, PlannedTable, build_plan, qi
 from dbmigration.preflight import identity_row
-from dbmigration.sqlite_source import file_sha256, open_readonly, schema_sha256, snapshot_to
+from dbmigration.sqlite_source import (
+    content_sha256,
+    open_readonly,
+    schema_sha256,
+    snapshot_to,
+)
 
 BATCH_ROWS = 5000
 MAX_KEPT_REJECTIONS = 100_000  # beyond this only counted, so memory stays bounded
@@ -848,7 +853,7 @@ def copy_data(
             + ", ".join(f"{k} ({v})" for k, v in REPAIR_RULES.items())
         )
     plan = build_plan(only=tables)
-    sha = source_sha256 or file_sha256(sqlite_path)
+    sha = source_sha256 or content_sha256(sqlite_path)
     with connections[alias].cursor() as cur:
         target = target_identity(cur)
     marks = _read_marks(state_file, target=target)
@@ -1748,7 +1753,7 @@ def migrate_data(
         sqlite_path, temporary = _consistent_source(state, live_path, mode)
         run.facts["read_from"] = str(sqlite_path)
         # the prepare's snapshot never changes: a resume survives the site's writes
-        copied_sha256 = fingerprint["sha256"] if temporary else file_sha256(sqlite_path)
+        copied_sha256 = fingerprint["sha256"] if temporary else content_sha256(sqlite_path)
         if mode != "verify-only" and fence.lift_postgres_fence(alias):
             run.facts["lifted_postgres_fence"] = True  # the last rollback left it; we write now
         plan = build_plan(only=tables)
