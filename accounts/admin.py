@@ -7,6 +7,7 @@ object (users, organisations, memberships, KYC checks) shows its audit entries.
 
 import csv
 import datetime
+import ipaddress
 import json
 
 from auditlog.admin import LogEntryAdmin
@@ -24,6 +25,7 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.http import urlencode
 
+from accounts.changelist import EstimatedCountPaginator, IndexedValuesFilter
 from accounts.models import KycVerification, LoginEvent, Membership, Organisation, User
 
 
@@ -43,6 +45,19 @@ class AuditHistoryMixin(AuditlogHistoryAdminMixin):
         return self.auditlog_history_view(request, object_id, {**links, **(extra_context or {})})
 
 
+class LargeTableAdmin(admin.ModelAdmin):
+    """A changelist that answers at millions of rows: no COUNT(*) or facet counts per page.
+
+    Filters and searches of these admins are backed by indexes (models' Meta.indexes and
+    migration 0006); a date hierarchy is not, as it lists dates with a DISTINCT over every row,
+    so dates are filtered by range instead.
+    """
+
+    paginator = EstimatedCountPaginator
+    show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER
+
+
 class MembershipInline(admin.TabularInline):
     model = Membership
     extra = 0
@@ -56,115 +71,6 @@ class KycInline(admin.TabularInline):
     fields = ["document_type", "status", "reviewer", "reviewed_at"]
     readonly_fields = ["reviewed_at"]
     autocomplete_fields = ["reviewer"]
-
-
-@admin.register(User)
-class UserAdmin(AuditHistoryMixin, DjangoUserAdmin):
-    ordering = ["-created_at"]
-    list_display = [
-        "email",
-        "first_name",
-        "last_name",
-        "role",
-        "status",
-        "kyc_status",
-        "created_at",
-    ]
-    list_filter = ["status", "kyc_status", "role", "is_staff", "created_at"]
-    search_fields = ["email", "first_name", "last_name", "phone"]
-    readonly_fields = ["id", "created_at", "updated_at", "deleted_at", "last_login"]
-    autocomplete_fields = ["invited_by", "organisation"]
-    date_hierarchy = "created_at"
-    inlines = [MembershipInline, KycInline]
-    fieldsets = [
-        (None, {"fields": ["id", "email", "password"]}),
-        ("Person", {"fields": ["first_name", "last_name", "phone"]}),
-        ("Account", {"fields": ["status", "kyc_status", "role", "organisation", "invited_by"]}),
-        ("Data", {"fields": ["preferences", "metadata"], "classes": ["collapse"]}),
-        (
-            "Permissions",
-            {"fields": ["is_active", "is_staff", "is_superuser", "groups", "user_permissions"]},
-        ),
-        ("Dates", {"fields": ["last_login", "created_at", "updated_at", "deleted_at"]}),
-    ]
-    add_fieldsets = [(None, {"classes": ["wide"], "fields": ["email", "password1", "password2"]})]
-
-    def get_queryset(self, request):
-        # admins see soft-deleted users too (filter on deleted_at to find them)
-        return User.all_objects.all()
-
-
-@admin.register(Organisation)
-class OrganisationAdmin(AuditHistoryMixin, admin.ModelAdmin):
-    list_display = ["name", "kind", "county", "cro_number", "psra_licence", "created_at"]
-    list_filter = ["kind", "county"]
-    search_fields = ["name", "cro_number", "vat_number", "psra_licence", "eircode"]
-    readonly_fields = ["id", "created_at", "updated_at", "deleted_at"]
-    inlines = [MembershipInline]
-
-    def get_queryset(self, request):
-        return Organisation.all_objects.all()
-
-
-@admin.register(Membership)
-class MembershipAdmin(AuditHistoryMixin, admin.ModelAdmin):
-    list_display = ["user", "organisation", "role", "title", "created_at"]
-    list_filter = ["role"]
-    search_fields = ["user__email", "organisation__name"]
-    autocomplete_fields = ["user", "organisation"]
-
-
-@admin.register(KycVerification)
-class KycVerificationAdmin(AuditHistoryMixin, admin.ModelAdmin):
-    list_display = ["user", "document_type", "status", "reviewer", "reviewed_at", "created_at"]
-    list_filter = ["status", "document_type", "document_country"]
-    search_fields = ["user__email"]
-    autocomplete_fields = ["user", "reviewer"]
-    readonly_fields = ["id", "created_at", "updated_at"]
-    date_hierarchy = "created_at"
-
-
-@admin.register(LoginEvent)
-class LoginEventAdmin(admin.ModelAdmin):
-    list_display = ["created_at", "email_attempted", "user", "ip_address", "success"]
-    list_filter = ["success", "failure_reason"]
-    search_fields = ["email_attempted", "ip_address"]
-    date_hierarchy = "created_at"
-    list_select_related = ["user"]
-    show_full_result_count = False  # append-only and large: avoid COUNT(*) on every page
-
-    def has_change_permission(self, request, obj=None):
-        return False  # append-only
-
-    def has_add_permission(self, request):
-        return False
-
-
-# --- the audit log for a compliance officer ---------------------------------------------
-
-
-class ActorFilter(admin.SimpleListFilter):
-    """Who acted: each user with entries, or "system" (no user: commands, signals, logins)."""
-
-    title = "actor"
-    parameter_name = "actor"
-    SYSTEM = "system"
-
-    def lookups(self, request, model_admin):
-        actors = (
-            LogEntry.objects.filter(actor__isnull=False)
-            .values_list("actor_id", "actor__email")
-            .distinct()
-            .order_by("actor__email")
-        )
-        return [(self.SYSTEM, "system (no user)"), *((str(pk), email) for pk, email in actors)]
-
-    def queryset(self, request, queryset):
-        if self.value() == self.SYSTEM:
-            return queryset.filter(actor__isnull=True)
-        if self.value():
-            return queryset.filter(actor_id=self.value())
-        return queryset
 
 
 class InputFilter(admin.ListFilter):
@@ -206,27 +112,15 @@ class InputFilter(admin.ListFilter):
         }
 
 
-class ObjectFilter(InputFilter):
-    """One object: its id, or words of its name as the entry recorded it."""
-
-    title = "object"
-    fields = (("object", "Id or name", "search"),)
-
-    def queryset(self, request, queryset):
-        value = self.used_parameters.get("object")
-        if not value:
-            return queryset
-        return queryset.filter(Q(object_pk=value) | Q(object_repr__icontains=value))
-
-
 class DateRangeFilter(InputFilter):
-    """Entries from one day to another, both included, in the site's time zone."""
+    """Rows from one day to another, both included, in the site's time zone."""
 
     title = "date range"
+    field = "timestamp"
     fields = (("date_from", "From", "date"), ("date_to", "To (included)", "date"))
 
     def queryset(self, request, queryset):
-        bounds = {"date_from": "timestamp__gte", "date_to": "timestamp__lt"}
+        bounds = {"date_from": f"{self.field}__gte", "date_to": f"{self.field}__lt"}
         for name, lookup in bounds.items():
             if name not in self.used_parameters:
                 continue
@@ -239,6 +133,179 @@ class DateRangeFilter(InputFilter):
             start = timezone.make_aware(datetime.datetime.combine(day, datetime.time.min))
             queryset = queryset.filter(**{lookup: start})
         return queryset
+
+
+class CreatedRangeFilter(DateRangeFilter):
+    title = "created between"
+    field = "created_at"
+
+
+class FailureReasonFilter(IndexedValuesFilter):
+    title = "failure reason"
+    field = "failure_reason"
+
+
+class DocumentCountryFilter(IndexedValuesFilter):
+    title = "document country"
+    field = "document_country"
+
+
+@admin.register(User)
+class UserAdmin(AuditHistoryMixin, LargeTableAdmin, DjangoUserAdmin):
+    ordering = ["-created_at"]
+    list_display = [
+        "email",
+        "first_name",
+        "last_name",
+        "role",
+        "status",
+        "kyc_status",
+        "created_at",
+    ]
+    list_filter = ["status", "kyc_status", "role", "is_staff", "created_at", CreatedRangeFilter]
+    # icontains on PostgreSQL is served by trigram indexes (migration 0006)
+    search_fields = ["email", "first_name", "last_name", "phone"]
+    search_help_text = "An email address (exact), or part of an email, a name or a phone number."
+    readonly_fields = ["id", "created_at", "updated_at", "deleted_at", "last_login"]
+    autocomplete_fields = ["invited_by", "organisation"]
+    inlines = [MembershipInline, KycInline]
+    fieldsets = [
+        (None, {"fields": ["id", "email", "password"]}),
+        ("Person", {"fields": ["first_name", "last_name", "phone"]}),
+        ("Account", {"fields": ["status", "kyc_status", "role", "organisation", "invited_by"]}),
+        ("Data", {"fields": ["preferences", "metadata"], "classes": ["collapse"]}),
+        (
+            "Permissions",
+            {"fields": ["is_active", "is_staff", "is_superuser", "groups", "user_permissions"]},
+        ),
+        ("Dates", {"fields": ["last_login", "created_at", "updated_at", "deleted_at"]}),
+    ]
+    add_fieldsets = [(None, {"classes": ["wide"], "fields": ["email", "password1", "password2"]})]
+
+    def get_queryset(self, request):
+        # admins see soft-deleted users too (filter on deleted_at to find them)
+        return User.all_objects.all()
+
+    def get_search_results(self, request, queryset, search_term):
+        term = search_term.strip()
+        if "@" in term and not any(c.isspace() for c in term):
+            # an address: the unique index finds it (stored lower-case); its trigrams are in
+            # every row's email ("@ex", "xam", ".ie"), which costs a trigram search seconds
+            return queryset.filter(email=term.lower()), False
+        return super().get_search_results(request, queryset, search_term)
+
+
+@admin.register(Organisation)
+class OrganisationAdmin(AuditHistoryMixin, LargeTableAdmin):
+    list_display = ["name", "kind", "county", "cro_number", "psra_licence", "created_at"]
+    list_filter = ["kind", "county"]
+    search_fields = ["name", "cro_number", "vat_number", "psra_licence", "eircode"]
+    readonly_fields = ["id", "created_at", "updated_at", "deleted_at"]
+    inlines = [MembershipInline]
+
+    def get_queryset(self, request):
+        return Organisation.all_objects.all()
+
+
+@admin.register(Membership)
+class MembershipAdmin(AuditHistoryMixin, LargeTableAdmin):
+    list_display = ["user", "organisation", "role", "title", "created_at"]
+    list_filter = ["role"]
+    list_select_related = ["user", "organisation"]
+    search_fields = ["user__email", "organisation__name"]
+    search_help_text = "A user's email (a term with @) or an organisation's name."
+    autocomplete_fields = ["user", "organisation"]
+
+    def get_search_results(self, request, queryset, search_term):
+        # one side per search: an OR across the two joined tables cannot use either index
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        if "@" in term:
+            return queryset.filter(user__email__icontains=term), False
+        return queryset.filter(organisation__name__icontains=term), False
+
+
+@admin.register(KycVerification)
+class KycVerificationAdmin(AuditHistoryMixin, LargeTableAdmin):
+    list_display = ["user", "document_type", "status", "reviewer", "reviewed_at", "created_at"]
+    list_filter = [
+        "status",
+        "document_type",
+        DocumentCountryFilter,
+        "created_at",
+        CreatedRangeFilter,
+    ]
+    list_select_related = ["user", "reviewer"]
+    search_fields = ["user__email"]
+    autocomplete_fields = ["user", "reviewer"]
+    readonly_fields = ["id", "created_at", "updated_at"]
+
+
+@admin.register(LoginEvent)
+class LoginEventAdmin(LargeTableAdmin):
+    list_display = ["created_at", "email_attempted", "user", "ip_address", "success"]
+    list_filter = ["success", FailureReasonFilter, "created_at", CreatedRangeFilter]
+    search_fields = ["=email_attempted", "=ip_address"]
+    search_help_text = "An email address as typed (any case), or an IP address."
+    list_select_related = ["user"]
+
+    def get_search_results(self, request, queryset, search_term):
+        # exact matches, each served by an index (a substring search would read every row)
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        try:
+            address = ipaddress.ip_address(term)
+        except ValueError:
+            return queryset.filter(email_attempted__iexact=term), False
+        return queryset.filter(ip_address=str(address)), False
+
+    def has_change_permission(self, request, obj=None):
+        return False  # append-only
+
+    def has_add_permission(self, request):
+        return False
+
+
+# --- the audit log for a compliance officer ---------------------------------------------
+
+
+class ActorFilter(admin.SimpleListFilter):
+    """Who acted: each user with entries, or "system" (no user: commands, signals, logins)."""
+
+    title = "actor"
+    parameter_name = "actor"
+    SYSTEM = "system"
+
+    def lookups(self, request, model_admin):
+        actors = (
+            LogEntry.objects.filter(actor__isnull=False)
+            .values_list("actor_id", "actor__email")
+            .distinct()
+            .order_by("actor__email")
+        )
+        return [(self.SYSTEM, "system (no user)"), *((str(pk), email) for pk, email in actors)]
+
+    def queryset(self, request, queryset):
+        if self.value() == self.SYSTEM:
+            return queryset.filter(actor__isnull=True)
+        if self.value():
+            return queryset.filter(actor_id=self.value())
+        return queryset
+
+
+class ObjectFilter(InputFilter):
+    """One object: its id, or words of its name as the entry recorded it."""
+
+    title = "object"
+    fields = (("object", "Id or name", "search"),)
+
+    def queryset(self, request, queryset):
+        value = self.used_parameters.get("object")
+        if not value:
+            return queryset
+        return queryset.filter(Q(object_pk=value) | Q(object_repr__icontains=value))
 
 
 CSV_COLUMNS = (

@@ -4,7 +4,8 @@ import uuid
 
 from django.contrib.auth.models import AbstractBaseUser, PermissionsMixin
 from django.db import models
-from django.db.models import Q
+from django.db.models import F, Q
+from django.db.models.functions import Upper
 from django.utils import timezone
 
 from accounts.choices import (
@@ -133,6 +134,11 @@ class User(AbstractBaseUser, PermissionsMixin, TimestampedModel, SoftDeleteModel
             models.Index(fields=["status", "role"], name="user_status_role_idx"),
             models.Index(fields=["kyc_status"], name="user_kyc_status_idx"),
             models.Index(fields=["last_name", "first_name"], name="user_name_idx"),
+            # the admin's filters, newest first (substring search: trigram indexes, 0006)
+            models.Index(fields=["role", "-created_at"], name="user_role_created_idx"),
+            models.Index(
+                fields=["-created_at"], name="user_staff_created_idx", condition=Q(is_staff=True)
+            ),
             models.Index(
                 fields=["deleted_at"],
                 name="user_deleted_idx",
@@ -180,6 +186,8 @@ class Membership(TimestampedModel):
             models.UniqueConstraint(fields=["user", "organisation"], name="membership_unique"),
             in_choices("role", MembershipRole),
         ]
+        # the admin's role filter, newest first (its list is ordered by -id)
+        indexes = [models.Index(fields=["role", "-id"], name="membership_role_idx")]
 
     def __str__(self) -> str:
         return f"{self.user} @ {self.organisation} ({self.role})"
@@ -212,6 +220,9 @@ class KycVerification(TimestampedModel):
         indexes = [
             models.Index(fields=["status", "created_at"], name="kyc_status_created_idx"),
             models.Index(fields=["user", "-created_at"], name="kyc_user_created_idx"),
+            # the admin's filters, newest first; the country's also lists its values
+            models.Index(fields=["document_type", "created_at"], name="kyc_type_created_idx"),
+            models.Index(fields=["document_country", "created_at"], name="kyc_country_created_idx"),
         ]
         constraints = [
             in_choices("status", KycStatus),
@@ -242,11 +253,15 @@ class LoginEvent(models.Model):
             models.Index(fields=["user", "-created_at"], name="login_user_created_idx"),
             models.Index(fields=["created_at"], name="login_created_idx"),
             # security_scan: failures in a period (a small share of all events), and one
-            # address's attempts in time order (password spraying)
+            # address's attempts in time order (password spraying); the admin filters
+            # failures and finds an IP address through them too
             models.Index(
                 fields=["created_at"], name="login_failed_created_idx", condition=Q(success=False)
             ),
             models.Index(fields=["ip_address", "created_at"], name="login_ip_created_idx"),
+            # the admin's failure reason filter and exact email search, newest first
+            models.Index(fields=["failure_reason", "created_at"], name="login_reason_created_idx"),
+            models.Index(Upper("email_attempted"), F("created_at"), name="login_email_upper_idx"),
         ]
 
     def __str__(self) -> str:

@@ -250,7 +250,9 @@ def apply_source_changes(
     from django.core.management.color import no_style
     from django.db import DatabaseError, transaction
 
-    from dbmigration.copy import RowConverter, _refused_row, plan_targets, read_rows
+    from dbmigration.rejections import RowConverter, refused_row
+    from dbmigration.rows import read_rows
+    from dbmigration.source_scan import plan_targets
     from dbmigration.sqlite_source import open_readonly
 
     pg = connections["postgresql"]
@@ -308,7 +310,7 @@ def apply_source_changes(
                                 carried += 1
                                 report(every=500)
                 except psycopg.Error as exc:
-                    refused = _refused_row(table, exc, copied, conn)
+                    refused = refused_row(table, exc, copied, conn)
                     if refused is None:
                         raise
                     raise _cannot_arrive([refused]) from exc
@@ -336,16 +338,18 @@ def _refused_unnamed(exc: Exception, conn, plan, changes: list[SourceChanges]) -
     """A refusal no COPY line names (a foreign key PostgreSQL checks at commit): the changed
     rows it would refuse, found on SQLite as the copy finds them; else PostgreSQL's words.
     Either way one line and the fix, never a traceback."""
-    from dbmigration.copy import _param, _source_tables, relational_rejections
     from dbmigration.errors import DataError
     from dbmigration.plan import Plan
+    from dbmigration.rejections import relational_rejections
+    from dbmigration.rows import param
+    from dbmigration.source_scan import source_tables
 
-    changed = {(c.table, _param(pk)) for c in changes for _, pk, _ in c.upserts}
+    changed = {(c.table, param(pk)) for c in changes for _, pk, _ in c.upserts}
     tables = [t for t in plan.tables if t.db_table in {table for table, _ in changed}]
     rows = relational_rejections(
-        conn, Plan(tables=tables, deferred_fks=[]), source_tables=_source_tables(conn)
+        conn, Plan(tables=tables, deferred_fks=[]), source_tables=source_tables(conn)
     )
-    rows = [r for r in rows if (r.table, _param(r.raw_pk)) in changed]
+    rows = [r for r in rows if (r.table, param(r.raw_pk)) in changed]
     if rows:
         return _cannot_arrive(rows)
     diag = getattr(exc, "diag", None) or getattr(exc.__cause__, "diag", None)

@@ -427,7 +427,7 @@ def compare_schema(pg_alias: str) -> list[str]:
 
 def _dry_run(sqlite_path: Path, result: PrepareResult, step, note, *, pg_alias: str) -> None:
     """Run the copy's own conversion over every source row without writing anything."""
-    from dbmigration.copy import scan_source
+    from dbmigration.source_scan import scan_source
 
     t0 = time.perf_counter()
     # with the target alias the column limits (enum labels, lengths) come from PostgreSQL

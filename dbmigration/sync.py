@@ -30,31 +30,22 @@ import psycopg
 from django.core.management.color import no_style
 from django.db import DatabaseError, connections, transaction
 
-from dbmigration.copy import (
-    CopyResult,
-    Progress,
-    RejectedRow,
-    RowConverter,
-    RowsRejected,
-    _param,
-    _read_marks,
-    _refused_row,
-    _RejectionSink,
-    _RowRejected,
-    _source_tables,
-    _write_marks,
-    cascade_rejections,
-    fetch_row,
-    plan_targets,
-    postgresql_duplicates,
-    qi,
-    read_rows,
-    relational_rejections,
-    schema_snapshot,
-    unique_parts,
-)
+from dbmigration.copy import CopyResult, RowsRejected
+from dbmigration.done_marks import read_marks, write_marks
 from dbmigration.errors import DataError, TargetError
-from dbmigration.plan import Plan, PlannedTable, build_plan
+from dbmigration.plan import Plan, PlannedTable, build_plan, qi
+from dbmigration.rejections import (
+    RejectedRow,
+    RejectionSink,
+    RowConverter,
+    RowRejected,
+    cascade_rejections,
+    refused_row,
+    relational_rejections,
+)
+from dbmigration.rows import Progress, fetch_row, param, read_rows
+from dbmigration.schema_rebuild import postgresql_duplicates, schema_snapshot, unique_parts
+from dbmigration.source_scan import plan_targets, source_tables
 from dbmigration.sqlite_source import content_sha256, open_readonly
 from dbmigration.verify import Side, both_sums, plan_ranges, row_digests
 
@@ -160,7 +151,7 @@ def sync_to_postgresql(
         never = [
             t.db_table
             for t in plan.tables
-            if t.db_table not in _read_marks(state_file).get("done", {})
+            if t.db_table not in read_marks(state_file).get("done", {})
         ]
         if never:
             raise DataError(
@@ -176,7 +167,7 @@ def sync_to_postgresql(
     aside: dict[str, set] = {}  # raw keys set aside (quarantine)
     try:
         # broken keys and CHECKs by query first, as the full copy does
-        found = relational_rejections(conn, plan, source_tables=_source_tables(conn))
+        found = relational_rejections(conn, plan, source_tables=source_tables(conn))
         for _ in range(MAX_REFUSED_RETRIES):
             if found:
                 if not quarantine:
@@ -195,7 +186,7 @@ def sync_to_postgresql(
     finally:
         conn.close()
     if result.rejections:
-        sink = _RejectionSink(reject_file)
+        sink = RejectionSink(reject_file)
         sink.extend(result.rejections)
         sink.close()
         result.reject_file = reject_file
@@ -203,13 +194,13 @@ def sync_to_postgresql(
         cur.execute("SELECT schemaname, matviewname FROM pg_matviews WHERE ispopulated")
         for schema, view in cur.fetchall():
             cur.execute(f"REFRESH MATERIALIZED VIEW {qi(schema)}.{qi(view)}")
-    marks = _read_marks(state_file)
+    marks = read_marks(state_file)
     done = dict(marks.get("done", {}))
     for table, diff in zip(plan.tables, diffs, strict=True):
         done[table.db_table] = (
             done.get(table.db_table, 0) + len(diff.inserted_pks) - len(diff.deleted_pks)
         )
-    _write_marks(state_file, {**marks, "source_sha256": sha, "done": done})
+    write_marks(state_file, {**marks, "source_sha256": sha, "done": done})
     result.seconds = round(time.perf_counter() - started, 3)
     return result
 
@@ -267,7 +258,7 @@ def _apply(alias: str, conn, plan: Plan, diffs, targets, aside: dict, result) ->
             ) from exc
         # a row PostgreSQL refused although every check passed: named by its COPY line
         table, keys = copying
-        refused = _refused_row(table, exc, keys, conn)
+        refused = refused_row(table, exc, keys, conn)
         if refused is None:
             raise TargetError(
                 f"PostgreSQL refused the sync of {table.db_table}: {exc}. Nothing of it was "
@@ -282,7 +273,7 @@ def _write_table(cur, pg, conn, table, diff, targets, skip: set, copied: list, r
     rows whose values cannot arrive.  ``copied`` gets a key per COPY line."""
     lite = connections["sqlite"]
     gone = diff.deleted_pks + diff.updated_pks
-    gone += [table.python_key(_param(raw), lite) for raw in skip]
+    gone += [table.python_key(param(raw), lite) for raw in skip]
     for chunk in _chunks(gone):
         cur.execute(
             f"DELETE FROM {qi(table.db_table)} WHERE {table.key_in(len(chunk), '%s')}",
@@ -293,18 +284,18 @@ def _write_table(cur, pg, conn, table, diff, targets, skip: set, copied: list, r
     rc = RowConverter(table, targets[table.db_table])
     cols = ", ".join(qi(c) for c in table.column_names)
     rejected: list[RejectedRow] = []
-    aside = {_param(key) for key in skip}  # raw keys as text: read as bytes, found as str
+    aside = {param(key) for key in skip}  # raw keys as text: read as bytes, found as str
     with cur.cursor.copy(f"COPY {qi(table.db_table)} ({cols}) FROM STDIN") as cp:
         for chunk in _chunks(wanted):
             where = f"WHERE {table.key_in(len(chunk))}"
             # as the copy reads them: a TEXT/BLOB of the wrong class is marked
             params = table.key_params(chunk, lite)
             for raw in (r for b in read_rows(conn, table, where=where, params=params) for r in b):
-                if skip and _param(table.key_of(raw)) in aside:
+                if skip and param(table.key_of(raw)) in aside:
                     continue
                 try:
                     row = rc.convert(raw)
-                except _RowRejected as exc:
+                except RowRejected as exc:
                     rejected.extend(exc.rows)
                     continue
                 if not rejected:

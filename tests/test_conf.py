@@ -39,6 +39,23 @@ def test_nothing_in_the_engine_imports_the_project():
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
+# the copy's stages, lowest first: each may import only the ones before it (lazily or not)
+COPY_LAYERS = [
+    *("rows", "rejections", "schema_rebuild", "source_scan", "done_marks"),
+    *("copy", "sync", "migrate"),
+]
+
+
+def test_the_copy_stages_import_only_downwards():
+    upward = {}
+    for i, name in enumerate(COPY_LAYERS):
+        above = {f"dbmigration.{m}" for m in COPY_LAYERS[i + 1 :]}
+        found = _imported_modules(ENGINE / f"{name}.py") & above
+        if found:
+            upward[name] = sorted(found)
+    assert upward == {}
+
+
 def test_paths_come_from_the_dict_then_the_top_level_setting_then_state_dir(tmp_path):
     with override_settings(DBMIGRATION={"STATE_DIR": tmp_path}):
         # propcore's own settings define STATE_FILE at the top level: it still counts

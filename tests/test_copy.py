@@ -12,7 +12,8 @@ from django.contrib.contenttypes.models import ContentType
 from django.db import connections
 
 from accounts.models import KycVerification, LoginEvent, Membership, Organisation, User
-from dbmigration.copy import RowsRejected, copy_data, scan_source
+from dbmigration.copy import RowsRejected, copy_data
+from dbmigration.source_scan import scan_source
 from dbmigration.sqlite_source import content_sha256, file_sha256
 
 ALL = pytest.mark.django_db(databases="__all__", transaction=True)

@@ -420,7 +420,8 @@ def test_values_of_the_other_storage_class_are_marked_by_both_readers(tmp_path):
     """TEXT and BLOB both arrive as bytes; C and copy.read_rows mark the wrong one, so the
     Python path refuses it (regression: TEXT in a BinaryField column arrived as bytea)."""
     from dbmigration.casts import Misfiled
-    from dbmigration.copy import RowConverter, _RowRejected, read_rows
+    from dbmigration.rejections import RowConverter, RowRejected
+    from dbmigration.rows import read_rows
 
     table = PLAN.table("corpus_fields_everyfield")
     names = [c.name for c in table.columns]
@@ -449,7 +450,7 @@ def test_values_of_the_other_storage_class_are_marked_by_both_readers(tmp_path):
 
     converter = RowConverter(table, None)
     for row, name in zip(rows[1:], ["binary", "char"], strict=True):
-        with pytest.raises(_RowRejected) as caught:
+        with pytest.raises(RowRejected) as caught:
             converter.convert(row)
         ((rejected),) = caught.value.rows
         assert (rejected.column, rejected.code) == (name, "class")

@@ -19,7 +19,7 @@ from django.db import connections, models
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dbmigration.copy import scan_source
+from dbmigration.source_scan import scan_source
 from tests.corpus.fields.models import EveryField, Pair, Stream, UUIDKeyed
 from tests.test_prepare import as_settings
 

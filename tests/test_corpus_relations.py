@@ -18,8 +18,8 @@ from django.core.management import CommandError, call_command
 from django.db import connections
 
 from dbmigration import state as state_mod
-from dbmigration.copy import scan_source
 from dbmigration.plan import build_plan
+from dbmigration.source_scan import scan_source
 from dbmigration.sqlite_source import source_fingerprint
 from tests.corpus.relations import models as m
 

@@ -13,7 +13,8 @@ from django.test import override_settings
 
 from accounts.models import LoginEvent, User
 from dbmigration import state as state_mod
-from dbmigration.copy import copy_data, done_tables
+from dbmigration.copy import copy_data
+from dbmigration.done_marks import done_tables
 from dbmigration.plan import build_plan
 from dbmigration.sqlite_source import content_sha256, file_sha256, source_fingerprint
 from dbmigration.verify import Side, verify

@@ -139,7 +139,7 @@ def test_pool_larger_than_max_connections_fails(scram_cluster):
 
 
 def test_required_extensions_come_from_migrations(scram_cluster):
-    assert required_extensions() == []  # our migrations create none today
+    assert required_extensions() == ["pg_trgm"]  # 0006: the admin's trigram search indexes
     report = check_postgresql(
         conninfo=conninfo_from_url(_url("migrator", GOOD_PW, scram_cluster["port"])),
         pool_max=5,

@@ -7,14 +7,8 @@ import os
 import psycopg
 import pytest
 
-from dbmigration.copy import (
-    _read_marks,
-    _write_marks,
-    done_tables,
-    droppable,
-    schema_snapshot,
-    target_identity,
-)
+from dbmigration.done_marks import done_tables, read_marks, target_identity, write_marks
+from dbmigration.schema_rebuild import droppable, schema_snapshot
 
 pytestmark = pytest.mark.django_db(databases="__all__", transaction=True)
 
@@ -79,9 +73,9 @@ def test_saved_marks_count_only_on_the_target_they_were_made_on(pg, tmp_path):
     assert here != elsewhere  # same server, another database: another identity
     pending = [{"table": "t", "kind": "index", "name": "i", "definition": "CREATE INDEX i ON t"}]
     marks = {"source_sha256": "abc", "done": {"t": 3}, "pending_ddl": pending}
-    _write_marks(state, {**marks, "target": elsewhere})
-    assert _read_marks(state, target=here) == {}
+    write_marks(state, {**marks, "target": elsewhere})
+    assert read_marks(state, target=here) == {}
     assert done_tables(state, source_sha256="abc", target=here) == {}
-    _write_marks(state, {**marks, "target": here})
-    assert _read_marks(state, target=here)["pending_ddl"] == pending
+    write_marks(state, {**marks, "target": here})
+    assert read_marks(state, target=here)["pending_ddl"] == pending
     assert done_tables(state, source_sha256="abc", target=here) == {"t": 3}

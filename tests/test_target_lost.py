@@ -13,8 +13,7 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.db import connections
 
-from dbmigration import copy as copy_mod
-from dbmigration import cutover
+from dbmigration import cutover, schema_rebuild
 from dbmigration import freeze as fz
 from dbmigration.errors import TargetError
 from dbmigration.state import read_state, write_state
@@ -130,13 +129,13 @@ def test_switch_catch_up_gives_one_line_and_stays_on_sqlite(state_file, cut):
 def test_migrate_data_index_rebuild_gives_one_line_and_resumes(state_file, cut, monkeypatch):
     make_people(3)
     prepared(source_path(), state_file)
-    finish = copy_mod.Rebuilder.finish
+    finish = schema_rebuild.Rebuilder.finish
 
     def cut_then_finish(self, *, abandon: bool = False) -> None:
         cut()  # while the keys and indexes of the loaded tables build
         finish(self, abandon=abandon)
 
-    monkeypatch.setattr(copy_mod.Rebuilder, "finish", cut_then_finish)
+    monkeypatch.setattr(schema_rebuild.Rebuilder, "finish", cut_then_finish)
     with pytest.raises(CommandError) as exc:
         call_command("migrate_data", stdout=io.StringIO(), stderr=io.StringIO())
     assert exc.value.returncode == 3

@@ -4,10 +4,10 @@ from django.core.management.base import BaseCommand, CommandError
 
 from dbmigration import conf
 from dbmigration.casts import REPAIR_RULES
-from dbmigration.copy import migrate_data
 from dbmigration.errors import Interrupted
 from dbmigration.management.output import describe_rows, json_document
 from dbmigration.management.runbook import add_json, add_noinput, engine_errors, runbook_run
+from dbmigration.migrate import migrate_data
 
 
 class Command(BaseCommand):
