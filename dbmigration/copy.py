@@ -59,7 +59,7 @@ from dbmigration.schema_rebuild import (
     still_missing,
 )
 from dbmigration.source_scan import plan_targets, quarantine_scan, scan_table, source_tables
-from dbmigration.sqlite_source import file_sha256, open_readonly
+from dbmigration.sqlite_source import content_sha256, open_readonly
 
 
 @dataclasses.dataclass
@@ -128,7 +128,7 @@ def copy_data(
             + ", ".join(f"{k} ({v})" for k, v in REPAIR_RULES.items())
         )
     plan = build_plan(only=tables)
-    sha = source_sha256 or file_sha256(sqlite_path)
+    sha = source_sha256 or content_sha256(sqlite_path)
     with connections[alias].cursor() as cur:
         target = target_identity(cur)
     marks = read_marks(state_file, target=target)

@@ -32,7 +32,7 @@ from dbmigration.preflight import conninfo_from_settings, require_same_target
 from dbmigration.reports import RunReport
 from dbmigration.rows import Progress, key_text
 from dbmigration.sqlite_source import (
-    file_sha256,
+    content_sha256,
     open_readonly,
     schema_sha256,
     snapshot_to,
@@ -116,7 +116,7 @@ def migrate_data(
         sqlite_path, temporary = _consistent_source(state, live_path, mode)
         run.facts["read_from"] = str(sqlite_path)
         # the prepare's snapshot never changes: a resume survives the site's writes
-        copied_sha256 = fingerprint["sha256"] if temporary else file_sha256(sqlite_path)
+        copied_sha256 = fingerprint["sha256"] if temporary else content_sha256(sqlite_path)
         if mode != "verify-only" and fence.lift_postgres_fence(alias):
             run.facts["lifted_postgres_fence"] = True  # the last rollback left it; we write now
         plan = build_plan(only=tables)

@@ -5,8 +5,9 @@ dropped).  After the switch, rows written on PostgreSQL since the cutover are ca
 back: under a write freeze, into a fresh copy of the SQLite file (online backup API),
 written through Django's SQLite backend exactly as Django stores them (raw inserts and
 queryset updates: no signals, no audit entries of our own).  The copy is verified against
-PostgreSQL, the pre-rollback file is kept as a verified backup, the copy atomically
-replaces the file, and only then does the state flip back to SQLite.  Under the freeze,
+PostgreSQL, the pre-rollback file is kept as a verified backup, the copy's pages are
+written into the live file in one transaction (backup API, never a rename: WAL-safe), and
+only then does the state flip back to SQLite.  Under the freeze,
 PostgreSQL is drained (observed) and fenced before the last rows are read (fence.py); the
 copy loses the fence the switch left on SQLite, and PostgreSQL keeps its own unless the
 rollback fails.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -196,22 +196,27 @@ def check_copy(path: Path) -> dict:
     return {"integrity_check": integrity, "foreign_key_violations": 0}
 
 
-def swap_in(copy: Path, sqlite_path: Path) -> None:
-    """Atomically replace the SQLite file with the copy (rename on the same filesystem)."""
+def swap_in(copy: Path, sqlite_path: Path, *, timeout: float = 20.0) -> None:
+    """Write the copy's pages into the live file (backup API), in one transaction."""
     for alias in ("default", "sqlite"):
         if alias in connections.settings:
             connections[alias].close()
-    with open(copy, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(copy, sqlite_path)
-    for suffix in ("-wal", "-shm", "-journal"):
-        # left by the old file; SQLite must not pair them with the new one
-        Path(f"{sqlite_path}{suffix}").unlink(missing_ok=True)
-    dir_fd = os.open(Path(sqlite_path).parent, os.O_RDONLY)
+    # Never rename over the live file: in WAL mode other processes' connections keep the
+    # old inode and its -wal, and a stale -wal could be replayed onto the new file.  The
+    # backup API writes through the live file's own locks and journal, so every connection,
+    # open or new, sees the new content.  The copy's last commits (written through Django,
+    # so in WAL mode) must be in its main file first: the backup reads pages, not its -wal.
+    src = sqlite3.connect(copy, timeout=timeout, isolation_level=None)
     try:
-        os.fsync(dir_fd)
+        src.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        src.execute("PRAGMA journal_mode=DELETE").fetchone()
+        live = sqlite3.connect(sqlite_path, timeout=timeout, isolation_level=None)
+        try:
+            src.backup(live)
+        finally:
+            live.close()
     finally:
-        os.close(dir_fd)
+        src.close()
 
 
 def require_postgres_tables(tables, state: MigrationState, alias: str = "postgresql") -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
 import sqlite3
+import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,19 +17,53 @@ from dbmigration.errors import SourceError
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
-def file_sha256(path: Path, *, chunk_size: int = 1 << 20) -> str:
-    """Return the SHA-256 of a file, read in chunks (bounded memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+def file_sha256(path: Path) -> str:
+    """Return the SHA-256 of a file, computed by sha256sum in a child process.
+
+    Never by opening the file here: closing any descriptor of a database file drops every
+    POSIX lock this process holds on it.  In WAL mode that includes the SHARED lock each open
+    connection keeps, so another process closing its connection believes it is the last,
+    deletes the -wal and -shm under ours, and later commits are lost (checked: 50 of 150
+    rows).  Locks belong to a process, so a child's open and close cannot touch them.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(errno.ENOENT, "No such file", os.fspath(path))
+    try:
+        done = subprocess.run(
+            ["sha256sum", "--", os.fspath(path)], capture_output=True, text=True, check=True
+        )
+    except subprocess.CalledProcessError as exc:
+        raise OSError(f"sha256sum {path} failed: {exc.stderr.strip()}") from None
+    return done.stdout.split()[0].lstrip("\\")
+
+
+def checkpoint(path: Path, *, timeout: float = 1.0) -> bool:
+    """Move the -wal's commits into the file and empty the -wal; say whether it did.
+
+    Content hashes of a WAL database are stable only then: otherwise the same rows hash
+    differently before and after SQLite's own checkpoint (the last connection's close)."""
+    path = Path(path)
+    wal = path.with_name(path.name + "-wal")
+    if not (wal.exists() and wal.stat().st_size):
+        return True
+    try:
+        conn = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+    except sqlite3.Error:
+        return False
+    try:
+        busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+    except sqlite3.Error:  # read-only file, a writer past the timeout: hash as it is
+        return False
+    finally:
+        conn.close()
+    return busy == 0
 
 
 def content_sha256(path: Path) -> str:
     """What the rows are, as a hash: the file's SHA-256, combined with its -wal's when
     commits are still there (in WAL mode the main file may not change when rows do)."""
     path = Path(path)
+    checkpoint(path)
     wal = path.with_name(path.name + "-wal")
     wal_sha = file_sha256(wal) if wal.exists() and wal.stat().st_size else None
     return combined_sha256(file_sha256(path), wal_sha)
@@ -196,6 +232,7 @@ def source_fingerprint(path: Path, *, timeout: float = 5.0) -> dict:
     """Facts about the source: file and WAL hashes, counts, and the schema and migrations
     (only the last two must stay equal for a prepare to hold: rows change on a live site)."""
     path = Path(path)
+    checkpoint(path)
     conn = open_readonly(path, timeout=timeout)
     try:
         facts = data_version_and_schema(conn)

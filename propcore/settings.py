@@ -133,9 +133,15 @@ DATABASES = {
         # concurrent writers queue instead of failing with "database is locked": IMMEDIATE
         # takes the write lock at BEGIN, so a read-then-write transaction never has to
         # upgrade its lock (that fails at once); the busy timeout is how long a writer waits
-        # for its turn.  Not WAL: the rollback swaps a new file in by rename, which WAL's
-        # -wal/-shm beside the path make unsafe (the live test saw a malformed database)
-        "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 20},
+        # for its turn.  WAL lets readers run beside the writer (the mode is stored in the
+        # file); what touches the file directly copes with it: backups and snapshots use the
+        # backup API, fingerprints hash the -wal too, and the rollback writes its copy INTO
+        # the live file through the backup API instead of renaming over it (rollback.swap_in)
+        "OPTIONS": {
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 20,
+            "init_command": "PRAGMA journal_mode=WAL",
+        },
         # a real file, so that tests can open it with sqlite3 as the engine does
         "TEST": {
             "NAME": str(DATABASE_DIR / f"test_propcore{TEST_SUFFIX}.sqlite3"),

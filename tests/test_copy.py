@@ -14,7 +14,7 @@ from django.db import connections
 from accounts.models import KycVerification, LoginEvent, Membership, Organisation, User
 from dbmigration.copy import RowsRejected, copy_data
 from dbmigration.source_scan import scan_source
-from dbmigration.sqlite_source import file_sha256
+from dbmigration.sqlite_source import content_sha256, file_sha256
 
 ALL = pytest.mark.django_db(databases="__all__", transaction=True)
 
@@ -72,9 +72,9 @@ def test_scan_clean_source_reports_rows_and_no_rejections():
 @ALL
 def test_copy_round_trip(tmp_path):
     users = make_people()
-    before = file_sha256(source_path())
+    before = content_sha256(source_path())  # WAL: the rows, wherever SQLite keeps them
     result = copy_data(sqlite_path=source_path(), state_file=tmp_path / "state.json")
-    assert file_sha256(source_path()) == before
+    assert content_sha256(source_path()) == before
     assert result.schema_problems == []
     got = User.objects.using("postgresql").get(pk=users[1].pk)
     assert got.invited_by_id == users[0].pk

@@ -3,6 +3,8 @@
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 import uuid
 from io import StringIO
@@ -157,7 +159,8 @@ def test_after_switch_writes_are_carried_back(state_file, settings, old_transact
 
     state = read_state(state_file)
     assert (state.phase, state.active_backend) == ("rolled_back", "sqlite")
-    assert os.stat(sqlite_file()).st_ino != inode_before  # a fresh copy was swapped in
+    # the copy's pages were written into the live file, never renamed over it (WAL-safe)
+    assert os.stat(sqlite_file()).st_ino == inode_before
     assert_same_everywhere()  # every object of every table, through the ORM
     assert User.all_objects.using("sqlite").get(pk=users[2].pk).first_name == "Siobhán"
     assert User.all_objects.using("sqlite").get(pk=users[3].pk).is_deleted
@@ -185,6 +188,55 @@ def test_after_switch_writes_are_carried_back(state_file, settings, old_transact
     ids = {uuid.UUID(r[0]) for r in snap.execute("SELECT id FROM accounts_user")}
     snap.close()
     assert ids == sqlite_before
+
+
+# another process of the site: a connection opened before the rollback, kept across the swap
+HOLDER = """
+import json, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], timeout=20)
+conn.execute("SELECT count(*) FROM accounts_user").fetchone()
+print("open", flush=True)
+sys.stdin.readline()  # the rollback runs meanwhile
+rows = conn.execute("SELECT id, first_name FROM accounts_user").fetchall()
+print(json.dumps({
+    "journal_mode": conn.execute("PRAGMA journal_mode").fetchone()[0],
+    "integrity": conn.execute("PRAGMA integrity_check").fetchone()[0],
+    "names": {row[0].replace("-", ""): row[1] for row in rows},
+}), flush=True)
+"""
+
+
+def test_a_connection_held_across_the_swap_sees_the_carried_back_rows(state_file):
+    # WAL: a rename swap left such a connection on the old file and its -wal (old rows,
+    # then "database disk image is malformed" for the next process to open the path)
+    org, users = seed_both()
+    with connections["sqlite"].cursor() as cursor:
+        assert cursor.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))
+    new = write_on_postgresql(org, users)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, sqlite_file()],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "open", holder.stderr.read()
+        run_rollback()
+        out, err = holder.communicate("go\n", timeout=60)
+    finally:
+        holder.kill()
+    assert holder.returncode == 0, err
+    seen = json.loads(out)
+    assert (seen["journal_mode"], seen["integrity"]) == ("wal", "ok")
+    assert seen["names"][new.pk.hex] == "Nua"  # inserted on PostgreSQL after the switch
+    assert seen["names"][users[2].pk.hex] == "Siobhán"  # updated there
+    assert users[1].pk.hex not in seen["names"]  # hard-deleted there
+    assert_same_everywhere()
+    fresh = sqlite3.connect(sqlite_file())  # and a connection opened after the swap
+    try:
+        assert fresh.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert fresh.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        fresh.close()
 
 
 def test_dry_run_lists_what_would_be_carried_back_and_changes_nothing(state_file):

@@ -1,6 +1,7 @@
-"""SQLite as the platform runs on it: concurrent writers queue instead of failing, and a
+"""SQLite as the platform runs on it (WAL): concurrent writers queue instead of failing, and a
 change committed in WAL mode still shows in the source fingerprint."""
 
+import sqlite3
 import subprocess
 import sys
 
@@ -44,11 +45,10 @@ def test_the_sqlite_alias_waits_its_turn():
 
     options = production.DATABASES["sqlite"]["OPTIONS"]
     assert options["transaction_mode"] == "IMMEDIATE" and options["timeout"] >= 10
-    # not WAL: the rollback swaps its verified copy in by rename, which a -wal beside the
-    # path would turn into a malformed database for the next process that opens it
-    assert "init_command" not in options
+    # WAL: readers run beside the writer (rollback.swap_in writes into the file, no rename)
+    assert options["init_command"] == "PRAGMA journal_mode=WAL"
     with connections["sqlite"].cursor() as cursor:
-        assert cursor.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+        assert cursor.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_concurrent_edits_from_several_processes_all_commit(tmp_path):
@@ -93,3 +93,37 @@ def test_a_row_change_leaves_the_prepare_fresh_a_schema_change_makes_it_stale(tm
     finally:
         with connections["sqlite"].cursor() as cursor:
             cursor.execute("DROP TABLE schema_probe")
+
+
+# another process of the site: writes and closes its connection (the last to close, it thinks)
+CLOSER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=20)
+for _ in range(50):
+    conn.execute("INSERT INTO t VALUES (randomblob(3000))")
+conn.close()
+"""
+
+
+def test_hashing_the_file_keeps_this_process_s_wal_locks(tmp_path):
+    # reading the file in-process dropped this connection's SHARED lock; the other process's
+    # close then deleted the -wal and -shm under it, and later commits were silently lost
+    path = tmp_path / "live.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
+        conn.execute("CREATE TABLE t (x)")
+        conn.execute("INSERT INTO t VALUES (1)")
+        source_fingerprint(path)  # hashes the file and its -wal, as the runbook does
+        for _ in range(2):
+            subprocess.run([sys.executable, "-c", CLOSER, str(path)], check=True)
+            for _ in range(50):
+                conn.execute("INSERT INTO t VALUES (randomblob(3000))")
+    finally:
+        conn.close()
+    check = sqlite3.connect(path)
+    try:
+        assert check.execute("SELECT count(*) FROM t").fetchone()[0] == 201
+        assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        check.close()

@@ -7,7 +7,7 @@ import pytest
 from accounts.models import LoginEvent, Organisation, User
 from dbmigration.copy import copy_data
 from dbmigration.plan import build_plan
-from dbmigration.sqlite_source import file_sha256
+from dbmigration.sqlite_source import content_sha256
 from dbmigration.sync import diff_table, sync_to_postgresql
 from dbmigration.verify import Side, verify
 from tests.test_copy import make_people, source_path
@@ -38,9 +38,9 @@ def test_diff_and_sync_pick_up_inserts_updates_deletes(tmp_path):
     back = diff_table(source=target, target=source, table=plan.table("accounts_user"))
     assert back.deleted_pks == [new.pk] and back.updated_pks == [users[2].pk]
 
-    before = file_sha256(source_path())
+    before = content_sha256(source_path())
     result = sync_to_postgresql(sqlite_path=source_path(), state_file=state)
-    assert file_sha256(source_path()) == before
+    assert content_sha256(source_path()) == before
     assert result.rows_deleted == 3  # one login event, two old versions of updated rows
     # new user, updated user, updated organisation, and the audit entry creating the user wrote
     assert result.rows_written == sum(
