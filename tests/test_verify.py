@@ -147,3 +147,35 @@ def test_composite_keys_name_their_rows(tmp_path):
     assert check.different == [f"{owner.pk}\x1fb"]
     assert f"rows differing: ['{owner.pk}, b']" in check.describe(source, target)
     assert check.mismatched_ranges[0].startswith("(owner_id, slot) starting with")
+
+
+@ALL
+def test_a_fast_checksum_that_disagrees_with_equal_rows_is_settled_in_python(tmp_path, monkeypatch):
+    """The C/SQL sums are a second implementation of the canonical values: if one ever
+    hashes a value differently on the two sides (Wagtail's custom-key user table did),
+    Python's reference path, which compares every row, decides; real differences still fail."""
+    from dbmigration import range_sums
+
+    source, target = copied(tmp_path)
+    real = range_sums.sums
+
+    def one_side_off(**kwargs):  # a fast-path bug on the PostgreSQL side of one table
+        found = real(**kwargs)
+        if found is None or kwargs["table"].db_table != "accounts_user":
+            return found
+        lite, pg = found
+        bucket, (rows, total) = next(iter(pg.buckets.items()))
+        pg.buckets[bucket] = [rows, (total + 1) % (1 << 64)]
+        return lite, pg
+
+    monkeypatch.setattr(range_sums, "sums", one_side_off)
+    result = verify(source=source, target=target)
+    assert result.ok, result.problems(source, target)
+    users = next(t for t in result.tables if t.table == "accounts_user")
+    assert users.settled_in_python and users.source_checksum == users.target_checksum
+    changed = User.objects.using("postgresql").order_by("email").first()
+    User.objects.using("postgresql").filter(pk=changed.pk).update(first_name="changed")
+    result = verify(source=source, target=target)
+    users = next(t for t in result.tables if t.table == "accounts_user")
+    assert not result.ok and users.different == [changed.pk.hex]
+    assert not users.settled_in_python
