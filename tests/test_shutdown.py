@@ -211,7 +211,7 @@ def test_sighup_rolling_restart_drops_no_request_under_load(site):
         stop.set()
         for thread in clients:
             thread.join(timeout=40)
-    assert not failures, failures[:5]
+    assert not failures, (failures[:5], site.log.read_text()[-4000:])  # the worker's traceback
     assert len(sent) == len(answered) > 10, (len(sent), len(answered))
     for moment in hups:  # the restarts happened under load: requests were in flight
         assert any(began < moment < done for began, done in spans), (moment, spans)
