@@ -18,6 +18,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,8 +37,22 @@ ACCOUNT_TABLES = (
     "accounts_kycverification",
     "accounts_loginevent",
 )
-METHODS = ("copy", "verify", "copy_verify", "limit", "pgloader", "dumpdata")
-ALIASES = {"migrate_data": ("copy", "verify", "copy_verify")}
+METHODS = (
+    "copy",
+    "verify",
+    "copy_verify",
+    "limit",
+    "pgloader",
+    "dumpdata",
+    "sync",
+    "switch_freeze",
+    "rollback_freeze",
+)
+DEFAULT_METHODS = ("copy", "verify", "copy_verify", "limit", "pgloader", "dumpdata")
+ALIASES = {
+    "migrate_data": ("copy", "verify", "copy_verify"),
+    "freezes": ("sync", "switch_freeze", "rollback_freeze"),
+}
 TARGETS = {
     "copy_vs_limit": 1.5,  # migrate_data copy within 1.5x of the limit
     "pgloader_vs_copy": 2.0,  # at least 2x faster than pgloader
@@ -51,6 +66,14 @@ LABELS = {
     "copy_verify": "migrate_data (copy + verify)",
     "pgloader": "pgloader",
     "dumpdata": "dumpdata + loaddata",
+    "sync": "migrate_data --sync after 1% of rows changed in SQLite",
+    "switch_freeze": "switch_to_postgresql, 1% of rows changed in SQLite during its stage 1",
+    "rollback_freeze": "rollback_to_sqlite after 1% of rows written on PostgreSQL",
+}
+FREEZE_TARGETS = {  # seconds: (what is checked, target)
+    "sync": ("wall", None),  # "in seconds" at 1M users; peak memory is the checked part
+    "switch_freeze": ("freeze", 2.0),
+    "rollback_freeze": ("freeze", 5.0),
 }
 
 
@@ -445,6 +468,223 @@ def run_dumpdata(sc: Scenario, *, users: int, full_rows: int, repeat: int) -> Me
     return result
 
 
+# --- write freezes: --sync, the switch's freeze, the rollback's freeze (issue 16) -------------
+
+FREEZE_METHODS = ("sync", "switch_freeze", "rollback_freeze")
+# 1% of rows changed, spread over the account tables: (table, key, share updated, deleted,
+# inserted) in hundredths of a percent; only leaf tables lose or gain rows, so every change
+# can arrive on the other side (no foreign key left dangling)
+CHANGES = (
+    ("accounts_user", "id", 100, 0, 0),
+    ("accounts_organisation", "id", 100, 0, 0),
+    ("accounts_membership", "id", 50, 50, 0),
+    ("accounts_kycverification", "id", 50, 50, 0),
+    ("accounts_loginevent", "id", 40, 30, 30),
+)
+UPDATES = {  # a value change each engine accepts (no choice, length or unique constraint)
+    "accounts_user": "first_name = substr(first_name, 1, 140) || ' b{k}'",
+    "accounts_organisation": "address_line2 = 'bench {k}'",
+    "accounts_membership": "title = 'bench {k}'",
+    "accounts_kycverification": "notes = 'bench {k}'",
+    "accounts_loginevent": "user_agent = 'bench {k}'",
+}
+
+
+def change_sqlite(path: Path, round_: int) -> int:
+    """Change 1% of the rows of the SQLite file (updates, deletes, inserts); rows changed."""
+    import sqlite3
+
+    conn = sqlite3.connect(path, timeout=60, isolation_level=None)
+    changed = 0
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        for table, _key, upd, dele, ins in CHANGES:
+            # rowid buckets of 10,000: a different slice per round
+            pick = "rowid % 10000 BETWEEN {lo} AND {hi}"
+            base = (round_ * 211) % 9000
+            lo = base
+            for kind, share in (("update", upd), ("delete", dele), ("insert", ins)):
+                if not share:
+                    continue
+                where = pick.format(lo=lo, hi=lo + share - 1)
+                lo += share
+                if kind == "update":
+                    sql = f"UPDATE {table} SET {UPDATES[table].format(k=round_)} WHERE {where}"
+                elif kind == "delete":
+                    sql = f"DELETE FROM {table} WHERE {where}"
+                else:
+                    cols = [
+                        r[1] for r in conn.execute(f"PRAGMA table_info({table})") if r[1] != "id"
+                    ]
+                    names = ", ".join(f'"{c}"' for c in cols)
+                    sql = f"INSERT INTO {table} ({names}) SELECT {names} FROM {table} WHERE {where}"
+                changed += conn.execute(sql).rowcount
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return changed
+
+
+def change_postgresql(url: str, round_: int) -> int:
+    """Change 1% of the rows on PostgreSQL, as the application would after the switch."""
+    import psycopg
+
+    changed = 0
+    with psycopg.connect(url) as conn:
+        for table, key, upd, dele, ins in CHANGES:
+            base = (round_ * 307 + 5000) % 9000
+            lo = base
+            for kind, share in (("update", upd), ("delete", dele), ("insert", ins)):
+                if not share:
+                    continue
+                where = f"abs(hashtext({key}::text)) % 10000 BETWEEN {lo} AND {lo + share - 1}"
+                lo += share
+                if kind == "update":
+                    sql = f"UPDATE {table} SET {UPDATES[table].format(k=round_)} WHERE {where}"
+                elif kind == "delete":
+                    sql = f"DELETE FROM {table} WHERE {where}"
+                else:
+                    cols = [
+                        r[0]
+                        for r in conn.execute(
+                            "SELECT column_name FROM information_schema.columns "
+                            "WHERE table_name = %s AND column_name <> 'id' "
+                            "ORDER BY ordinal_position",
+                            [table],
+                        )
+                    ]
+                    names = ", ".join(f'"{c}"' for c in cols)
+                    sql = f"INSERT INTO {table} ({names}) SELECT {names} FROM {table} WHERE {where}"
+                changed += conn.execute(sql).rowcount
+    return changed
+
+
+def copy_sqlite(source: Path, target: Path) -> None:
+    """A consistent copy of the cached database (backup API: its -wal included)."""
+    import sqlite3
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{target}{suffix}").unlink(missing_ok=True)
+    src, dst = sqlite3.connect(source), sqlite3.connect(target)
+    try:
+        src.backup(dst)
+    finally:
+        dst.close()
+        src.close()
+    conn = sqlite3.connect(target)
+    conn.execute("PRAGMA journal_mode=WAL").fetchone()  # as the site runs it
+    conn.close()
+
+
+def report_facts(log: Path) -> dict:
+    """The facts of the run report a command's log names ('Report: <path>')."""
+    text = log.read_text(errors="replace")
+    if "Report: " not in text:
+        return {}
+    path = Path(text.rsplit("Report: ", 1)[1].split()[0])
+    try:
+        return json.loads(path.read_text()).get("facts", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def setup_freeze_runs(sc: Scenario) -> tuple[dict, Path]:
+    """A scratch copy of the data migrated and verified on PostgreSQL (untimed)."""
+    from dbmigration import state as state_mod
+
+    directory = sc.dir("freeze")
+    shutil.rmtree(directory, ignore_errors=True)
+    copy_sqlite(sc.dir("full") / "propcore.sqlite3", directory / "propcore.sqlite3")
+    env = sc.env("freeze", "freeze")
+    env["PYTHONUNBUFFERED"] = "1"
+    state_mod.transition(directory / "state.json", "prepared", note="bench/run.py")
+    fresh_django_target(sc.url("freeze"), env)
+    m = must(manage("migrate_data", "-v", "1", env=env, log=directory / "migrate.log"), "migrate")
+    say(f"  migrate_data + verify (untimed setup) {m.seconds:.1f}s")
+    migrated = directory / "state.migrated.json"
+    shutil.copyfile(directory / "state.json", migrated)
+    return env, migrated
+
+
+def run_freezes(sc: Scenario, *, only: list[str], repeat: int, drain: float) -> list[MethodResult]:
+    """Per round: 1% changed in SQLite then --sync; a switch with 1% changed in SQLite during
+    its stage 1; 1% written on PostgreSQL, then the rollback.  Each timed, each its freeze."""
+    env, migrated = setup_freeze_runs(sc)
+    directory = sc.dir("freeze")
+    sqlite_path = directory / "propcore.sqlite3"
+    results = {k: MethodResult(key=k, label=LABELS[k], rows=0) for k in FREEZE_METHODS}
+    for key in FREEZE_METHODS:
+        results[key].details.update(freezes=[], changed=[], loads=[])
+    for i in range(repeat):
+        shutil.copyfile(migrated, directory / "state.json")
+        if "sync" in only:
+            r = results["sync"]
+            r.details["changed"].append(change_sqlite(sqlite_path, 3 * i))
+            r.details["loads"].append(os.getloadavg())
+            m = manage(
+                "migrate_data", "--sync", "-v", "1", env=env, log=directory / f"sync_{i}.log"
+            )
+            _record(r, m, f"{LABELS['sync']} run {i + 1} ({r.details['changed'][-1]:,} rows)")
+        # a switch needs the rollback after it (and the rollback a switch) to run again
+        if "switch_freeze" in only or "rollback_freeze" in only:
+            r = results["switch_freeze"]
+            r.details["loads"].append(os.getloadavg())
+            log = directory / f"switch_{i}.log"
+            changed: list[int] = []
+
+            def during_stage_1(log=log, changed=changed, round_=3 * i + 1) -> None:
+                # the application writes while the switch's stage 1 runs: 1% of the rows,
+                # committed before the freeze, so only the frozen catch-up can carry them
+                deadline = time.monotonic() + 3600
+                while time.monotonic() < deadline:
+                    if log.exists() and "pre-sync" in log.read_text(errors="replace"):
+                        changed.append(change_sqlite(sqlite_path, round_))
+                        return
+                    time.sleep(0.05)
+
+            writer = threading.Thread(target=during_stage_1, daemon=True)
+            writer.start()
+            m = manage(
+                "switch_to_postgresql", "--noinput", "--drain-seconds", str(drain), "-v", "2",
+                env=env, log=log,
+            )  # fmt: skip
+            writer.join(timeout=1)
+            r.details["changed"].append(changed[0] if changed else 0)
+            if not changed:
+                r.notes.append(f"run {i + 1}: the writer never saw stage 1 begin")
+            facts = report_facts(log)
+            r.details["freezes"].append(facts.get("write_freeze_seconds"))
+            _record(r, m, f"{LABELS['switch_freeze']} run {i + 1}, froze "
+                    f"{facts.get('write_freeze_seconds')} s")  # fmt: skip
+            if not m.ok:
+                break
+            r = results["rollback_freeze"]
+            r.details["changed"].append(change_postgresql(sc.url("freeze"), 3 * i + 2))
+            r.details["loads"].append(os.getloadavg())
+            log = directory / f"rollback_{i}.log"
+            m = manage(
+                "rollback_to_sqlite", "--noinput", "--drain-seconds", str(drain), "-v", "2",
+                env=env, log=log,
+            )  # fmt: skip
+            facts = report_facts(log)
+            r.details["freezes"].append(facts.get("write_freeze_seconds"))
+            froze = facts.get("write_freeze_seconds")
+            what = f"{LABELS['rollback_freeze']} run {i + 1} ({r.details['changed'][-1]:,} rows)"
+            _record(r, m, f"{what}, froze {froze} s")
+            if not m.ok:
+                break
+    out = []
+    for key in FREEZE_METHODS:
+        r = results[key]
+        if key in only:
+            freezes = [f for f in r.details["freezes"] if f is not None]
+            r.details["freeze_seconds"] = statistics.median(freezes) if freezes else None
+            r.rows = statistics.median(r.details["changed"]) if r.details["changed"] else 0
+            out.append(r)
+    return out
+
+
 # --- report -----------------------------------------------------------------------------
 
 
@@ -489,13 +729,19 @@ def render(results: list[MethodResult], meta: dict) -> str:
         "| method | wall s | rows/s | x limit | peak MB | ok |",
         "|---|---:|---:|---:|---:|---|",
     ]
-    for r in results:
+    copies = [r for r in results if r.key not in FREEZE_METHODS]
+    freezes = [r for r in results if r.key in FREEZE_METHODS]
+    if not copies:
+        lines = lines[:3]
+    for r in copies:
         ratio = f"{r.seconds / limit.seconds:.2f}" if r.seconds and limit and limit.seconds else "-"
         speed = _num(r.rows_per_second, 0) if r.ok else "failed"
         lines.append(
             f"| {r.label} | {_num(r.seconds, 1)} | {speed} | {ratio} | "
             f"{_num(r.peak_mb, 0)} | {'yes' if r.ok else 'NO'} |"
         )
+    if freezes:
+        lines += render_freezes(freezes)
     lines.append("")
     for r in results:
         for note in r.notes:
@@ -512,6 +758,24 @@ def render(results: list[MethodResult], meta: dict) -> str:
             )
     lines += ["", "Targets:"] + [f"- {line}" for line in check_targets(by_key)]
     return "\n".join(lines)
+
+
+def render_freezes(results: list[MethodResult]) -> list[str]:
+    """The write-freeze table: rows changed, whole command, freeze, memory, load."""
+    lines = [
+        "",
+        "| method | rows changed | wall s | freeze s | peak MB | load (1 min) |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        loads = r.details.get("loads") or []
+        load = "-".join(f"{x[0]:.1f}" for x in loads[:1] + loads[-1:]) if loads else "?"
+        freeze = r.details.get("freeze_seconds")
+        lines.append(
+            f"| {r.label} | {_num(r.rows, 0)} | {_num(r.seconds, 1)} | "
+            f"{_num(freeze, 2) if r.key != 'sync' else '-'} | {_num(r.peak_mb, 0)} | {load} |"
+        )
+    return lines
 
 
 def check_targets(by_key: dict[str, MethodResult]) -> list[str]:
@@ -547,7 +811,18 @@ def check_targets(by_key: dict[str, MethodResult]) -> list[str]:
             f"dumpdata+loaddata / copy = {ratio:.0f} (target >= 50, extrapolated): "
             f"{verdict(ratio >= 50)}"
         )
-    for key in ("copy", "verify", "copy_verify"):
+    for key, (_what, target) in FREEZE_TARGETS.items():
+        r = by_key.get(key)
+        if r is None or not r.runs:
+            continue
+        if target is not None:
+            freeze = r.details.get("freeze_seconds")
+            ok = freeze is not None and freeze <= target
+            out.append(f"{r.label}: write freeze {_num(freeze, 2)} s (target <= {target:g}): "
+                       f"{verdict(ok)}")  # fmt: skip
+        else:
+            out.append(f"{r.label}: {r.seconds:.1f} s")
+    for key in ("copy", "verify", "copy_verify", *FREEZE_METHODS):
         r = by_key.get(key)
         if r and r.peak_mb:
             out.append(
@@ -600,9 +875,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1, help="Runs per method; medians shown.")
     parser.add_argument(
         "--only",
-        default=",".join(METHODS),
-        help=f"Comma-separated methods to run (default all: {','.join(METHODS)}; "
-        "migrate_data means copy,copy_verify).",
+        default=",".join(DEFAULT_METHODS),
+        help=f"Comma-separated methods to run (default: {','.join(DEFAULT_METHODS)}; "
+        "migrate_data means copy,verify,copy_verify; freezes means "
+        f"{','.join(FREEZE_METHODS)}: 1%% of the rows changed, then migrate_data --sync, the "
+        "switch (changes made during its stage 1) and the rollback (changes made on "
+        "PostgreSQL after the switch), each with its write freeze; they run on a scratch "
+        "copy of the cached database, migrated and verified beforehand, untimed).",
+    )
+    parser.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=2.0,
+        help="The switch's and the rollback's --drain-seconds in the freeze methods.",
     )
     parser.add_argument(
         "--dumpdata-users",
@@ -707,6 +992,9 @@ def main(argv: list[str] | None = None) -> int:
         small = args.dumpdata_users or max(50, min(2000, args.users * 2 // 100))
         say(f"dumpdata + loaddata at {small:,} users")
         results.append(run_dumpdata(sc, users=small, full_rows=rows, repeat=args.repeat))
+    if any(m in only for m in FREEZE_METHODS):
+        say("write freezes: --sync, switch, rollback")
+        results += run_freezes(sc, only=only, repeat=args.repeat, drain=args.drain_seconds)
     meta = {
         "users": args.users,
         "rows": rows,
@@ -724,7 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
     say(render(results, meta))
     say(f"\nwritten: {path} (+ .json); whole run {meta['total_seconds']:.0f}s")
     if not args.keep:
-        for name in ("target", "limit", "pgloader", "loaddata"):
+        for name in ("target", "limit", "pgloader", "loaddata", "freeze"):
             pg.drop_database(sc.url(name))
     return 0
 

@@ -116,3 +116,42 @@ def test_whole_benchmark_runs_at_tiny_scale(tmp_path):
             "SELECT count(*) FROM pg_database WHERE datname LIKE %s", [prefix + "_%"]
         ).fetchone()[0]
     assert left == 0
+
+
+@pytest.mark.slow
+def test_freeze_methods_run_at_tiny_scale(tmp_path):
+    """--sync, the switch with writes during its stage 1, the rollback after writes on
+    PostgreSQL: each changes rows, finishes, and reports its write freeze."""
+    prefix = f"test_propcore{os.environ.get('PROPCORE_TEST_SUFFIX', '')}_benchfz"
+    argv = ["--users", "60", "--only", "freezes", "--workdir", str(tmp_path / "work")]
+    argv += ["--results", str(tmp_path / "results"), "--db-prefix", prefix]
+    assert run.main(argv) == 0
+    [written] = list((tmp_path / "results").glob("*.json"))
+    methods = {m["key"]: m for m in json.loads(written.read_text())["methods"]}
+    assert set(methods) == {"sync", "switch_freeze", "rollback_freeze"}
+    for key, method in methods.items():
+        assert method["ok"], (key, method["notes"])
+        assert method["rows"] > 0 and method["seconds"] > 0 and method["peak_mb"] > 10
+    for key in ("switch_freeze", "rollback_freeze"):
+        assert 0 < methods[key]["details"]["freeze_seconds"] < methods[key]["seconds"]
+    text = written.with_suffix(".md").read_text()
+    assert "| rollback_to_sqlite after 1% of rows written on PostgreSQL | " in text
+    assert "write freeze" in text and "(target <= 5)" in text
+
+
+def test_the_switch_writer_changes_one_percent_of_rows(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "db.sqlite3"
+    conn = sqlite3.connect(path)
+    for table, *_ in run.CHANGES:
+        conn.execute(
+            f"CREATE TABLE {table} (id INTEGER PRIMARY KEY AUTOINCREMENT, first_name TEXT, "
+            "address_line2 TEXT, title TEXT, notes TEXT, user_agent TEXT)"
+        )
+        conn.executemany(f"INSERT INTO {table} (first_name) VALUES (?)", [("x",)] * 20_000)
+    conn.commit()
+    conn.close()
+    changed = run.change_sqlite(path, 1)
+    total = 5 * 20_000
+    assert 0.009 * total <= changed <= 0.011 * total
