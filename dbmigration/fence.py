@@ -411,7 +411,10 @@ def _fence_table(cur, table: str) -> int:
 
 
 def lift_postgres_fence(alias: str) -> bool:
-    """Remove the fence from PostgreSQL (the function, its triggers, the table); say if any."""
+    """Remove the fence from PostgreSQL (the function, its triggers, the table); say if any.
+
+    A change log a killed rollback left goes too: whoever writes to PostgreSQL again
+    (migrate_data, the switch, migration_prepare) calls this first."""
     from django.db import connections
 
     with connections[alias].cursor() as cur:
@@ -419,6 +422,88 @@ def lift_postgres_fence(alias: str) -> bool:
         had = cur.fetchone()[0]
         # dropping the function drops every trigger that calls it
         cur.execute(f"DROP FUNCTION IF EXISTS {PG_FUNCTION}() CASCADE")
+    drop_change_log(alias)
+    return bool(had)
+
+
+# --- the rollback's change log on PostgreSQL ---------------------------------------------------
+# Row triggers note the key of every row written (old and new key) from the moment the log
+# starts.  Creating a trigger waits for the transactions that already wrote its table, so a
+# write the log misses committed before the log began on that table: a snapshot taken after
+# start_change_log returns sees it.  Its own schema: never mistaken for the application's data.
+
+LOG_SCHEMA = "propcore_rollback"
+LOG_TABLE = f"{LOG_SCHEMA}.changes"
+LOG_FUNCTION = f"{LOG_SCHEMA}.log_change"
+LOG_TRIGGER = "propcore_rollback_log"
+
+
+def start_change_log(alias: str, tables: Iterable[tuple[str, str]], *, lock_timeout: float) -> dict:
+    """Log the key of every row written to each (table, key column) from now on.
+
+    A table a transaction holds past lock_timeout is not logged (returned in ``not_logged``):
+    the rollback then compares it in full under its freeze, rather than end that session."""
+    from django.db import OperationalError, connections
+
+    tables = list(tables)
+    not_logged = []
+    started = time.perf_counter()
+    drop_change_log(alias)  # a killed rollback's log: its keys mean nothing now
+    with connections[alias].cursor() as cur:
+        cur.execute(f"CREATE SCHEMA {LOG_SCHEMA}")
+        cur.execute(f"CREATE TABLE {LOG_TABLE} (tbl text NOT NULL, pk text NOT NULL)")
+        cur.execute(f"CREATE INDEX ON {LOG_TABLE} (tbl, pk)")
+        # SECURITY DEFINER: the application's role writes the log without a grant on it
+        cur.execute(
+            f"CREATE FUNCTION {LOG_FUNCTION}() RETURNS trigger LANGUAGE plpgsql "
+            "SECURITY DEFINER SET search_path = pg_catalog AS $$BEGIN "
+            f"IF TG_OP <> 'INSERT' THEN INSERT INTO {LOG_TABLE} "
+            "VALUES (TG_TABLE_NAME, to_jsonb(OLD) ->> TG_ARGV[0]); END IF; "
+            f"IF TG_OP <> 'DELETE' THEN INSERT INTO {LOG_TABLE} "
+            "VALUES (TG_TABLE_NAME, to_jsonb(NEW) ->> TG_ARGV[0]); END IF; "
+            "RETURN NULL; END$$"
+        )
+        cur.execute(f"SET lock_timeout = {int(lock_timeout * 1000)}")
+        try:
+            # one table per statement (autocommit): no lock held while waiting for another
+            for table, key in tables:
+                try:
+                    cur.execute(
+                        f"CREATE TRIGGER {LOG_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON "
+                        f"{_qi(table)} FOR EACH ROW EXECUTE FUNCTION "
+                        f"{LOG_FUNCTION}({_literal(key)})"
+                    )
+                except OperationalError as exc:
+                    if _sqlstate(exc) != LOCK_NOT_AVAILABLE:
+                        raise
+                    not_logged.append(table)
+        finally:
+            cur.execute("RESET lock_timeout")
+    return {
+        "tables_logged": len(tables) - len(not_logged),
+        "not_logged": not_logged,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def read_change_log(cur) -> dict[str, set[str]]:
+    """The keys logged so far (as this cursor's snapshot sees them), per table."""
+    cur.execute(f"SELECT DISTINCT tbl, pk FROM {LOG_TABLE} WHERE pk IS NOT NULL")
+    found: dict[str, set[str]] = {}
+    for table, key in cur.fetchall():
+        found.setdefault(table, set()).add(key)
+    return found
+
+
+def drop_change_log(alias: str) -> bool:
+    """Remove the change log (schema, table, function and every trigger calling it)."""
+    from django.db import connections
+
+    with connections[alias].cursor() as cur:
+        cur.execute("SELECT to_regnamespace(%s) IS NOT NULL", [LOG_SCHEMA])
+        had = cur.fetchone()[0]
+        if had:
+            cur.execute(f"DROP SCHEMA {LOG_SCHEMA} CASCADE")
     return bool(had)
 
 

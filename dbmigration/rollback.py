@@ -23,8 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from django.db import connections, models, transaction
-from django.db.models.expressions import RawSQL
+from django.db import connections, transaction
 from django.db.utils import load_backend
 
 from dbmigration import conf, fence
@@ -47,7 +46,7 @@ from dbmigration.sqlite_source import (
 )
 from dbmigration.state import MigrationState, read_state, transition
 from dbmigration.sync import diff_table
-from dbmigration.verify import Side, verify
+from dbmigration.verify import Side, applied_migrations, compare_table
 
 Progress = Callable[[str], None] | None
 COPY_ALIAS = "rollback_copy"
@@ -55,7 +54,8 @@ PG_ALIAS = "postgresql"
 PG = Side(alias="postgresql")
 BATCH = 500
 SAMPLE = 50  # primary keys listed per table and kind in the report
-ROLLBACK_FREEZE_ESTIMATE = 15.0  # seconds after the drain, sent as Retry-After (measured 13.7)
+ROLLBACK_FREEZE_ESTIMATE = 5.0  # seconds after the drain, sent as Retry-After
+LOG_LOCK_TIMEOUT = 2.0  # a table held longer is compared in full under the freeze
 
 
 @dataclasses.dataclass
@@ -295,42 +295,6 @@ def _net(first: TableDiff, then: TableDiff) -> TableDiff:
     return TableDiff(*(sorted(s, key=str) for s in (inserted, updated, deleted)))
 
 
-def pg_horizon() -> int:
-    """The oldest transaction running now: any row written from here on has a newer xmin."""
-    with connections["postgresql"].cursor() as cur:
-        cur.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-        return cur.fetchone()[0]
-
-
-def changed_on_pg_since(horizon: int, tables, *, target: str) -> dict[str, TableDiff]:
-    """Rows PostgreSQL wrote since horizon (by xmin), and rows target has that PG lost (by pk)."""
-    found = {}
-    with transaction.atomic(using="postgresql"):
-        with connections["postgresql"].cursor() as cur:
-            cur.execute("SELECT pg_current_xact_id()::text::bigint")
-            window = cur.fetchone()[0] - horizon  # age(xmin) of anything newer is below this
-        for table in tables:
-            pg = table.model._base_manager.using("postgresql").order_by()
-            xmin_age = RawSQL("age(xmin)", [], output_field=models.IntegerField())
-            recent = set(
-                pg.annotate(_xmin_age=xmin_age)
-                .filter(_xmin_age__lte=window)
-                .values_list("pk", flat=True)
-            )
-            theirs = set(pg.values_list("pk", flat=True))
-            ours = set(
-                table.model._base_manager.using(target).order_by().values_list("pk", flat=True)
-            )
-            # the horizon is cluster-wide, so "recent" may hold rows that did not change
-            both = sorted(recent & ours, key=str)
-            found[table.db_table] = TableDiff(
-                inserted_pks=sorted(recent - ours, key=str),
-                updated_pks=_differing(table.model, both, source="postgresql", target=target),
-                deleted_pks=sorted(ours - theirs, key=str),
-            )
-    return found
-
-
 def _differing(model, pks: list, *, source: str, target: str) -> list:
     """The pks among pks whose values differ between source and target (through the ORM)."""
     names = [f.attname for f in model._meta.concrete_fields]
@@ -347,6 +311,170 @@ def _differing(model, pks: list, *, source: str, target: str) -> list:
         ]
         differ += [pk for pk in chunk if sides[0].get(pk) != sides[1].get(pk)]
     return differ
+
+
+def _log_keys(table, keys: set[str]) -> list:
+    """Logged key texts (PostgreSQL's) as Django's Python values."""
+    field = table.model._meta.pk
+    return sorted({field.to_python(key) for key in keys}, key=str)
+
+
+def logged_changes(table, keys: set[str], *, target: str) -> TableDiff:
+    """How target differs from PostgreSQL on the logged keys only (through the ORM)."""
+    pks = _log_keys(table, keys)
+    manager = table.model._base_manager
+    on_pg, in_target = set(), set()
+    for chunk in _batches(pks):
+        on_pg |= set(manager.using(PG_ALIAS).filter(pk__in=chunk).values_list("pk", flat=True))
+        in_target |= set(manager.using(target).filter(pk__in=chunk).values_list("pk", flat=True))
+    both = sorted(on_pg & in_target, key=str)
+    return TableDiff(
+        inserted_pks=sorted(on_pg - in_target, key=str),
+        updated_pks=_differing(table.model, both, source=PG_ALIAS, target=target),
+        deleted_pks=sorted(in_target - on_pg, key=str),
+    )
+
+
+def verify_unlogged(copy: Path, plan, *, logged_tables: set[str]) -> dict:
+    """Range sums of every table on the copy and on PostgreSQL, leaving out on both sides the
+    keys the change log holds, in one PostgreSQL snapshot (before the freeze, while
+    PostgreSQL takes writes: a row it does not log stays as it is until the freeze).
+
+    Returns the tables this does not cover or where the sums differ: the frozen stage
+    compares those in full (and refuses a copy that differs there)."""
+    import threading
+    import uuid
+
+    from dbmigration.casts import target_columns
+    from dbmigration.range_sums import INTEGER_KEYS, MAX_INT_SPAN, UUID_BUCKETS, hash_plan
+    from dbmigration.verify import INT_BUCKETS, plan_ranges
+
+    pg = connections[PG_ALIAS]
+    full, covered, left_out = [], 0, 0
+    uri = f"{Path(copy).resolve().as_uri()}?mode=ro"
+    with transaction.atomic(using=PG_ALIAS), pg.cursor() as cur:
+        # one snapshot for the log and every table's sums
+        cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        logged = fence.read_change_log(cur)
+        for table in plan.tables:
+            hashed = (
+                None if table.composite else hash_plan(table, target_columns(cur, table.db_table))
+            )
+            if hashed is None or table.db_table not in logged_tables:
+                full.append(table.db_table)
+                continue
+            ranges = plan_ranges((Side(sqlite_path=copy), PG), table)
+            keys = logged.get(table.db_table, set())
+            pk = f'"{table.pk_column}"'
+            if hashed.key_mode == INTEGER_KEYS:
+                low, width, buckets = ranges.low, ranges.width, INT_BUCKETS + 1
+                if abs(low) >= MAX_INT_SPAN or width * buckets >= MAX_INT_SPAN:
+                    full.append(table.db_table)
+                    continue
+                bucket_sql = f"(t.{pk} - {int(low)}) / {int(width)}"
+                skip = {int(k) for k in keys}
+            else:
+                low, width, buckets = 0, 1, UUID_BUCKETS
+                bucket_sql = f"left(t.{pk}::text, 3)"
+                skip = {uuid.UUID(k).hex.encode() for k in keys}  # as Django stores it in SQLite
+            part: dict = {}
+            args = (uri, hashed.select, hashed.spec, table.pk_index, hashed.key_mode)
+            args += (low, width, buckets, skip or None)
+            worker = threading.Thread(target=_hash_copy, args=(part, args), daemon=True)
+            worker.start()
+            cur.execute(
+                f"SELECT {bucket_sql}, count(*), sum({hashed.row_sql}) "
+                f"FROM {_qi(table.db_table)} AS t WHERE NOT EXISTS (SELECT 1 FROM "
+                f"{fence.LOG_TABLE} l WHERE l.tbl = %s AND l.pk = t.{pk}::text) GROUP BY 1",
+                [table.db_table],
+            )
+            theirs = {b: [n, int(total) % (1 << 64)] for b, n, total in cur.fetchall()}
+            worker.join()
+            if "error" in part:
+                raise part["error"]
+            if part["result"] is None:
+                full.append(table.db_table)  # a value C cannot vouch for
+                continue
+            ours: dict = {}
+            for bucket, count, total in part["result"][1]:
+                slot = ours.setdefault(bucket, [0, 0])
+                slot[0] += count
+                slot[1] = (slot[1] + total) % (1 << 64)
+            if ours != theirs:
+                full.append(table.db_table)  # settled row by row under the freeze
+                continue
+            covered += 1
+            left_out += len(keys)
+    return {"tables_summed": covered, "keys_left_out": left_out, "full_check_frozen": full}
+
+
+def _hash_copy(part: dict, args: tuple) -> None:
+    """C's range sums of the copy, on a thread that releases the GIL."""
+    from dbmigration.copy_lines import _copytext
+
+    try:
+        part["result"] = _copytext.range_sums(*args)
+    except BaseException as exc:  # noqa: BLE001 re-raised by the caller
+        part["error"] = exc
+
+
+def write_into_live(copy: Path, sqlite_path: Path, plan, net: dict[str, TableDiff]) -> dict:
+    """Write the carried rows from the copy into the live file and unfence it, in one SQLite
+    transaction; check inside it that those rows now equal the copy's, else roll it back."""
+    for alias in ("default", "sqlite"):
+        if alias in connections.settings:
+            connections[alias].close()
+    lite = connections["sqlite"]
+    conn = sqlite3.connect(sqlite_path, timeout=20.0, isolation_level=None)
+    written = 0
+    try:
+        conn.execute("ATTACH DATABASE ? AS copy", [f"{Path(copy).resolve().as_uri()}?mode=ro"])
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            fence._drop_sqlite_fence(conn)  # the copy has none: SQLite is live again
+            for table in plan.tables:
+                diff = net.get(table.db_table)
+                if diff is None or not diff.total:
+                    continue
+                field = table.model._meta.pk
+                keys = [
+                    field.get_db_prep_value(pk, connection=lite)
+                    for pk in diff.inserted_pks + diff.updated_pks + diff.deleted_pks
+                ]
+                t, pk = _qi(table.db_table), _qi(table.pk_column)
+                cols = ", ".join(_qi(c) for c in table.column_names)
+                for chunk in _batches(keys):
+                    marks = ", ".join("?" * len(chunk))
+                    conn.execute(f"DELETE FROM main.{t} WHERE {pk} IN ({marks})", chunk)
+                    conn.execute(
+                        f"INSERT INTO main.{t} ({cols}) SELECT {cols} FROM copy.{t} "
+                        f"WHERE {pk} IN ({marks})",
+                        chunk,
+                    )
+                    side = f"SELECT {cols} FROM {{}}.{t} WHERE {pk} IN ({marks})"
+                    one, other = side.format("main"), side.format("copy")
+                    differ = conn.execute(
+                        f"SELECT count(*) FROM ({one} EXCEPT {other}) UNION ALL "
+                        f"SELECT count(*) FROM ({other} EXCEPT {one})",
+                        chunk * 4,
+                    ).fetchall()
+                    if any(n for (n,) in differ):
+                        raise VerificationError(
+                            f"{table.db_table}: the live SQLite file does not match the verified "
+                            "copy after writing the carried rows; nothing was written to it."
+                        )
+                written += len(keys)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.close()
+    return {"rows_written": written}
+
+
+def _qi(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def nothing_to_roll_back(state: MigrationState, *, drop_postgres: bool = False) -> str | None:
@@ -491,6 +619,10 @@ def rollback_to_sqlite(
                 )  # fmt: skip
             finally:
                 remove_copy(copy)
+                try:  # the log's triggers cost every write on PostgreSQL: gone at once
+                    fence.drop_change_log(PG_ALIAS)
+                except Exception as exc:  # PostgreSQL lost: the next runbook step drops it
+                    run.facts["change_log_left"] = str(exc)
             if pg_fenced:  # SQLite is live: the fence on PostgreSQL outlives this command
                 with run.step("keep_postgresql_fence") as step:
                     try:
@@ -584,12 +716,20 @@ def _carry_back(run, state_file, sqlite_path, copy, plan, discard, hold_freeze, 
             last_report=str(run.report_path),
         )
         return new_state, [], discarded
-    # stage 1, PostgreSQL still taking writes: the bulk of the carry, by range checksums
+    # stage 1, PostgreSQL still taking writes.  The change log first: every row written
+    # from here on is logged, everything written before is seen by the diff that follows.
+    with run.step("change_log") as step:
+        step.details = fence.start_change_log(
+            PG_ALIAS,
+            [(t.db_table, t.pk_column) for t in tables if not t.composite],
+            lock_timeout=LOG_LOCK_TIMEOUT,
+        )
+    logged_tables = {t.db_table for t in tables if not t.composite}
+    logged_tables -= set(step.details["not_logged"])
     with run.step("fresh_copy") as step:
-        horizon = pg_horizon()
         snapshot_to(sqlite_path, copy)
         fence.lift_sqlite_fence(copy)  # the switch fenced the file; the copy becomes live
-        step.details = {"copy": str(copy), "pg_xmin_horizon": horizon}
+        step.details = {"copy": str(copy)}
     with run.step("find_changes") as step:
         fresh = Side(sqlite_path=copy)
         first = {t.db_table: find_changes(t, source=PG, target=fresh) for t in tables}
@@ -600,30 +740,58 @@ def _carry_back(run, state_file, sqlite_path, copy, plan, discard, hold_freeze, 
         step.details = {k: [len(d.inserted_pks), len(d.updated_pks), len(d.deleted_pks)]
                         for k, d in first.items() if d.total}  # fmt: skip
         note(f"stage 1: carried back {sum(d.total for d in first.values())} rows")
-    # stage 2, frozen: only what PostgreSQL wrote since the horizon (xmin) or deleted (pk)
+    with run.step("check_copy") as step:
+        step.details = check_copy(copy)  # integrity and foreign keys: a full scan, unfrozen
+    with run.step("verify_unlogged") as step:
+        # every row PostgreSQL has not logged is checked here, by range sums; the frozen
+        # stage only looks at the logged rows (and at tables this does not cover)
+        checked = verify_unlogged(copy, plan, logged_tables=logged_tables)
+        step.details = checked
+    full = set(checked["full_check_frozen"])
+    # stage 2, frozen: only the rows logged since stage 1 began, and the uncovered tables
     freeze = hold_freeze()
     with run.step("catch_up") as step, copy_alias(copy) as target:
         fz.pause_point("rollback_catch_up")
-        then = changed_on_pg_since(horizon, tables, target=target)
+        with connections[PG_ALIAS].cursor() as cur:
+            logged = fence.read_change_log(cur)  # fenced and drained: nothing more comes
+        then = {
+            t.db_table: (
+                find_changes(t, source=PG, target=Side(sqlite_path=copy))
+                if t.db_table in full
+                else logged_changes(t, logged.get(t.db_table, set()), target=target)
+            )
+            for t in tables
+        }
         with transaction.atomic(using=target):
             _apply_all(tables, then, target=target)
         step.details = {k: [len(d.inserted_pks), len(d.updated_pks), len(d.deleted_pks)]
                         for k, d in then.items() if d.total}  # fmt: skip
+        step.details["keys_logged"] = sum(len(v) for v in logged.values())
         note(f"stage 2: carried back {sum(d.total for d in then.values())} more rows")
     carried = _summarise(tables, {k: _net(first[k], then[k]) for k in first})
-    with run.step("verify") as step:
-        # counts and range checksums of every table, and the applied migrations
-        checked = verify(source=PG, target=Side(sqlite_path=copy), plan=plan)
-        if not checked.ok:
-            problems = "; ".join(checked.problems(PG, Side(sqlite_path=copy))[:5])
+    with run.step("verify") as step, copy_alias(copy) as target:
+        problems = []
+        for table in tables:
+            if table.db_table in full:  # counts and range sums of the whole table
+                whole = compare_table(PG, Side(sqlite_path=copy), table)
+                if not whole.ok:
+                    problems.append(whole.describe(PG, Side(sqlite_path=copy)))
+                continue
+            pks = _log_keys(table, logged.get(table.db_table, set()))
+            differ = _differing(table.model, pks, source=PG_ALIAS, target=target)
+            if differ:
+                problems.append(f"{table.db_table}: rows differ: {[str(p) for p in differ[:10]]}")
+        if applied_migrations(PG) != applied_migrations(Side(sqlite_path=copy)):
+            problems.append("applied migrations differ between PostgreSQL and the copy")
+        if problems:
             raise VerificationError(
                 f"After the carry-back the SQLite copy still differs from PostgreSQL: "
-                f"{problems}. The live SQLite file was not replaced; the state is unchanged."
+                f"{'; '.join(problems[:5])}. The live SQLite file was not replaced; the state "
+                "is unchanged."
             )
         step.details = {
-            "tables_equal": len(checked.tables),
-            "checksums": {t.table: t.target_checksum for t in checked.tables},
-            **check_copy(copy),
+            "rows_compared": sum(len(v) for k, v in logged.items() if k not in full),
+            "tables_compared_in_full": sorted(full),
         }
     with run.step("swap_and_flip") as step:
         if not fz.still_held(flag, freeze):
@@ -632,7 +800,12 @@ def _carry_back(run, state_file, sqlite_path, copy, plan, discard, hold_freeze, 
                 "may hold writes the copy lacks. Nothing was replaced; run rollback_to_sqlite "
                 "again (raise --freeze-timeout if it was too short)."
             )
-        swap_in(copy, sqlite_path)
+        net = {k: _net(first[k], then[k]) for k in first}
+        if any(t.composite and net[t.db_table].total for t in tables):
+            swap_in(copy, sqlite_path)  # composite keys: the whole copy's pages instead
+            step.details = {"swapped_pages": True}
+        else:
+            step.details = write_into_live(copy, sqlite_path, plan, net)
         new_state = transition(
             state_file,
             "rolled_back",
@@ -640,7 +813,7 @@ def _carry_back(run, state_file, sqlite_path, copy, plan, discard, hold_freeze, 
             note="rollback_to_sqlite",
             last_report=str(run.report_path),
         )
-        step.details = {"sqlite": str(sqlite_path)}
+        step.details["sqlite"] = str(sqlite_path)
     return new_state, carried, []
 
 
