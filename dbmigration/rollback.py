@@ -464,6 +464,7 @@ def write_into_live(copy: Path, sqlite_path: Path, plan, net: dict[str, TableDif
                             "copy after writing the carried rows; nothing was written to it."
                         )
                 written += len(keys)
+            fz.pause_point("rollback_write_live")  # a kill -9 here: SQLite rolls it all back
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

@@ -530,3 +530,195 @@ def test_a_writer_that_began_after_the_drain_is_ended_by_the_fence(pre_freeze_wr
         pre_freeze_writer.commit()
     assert not Organisation.objects.using("postgresql").filter(name="Never committed").exists()
     assert other_session_writes().startswith("propcore write fence")
+
+
+# --- the change log: what the freeze carries and checks (issue 16) --------------------------
+
+
+def live_copy() -> Path:
+    """The rollback's working copy of the SQLite file (one at a time)."""
+    live = Path(sqlite_file())
+    found = live.parent.glob(f"{live.name}.rollback-*")
+    [copy] = [p for p in found if not p.name.endswith(("-wal", "-shm", "-journal"))]
+    return copy
+
+
+def test_deletes_in_stage_1_and_at_the_freeze_and_an_update_at_the_freeze_all_arrive(state_file):
+    org, users = seed_both()
+    write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))
+    new = write_on_postgresql(org, users)
+    pg = "postgresql"
+
+    def app_keeps_writing(message):
+        if message.startswith("stage 1:"):  # logged, left out of the sums before the freeze
+            LoginEvent.objects.using(pg).filter(pk=2).delete()
+        if message == "write freeze on":  # a request past the middleware commits in the drain
+            LoginEvent.objects.using(pg).filter(pk=3).delete()
+            User.all_objects.using(pg).filter(pk=new.pk).update(last_name="Ó Briain")
+
+    result = rollback.rollback_to_sqlite(
+        state_file=state_file, drain_seconds=0, progress=app_keeps_writing
+    )
+    assert result.state.active_backend == "sqlite"
+    assert not LoginEvent.objects.using("sqlite").filter(pk__in=[2, 3]).exists()
+    assert User.all_objects.using("sqlite").get(pk=new.pk).last_name == "Ó Briain"
+    assert_same_everywhere()
+    steps = {s["name"]: s for s in json.loads(result.report_path.read_text())["steps"]}
+    assert steps["verify_unlogged"]["details"]["full_check_frozen"] == [
+        t.db_table for t in build_plan().tables if t.composite
+    ] or all(  # only tables the sums cannot cover are compared in full under the freeze
+        t not in ("accounts_user", "accounts_loginevent")
+        for t in steps["verify_unlogged"]["details"]["full_check_frozen"]
+    )
+    assert steps["catch_up"]["details"]["accounts_loginevent"] == [0, 0, 2]
+    assert steps["catch_up"]["details"]["accounts_user"] == [0, 1, 0]
+    assert fence.postgres_fence(pg) is not None  # the fence stays, the change log is gone
+    with connections[pg].cursor() as cursor:
+        cursor.execute("SELECT to_regnamespace(%s)", [fence.LOG_SCHEMA])
+        assert cursor.fetchone()[0] is None
+
+
+def corrupt(sql: str) -> None:
+    conn = sqlite3.connect(live_copy())
+    conn.execute(sql)
+    conn.commit()
+    conn.close()
+
+
+FORGE_KYC = "UPDATE accounts_kycverification SET document_reference = 'forged'"
+
+
+def test_a_copy_that_differs_where_nobody_wrote_is_compared_in_full_and_refused(state_file):
+    org, users = seed_both()
+    write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))
+    write_on_postgresql(org, users)
+    fence_sqlite_as_the_switch_does()
+    seen = {}
+
+    def corrupt_the_copy(message):
+        if message.startswith("stage 1:"):  # wrong where PostgreSQL logged nothing
+            corrupt(FORGE_KYC)
+        if message.startswith("stage 2:"):  # and still wrong after the frozen catch-up
+            seen["repaired"] = (
+                sqlite3.connect(live_copy())
+                .execute("SELECT document_reference FROM accounts_kycverification")
+                .fetchone()[0]
+            )
+            corrupt(FORGE_KYC)
+
+    with pytest.raises(rollback.VerificationError, match="accounts_kycverification"):
+        rollback.rollback_to_sqlite(
+            state_file=state_file, drain_seconds=0, progress=corrupt_the_copy
+        )
+    assert seen["repaired"] == "P1"  # the sums saw it: the table was carried in full, frozen
+    assert read_state(state_file).active_backend == "postgresql"
+    assert KycVerification.objects.using("sqlite").get().document_reference == "P1"
+    assert fence.sqlite_fence(Path(sqlite_file())) is not None  # the live file untouched
+    assert fence.postgres_fence("postgresql") is None  # PostgreSQL stays live
+
+
+def test_a_copy_that_differs_in_a_logged_row_is_refused(state_file):
+    org, users = seed_both()
+    write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))
+    write_on_postgresql(org, users)
+
+    def app_and_fault(message):
+        if message.startswith("stage 1:"):  # logged: checked row by row under the freeze
+            User.all_objects.using("postgresql").filter(pk=users[0].pk).update(last_name="Nua")
+        if message.startswith("stage 2:"):
+            corrupt(f"UPDATE accounts_user SET last_name = 'x' WHERE id = '{users[0].pk.hex}'")
+
+    with pytest.raises(rollback.VerificationError, match="accounts_user: rows differ"):
+        rollback.rollback_to_sqlite(state_file=state_file, drain_seconds=0, progress=app_and_fault)
+    assert read_state(state_file).active_backend == "postgresql"
+
+
+def test_a_table_a_long_transaction_holds_is_compared_in_full(state_file, pre_freeze_writer):
+    org, users = seed_both()
+    write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))
+    write_on_postgresql(org, users)
+    result = rollback.rollback_to_sqlite(state_file=state_file, drain_seconds=0.2)
+    steps = {s["name"]: s for s in json.loads(result.report_path.read_text())["steps"]}
+    assert steps["change_log"]["details"]["not_logged"] == ["accounts_organisation"]
+    assert "accounts_organisation" in steps["verify_unlogged"]["details"]["full_check_frozen"]
+    assert "accounts_organisation" in steps["verify"]["details"]["tables_compared_in_full"]
+    assert_same_everywhere()
+
+
+@pytest.mark.slow
+def test_kill_9_while_writing_the_live_file_leaves_it_untouched_and_a_rerun_finishes(
+    state_file, tmp_path
+):
+    from tests.test_freeze import manage, runbook_env
+
+    org, users = seed_both()
+    write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))
+    new = write_on_postgresql(org, users)
+    fence_sqlite_as_the_switch_does()
+    db_dir = state_file.parent
+    proc = subprocess.Popen(
+        manage("rollback_to_sqlite", "--noinput", "--drain-seconds", "0"),
+        env=runbook_env(db_dir, pause_at="rollback_write_live"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while True:  # paused inside its transaction on the live file: it holds the write lock
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the rollback never reached the live file"
+        probe = sqlite3.connect(sqlite_file(), timeout=0)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            break
+        finally:
+            probe.close()
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    # SQLite rolled the transaction back: still fenced, still the rows of before
+    assert fence.sqlite_fence(Path(sqlite_file())) is not None
+    assert User.all_objects.using("sqlite").filter(pk=users[1].pk).exists()
+    assert not User.all_objects.using("sqlite").filter(pk=new.pk).exists()
+    assert read_state(state_file).active_backend == "postgresql"
+    deadline = time.monotonic() + 10  # the PostgreSQL fence was a lease of the dead session
+    while other_session_writes() != "written":
+        assert time.monotonic() < deadline, "PostgreSQL stayed fenced"
+        time.sleep(0.1)
+    again = subprocess.run(
+        manage("rollback_to_sqlite", "--noinput", "--drain-seconds", "0"),
+        env=runbook_env(db_dir), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert read_state(state_file).active_backend == "sqlite"
+    assert_same_everywhere()
+
+
+def test_row_hashes_in_c_and_sql_find_the_rows_the_python_path_finds(monkeypatch):
+    from dbmigration import range_sums, sync
+    from dbmigration.verify import Side
+
+    org, users = seed_both()
+    write_on_postgresql(org, users)  # inserts, updates, deletes; UUID and integer keys
+    pg, lite = Side(alias="postgresql"), Side(sqlite_path=Path(sqlite_file()))
+    plan = {t.db_table: t for t in build_plan().tables}
+    used = []
+    real = range_sums.row_diff
+    monkeypatch.setattr(range_sums, "row_diff", lambda **kw: used.append(kw) or real(**kw))
+    tables = ("accounts_user", "accounts_loginevent", "accounts_membership")
+    fast = {t: sync.diff_table(source=pg, target=lite, table=plan[t]) for t in tables}
+    back = {t: sync.diff_table(source=lite, target=pg, table=plan[t]) for t in tables}
+    assert len(used) == 6 and all(real(**kw) is not None for kw in used)
+    monkeypatch.setattr(range_sums, "row_diff", lambda **kw: None)  # the Python path
+    slow = {t: sync.diff_table(source=pg, target=lite, table=plan[t]) for t in tables}
+    for t in tables:
+        assert (fast[t].inserted_pks, fast[t].updated_pks, fast[t].deleted_pks) == (
+            slow[t].inserted_pks, slow[t].updated_pks, slow[t].deleted_pks,
+        ), t  # fmt: skip
+        assert (back[t].inserted_pks, back[t].deleted_pks) == (
+            slow[t].deleted_pks,
+            slow[t].inserted_pks,
+        )
+    assert fast["accounts_user"].updated_pks  # the test changed something of each kind
+    assert fast["accounts_user"].deleted_pks == [users[1].pk]
+    assert len(fast["accounts_loginevent"].inserted_pks) == 1
