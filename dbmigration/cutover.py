@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,13 +34,15 @@ from dbmigration.state import NEXT_COMMAND, MigrationState, read_state, transiti
 
 Progress = Callable[[str], None] | None
 RowsProgress = Callable[[str, int, int], None] | None  # (item, done, total), numbers only
+LOG_LOCK_TIMEOUT = 2.0  # the change log needs SQLite's write lock for a moment
 SWITCH_FREEZE_ESTIMATE = 5.0  # seconds after the drain, sent as Retry-After (measured 3-8 s)
 SWITCH_STEPS = (
     "check that migrate_data finished and verified",
-    "snapshot SQLite; migrate_data --sync from the snapshot; verify all tables (writes go on)",
+    "log the keys of the rows SQLite writes from now on (triggers); snapshot SQLite; "
+    "migrate_data --sync from the snapshot; verify all tables (writes go on)",
     "write freeze on (writes answer 503, reads go on)",
     "drain: take SQLite's write lock (transactions in flight commit first; nothing commits after)",
-    "final catch-up, under the lock: rows changed in SQLite since the snapshot",
+    "final catch-up, under the lock: the logged rows that changed since the snapshot",
     "verify: every count, every changed row, deletions, FKs, sequences, migrations",
     "fence SQLite (triggers refuse every later write, from any process) and release the lock",
     "flip the active backend to postgresql in the state file",
@@ -178,8 +181,13 @@ class SourceChanges:
         return [new, len(self.upserts) - new, len(self.deleted)]
 
 
-def source_changes(*, sqlite_path: Path, snapshot: Path, plan) -> list[SourceChanges]:
-    """Compare the live file with the snapshot in SQLite itself (exact stored values, fast)."""
+def source_changes(
+    *, sqlite_path: Path, snapshot: Path, plan, logged: dict[str, list] | None = None
+) -> list[SourceChanges]:
+    """Compare the live file with the snapshot in SQLite itself (exact stored values, fast).
+
+    logged: keys the change log noted per table since before the snapshot; only those rows
+    are compared (a table absent from it is compared whole, as when logged is None)."""
     from dbmigration.sqlite_source import open_readonly
 
     conn = open_readonly(sqlite_path)
@@ -194,22 +202,31 @@ def source_changes(*, sqlite_path: Path, snapshot: Path, plan) -> list[SourceCha
                 if c not in table.pk_columns
             )
             changes = SourceChanges(table.db_table)
-            # a key is a tuple of columns: one, or the parts of a composite key
-            changes.upserts = [
-                (row[0], tuple(row[1:-1]) if table.composite else row[1], row[-1])
-                for row in conn.execute(
-                    f"SELECT m.rowid, {_keys(table, 'm')}, o.{first} IS NULL FROM main.{t} m "
-                    f"LEFT JOIN snap.{t} o ON {table.key_equals('o', 'm')} "
-                    f"WHERE o.{first} IS NULL" + (f" OR {differs}" if differs else "")
-                )
-            ]
-            changes.deleted = [
-                tuple(row) if table.composite else row[0]
-                for row in conn.execute(
-                    f"SELECT {_keys(table, 'o')} FROM snap.{t} o WHERE NOT EXISTS "
-                    f"(SELECT 1 FROM main.{t} m WHERE {table.key_equals('m', 'o')})"
-                )
-            ]
+            whole = logged is None or table.composite or table.db_table not in logged
+            keys = [None] if whole else list(_chunks(sorted(set(logged[table.db_table]), key=str)))
+            for chunk in keys:
+                only = "" if chunk is None else f"{{a}}.{first} IN ({', '.join('?' * len(chunk))})"
+                params = [] if chunk is None else chunk
+                changed = f"(o.{first} IS NULL" + (f" OR {differs})" if differs else ")")
+                # a key is a tuple of columns: one, or the parts of a composite key
+                changes.upserts += [
+                    (row[0], tuple(row[1:-1]) if table.composite else row[1], row[-1])
+                    for row in conn.execute(
+                        f"SELECT m.rowid, {_keys(table, 'm')}, o.{first} IS NULL FROM main.{t} m "
+                        f"LEFT JOIN snap.{t} o ON {table.key_equals('o', 'm')} WHERE {changed}"
+                        + (f" AND {only.format(a='m')}" if only else ""),
+                        params,
+                    )
+                ]
+                changes.deleted += [
+                    tuple(row) if table.composite else row[0]
+                    for row in conn.execute(
+                        f"SELECT {_keys(table, 'o')} FROM snap.{t} o WHERE NOT EXISTS "
+                        f"(SELECT 1 FROM main.{t} m WHERE {table.key_equals('m', 'o')})"
+                        + (f" AND {only.format(a='o')}" if only else ""),
+                        params,
+                    )
+                ]
             found.append(changes)
         return found
     finally:
@@ -218,6 +235,16 @@ def source_changes(*, sqlite_path: Path, snapshot: Path, plan) -> list[SourceCha
 
 def _qi(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+def _read_log(sqlite_path: Path) -> dict[str, list]:
+    from dbmigration.sqlite_source import open_readonly
+
+    conn = open_readonly(sqlite_path)
+    try:
+        return fence.read_sqlite_change_log(conn)
+    finally:
+        conn.close()
 
 
 def _keys(table, alias: str) -> str:
@@ -496,6 +523,7 @@ def switch_to_postgresql(
     freeze = None
     lock: fence.SqliteWriteLock | None = None
     frozen_for = 0.0
+    logging = False
     try:
         with run.step("lift_old_fences") as step:
             # PostgreSQL is written from here on (the last rollback fenced it); SQLite is
@@ -510,6 +538,19 @@ def switch_to_postgresql(
                 lifted = fence.describe_sqlite_fence(leftover)
                 step.details["lifted"] = run.facts["lifted_fence"] = lifted
                 note(f"lifted the {lifted}, left by a switch killed before its flip")
+        with run.step("change_log") as step:
+            # before the snapshot: every row written after it is logged, so the frozen
+            # catch-up compares only those rows, not every table
+            try:
+                fence.start_sqlite_change_log(
+                    sqlite_path,
+                    [(t.db_table, t.pk_column) for t in tables.tables if not t.composite],
+                    timeout=LOG_LOCK_TIMEOUT,
+                )
+                logging = True
+            except sqlite3.OperationalError as exc:  # the write lock stays busy
+                step.warnings.append(f"no change log ({exc}): the catch-up compares every row")
+            step.details = {"logging": logging}
         with run.step("presync") as step:
             note("stage 1 (writes go on): snapshot SQLite, sync PostgreSQL to it, verify")
             synced, checked = presync(
@@ -541,7 +582,13 @@ def switch_to_postgresql(
         with run.step("catch_up") as step:
             fz.pause_point("switch_catch_up")
             note("stage 2 (frozen): final catch-up of what changed since the snapshot")
-            changes = source_changes(sqlite_path=sqlite_path, snapshot=snapshot, plan=tables)
+            found = time.perf_counter()
+            # the lock is held: nothing more is written
+            logged = _read_log(sqlite_path) if logging else None
+            changes = source_changes(
+                sqlite_path=sqlite_path, snapshot=snapshot, plan=tables, logged=logged
+            )
+            found = round(time.perf_counter() - found, 3)
             caught_up = apply_source_changes(
                 sqlite_path=sqlite_path,
                 changes=changes,
@@ -549,7 +596,8 @@ def switch_to_postgresql(
                 progress=note,
                 rows_progress=rows_progress,
             )
-            step.details = caught_up
+            step.details = {**caught_up, "find_seconds": found}
+            step.details["keys_logged"] = sum(map(len, (logged or {}).values()))
             note(f"catch-up wrote {caught_up['rows_written']} rows")
         with run.step("verify") as step:
             note("verifying PostgreSQL against the frozen SQLite")
@@ -601,6 +649,11 @@ def switch_to_postgresql(
     finally:
         if lock is not None:
             lock.release()
+        if logging and "error" in run.facts:  # (the fence's transaction dropped it otherwise)
+            try:
+                fence.stop_sqlite_change_log(sqlite_path)
+            except Exception as exc:  # the next switch or the fence drops it
+                run.facts["change_log_left"] = str(exc)
         remove_copy(snapshot)
         if freeze is not None:
             frozen_for = fz.freeze_off(flag, freeze) or 0.0

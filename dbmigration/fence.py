@@ -152,6 +152,7 @@ def _create_sqlite_fence(conn: sqlite3.Connection, tables: Iterable[str], *, rea
 
 
 def _drop_sqlite_fence(conn: sqlite3.Connection) -> bool:
+    _drop_sqlite_change_log(conn)  # the switch's log ends where the fence begins (or lifts)
     triggers = [
         row[0]
         for row in conn.execute(
@@ -165,6 +166,73 @@ def _drop_sqlite_fence(conn: sqlite3.Connection) -> bool:
     for name in triggers:
         conn.execute(f"DROP TRIGGER IF EXISTS {_qi(name)}")
     conn.execute(f"DROP TABLE IF EXISTS {FENCE_TABLE}")
+    return bool(triggers or table)
+
+
+# The switch's change log on SQLite: triggers note the key of every row written from before
+# the snapshot on, so the frozen catch-up reads only those rows, not every table.  Named
+# under the fence's prefix: the schema checks ignore it, as they ignore the fence.
+SQLITE_LOG_TABLE = "propcore_fence_log"
+SQLITE_LOG_PREFIX = "propcore_fence_log__"
+
+
+def start_sqlite_change_log(
+    path: Path, tables: Iterable[tuple[str, str]], *, timeout: float
+) -> None:
+    """Log the key of every row written to each (table, key column) of the file from now on."""
+    conn = sqlite3.connect(Path(path), timeout=timeout, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        _drop_sqlite_change_log(conn)  # a killed switch's: its keys mean nothing now
+        conn.execute(f"CREATE TABLE {SQLITE_LOG_TABLE} (tbl TEXT NOT NULL, k)")
+        for table, key in tables:
+            for operation, rows in (("INSERT", "NEW"), ("UPDATE", "OLD"), ("DELETE", "OLD")):
+                name = f"{SQLITE_LOG_PREFIX}{table}__{operation.lower()}"
+                insert = f"INSERT INTO {SQLITE_LOG_TABLE} VALUES ({_literal(table)}, "
+                log = f"{insert}{rows}.{_qi(key)})"
+                if operation == "UPDATE":  # a key may change: both
+                    log += f"; {insert}NEW.{_qi(key)})"
+                create = f"CREATE TRIGGER {_qi(name)} AFTER {operation} ON {_qi(table)}"
+                conn.execute(f"{create} BEGIN {log}; END")
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def read_sqlite_change_log(conn: sqlite3.Connection) -> dict[str, list]:
+    """The keys (as stored) logged so far, per table."""
+    found: dict[str, list] = {}
+    for table, key in conn.execute(f"SELECT DISTINCT tbl, k FROM {SQLITE_LOG_TABLE}"):
+        found.setdefault(table, []).append(key)
+    return found
+
+
+def stop_sqlite_change_log(path: Path, *, timeout: float = 20.0) -> bool:
+    """Remove the change log from the file; say if it had one."""
+    conn = sqlite3.connect(Path(path), timeout=timeout, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        had = _drop_sqlite_change_log(conn)
+        conn.execute("COMMIT" if had else "ROLLBACK")
+        return had
+    finally:
+        conn.close()
+
+
+def _drop_sqlite_change_log(conn: sqlite3.Connection) -> bool:
+    triggers = [
+        row[0]
+        for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger' AND substr(name, 1, ?) = ?",
+            [len(SQLITE_LOG_PREFIX), SQLITE_LOG_PREFIX],
+        )
+    ]
+    table = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [SQLITE_LOG_TABLE]
+    ).fetchone()
+    for name in triggers:
+        conn.execute(f"DROP TRIGGER IF EXISTS {_qi(name)}")
+    conn.execute(f"DROP TABLE IF EXISTS {SQLITE_LOG_TABLE}")
     return bool(triggers or table)
 
 

@@ -187,7 +187,7 @@ def test_dry_run_shows_plan_and_changes_nothing(state_file):
     write_state(state_file, state)
     before = state_file.read_bytes()
     out = run_switch("--dry-run")
-    assert "final catch-up, under the lock: rows changed in SQLite since the snapshot" in out
+    assert "final catch-up, under the lock: the logged rows that changed since the snapshot" in out
     assert "fence SQLite (triggers refuse every later write, from any process)" in out
     assert "Dry run" in out
     assert state_file.read_bytes() == before
