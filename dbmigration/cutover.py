@@ -1,13 +1,18 @@
 """Phase 7: switch the application to PostgreSQL under a write freeze of a few seconds.
 
-Stage 1, while the application still writes: snapshot SQLite (online backup API), run
-``migrate_data --sync`` from the snapshot and verify every table by range checksums.  This
-is the slow part (a full scan of both sides), so it happens before the freeze.
-Stage 2, frozen: take SQLite's write lock (the drain: see fence.py), find what changed in
-SQLite since the snapshot by comparing the two files inside SQLite (exact stored values, C
-speed), write only those rows to PostgreSQL with the copy's own conversion, verify (every
+Stage 1, while the application still writes: start a change log on SQLite (triggers note
+the key of every row written from then on: fence.start_sqlite_change_log), snapshot SQLite
+(online backup API), run ``migrate_data --sync`` from the snapshot and verify every table by
+range checksums.  This is the slow part (a full scan of both sides), so it happens before
+the freeze.  Every row that differs between the live file and the snapshot was written
+after the snapshot, so after the log began: its key is logged.
+Stage 2, frozen: take SQLite's write lock (the drain: see fence.py), compare the logged rows
+of the live file with the snapshot's inside SQLite (exact stored values, C speed), write
+only those that changed to PostgreSQL with the copy's own conversion, verify (every
 table's count, every changed row's digest, deletions, foreign keys, sequences, migrations),
-fence SQLite in the same transaction as the lock, flip the active backend, lift the freeze.
+fence SQLite in the same transaction as the lock (which drops the log), flip the active
+backend, lift the freeze.  Without a log (SQLite's write lock stayed busy for 2 s when it
+was to begin) the catch-up compares every row, as before.
 The lock and the freeze are released in a ``finally``: whatever fails, the application goes
 on writing to SQLite with the state file untouched (it is written only as the last step,
 atomically) and no fence left behind.

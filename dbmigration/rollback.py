@@ -2,15 +2,46 @@
 
 Before the switch only the state file moves (and, when asked, the PostgreSQL copy is
 dropped).  After the switch, rows written on PostgreSQL since the cutover are carried
-back: under a write freeze, into a fresh copy of the SQLite file (online backup API),
-written through Django's SQLite backend exactly as Django stores them (raw inserts and
-queryset updates: no signals, no audit entries of our own).  The copy is verified against
-PostgreSQL, the pre-rollback file is kept as a verified backup, the copy's pages are
-written into the live file in one transaction (backup API, never a rename: WAL-safe), and
-only then does the state flip back to SQLite.  Under the freeze,
-PostgreSQL is drained (observed) and fenced before the last rows are read (fence.py); the
-copy loses the fence the switch left on SQLite, and PostgreSQL keeps its own unless the
-rollback fails.
+back, written through Django's SQLite backend exactly as Django stores them (raw inserts
+and queryset updates: no signals, no audit entries of our own).
+
+Why the freeze holds only what changed during the rollback (issue 16):
+
+1. A verified pre-rollback backup of the live file is taken; the live file is fenced (the
+   switch left triggers refusing every write) and no process writes it.
+2. A change log starts on PostgreSQL (fence.start_change_log): row triggers note the key of
+   every row written, old and new.  Creating a table's trigger waits for the transactions
+   that already wrote it, so a write the log misses committed before the log began there.
+   A table a transaction holds past 2 s is not logged; it is compared in full, frozen.
+3. While PostgreSQL takes writes: a fresh copy of the live file (online backup API) is
+   diffed against PostgreSQL by range checksums and row hashes (sync.diff_table, begun
+   after 2, so it sees every unlogged write) and the differences are written into it;
+   PRAGMA integrity_check and foreign_key_check run on it.
+4. Still unfrozen, in one REPEATABLE READ snapshot S of PostgreSQL: L_S = the logged keys,
+   and range sums of every table on PostgreSQL and on the copy, both leaving out L_S
+   (verify_unlogged).  Equal sums: the copy holds PostgreSQL's value of every row not in
+   L_S.  A table whose sums differ (or that the C/SQL sums do not cover) is compared in
+   full under the freeze instead: it is carried again and must compare equal, or the
+   rollback is refused.
+5. Frozen, drained and fenced (fence.py): nothing writes PostgreSQL any more.  L_F, the
+   keys logged by now, holds L_S.  A row not in L_F was not written since 2, so its value
+   now is its value in S, and the copy has not been written there since 4: equal.  Every
+   row in L_F is read from PostgreSQL, carried into the copy and compared row by row
+   through the ORM.  So the copy equals PostgreSQL, deletes included (a deleted row's key
+   is logged, and a key PostgreSQL no longer has is deleted from the copy).
+6. The swap: the rows carried in 3 and 5 are written from the copy into the live file in
+   one SQLite transaction that also drops the fence, and compared with the copy's inside
+   it before it commits.  The live file equals the copy's origin (the fence kept every
+   other writer out), so after it the live file equals the copy.  A kill -9 before the
+   commit leaves the live file as it was (SQLite rolls the transaction back), fenced; the
+   state still names PostgreSQL, whose fence dies with the killed session.  Never a
+   rename: in WAL mode other processes' connections keep the old inode and its -wal.
+   (Composite keys: the whole copy's pages are written instead, backup API.)
+7. Only then does the state flip back to SQLite; the change log is dropped; PostgreSQL
+   keeps its fence unless the rollback failed.
+
+Not covered: a process writing the rollback's private working copy between 4 and 6, or
+TRUNCATE on PostgreSQL (the log has no statement trigger; the fence refuses it at 5).
 """
 
 from __future__ import annotations

@@ -264,6 +264,45 @@ def test_switch_catches_up_verifies_and_flips(state_file, migrated, settings):
     assert tables["auditlog_logentry"] == [2, 0, 0]  # the audit trail of the late writes
     assert steps["verify"]["details"]["changed_rows_compared"] == 4
     assert steps["verify"]["details"]["ok"] is True
+    # the frozen catch-up compared the logged rows only, and the fence dropped the log
+    assert steps["change_log"]["details"] == {"logging": True}
+    assert 4 <= steps["catch_up"]["details"]["keys_logged"] < 20
+    assert not sqlite_log_objects()
+
+
+def sqlite_log_objects() -> list[str]:
+    conn = sqlite3.connect(connections.settings["sqlite"]["NAME"])
+    try:
+        return [
+            r[0]
+            for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE name LIKE 'propcore\\_fence\\_log%' "
+                "ESCAPE '\\'"
+            )
+        ]
+    finally:
+        conn.close()
+
+
+@pytest.mark.django_db(databases="__all__", transaction=True)
+def test_without_a_change_log_the_catch_up_compares_every_row(state_file, migrated, monkeypatch):
+    org, users = migrated
+    late = []
+
+    def app_writes_during_stage_1(message):
+        if message.startswith("pre-sync:") and not late:
+            late.append(writes_on_sqlite(org, users))
+
+    def busy(*args, **kwargs):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(fence, "start_sqlite_change_log", busy)
+    result = cutover.switch_to_postgresql(drain_seconds=0, progress=app_writes_during_stage_1)
+    steps = {s["name"]: s for s in json.loads(result.report_path.read_text())["steps"]}
+    assert steps["change_log"]["details"] == {"logging": False}
+    assert steps["catch_up"]["details"]["tables"]["accounts_user"] == [1, 1, 0]
+    assert User.objects.using("postgresql").filter(pk=late[0].pk).exists()
+    assert_same_everywhere()
 
 
 @pytest.mark.django_db(databases="__all__", transaction=True)
@@ -314,6 +353,7 @@ def test_interrupted_switch_stays_on_sqlite_and_loses_nothing(state_file, migrat
     assert not User.objects.using("postgresql").filter(pk=new.pk).exists()
     assert LoginEvent.objects.using("postgresql").filter(pk=3).exists()
     assert not list(Path(connections.settings["sqlite"]["NAME"]).parent.glob("*.cutover-*"))
+    assert not sqlite_log_objects()  # no trigger of ours left on the live file
     # the application goes on writing to SQLite, then the switch is run again
     again = User.objects.db_manager("sqlite").create_user("after@example.ie", "pw")
     result = cutover.switch_to_postgresql(state_file=state_file, drain_seconds=0)
