@@ -266,6 +266,8 @@ def test_switch_catches_up_verifies_and_flips(state_file, migrated, settings):
     assert steps["verify"]["details"]["ok"] is True
     # the frozen catch-up compared the logged rows only, and the fence dropped the log
     assert steps["change_log"]["details"] == {"logging": True}
+    composite = [t for t in build_plan().tables if t.composite]
+    assert steps["verify"]["details"]["tables_counted"] == len(composite)  # others: logged
     assert 4 <= steps["catch_up"]["details"]["keys_logged"] < 20
     assert not sqlite_log_objects()
 
@@ -300,6 +302,7 @@ def test_without_a_change_log_the_catch_up_compares_every_row(state_file, migrat
     result = cutover.switch_to_postgresql(drain_seconds=0, progress=app_writes_during_stage_1)
     steps = {s["name"]: s for s in json.loads(result.report_path.read_text())["steps"]}
     assert steps["change_log"]["details"] == {"logging": False}
+    assert steps["verify"]["details"]["tables_counted"] == len(build_plan().tables)
     assert steps["catch_up"]["details"]["tables"]["accounts_user"] == [1, 1, 0]
     assert User.objects.using("postgresql").filter(pk=late[0].pk).exists()
     assert_same_everywhere()
