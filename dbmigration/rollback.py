@@ -449,9 +449,13 @@ def _hash_copy(part: dict, args: tuple) -> None:
         part["error"] = exc
 
 
-def write_into_live(copy: Path, sqlite_path: Path, plan, net: dict[str, TableDiff]) -> dict:
-    """Write the carried rows from the copy into the live file and unfence it, in one SQLite
-    transaction; check inside it that those rows now equal the copy's, else roll it back."""
+def write_into_live(
+    copy: Path, sqlite_path: Path, plan, net: dict[str, TableDiff], *, keep_fence: bool
+) -> dict:
+    """Write the rows of net's keys from copy into the live file, in one SQLite transaction;
+    check inside it that those rows now equal the copy's, else roll it back.  keep_fence:
+    the file stays fenced (its triggers are put back as they were before the commit);
+    otherwise the fence goes in the same transaction: SQLite is live again."""
     for alias in ("default", "sqlite"):
         if alias in connections.settings:
             connections[alias].close()
@@ -462,7 +466,16 @@ def write_into_live(copy: Path, sqlite_path: Path, plan, net: dict[str, TableDif
         conn.execute("ATTACH DATABASE ? AS copy", [f"{Path(copy).resolve().as_uri()}?mode=ro"])
         conn.execute("BEGIN IMMEDIATE")
         try:
-            fence._drop_sqlite_fence(conn)  # the copy has none: SQLite is live again
+            fenced = conn.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' "
+                "AND substr(name, 1, ?) = ?",
+                [len(fence.TRIGGER_PREFIX), fence.TRIGGER_PREFIX],
+            ).fetchall()
+            if keep_fence:  # our writes pass; no other connection sees the file unfenced
+                for name, _sql in fenced:
+                    conn.execute(f"DROP TRIGGER {_qi(name)}")
+            else:
+                fence._drop_sqlite_fence(conn)  # the copy has none: SQLite is live again
             for table in plan.tables:
                 diff = net.get(table.db_table)
                 if diff is None or not diff.total:
@@ -491,11 +504,15 @@ def write_into_live(copy: Path, sqlite_path: Path, plan, net: dict[str, TableDif
                     ).fetchall()
                     if any(n for (n,) in differ):
                         raise VerificationError(
-                            f"{table.db_table}: the live SQLite file does not match the verified "
-                            "copy after writing the carried rows; nothing was written to it."
+                            f"{table.db_table}: the live SQLite file does not match {copy.name} "
+                            "after writing the carried rows; that write was rolled back."
                         )
                 written += len(keys)
-            fz.pause_point("rollback_write_live")  # a kill -9 here: SQLite rolls it all back
+            if keep_fence:
+                for _name, sql in fenced:
+                    conn.execute(sql)
+            # a kill -9 here: SQLite rolls the whole transaction back
+            fz.pause_point("rollback_prewrite_live" if keep_fence else "rollback_write_live")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -579,6 +596,7 @@ def rollback_to_sqlite(
     carried: list[TableCarry] = []
     discarded: list[TableCarry] = []
     backup_path: Path | None = None
+    backup_file: Path | None = None
     freeze = None
     pg_fenced = False
     frozen_for = 0.0
@@ -606,6 +624,7 @@ def rollback_to_sqlite(
                         sqlite_path=sqlite_path, backup_dir=backup_dir, label="pre-rollback"
                     )
                     backup_path = info.path
+                    backup_file = _backup_database(info)
                     step.details = {"backup": str(info.path), "rows": sum(info.row_counts.values())}
                     note(f"pre-rollback backup: {info.path}")
             copy = temp_copy_path(sqlite_path, "rollback")
@@ -647,7 +666,7 @@ def rollback_to_sqlite(
             try:
                 new_state, carried, discarded = _carry_back(
                     run, state_file, sqlite_path, copy, build_plan(),
-                    discard_postgres_writes, hold_freeze, note,
+                    discard_postgres_writes, hold_freeze, note, backup_file,
                 )  # fmt: skip
             finally:
                 remove_copy(copy)
@@ -721,10 +740,10 @@ def rollback_to_sqlite(
     )
 
 
-def _carry_back(run, state_file, sqlite_path, copy, plan, discard, hold_freeze, note):
-    """Carry PostgreSQL's writes into a fresh copy (most before the freeze), verify, swap, flip."""
+def _carry_back(run, state_file, sqlite_path, copy, plan, discard, hold_freeze, note, backup):
+    """Carry PostgreSQL's writes into a fresh copy and the live file (most before the freeze),
+    verify, then under the freeze the last rows; flip."""
     tables = plan.tables
-    flag = fz.freeze_path_for(state_file)
     if discard:
         hold_freeze(best_effort=True)
         with run.step("find_discarded") as step:
@@ -780,6 +799,48 @@ def _carry_back(run, state_file, sqlite_path, copy, plan, discard, hold_freeze, 
         checked = verify_unlogged(copy, plan, logged_tables=logged_tables)
         step.details = checked
     full = set(checked["full_check_frozen"])
+    # the bulk of the rows go into the live file now, unfrozen; it stays fenced (and
+    # inactive) until the frozen stage writes the last rows and drops the fence
+    prewritten = not any(t.composite and first[t.db_table].total for t in tables)
+    if prewritten:
+        with run.step("write_live_before_freeze") as step:
+            try:
+                step.details = write_into_live(copy, sqlite_path, plan, first, keep_fence=True)
+            except BaseException:
+                prewritten = False
+                raise
+    try:
+        return _frozen_stage(
+            run, state_file, sqlite_path, copy, plan, hold_freeze, note, first, full,
+            prewritten,
+        )  # fmt: skip
+    except BaseException:
+        if prewritten and backup is not None:  # put the live file back as the switch left it
+            try:
+                write_into_live(backup, sqlite_path, plan, first, keep_fence=True)
+                run.facts["live_file_restored"] = True
+            except Exception as exc:  # noqa: BLE001 said in the report; a rerun still works
+                run.facts["live_file_restore_failed"] = str(exc)
+        raise
+
+
+def _backup_database(info) -> Path | None:
+    """The SQLite file inside a backup (its manifest names it)."""
+    import json
+
+    try:
+        manifest = json.loads((Path(info.path) / "manifest.json").read_text())
+        return Path(info.path) / manifest["files"][0]["name"]
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
+def _frozen_stage(
+    run, state_file, sqlite_path, copy, plan, hold_freeze, note, first, full, prewritten
+):
+    """Freeze, carry what the log noted since stage 1 began, verify, write it live, flip."""
+    tables = plan.tables
+    flag = fz.freeze_path_for(state_file)
     # stage 2, frozen: only the rows logged since stage 1 began, and the uncovered tables
     freeze = hold_freeze()
     with run.step("catch_up") as step, copy_alias(copy) as target:
@@ -832,12 +893,11 @@ def _carry_back(run, state_file, sqlite_path, copy, plan, discard, hold_freeze, 
                 "may hold writes the copy lacks. Nothing was replaced; run rollback_to_sqlite "
                 "again (raise --freeze-timeout if it was too short)."
             )
-        net = {k: _net(first[k], then[k]) for k in first}
-        if any(t.composite and net[t.db_table].total for t in tables):
+        if not prewritten:
             swap_in(copy, sqlite_path)  # composite keys: the whole copy's pages instead
             step.details = {"swapped_pages": True}
-        else:
-            step.details = write_into_live(copy, sqlite_path, plan, net)
+        else:  # only the rows carried under the freeze: the rest is in the file already
+            step.details = write_into_live(copy, sqlite_path, plan, then, keep_fence=False)
         new_state = transition(
             state_file,
             "rolled_back",

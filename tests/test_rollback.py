@@ -633,6 +633,29 @@ def test_a_copy_that_differs_in_a_logged_row_is_refused(state_file):
     assert read_state(state_file).active_backend == "postgresql"
 
 
+def test_a_rollback_failing_under_the_freeze_puts_the_live_file_back(state_file):
+    org, users = seed_both()
+    fence_sqlite_as_the_switch_does()
+    write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))
+    new = write_on_postgresql(org, users)
+
+    def fails_under_the_freeze(message):
+        if message.startswith("stage 2:"):  # after stage 1 wrote its rows into the live file
+            assert not User.all_objects.using("sqlite").filter(pk=users[1].pk).exists()
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        rollback.rollback_to_sqlite(
+            state_file=state_file, drain_seconds=0, progress=fails_under_the_freeze
+        )
+    assert read_state(state_file).active_backend == "postgresql"
+    assert User.all_objects.using("sqlite").filter(pk=users[1].pk).exists()  # as switched
+    assert not User.all_objects.using("sqlite").filter(pk=new.pk).exists()
+    assert fence.sqlite_fence(Path(sqlite_file())) is not None
+    report = json.loads(max(state_file.parent.joinpath("reports").glob("*.json")).read_text())
+    assert report["facts"]["live_file_restored"] is True
+
+
 def test_a_table_a_long_transaction_holds_is_compared_in_full(state_file, pre_freeze_writer):
     org, users = seed_both()
     write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))
@@ -646,8 +669,9 @@ def test_a_table_a_long_transaction_holds_is_compared_in_full(state_file, pre_fr
 
 
 @pytest.mark.slow
-def test_kill_9_while_writing_the_live_file_leaves_it_untouched_and_a_rerun_finishes(
-    state_file, tmp_path
+@pytest.mark.parametrize("point", ["rollback_prewrite_live", "rollback_write_live"])
+def test_kill_9_while_writing_the_live_file_leaves_it_fenced_and_a_rerun_finishes(
+    state_file, point
 ):
     from tests.test_freeze import manage, runbook_env
 
@@ -658,12 +682,16 @@ def test_kill_9_while_writing_the_live_file_leaves_it_untouched_and_a_rerun_fini
     db_dir = state_file.parent
     proc = subprocess.Popen(
         manage("rollback_to_sqlite", "--noinput", "--drain-seconds", "0"),
-        env=runbook_env(db_dir, pause_at="rollback_write_live"),
+        env=runbook_env(db_dir, pause_at=point),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     deadline = time.monotonic() + 120
+    flag = fz.freeze_path_for(state_file)
     while True:  # paused inside its transaction on the live file: it holds the write lock
         assert proc.poll() is None, proc.communicate()
+        if point == "rollback_write_live" and not flag.exists():  # the one under the freeze
+            time.sleep(0.1)
+            continue
         assert time.monotonic() < deadline, "the rollback never reached the live file"
         probe = sqlite3.connect(sqlite_file(), timeout=0)
         try:
@@ -676,10 +704,12 @@ def test_kill_9_while_writing_the_live_file_leaves_it_untouched_and_a_rerun_fini
         time.sleep(0.1)
     proc.kill()
     proc.wait()
-    # SQLite rolled the transaction back: still fenced, still the rows of before
+    # SQLite rolled the killed transaction back: still fenced; before the freeze the rows of
+    # the switch, under it those stage 1 wrote in before the freeze (PostgreSQL's, inactive)
     assert fence.sqlite_fence(Path(sqlite_file())) is not None
-    assert User.all_objects.using("sqlite").filter(pk=users[1].pk).exists()
-    assert not User.all_objects.using("sqlite").filter(pk=new.pk).exists()
+    prewritten = point == "rollback_write_live"
+    assert User.all_objects.using("sqlite").filter(pk=users[1].pk).exists() is not prewritten
+    assert User.all_objects.using("sqlite").filter(pk=new.pk).exists() is prewritten
     assert read_state(state_file).active_backend == "postgresql"
     deadline = time.monotonic() + 10  # the PostgreSQL fence was a lease of the dead session
     while other_session_writes() != "written":
