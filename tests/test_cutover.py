@@ -547,3 +547,29 @@ def test_a_sqlite_fence_refusal_is_no_integrity_error():
         assert fence.is_fence_refusal(refused.value)
     finally:
         fence.lift_sqlite_fence(sqlite_path())
+
+
+@pytest.mark.django_db(databases="__all__", transaction=True)
+def test_a_changed_row_that_arrives_wrong_is_refused(state_file, migrated, monkeypatch):
+    org, users = migrated
+    late = []
+    apply = cutover.apply_source_changes
+
+    def app_writes_during_stage_1(message):
+        if message.startswith("pre-sync:") and not late:
+            late.append(writes_on_sqlite(org, users))
+
+    def applies_then_breaks(**kwargs):  # a faulty catch-up: one changed row arrives wrong
+        done = apply(**kwargs)
+        with connections["postgresql"].cursor() as cursor:
+            cursor.execute(
+                "UPDATE accounts_user SET last_name = 'wrong' WHERE id = %s", [users[0].pk]
+            )
+        return done
+
+    monkeypatch.setattr(cutover, "apply_source_changes", applies_then_breaks)
+    with pytest.raises(
+        cutover.VerificationError, match=f"accounts_user: rows differ: .*{users[0].pk.hex}"
+    ):
+        cutover.switch_to_postgresql(drain_seconds=0, progress=app_writes_during_stage_1)
+    assert read_state(state_file).active_backend == "sqlite"
