@@ -12,7 +12,6 @@ Public API (direction-agnostic; a ``Side`` is a SQLite file or a Django alias):
     sync_to_postgresql(*, sqlite_path, alias="postgresql", tables=None, state_file=None,
                        progress=None) -> SyncResult
         apply SQLite's changes to PostgreSQL in one transaction (``migrate_data --sync``).
-
     apply_changes(*, diff: TableDiff, writer: CopyWriter | OrmWriter,
                   result: ApplyResult | None = None) -> ApplyResult
         make one table's target rows equal the source's for the keys in ``diff``: the old
