@@ -25,6 +25,7 @@ import uuid
 from django.contrib.auth import SESSION_KEY
 from django.contrib.auth.backends import ModelBackend
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.http import FileResponse, StreamingHttpResponse
 
 from propcore.replicas import carry_settings, request_transaction
 
@@ -86,7 +87,33 @@ class RlsIdentityMiddleware:
             response = self.get_response(request)
             if response.status_code >= 500:
                 transaction.set_rollback(True, using=using)
+            elif _streams_from_code(response):
+                # the body is made after this transaction ends: give it one of its own, with
+                # the identity the view ended with (on the primary: no routing context then)
+                with connections[using].cursor() as cursor:
+                    cursor.execute(
+                        "SELECT current_setting('app.user_id', true), "
+                        "current_setting('app.role', true)"
+                    )
+                    user_id, role = cursor.fetchone()
+                response.streaming_content = _with_identity(
+                    response.streaming_content, user_id=user_id, role=role or "", using=using
+                )
             return response
+
+
+def _streams_from_code(response) -> bool:
+    """A streaming body made by the view's generator (not a file, not async)."""
+    return (
+        isinstance(response, StreamingHttpResponse)
+        and not isinstance(response, FileResponse)
+        and not response.is_async
+    )
+
+
+def _with_identity(content, *, user_id: str | None, role: str, using: str):
+    with db_identity(user_id=user_id or None, role=role, using=using):
+        yield from content
 
 
 class RlsModelBackend(ModelBackend):

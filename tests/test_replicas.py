@@ -553,6 +553,36 @@ def test_a_user_who_writes_reads_the_write_in_that_request_and_the_next(app_on_p
     assert "accounts_user" in " ".join(sql for alias, sql in seen if alias == "default")
 
 
+def test_a_login_is_read_back_from_the_primary_until_the_standby_has_replayed_it(app_on_pair):
+    """The login looks the user up on the primary; its session is read back through the cookie."""
+    p_port, s_port = app_on_pair["ports"]
+    _sql(s_port, "SELECT pg_wal_replay_pause()")
+    try:
+        client = Client()
+        with _queries() as seen:
+            response = client.post(
+                "/admin/login/?next=/admin/", {"username": "staff@prop.ie", "password": PASSWORD}
+            )
+        assert response.status_code == 302, response.content.decode()[:300]
+        assert _where(seen, "accounts_user") == {"default"}
+        assert LSN_COOKIE in client.cookies
+        assert not _replayed(p_port, s_port)
+        assert client.get("/admin/accounts/user/").status_code == 200
+        # the control: the same session without the cookie reads the paused standby, which
+        # has no such session yet: not signed in
+        other = Client()
+        other.cookies["sessionid"] = client.cookies["sessionid"].value
+        assert other.get("/admin/accounts/user/").status_code == 302
+    finally:
+        _sql(s_port, "SELECT pg_wal_replay_resume()")
+    _wait_replayed(p_port, s_port)
+    replayed = Client()  # (the control's client lost the cookie: Django drops an empty session's)
+    replayed.cookies["sessionid"] = client.cookies["sessionid"].value
+    with _queries() as seen:
+        assert replayed.get("/admin/accounts/user/").status_code == 200
+    assert _where(seen, "django_session") == {RLS_REPLICA}
+
+
 def test_reads_in_the_views_own_transaction_or_locks_stay_on_the_primary(app_on_pair):
     client = _logged_in(app_on_pair, app_on_pair["people"]["a"])
     assert client.get("/t/own-transaction/").json() == {
@@ -575,12 +605,20 @@ def test_a_failing_request_ends_its_replica_transaction(app_on_pair):
     assert [u["id"] for u in client.get("/api/me/").json()["user"]] == [str(a.pk)]
 
 
-def test_a_streaming_response_reads_nothing_after_the_request_transaction(app_on_pair):
-    """Its body is made after the middlewares returned: no identity there, so no rows."""
-    client = _logged_in(app_on_pair, app_on_pair["people"]["a"])
-    response = client.get("/t/stream/")
-    assert b"".join(response.streaming_content) == b"0"
+def test_a_streaming_body_reads_with_the_requests_identity_and_only_its_rows(app_on_pair):
+    """Its body is made after the middlewares returned: in a transaction of its own, on the
+    primary, with the identity the view ended with (the old way it read with none: no rows)."""
+    people = app_on_pair["people"]
+    response = _logged_in(app_on_pair, people["a"]).get("/t/stream/")
+    assert b"".join(response.streaming_content).decode() == f"default {people['a'].pk}"
     assert _replica_state()[:3] == (False, "", "")
+    # the audit log's CSV export, as staff: every entry, not the header alone
+    staff = _logged_in(app_on_pair, people["staff"])
+    export = staff.get("/admin/auditlog/logentry/export.csv")
+    assert export.status_code == 200
+    lines = b"".join(export.streaming_content).decode().splitlines()
+    assert len(lines) > 3, lines
+    assert any(people["a"].email in line for line in lines[1:])
 
 
 @pytest.fixture
@@ -661,7 +699,8 @@ def _stream(request):
     from accounts.models import User
 
     def body():
-        yield str(User.objects.count()).encode()
+        users = User.objects.all()
+        yield f"{users.db} {' '.join(str(pk) for pk in users.values_list('pk', flat=True))}"
 
     return StreamingHttpResponse(body())
 
