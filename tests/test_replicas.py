@@ -6,6 +6,7 @@ whose table it creates on the private primary.
 """
 
 import contextlib
+import json
 import logging
 import os
 import subprocess
@@ -650,6 +651,109 @@ def test_with_the_standby_dying_mid_request_a_user_gets_their_rows_from_the_prim
     with _queries() as seen:
         assert [u["id"] for u in client.get("/api/me/").json()["user"]] == [str(a.pk)]
     assert _where(seen, "accounts_user") == {"default"}
+
+
+def test_under_gunicorn_concurrent_users_read_only_their_rows_from_the_standby(
+    app_on_pair, settings, tmp_path
+):
+    """The app as deployed (gunicorn, 2 workers x 4 threads, propcore.settings, the app role,
+    POSTGRES_REPLICA_URLS): users A and B and anonymous clients at once, on kept replica
+    connections shared by turns; each answer holds the requester's rows only."""
+    import http.client
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from accounts.models import KycVerification
+    from dbmigration.state import MigrationState, write_state
+
+    p_port, s_port = app_on_pair["ports"]
+    app = app_on_pair["names"].app
+    people = app_on_pair["people"]
+    own = {
+        str(u.pk): {str(k) for k in KycVerification.objects.using(RLS_ADMIN).filter(user=u)
+                    .values_list("pk", flat=True)}
+        for u in (people["a"], people["b"])
+    }  # fmt: skip
+    cookies = {
+        str(u.pk): _logged_in(app_on_pair, u).cookies["sessionid"].value
+        for u in (people["a"], people["b"])
+    }
+    write_state(
+        tmp_path / "state.json", MigrationState(phase="switched", active_backend="postgresql")
+    )
+    port = _free_tcp_port()
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "propcore.settings",
+        "PROPCORE_ENV": "dev",
+        "DEBUG": "false",
+        "SECRET_KEY": settings.SECRET_KEY,  # the sessions above are signed with it
+        "ALLOWED_HOSTS": "127.0.0.1",
+        "PROPCORE_DATABASE_DIR": str(tmp_path),
+        "SQLITE_PATH": str(tmp_path / "unused.sqlite3"),
+        "POSTGRES_URL": f"postgres://{app}@127.0.0.1:{p_port}/{RLS_DB}",
+        "POSTGRES_REPLICA_URLS": f"postgres://{app}@127.0.0.1:{s_port}/{RLS_DB}",
+        "POSTGRES_OWNER_URL": "",
+    }
+    log = tmp_path / "gunicorn.log"
+    gunicorn = subprocess.Popen(
+        [str(Path(sys.executable).with_name("gunicorn")), "propcore.wsgi:application",
+         "-b", f"127.0.0.1:{port}", "-w", "2", "-k", "gthread", "--threads", "4"],
+        cwd=Path(__file__).resolve().parent.parent, env=env, stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"), start_new_session=True,
+    )  # fmt: skip
+
+    def get(path: str, user_id: str | None) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            headers = {"Cookie": f"sessionid={cookies[user_id]}"} if user_id else {}
+            conn.request("GET", path, headers=headers)
+            response = conn.getresponse()
+            return response.status, json.loads(response.read() or b"{}")
+        finally:
+            conn.close()
+
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert gunicorn.poll() is None, log.read_text()[-3000:]
+            with contextlib.suppress(OSError):
+                if get("/api/me/", None)[0] == 401:
+                    break
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+        commits = _standby_commits(s_port)
+        who = [*cookies, None] * 40
+        paths = ["/api/me/", "/api/me/kyc/"] * 60
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(
+                pool.map(lambda job: (job, get(job[1], job[0])), zip(who, paths, strict=True))
+            )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(gunicorn.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            gunicorn.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(gunicorn.pid, signal.SIGKILL)
+    for (user_id, target), (status, body) in answers:
+        if user_id is None:
+            assert (status, body) == (401, {"error": "Sign in first."})
+        elif target == "/api/me/":
+            assert status == 200 and [u["id"] for u in body["user"]] == [user_id], body
+        else:
+            assert status == 200 and {k["id"] for k in body["kyc"]} == own[user_id], body
+    # each signed-in request committed its transaction on the standby (the workers' backends
+    # have ended: their statistics are flushed)
+    _wait_for(lambda: _standby_commits(s_port) >= commits + 80)
+
+
+def _free_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _users_seen(request):
