@@ -99,7 +99,7 @@ class RoutingContext:
     request_depth: int | None = None
     local_settings: dict[str, str] = dataclasses.field(default_factory=dict)
     replica_transactions: dict[str, transaction.Atomic] = dataclasses.field(default_factory=dict)
-    primary_only: bool = False  # the replica cannot carry this request's settings
+    stay_on_primary: bool = False  # a replica cannot carry this request's settings
 
 
 _context: contextvars.ContextVar[RoutingContext | None] = contextvars.ContextVar(
@@ -300,7 +300,7 @@ def carry_settings(using: str, values: dict[str, str]) -> None:
     if context is None or context.request_depth is None or using != routing()["PRIMARY"]:
         return
     if len(connections[using].atomic_blocks) != context.request_depth:
-        context.primary_only = True
+        context.stay_on_primary = True
         return
     context.local_settings.update(values)
     for alias in list(context.replica_transactions):
@@ -308,7 +308,7 @@ def carry_settings(using: str, values: dict[str, str]) -> None:
             _set_local(alias, values)
         except Exception as exc:  # a replica that cannot take them serves no more reads
             replicas.mark_out(alias, exc)
-            context.primary_only = True
+            context.stay_on_primary = True
             end_replica_transactions(context, commit=False)
             return
 
@@ -385,7 +385,7 @@ def read_alias() -> str:
     context = _context.get()
     if _primary_only.get() or _in_own_atomic_block(context, connections[primary]):
         return primary
-    if context is not None and (context.wrote or context.primary_only):
+    if context is not None and (context.wrote or context.stay_on_primary):
         return primary
     candidates = replicas.in_rotation()
     if context is not None and context.min_lsn is not None:
@@ -494,7 +494,8 @@ class ReplicaStickinessMiddleware:
         Only for a request that has written nothing through the router (a read-only view,
         or a form that failed before saving): running it again cannot write twice.  The
         retry stays inside the inner middlewares' work (the row-level security
-        transaction on the primary is still open), so only the view runs again.
+        transaction on the primary is still open), so only the view runs again; the
+        request's replica transactions are rolled back first.
         """
         context = _context.get()
         if not _replica_read_failed(context, exception):
