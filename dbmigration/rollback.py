@@ -46,29 +46,15 @@ from dbmigration.sqlite_source import (
     temp_copy_path,
 )
 from dbmigration.state import MigrationState, read_state, transition
-from dbmigration.sync import diff_table
+from dbmigration.sync import OrmWriter, TableDiff, apply_changes, chunks, diff_table
 from dbmigration.verify import Side, verify
 
 Progress = Callable[[str], None] | None
 COPY_ALIAS = "rollback_copy"
 PG_ALIAS = "postgresql"
 PG = Side(alias="postgresql")
-BATCH = 500
 SAMPLE = 50  # primary keys listed per table and kind in the report
 ROLLBACK_FREEZE_ESTIMATE = 15.0  # seconds after the drain, sent as Retry-After (measured 13.7)
-
-
-@dataclasses.dataclass
-class TableDiff:
-    """Rows that differ between a source and a target table, by primary key."""
-
-    inserted_pks: list  # in the source only
-    updated_pks: list  # in both, with different values
-    deleted_pks: list  # in the target only
-
-    @property
-    def total(self) -> int:
-        return len(self.inserted_pks) + len(self.updated_pks) + len(self.deleted_pks)
 
 
 @dataclasses.dataclass
@@ -127,6 +113,7 @@ def orm_diff(model, *, source: str, target: str) -> TableDiff:
     """Compare a table on two aliases object by object through the ORM."""
     src, dst = orm_rows(model, source), orm_rows(model, target)
     return TableDiff(
+        model._meta.db_table,
         inserted_pks=sorted((pk for pk in src if pk not in dst), key=str),
         updated_pks=sorted((pk for pk in src if pk in dst and src[pk] != dst[pk]), key=str),
         deleted_pks=sorted((pk for pk in dst if pk not in src), key=str),
@@ -135,35 +122,10 @@ def orm_diff(model, *, source: str, target: str) -> TableDiff:
 
 def find_changes(table, *, source: Side, target: Side) -> TableDiff:
     """Rows that differ, found by range checksums the way ``migrate_data --sync`` does."""
-    found = diff_table(source=source, target=target, table=table)
-    return TableDiff(list(found.inserted_pks), list(found.updated_pks), list(found.deleted_pks))
+    return diff_table(source=source, target=target, table=table)
 
 
 # --- writing into the copy ------------------------------------------------------------------
-
-
-def _batches(items: list, size: int = BATCH) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def apply_changes(model, diff: TableDiff, *, source: str, target: str) -> None:
-    """Make target's rows equal source's for the pks in diff, as Django would store them."""
-    manager = model._base_manager
-    # generated columns are computed by SQLite itself and may not be written
-    fields = [f for f in model._meta.local_concrete_fields if not f.generated]
-    others = [f for f in fields if not f.primary_key]
-    for pks in _batches(diff.deleted_pks):
-        qs = manager.using(target).filter(pk__in=pks)
-        qs._raw_delete(target)  # no cascade, no signals: cascaded rows have their own diffs
-    for pks in _batches(diff.inserted_pks):
-        objs = list(manager.using(source).filter(pk__in=pks))
-        # raw=True: values as they are (no auto_now), no signals, so no audit entries
-        manager.using(target)._insert(objs, fields=fields, raw=True, using=target)
-    for pks in _batches(diff.updated_pks):
-        for obj in manager.using(source).filter(pk__in=pks):
-            values = {f.attname: getattr(obj, f.attname) for f in others}
-            manager.using(target).filter(pk=obj.pk).update(**values)
 
 
 @contextlib.contextmanager
@@ -263,7 +225,8 @@ def drop_postgres_copy(alias: str = "postgresql") -> list[str]:
 def _apply_all(tables, diffs: dict, *, target: str) -> None:
     for table in tables:
         if diffs[table.db_table].total:
-            apply_changes(table.model, diffs[table.db_table], source="postgresql", target=target)
+            writer = OrmWriter(table.model, source="postgresql", target=target)
+            apply_changes(diff=diffs[table.db_table], writer=writer)
 
 
 def _summarise(tables, diffs: dict) -> list[TableCarry]:
@@ -292,7 +255,7 @@ def _net(first: TableDiff, then: TableDiff) -> TableDiff:
     inserted = (ins1 - del2) | (ins2 - del1)
     updated = ((upd1 | upd2) - ins1 - del2) | (ins2 & del1)
     deleted = (del1 - ins2) | (del2 - ins1)
-    return TableDiff(*(sorted(s, key=str) for s in (inserted, updated, deleted)))
+    return TableDiff(first.table, *(sorted(s, key=str) for s in (inserted, updated, deleted)))
 
 
 def pg_horizon() -> int:
@@ -324,6 +287,7 @@ def changed_on_pg_since(horizon: int, tables, *, target: str) -> dict[str, Table
             # the horizon is cluster-wide, so "recent" may hold rows that did not change
             both = sorted(recent & ours, key=str)
             found[table.db_table] = TableDiff(
+                table.db_table,
                 inserted_pks=sorted(recent - ours, key=str),
                 updated_pks=_differing(table.model, both, source="postgresql", target=target),
                 deleted_pks=sorted(ours - theirs, key=str),
@@ -335,7 +299,7 @@ def _differing(model, pks: list, *, source: str, target: str) -> list:
     """The pks among pks whose values differ between source and target (through the ORM)."""
     names = [f.attname for f in model._meta.concrete_fields]
     differ = []
-    for chunk in _batches(pks):
+    for chunk in chunks(pks):
         sides = [
             {
                 row[0]: tuple(map(_plain, row[1:]))

@@ -46,7 +46,7 @@ def give_to_postgres(*paths: Path, mode: int | None = None) -> None:
             shutil.chown(path, "postgres")
 
 
-def _conf_value(value) -> str:
+def conf_value(value) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, int | float):
@@ -108,7 +108,7 @@ class PrivateCluster:
         """Append settings to postgresql.conf (the last line wins); restart() applies them."""
         with (self.data / "postgresql.conf").open("a") as conf_file:
             for key, value in settings.items():
-                conf_file.write(f"{key} = {_conf_value(value)}\n")
+                conf_file.write(f"{key} = {conf_value(value)}\n")
 
     def include(self, conf_file: Path) -> None:
         """Append a copy of conf_file (e.g. deploy/'s documented settings) to postgresql.conf."""
