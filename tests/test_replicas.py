@@ -33,7 +33,7 @@ from propcore.replicas import (
     routing_context,
     use_primary,
 )
-from tests.test_health import _run, _start, streaming_pair
+from tests.clusters import as_postgres, start_server, streaming_pair
 
 pytestmark = pytest.mark.slow
 
@@ -224,7 +224,7 @@ def test_with_the_standby_stopped_reads_still_succeed(router, settings):
     with routing_context():
         assert ContentType.objects.filter(app_label="scale").db == REPLICA
         assert ContentType.objects.filter(app_label="scale").exists()  # a kept connection
-    _run(find_pg_bin("pg_ctl"), "-D", str(root / "standby"), "-m", "fast", "stop")
+    as_postgres(find_pg_bin("pg_ctl"), "-D", str(root / "standby"), "-m", "fast", "stop")
     close_old_connections()  # what Django does when the next request starts
     with routing_context():
         assert ContentType.objects.filter(app_label="scale").exists()
@@ -252,7 +252,9 @@ def _stop_standby_mid_request(request):
     """Read (from the standby), kill the standby, read again: the second read fails there."""
     first = ContentType.objects.filter(app_label="scale").count()
     if _killer:
-        _run(find_pg_bin("pg_ctl"), "-D", str(_killer.pop("standby")), "-m", "immediate", "stop")
+        as_postgres(
+            find_pg_bin("pg_ctl"), "-D", str(_killer.pop("standby")), "-m", "immediate", "stop"
+        )
     models = list(ContentType.objects.filter(app_label="scale").values_list("model", flat=True))
     return HttpResponse(f"{first} {len(models)}")
 
@@ -267,7 +269,7 @@ def standby_running(router):
 
     def start() -> None:
         if not (root / "standby" / "postmaster.pid").exists():
-            _start(root / "standby", s_port, root)
+            start_server(root / "standby", s_port, root)
         connections[REPLICA].close()
 
     start()
@@ -318,7 +320,7 @@ def _app_alias(port: int, user: str) -> dict:
 
 def _ensure_standby(root: Path, s_port: int) -> None:
     if not (root / "standby" / "postmaster.pid").exists():  # an earlier test stopped it
-        _start(root / "standby", s_port, root)
+        start_server(root / "standby", s_port, root)
 
 
 def _replayed(p_port: int, s_port: int) -> bool:
@@ -814,7 +816,9 @@ def _users_kill(request):
 
     first = sorted(str(pk) for pk in User.objects.values_list("pk", flat=True))
     if _killer:
-        _run(find_pg_bin("pg_ctl"), "-D", str(_killer.pop("standby")), "-m", "immediate", "stop")
+        as_postgres(
+            find_pg_bin("pg_ctl"), "-D", str(_killer.pop("standby")), "-m", "immediate", "stop"
+        )
     second = sorted(str(pk) for pk in User.objects.values_list("pk", flat=True))
     return JsonResponse({"first": first, "second": second})
 
