@@ -542,8 +542,9 @@ def run_mode(mode: str, args, root: Path, sessions: dict) -> dict:
         capacity = asyncio.run(closed_loop(client, args.clients, args.seconds))
         peak.done.set()
         peak.join()
-        with psycopg.connect(url(p_port), autocommit=True) as conn:
-            conn.execute("SELECT pg_stat_statements_reset()")
+        for port in (p_port, s_port) if mode == "replica" else (p_port,):
+            with psycopg.connect(url(port), autocommit=True) as conn:
+                conn.execute("SELECT pg_stat_statements_reset()")  # a standby's own counters
         before = standby_commits(s_port)
         rate = max(1.0, capacity["throughput"] / 2)
         latency = asyncio.run(open_loop(client, rate, args.seconds))
@@ -554,6 +555,7 @@ def run_mode(mode: str, args, root: Path, sessions: dict) -> dict:
             "rate": round(rate, 1),
             "latency": latency,
             "hot_statements": hot_statements(p_port),
+            "standby_hot_statements": hot_statements(s_port) if mode == "replica" else [],
             "standby_commits": standby_commits(s_port) - before,
         }
     finally:
@@ -620,11 +622,12 @@ def render(by_mode: dict[str, list[dict]], meta: dict) -> str:
     ]
     for mode, runs in by_mode.items():
         lines.append(f"- {mode}:")
-        for s in runs[-1]["hot_statements"]:
-            lines.append(
-                f"  - {s['calls']} calls, mean {s['mean_ms']} ms, max {s['max_ms']} ms: "
-                f"`{s['query'][:110]}`"
-            )
+        for where, key in (("", "hot_statements"), ("standby: ", "standby_hot_statements")):
+            for s in runs[-1].get(key, []):
+                lines.append(
+                    f"  - {where}{s['calls']} calls, mean {s['mean_ms']} ms, max {s['max_ms']} ms: "
+                    f"`{s['query'][:110]}`"
+                )
     errors = {
         k: v
         for mode in by_mode.values()

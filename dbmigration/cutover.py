@@ -199,6 +199,7 @@ def source_changes(
     logged: keys the change log noted per table since before the snapshot; in the tables
     it covers only those rows are compared (the others are compared whole)."""
     from dbmigration.sqlite_source import open_readonly
+    from dbmigration.sync import chunks
 
     conn = open_readonly(sqlite_path)
     try:
@@ -214,7 +215,7 @@ def source_changes(
             changes = SourceChanges(table.db_table)
             whole = table.db_table not in covered
             mine = sorted(set((logged or {}).get(table.db_table, ())), key=str)
-            keys = [None] if whole else list(_chunks(mine))
+            keys = [None] if whole else list(chunks(mine))
             for chunk in keys:
                 only = "" if chunk is None else f"{{a}}.{first} IN ({', '.join('?' * len(chunk))})"
                 params = [] if chunk is None else chunk
@@ -270,11 +271,6 @@ def _pk_values(table, raw_pks: list) -> list:
     return table.key_params(keys, connections["postgresql"])
 
 
-def _chunks(items: list, size: int = 500):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def apply_source_changes(
     *,
     sqlite_path: Path,
@@ -288,16 +284,16 @@ def apply_source_changes(
     from django.core.management.color import no_style
     from django.db import DatabaseError, transaction
 
-    from dbmigration.rejections import RowConverter, refused_row
-    from dbmigration.rows import read_rows
+    from dbmigration.rejections import RowConverter, RowRejected, refused_row
     from dbmigration.source_scan import plan_targets
     from dbmigration.sqlite_source import open_readonly
+    from dbmigration.sync import ApplyResult, CopyWriter, TableDiff, apply_changes
 
-    pg = connections["postgresql"]
+    pg, lite = connections["postgresql"], connections["sqlite"]
     by_table = {c.table: c for c in changes}
     targets = plan_targets(plan, "postgresql")
     conn = open_readonly(sqlite_path, raw_text=True)
-    written = deleted = 0
+    applied = ApplyResult()
     # rows carried: each upsert written and each pure deletion, against all of them
     total = sum(len(c.upserts) + len(c.deleted) for c in changes)
     carried = 0
@@ -306,53 +302,47 @@ def apply_source_changes(
         if rows_progress and carried % every == 0:
             rows_progress("rows", carried, total)
 
+    def row_written() -> None:
+        nonlocal carried
+        carried += 1
+        report(every=500)
+
     report()
     try:
         with transaction.atomic(using="postgresql"), pg.cursor() as cur:
-            # Django's foreign keys are DEFERRABLE INITIALLY DEFERRED: order within is free
             for table in plan.tables:
                 change = by_table[table.db_table]
                 if progress:
                     progress(f"catch-up: {table.db_table}")
+                # every old version out by key, every changed row in by rowid (exact)
                 gone = change.deleted + [pk for _, pk, is_new in change.upserts if not is_new]
-                for chunk in _chunks(gone):
-                    cur.execute(
-                        f"DELETE FROM {_qi(table.db_table)} WHERE {table.key_in(len(chunk), '%s')}",
-                        _pk_values(table, chunk),
-                    )
-                    deleted += cur.rowcount
+                writer = CopyWriter(
+                    cur=cur,
+                    conn=conn,
+                    table=table,
+                    converter=RowConverter(table, targets[table.db_table]),
+                    by_rowid=True,
+                    collect=False,
+                    on_row=row_written,
+                )
+                diff = TableDiff(
+                    table.db_table,
+                    inserted_pks=[rowid for rowid, _, _ in change.upserts],
+                    deleted_pks=[table.python_key(raw, lite) for raw in gone],
+                )
                 carried += len(change.deleted)
                 report()
-                if not change.upserts:
-                    continue
-                converter = RowConverter(table, targets[table.db_table])
-                cols = ", ".join(_qi(c) for c in table.column_names)
-                copied: list = []  # a key per COPY line, to name a row PostgreSQL refuses
                 try:
-                    with cur.cursor.copy(f"COPY {_qi(table.db_table)} ({cols}) FROM STDIN") as copy:
-                        for chunk in _chunks([rowid for rowid, _, _ in change.upserts]):
-                            marks = ", ".join("?" * len(chunk))
-                            # as the copy reads them: a TEXT/BLOB of the wrong class is marked
-                            where = f"WHERE rowid IN ({marks})"
-                            batches = read_rows(conn, table, where=where, params=chunk)
-                            for raw in (row for batch in batches for row in batch):
-                                try:
-                                    copy.write_row(converter.convert(raw))
-                                except Exception as exc:
-                                    bad = getattr(exc, "rows", None)
-                                    if bad is None:
-                                        raise
-                                    raise _cannot_arrive(bad) from None
-                                copied.append(table.key_of(raw))
-                                written += 1
-                                carried += 1
-                                report(every=500)
+                    apply_changes(diff=diff, writer=writer, result=applied)
+                except RowRejected as exc:
+                    raise _cannot_arrive(exc.rows) from None
                 except psycopg.Error as exc:
-                    refused = refused_row(table, exc, copied, conn)
+                    refused = refused_row(table, exc, writer.copied, conn)
                     if refused is None:
                         raise
                     raise _cannot_arrive([refused]) from exc
-                report()
+                if change.upserts:
+                    report()
             for statement in pg.ops.sequence_reset_sql(no_style(), plan.models):
                 cur.execute(statement)
         with pg.cursor() as cur:
@@ -366,8 +356,8 @@ def apply_source_changes(
     finally:
         conn.close()
     return {
-        "rows_written": written,
-        "rows_deleted": deleted,
+        "rows_written": applied.rows_written,
+        "rows_deleted": applied.rows_deleted,
         "tables": {c.table: c.counts for c in changes if any(c.counts)},
     }
 
@@ -420,6 +410,7 @@ def verify_source_changes(
     from dbmigration.casts import target_columns
     from dbmigration.range_sums import hash_plan
     from dbmigration.sqlite_source import open_readonly
+    from dbmigration.sync import chunks
     from dbmigration.verify import (
         Side,
         applied_migrations,
@@ -449,7 +440,7 @@ def verify_source_changes(
                 change = by_table[table.db_table]
                 if change.deleted:
                     still = 0
-                    for chunk in _chunks(change.deleted):
+                    for chunk in chunks(change.deleted):
                         cur.execute(
                             f"SELECT count(*) FROM {t} WHERE {table.key_in(len(chunk), '%s')}",
                             _pk_values(table, chunk),
@@ -467,7 +458,7 @@ def verify_source_changes(
                     if table.composite
                     else hash_plan(table, target_columns(cur, table.db_table))
                 )
-                for chunk in _chunks(change.upserts):
+                for chunk in chunks(change.upserts):
                     if hashed is not None and _same_hashes(conn, cur, table, hashed, chunk):
                         continue  # C and SQL agree; otherwise Python's digests decide
                     marks = ", ".join("?" * len(chunk))

@@ -43,6 +43,31 @@ class RejectedRow:
     values: dict | None = None  # the full original row (JSON-safe), for the reject file
     raw_pk: Any = dataclasses.field(default=None, repr=False, compare=False)
 
+    @classmethod
+    def of(
+        cls,
+        table: PlannedTable,
+        raw_pk: Any,
+        *,
+        column: str,
+        code: str,
+        reason: str,
+        shown: Any,
+        values: dict | None = None,
+    ) -> RejectedRow:
+        """The refused row of table with key raw_pk (as SQLite stores it); ``shown`` is the
+        value its excerpt shows."""
+        return cls(
+            table=table.db_table,
+            pk=plain_key(raw_pk),
+            raw_pk=raw_pk,
+            column=column,
+            code=code,
+            reason=reason,
+            excerpt=excerpt(shown),
+            values=values,
+        )
+
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in REPORTED}
 
@@ -92,14 +117,13 @@ class RowConverter:
                 conv(value)
             except Rejection as exc:
                 bad.append(
-                    RejectedRow(
-                        table=self.table.db_table,
-                        pk=plain_key(self.table.key_of(raw)),
-                        raw_pk=self.table.key_of(raw),
+                    RejectedRow.of(
+                        self.table,
+                        self.table.key_of(raw),
                         column=column.name,
                         code=exc.code,
                         reason=exc.reason,
-                        excerpt=excerpt(value),
+                        shown=value,
                         values=row_dict(self.table, raw),
                     )
                 )
@@ -160,17 +184,16 @@ def relational_rejections(
                     first[key] = pk_value  # the oldest row keeps the key
                     continue
                 found.append(
-                    RejectedRow(
-                        table=table.db_table,
-                        pk=plain_key(pk_value),
-                        raw_pk=pk_value,
+                    RejectedRow.of(
+                        table,
+                        pk_value,
                         column=",".join(columns),
                         code="unique",
                         reason=(
                             f"duplicate of pk {plain_key(first[key])!r} on unique "
                             f"({', '.join(columns)})"
                         ),
-                        excerpt=excerpt(key if len(key) > 1 else key[0]),
+                        shown=(key if len(key) > 1 else key[0]),
                     )
                 )
     return found
@@ -220,14 +243,13 @@ def _unique_sets_as_postgresql_compares(table: PlannedTable) -> list[tuple[str, 
 
 
 def _fk_rejection(table: PlannedTable, fk, raw_pk: Any, value: Any, reason: str) -> RejectedRow:
-    return RejectedRow(
-        table=table.db_table,
-        pk=plain_key(raw_pk),
-        raw_pk=raw_pk,
+    return RejectedRow.of(
+        table,
+        raw_pk,
         column=fk.column,
         code="fk",
         reason=reason,
-        excerpt=excerpt(value),
+        shown=value,
     )
 
 
@@ -259,14 +281,13 @@ def check_rejections(conn, table: PlannedTable) -> list[RejectedRow]:
         ).fetchall()
         for pk_value, _ in split_keys(table, rows):
             found.append(
-                RejectedRow(
-                    table=table.db_table,
-                    pk=plain_key(pk_value),
-                    raw_pk=pk_value,
+                RejectedRow.of(
+                    table,
+                    pk_value,
                     column=constraint.name,
                     code="check",
                     reason=f"breaks CHECK {constraint.name} ({sql} with {params!r})"[:300],
-                    excerpt=excerpt(plain_key(pk_value)),
+                    shown=plain_key(pk_value),
                 )
             )
     return found
@@ -287,17 +308,16 @@ def generated_rejections(conn, table: PlannedTable) -> list[RejectedRow]:
                 convert(value)
             except Rejection as exc:
                 found.append(
-                    RejectedRow(
-                        table=table.db_table,
-                        pk=plain_key(key),
-                        raw_pk=key,
+                    RejectedRow.of(
+                        table,
+                        key,
                         column=column.name,
                         code=exc.code,
                         reason=(
                             f"generated {column.name} = {column.field.expression!r}: "
                             f"{exc.reason} (PostgreSQL computes it on COPY)"
                         ),
-                        excerpt=excerpt(value),
+                        shown=value,
                     )
                 )
     return found
@@ -407,14 +427,13 @@ def refused_row(table: PlannedTable, exc: Exception, keys: list | None, conn) ->
     key = keys[int(found.group(1)) - 1]
     column = re.search(r", column (.+?):", diag.context or "")
     computed = ", ".join(f"{c.name} = {c.field.expression!r}" for c in table.generated)
-    return RejectedRow(
-        table=table.db_table,
-        pk=plain_key(key),
-        raw_pk=key,
+    return RejectedRow.of(
+        table,
+        key,
         column=column.group(1) if column else ",".join(c.name for c in table.generated) or "?",
         code="postgresql",
         reason=f"PostgreSQL refused the row: {diag.message_primary}"
         + (f" (it computes {computed})" if computed and not column else ""),
-        excerpt=excerpt(plain_key(key)),
+        shown=plain_key(key),
         values=fetch_row(conn, table, key),
     )

@@ -76,30 +76,16 @@ from dbmigration.sqlite_source import (
     temp_copy_path,
 )
 from dbmigration.state import MigrationState, read_state, transition
-from dbmigration.sync import diff_table
+from dbmigration.sync import OrmWriter, TableDiff, apply_changes, chunks, diff_table
 from dbmigration.verify import Side, applied_migrations, compare_table
 
 Progress = Callable[[str], None] | None
 COPY_ALIAS = "rollback_copy"
 PG_ALIAS = "postgresql"
 PG = Side(alias="postgresql")
-BATCH = 500
 SAMPLE = 50  # primary keys listed per table and kind in the report
 ROLLBACK_FREEZE_ESTIMATE = 5.0  # seconds after the drain, sent as Retry-After
 LOG_LOCK_TIMEOUT = 2.0  # a table held longer is compared in full under the freeze
-
-
-@dataclasses.dataclass
-class TableDiff:
-    """Rows that differ between a source and a target table, by primary key."""
-
-    inserted_pks: list  # in the source only
-    updated_pks: list  # in both, with different values
-    deleted_pks: list  # in the target only
-
-    @property
-    def total(self) -> int:
-        return len(self.inserted_pks) + len(self.updated_pks) + len(self.deleted_pks)
 
 
 @dataclasses.dataclass
@@ -158,6 +144,7 @@ def orm_diff(model, *, source: str, target: str) -> TableDiff:
     """Compare a table on two aliases object by object through the ORM."""
     src, dst = orm_rows(model, source), orm_rows(model, target)
     return TableDiff(
+        model._meta.db_table,
         inserted_pks=sorted((pk for pk in src if pk not in dst), key=str),
         updated_pks=sorted((pk for pk in src if pk in dst and src[pk] != dst[pk]), key=str),
         deleted_pks=sorted((pk for pk in dst if pk not in src), key=str),
@@ -166,35 +153,10 @@ def orm_diff(model, *, source: str, target: str) -> TableDiff:
 
 def find_changes(table, *, source: Side, target: Side) -> TableDiff:
     """Rows that differ, found by range checksums the way ``migrate_data --sync`` does."""
-    found = diff_table(source=source, target=target, table=table)
-    return TableDiff(list(found.inserted_pks), list(found.updated_pks), list(found.deleted_pks))
+    return diff_table(source=source, target=target, table=table)
 
 
 # --- writing into the copy ------------------------------------------------------------------
-
-
-def _batches(items: list, size: int = BATCH) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def apply_changes(model, diff: TableDiff, *, source: str, target: str) -> None:
-    """Make target's rows equal source's for the pks in diff, as Django would store them."""
-    manager = model._base_manager
-    # generated columns are computed by SQLite itself and may not be written
-    fields = [f for f in model._meta.local_concrete_fields if not f.generated]
-    others = [f for f in fields if not f.primary_key]
-    for pks in _batches(diff.deleted_pks):
-        qs = manager.using(target).filter(pk__in=pks)
-        qs._raw_delete(target)  # no cascade, no signals: cascaded rows have their own diffs
-    for pks in _batches(diff.inserted_pks):
-        objs = list(manager.using(source).filter(pk__in=pks))
-        # raw=True: values as they are (no auto_now), no signals, so no audit entries
-        manager.using(target)._insert(objs, fields=fields, raw=True, using=target)
-    for pks in _batches(diff.updated_pks):
-        for obj in manager.using(source).filter(pk__in=pks):
-            values = {f.attname: getattr(obj, f.attname) for f in others}
-            manager.using(target).filter(pk=obj.pk).update(**values)
 
 
 @contextlib.contextmanager
@@ -294,7 +256,8 @@ def drop_postgres_copy(alias: str = "postgresql") -> list[str]:
 def _apply_all(tables, diffs: dict, *, target: str) -> None:
     for table in tables:
         if diffs[table.db_table].total:
-            apply_changes(table.model, diffs[table.db_table], source="postgresql", target=target)
+            writer = OrmWriter(table.model, source="postgresql", target=target)
+            apply_changes(diff=diffs[table.db_table], writer=writer)
 
 
 def _summarise(tables, diffs: dict) -> list[TableCarry]:
@@ -323,14 +286,14 @@ def _net(first: TableDiff, then: TableDiff) -> TableDiff:
     inserted = (ins1 - del2) | (ins2 - del1)
     updated = ((upd1 | upd2) - ins1 - del2) | (ins2 & del1)
     deleted = (del1 - ins2) | (del2 - ins1)
-    return TableDiff(*(sorted(s, key=str) for s in (inserted, updated, deleted)))
+    return TableDiff(first.table, *(sorted(s, key=str) for s in (inserted, updated, deleted)))
 
 
 def _differing(model, pks: list, *, source: str, target: str) -> list:
     """The pks among pks whose values differ between source and target (through the ORM)."""
     names = [f.attname for f in model._meta.concrete_fields]
     differ = []
-    for chunk in _batches(pks):
+    for chunk in chunks(pks):
         sides = [
             {
                 row[0]: tuple(map(_plain, row[1:]))
@@ -355,11 +318,12 @@ def logged_changes(table, keys: set[str], *, target: str) -> TableDiff:
     pks = _log_keys(table, keys)
     manager = table.model._base_manager
     on_pg, in_target = set(), set()
-    for chunk in _batches(pks):
+    for chunk in chunks(pks):
         on_pg |= set(manager.using(PG_ALIAS).filter(pk__in=chunk).values_list("pk", flat=True))
         in_target |= set(manager.using(target).filter(pk__in=chunk).values_list("pk", flat=True))
     both = sorted(on_pg & in_target, key=str)
     return TableDiff(
+        table.db_table,
         inserted_pks=sorted(on_pg - in_target, key=str),
         updated_pks=_differing(table.model, both, source=PG_ALIAS, target=target),
         deleted_pks=sorted(in_target - on_pg, key=str),
@@ -487,7 +451,7 @@ def write_into_live(
                 ]
                 t, pk = _qi(table.db_table), _qi(table.pk_column)
                 cols = ", ".join(_qi(c) for c in table.column_names)
-                for chunk in _batches(keys):
+                for chunk in chunks(keys):
                     marks = ", ".join("?" * len(chunk))
                     conn.execute(f"DELETE FROM main.{t} WHERE {pk} IN ({marks})", chunk)
                     conn.execute(

@@ -13,9 +13,6 @@ from concurrent.futures import wait
 
 from django.db import connections
 
-from dbmigration.casts import (
-    excerpt,
-)
 from dbmigration.plan import Plan, qi
 from dbmigration.rejections import RejectedRow, key_columns, split_keys
 from dbmigration.rows import plain_key
@@ -258,10 +255,9 @@ def postgresql_duplicates(
                 keeper = key
                 continue
             found.append(
-                RejectedRow(
-                    table=table.db_table,
-                    pk=plain_key(raw),
-                    raw_pk=raw,
+                RejectedRow.of(
+                    table,
+                    raw,
                     column=obj.name,
                     code="unique",
                     reason=(
@@ -269,7 +265,7 @@ def postgresql_duplicates(
                         f"({exprs}{' WHERE ' + predicate if predicate else ''}) as "
                         "PostgreSQL compares it"
                     ),
-                    excerpt=excerpt(duplicate),
+                    shown=duplicate,
                 )
             )
     return found

@@ -12,17 +12,27 @@ Public API (direction-agnostic; a ``Side`` is a SQLite file or a Django alias):
     sync_to_postgresql(*, sqlite_path, alias="postgresql", tables=None, state_file=None,
                        progress=None) -> SyncResult
         apply SQLite's changes to PostgreSQL in one transaction (``migrate_data --sync``).
+    apply_changes(*, diff: TableDiff, writer: CopyWriter | OrmWriter,
+                  result: ApplyResult | None = None) -> ApplyResult
+        make one table's target rows equal the source's for the keys in ``diff``: the old
+        versions out first, then the new ones in.  Used by ``--sync`` (here), the switch's
+        catch-up (cutover.py) and the rollback's carry-back (rollback.py).
 
-The reverse direction (PostgreSQL -> SQLite after cutover) uses ``diff_table`` with
-``source=Side(alias="postgresql"), target=Side(sqlite_path=...)`` and applies the rows
-itself (dbmigration/rollback.py).  Neither side is written while diffing.
+The two directions share the change-set (``TableDiff``), the chunking, the order (deletes,
+then writes) and the result; the writing itself genuinely differs and stays in two small
+writers.  ``CopyWriter`` (SQLite -> PostgreSQL) reads raw SQLite rows and converts them as
+the copy does (``RowConverter``), then COPYs them: an updated row is deleted and written
+again.  ``OrmWriter`` (PostgreSQL -> a SQLite copy) goes through Django's backends as Django
+stores rows (raw inserts, queryset updates in place, no signals).  Transactions, retries
+and how a refused row is named stay with the callers.  Neither side is written while
+diffing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,19 +60,31 @@ from dbmigration.source_scan import plan_targets, source_tables
 from dbmigration.sqlite_source import content_sha256, open_readonly
 from dbmigration.verify import Side, both_sums, plan_ranges, row_digests
 
+BATCH = 500  # keys per statement (SQLite's and PostgreSQL's parameter limits stay far off)
+
+
+def chunks(items: list, size: int = BATCH) -> Iterator[list]:
+    """Consecutive slices of items, size long (the last shorter)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
 
 @dataclasses.dataclass
 class TableDiff:
+    """Rows that differ between a source and a target table, by primary key."""
+
     table: str
-    inserted_pks: list[Any] = dataclasses.field(default_factory=list)
-    updated_pks: list[Any] = dataclasses.field(default_factory=list)
-    deleted_pks: list[Any] = dataclasses.field(default_factory=list)
+    inserted_pks: list[Any] = dataclasses.field(default_factory=list)  # in the source only
+    updated_pks: list[Any] = dataclasses.field(default_factory=list)  # in both, values differ
+    deleted_pks: list[Any] = dataclasses.field(default_factory=list)  # in the target only
     mismatched_ranges: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
 
     @property
     def changed(self) -> int:
         return len(self.inserted_pks) + len(self.updated_pks) + len(self.deleted_pks)
+
+    total = changed  # the rollback's word for it
 
 
 @dataclasses.dataclass
@@ -146,9 +168,135 @@ def diff_tables(
     return diffs
 
 
-def _chunks(items: list, size: int = 500):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+# --- the one apply: SQLite -> PostgreSQL (--sync, the switch) and PostgreSQL -> SQLite (rollback)
+
+
+@dataclasses.dataclass
+class ApplyResult:
+    rows_written: int = 0
+    rows_deleted: int = 0
+    rejected: list[RejectedRow] = dataclasses.field(default_factory=list)  # not written
+
+
+def apply_changes(
+    *, diff: TableDiff, writer: CopyWriter | OrmWriter, result: ApplyResult | None = None
+) -> ApplyResult:
+    """Make the target's rows equal the source's for diff's keys: old versions out, new in.
+
+    Run it inside the caller's transaction: Django's foreign keys are DEFERRABLE INITIALLY
+    DEFERRED on both backends, so the order of tables and rows within it is free.
+    """
+    result = result if result is not None else ApplyResult()
+    # COPY cannot update: PostgreSQL gets an updated row as a delete and a new line
+    replaced = [] if writer.updates_in_place else diff.updated_pks
+    for chunk in chunks(diff.deleted_pks + replaced):
+        result.rows_deleted += writer.delete(chunk)
+    writer.write(diff.inserted_pks + replaced, result)
+    if writer.updates_in_place:
+        for chunk in chunks(diff.updated_pks):
+            result.rows_written += writer.update(chunk)
+    return result
+
+
+@dataclasses.dataclass
+class CopyWriter:
+    """SQLite -> PostgreSQL: raw rows read and converted as the copy does, then COPYed.
+
+    Keys to delete are Django's Python values; keys to write are too, or SQLite rowids with
+    ``by_rowid`` (the switch reads exactly the rows it found changed).  A row that cannot
+    arrive is collected in the result and nothing more is written (``collect``), or its
+    RowRejected propagates.  ``copied`` gets a key per COPY line, to name a row PostgreSQL
+    refuses (rejections.refused_row).
+    """
+
+    cur: Any  # a PostgreSQL cursor inside the caller's transaction
+    conn: Any  # the SQLite source, opened with raw_text
+    table: PlannedTable
+    converter: RowConverter
+    skip: set = dataclasses.field(default_factory=set)  # raw keys (as param()) not to write
+    by_rowid: bool = False
+    collect: bool = True
+    copied: list = dataclasses.field(default_factory=list)
+    on_row: Callable[[], None] | None = None  # after each row written
+    updates_in_place = False
+
+    def delete(self, keys: list) -> int:
+        table, pg = self.table, self.cur.db
+        self.cur.execute(
+            f"DELETE FROM {qi(table.db_table)} WHERE {table.key_in(len(keys), '%s')}",
+            table.key_params(keys, pg),
+        )
+        return self.cur.rowcount
+
+    def write(self, keys: list, result: ApplyResult) -> None:
+        if not keys:
+            return
+        table, lite = self.table, connections["sqlite"]
+        cols = ", ".join(qi(c) for c in table.column_names)
+        with self.cur.cursor.copy(f"COPY {qi(table.db_table)} ({cols}) FROM STDIN") as cp:
+            for chunk in chunks(keys):
+                # as the copy reads them: a TEXT/BLOB of the wrong class is marked
+                if self.by_rowid:
+                    where, params = f"WHERE rowid IN ({', '.join('?' * len(chunk))})", chunk
+                else:
+                    where = f"WHERE {table.key_in(len(chunk))}"
+                    params = table.key_params(chunk, lite)
+                for batch in read_rows(self.conn, table, where=where, params=params):
+                    for raw in batch:
+                        self._write_row(cp, raw, result)
+
+    def _write_row(self, cp, raw: tuple, result: ApplyResult) -> None:
+        if self.skip and param(self.table.key_of(raw)) in self.skip:
+            return
+        try:
+            row = self.converter.convert(raw)
+        except RowRejected as exc:
+            if not self.collect:
+                raise
+            result.rejected.extend(exc.rows)
+            return
+        if not result.rejected:
+            cp.write_row(row)
+            self.copied.append(self.table.key_of(raw))
+            result.rows_written += 1
+            if self.on_row:
+                self.on_row()
+
+
+@dataclasses.dataclass
+class OrmWriter:
+    """Alias -> alias through Django's backends, as Django would store the rows: raw
+    inserts (no auto_now, no signals, so no audit entries), queryset updates in place,
+    raw deletes (no cascade: cascaded rows have their own diffs)."""
+
+    model: Any
+    source: str
+    target: str
+    updates_in_place = True
+
+    def __post_init__(self) -> None:
+        self.manager = self.model._base_manager
+        # generated columns are computed by SQLite itself and may not be written
+        self.fields = [f for f in self.model._meta.local_concrete_fields if not f.generated]
+
+    def delete(self, keys: list) -> int:
+        return self.manager.using(self.target).filter(pk__in=keys)._raw_delete(self.target)
+
+    def write(self, keys: list, result: ApplyResult) -> None:
+        for chunk in chunks(keys):
+            objs = list(self.manager.using(self.source).filter(pk__in=chunk))
+            self.manager.using(self.target)._insert(
+                objs, fields=self.fields, raw=True, using=self.target
+            )
+            result.rows_written += len(objs)
+
+    def update(self, keys: list) -> int:
+        others = [f for f in self.fields if not f.primary_key]
+        done = 0
+        for obj in self.manager.using(self.source).filter(pk__in=keys):
+            values = {f.attname: getattr(obj, f.attname) for f in others}
+            done += self.manager.using(self.target).filter(pk=obj.pk).update(**values)
+        return done
 
 
 def sync_to_postgresql(
@@ -265,12 +413,12 @@ def _apply(alias: str, conn, plan: Plan, diffs, targets, aside: dict, result) ->
                 if not diff.changed and not skip:
                     continue
                 copying = (table, [])
-                rejected = _write_table(
-                    cur, pg, conn, table, diff, targets, skip, copying[1], result
-                )
+                applied = _write_table(cur, conn, table, diff, targets, skip, copying[1])
                 copying = None
-                if rejected:
-                    raise _SyncRejected(rejected)
+                result.rows_written += applied.rows_written
+                result.rows_deleted += applied.rows_deleted
+                if applied.rejected:
+                    raise _SyncRejected(applied.rejected)
             for statement in pg.ops.sequence_reset_sql(no_style(), plan.models):
                 cur.execute(statement)
     except (psycopg.Error, DatabaseError) as exc:
@@ -291,41 +439,21 @@ def _apply(alias: str, conn, plan: Plan, diffs, targets, aside: dict, result) ->
         raise _SyncRejected(named or [refused]) from exc
 
 
-def _write_table(cur, pg, conn, table, diff, targets, skip: set, copied: list, result) -> list:
-    """Delete the table's old versions (and rows set aside), COPY the new ones; return the
-    rows whose values cannot arrive.  ``copied`` gets a key per COPY line."""
+def _write_table(cur, conn, table, diff, targets, skip: set, copied: list) -> ApplyResult:
+    """Delete the table's old versions (and rows set aside), COPY the new ones; the result
+    names the rows whose values cannot arrive.  ``copied`` gets a key per COPY line."""
     lite = connections["sqlite"]
-    gone = diff.deleted_pks + diff.updated_pks
-    gone += [table.python_key(param(raw), lite) for raw in skip]
-    for chunk in _chunks(gone):
-        cur.execute(
-            f"DELETE FROM {qi(table.db_table)} WHERE {table.key_in(len(chunk), '%s')}",
-            table.key_params(chunk, pg),
-        )
-        result.rows_deleted += cur.rowcount
-    wanted = diff.inserted_pks + diff.updated_pks
-    rc = RowConverter(table, targets[table.db_table])
-    cols = ", ".join(qi(c) for c in table.column_names)
-    rejected: list[RejectedRow] = []
-    aside = {param(key) for key in skip}  # raw keys as text: read as bytes, found as str
-    with cur.cursor.copy(f"COPY {qi(table.db_table)} ({cols}) FROM STDIN") as cp:
-        for chunk in _chunks(wanted):
-            where = f"WHERE {table.key_in(len(chunk))}"
-            # as the copy reads them: a TEXT/BLOB of the wrong class is marked
-            params = table.key_params(chunk, lite)
-            for raw in (r for b in read_rows(conn, table, where=where, params=params) for r in b):
-                if skip and param(table.key_of(raw)) in aside:
-                    continue
-                try:
-                    row = rc.convert(raw)
-                except RowRejected as exc:
-                    rejected.extend(exc.rows)
-                    continue
-                if not rejected:
-                    cp.write_row(row)
-                    copied.append(table.key_of(raw))
-                    result.rows_written += 1
-    return rejected
+    aside = [table.python_key(param(raw), lite) for raw in skip]
+    writer = CopyWriter(
+        cur=cur,
+        conn=conn,
+        table=table,
+        converter=RowConverter(table, targets[table.db_table]),
+        skip={param(key) for key in skip},  # raw keys as text: read as bytes, found as str
+        copied=copied,
+    )
+    gone = dataclasses.replace(diff, deleted_pks=diff.deleted_pks + aside)
+    return apply_changes(diff=gone, writer=writer)
 
 
 def _unique_collision(alias, conn, plan, table, diffs, targets, aside, exc) -> list[RejectedRow]:
@@ -351,8 +479,7 @@ def _unique_collision(alias, conn, plan, table, diffs, targets, aside, exc) -> l
             if not objects:
                 return []
             cur.execute(objects[0].drop_sql)
-            skip = aside.get(table.db_table, set())
-            _write_table(cur, pg, conn, table, diff, targets, skip, [], SyncResult([], ""))
+            _write_table(cur, conn, table, diff, targets, aside.get(table.db_table, set()), [])
             found = postgresql_duplicates(pg, plan, objects[:1], newcomers=newcomers)
             transaction.set_rollback(True, using=alias)
     except (psycopg.Error, DatabaseError):

@@ -8,7 +8,13 @@ The model is GitLab's database load balancer:
   (60 s) behind the primary, or does not answer.  Lag is measured at most every
   CHECK_INTERVAL seconds per process (one thread measures; the others use the last result),
   never per query.  With no replica in rotation, reads go to the primary.
-- Writes, ``select_for_update()`` and every read inside ``atomic()`` go to the primary.
+- Writes, ``select_for_update()`` and every read inside ``atomic()`` go to the primary,
+  except the request's own transaction (``request_transaction()``, opened by the row-level
+  security middleware): a request that has not written reads from a replica inside a
+  transaction of its own there, which carries the same transaction-local settings
+  (``carry_settings()``: ``app.user_id``/``app.role``) and ends with the primary's, so
+  nothing outlives the request on the replica's kept connection.  A setting changed inside
+  the view's own ``atomic()`` block keeps the rest of the request on the primary.
 - Read-your-writes: once a request wrote, its later reads use the primary.  At the end of
   that request the primary's WAL position (``pg_current_wal_lsn()``) goes into a cookie;
   the user's next requests read from a replica only once that replica has replayed past it
@@ -40,7 +46,7 @@ from collections.abc import Iterator
 
 import psycopg
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, connections
+from django.db import InterfaceError, OperationalError, connections, transaction
 
 from dbmigration.preflight import conninfo_from_settings
 
@@ -87,6 +93,13 @@ class RoutingContext:
     replica: str | None = None  # the replica this request reads from
     retried: bool = False  # a failed replica read already sent this request to the primary
     caught_up: dict[str, bool] = dataclasses.field(default_factory=dict)
+    # the request's own transaction on the primary (request_transaction()): how deep its
+    # atomic block is, the transaction-local settings made in it, and the transactions
+    # opened on replicas to carry them
+    request_depth: int | None = None
+    local_settings: dict[str, str] = dataclasses.field(default_factory=dict)
+    replica_transactions: dict[str, transaction.Atomic] = dataclasses.field(default_factory=dict)
+    stay_on_primary: bool = False  # a replica cannot carry this request's settings
 
 
 _context: contextvars.ContextVar[RoutingContext | None] = contextvars.ContextVar(
@@ -243,6 +256,116 @@ def replica_status() -> list[dict]:
     return [dataclasses.asdict(s) for s in replicas.states()]
 
 
+# --- the request's transaction, carried to its replica -------------------------------------
+
+
+@contextlib.contextmanager
+def request_transaction(using: str) -> Iterator[None]:
+    """One transaction on ``using`` for the request; its reads may still go to a replica.
+
+    Inside a routing context and on the primary, reads in this block (not in a nested
+    ``atomic()``) go to a replica, in a transaction there that carries the settings made
+    with ``carry_settings()``.  Every replica transaction ends here, with the primary's:
+    committed, or rolled back when the block raised or was marked for rollback.
+    """
+    context = _context.get()
+    carries = (
+        context is not None
+        and context.request_depth is None
+        and bool(routing()["ALIASES"])
+        and using == routing()["PRIMARY"]
+    )
+    with transaction.atomic(using=using):
+        if not carries:
+            yield
+            return
+        context.request_depth = len(connections[using].atomic_blocks)
+        ok = False
+        try:
+            yield
+            ok = not transaction.get_rollback(using=using)
+        finally:
+            end_replica_transactions(context, commit=ok)
+            context.request_depth, context.local_settings = None, {}
+
+
+def carry_settings(using: str, values: dict[str, str]) -> None:
+    """Settings just made with ``set_config(..., true)`` on ``using``: set them on the replica too.
+
+    Only for the request's own transaction on the primary.  Made inside a nested
+    ``atomic()`` they would be undone on the primary alone by a rollback to its savepoint,
+    so the rest of that request reads the primary instead.
+    """
+    context = _context.get()
+    if context is None or context.request_depth is None or using != routing()["PRIMARY"]:
+        return
+    if len(connections[using].atomic_blocks) != context.request_depth:
+        context.stay_on_primary = True
+        return
+    context.local_settings.update(values)
+    for alias in list(context.replica_transactions):
+        try:
+            _set_local(alias, values)
+        except Exception as exc:  # a replica that cannot take them serves no more reads
+            replicas.mark_out(alias, exc)
+            context.stay_on_primary = True
+            end_replica_transactions(context, commit=False)
+            return
+
+
+def end_replica_transactions(context: RoutingContext, *, commit: bool) -> None:
+    """End the request's transactions on replicas; a replica that cannot is disconnected."""
+    while context.replica_transactions:
+        alias, block = context.replica_transactions.popitem()
+        try:
+            if not commit:
+                transaction.set_rollback(True, using=alias)
+            block.__exit__(None, None, None)
+        except Exception:  # read-only: nothing is lost; the closed connection holds nothing
+            _disconnect(alias)
+
+
+def _begin(context: RoutingContext | None, alias: str) -> bool:
+    """Open the request's transaction on a replica, with its settings; False if it cannot."""
+    if context is None or context.request_depth is None or alias in context.replica_transactions:
+        return True
+    block = transaction.atomic(using=alias)
+    try:
+        block.__enter__()
+        context.replica_transactions[alias] = block
+        if context.local_settings:
+            _set_local(alias, context.local_settings)
+    except Exception as exc:
+        replicas.mark_out(alias, exc)
+        if context.replica_transactions.pop(alias, None) is not None:
+            with contextlib.suppress(Exception):
+                transaction.set_rollback(True, using=alias)
+                block.__exit__(None, None, None)
+        _disconnect(alias)
+        return False
+    return True
+
+
+def _set_local(alias: str, values: dict[str, str]) -> None:
+    with connections[alias].cursor() as cursor:
+        cursor.execute(
+            "SELECT " + ", ".join(["set_config(%s, %s, true)"] * len(values)),
+            [item for pair in values.items() for item in pair],
+        )
+
+
+def _disconnect(alias: str) -> None:
+    """Close a replica connection whose transaction state is unknown, and forget that state."""
+    connection = connections[alias]
+    with contextlib.suppress(Exception):
+        connection.close()
+    if connection.in_atomic_block or connection.closed_in_transaction:
+        connection.connection = None
+        connection.in_atomic_block = connection.closed_in_transaction = False
+        connection.needs_rollback, connection.atomic_blocks = False, []
+        connection.savepoint_ids = []
+
+
 # --- the router --------------------------------------------------------------------------
 
 
@@ -260,23 +383,31 @@ def read_alias() -> str:
     config = routing()
     primary = config["PRIMARY"]
     context = _context.get()
-    if _primary_only.get() or connections[primary].in_atomic_block:
+    if _primary_only.get() or _in_own_atomic_block(context, connections[primary]):
         return primary
-    if context is not None and context.wrote:
+    if context is not None and (context.wrote or context.stay_on_primary):
         return primary
     candidates = replicas.in_rotation()
     if context is not None and context.min_lsn is not None:
         candidates = [alias for alias in candidates if _caught_up(context, alias)]
-    if context is not None and context.replica in candidates:
+    if context is not None and context.replica in candidates and _begin(context, context.replica):
         return context.replica
     while candidates:
         replica = replicas.next_replica(candidates)
-        if _reachable(replica):
+        if _reachable(replica) and _begin(context, replica):
             if context is not None:
                 context.replica = replica
             return replica
         candidates.remove(replica)
     return primary
+
+
+def _in_own_atomic_block(context: RoutingContext | None, connection) -> bool:
+    """Inside atomic() on the primary, other than the request's own transaction."""
+    if not connection.in_atomic_block:
+        return False
+    own = context is not None and context.request_depth is not None
+    return not own or len(connection.atomic_blocks) != context.request_depth
 
 
 def _reachable(alias: str) -> bool:
@@ -363,12 +494,14 @@ class ReplicaStickinessMiddleware:
         Only for a request that has written nothing through the router (a read-only view,
         or a form that failed before saving): running it again cannot write twice.  The
         retry stays inside the inner middlewares' work (the row-level security
-        transaction on the primary is still open), so only the view runs again.
+        transaction on the primary is still open), so only the view runs again; the
+        request's replica transactions are rolled back first.
         """
         context = _context.get()
         if not _replica_read_failed(context, exception):
             return None
         replica, context.replica, context.retried = context.replica, None, True
+        end_replica_transactions(context, commit=False)
         if not _still_usable(replica):
             replicas.mark_out(replica, exception)
         logger.warning(

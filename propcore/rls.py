@@ -8,7 +8,10 @@ django-rls leak).  Nothing set means no rows.
 
 - ``RlsIdentityMiddleware`` runs each request inside one transaction on the default
   database, with the session's user (and ``app.role = 'staff'`` for an authenticated staff
-  user) set at its start.
+  user) set at its start.  With read replicas it is the request's own transaction
+  (``propcore.replicas.request_transaction``): a request that has not written reads from a
+  replica, in a transaction there that carries the same identity (the session, the user
+  row, the view's reads) and ends with this one.
 - ``db_identity()`` does the same for jobs and commands, which state their identity.
 - ``RlsModelBackend`` finds the user logging in through ``accounts_login_user_id()``, a
   SECURITY DEFINER function: before login no row of accounts_user is visible.
@@ -22,6 +25,9 @@ import uuid
 from django.contrib.auth import SESSION_KEY
 from django.contrib.auth.backends import ModelBackend
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.http import FileResponse, StreamingHttpResponse
+
+from propcore.replicas import carry_settings, request_transaction
 
 STAFF = "staff"
 
@@ -33,11 +39,13 @@ def set_identity(*, user_id: uuid.UUID | str | None, role: str = "", using: str)
         return
     if not connection.in_atomic_block:
         raise RuntimeError("set_identity() needs a transaction: the setting would outlive it")
+    values = {"app.user_id": str(user_id) if user_id else "", "app.role": role}
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT set_config('app.user_id', %s, true), set_config('app.role', %s, true)",
-            [str(user_id) if user_id else "", role],
+            list(values.values()),
         )
+    carry_settings(using, values)  # the request's replica reads see the same identity
 
 
 @contextlib.contextmanager
@@ -65,7 +73,7 @@ class RlsIdentityMiddleware:
         using = DEFAULT_DB_ALIAS
         if connections[using].vendor != "postgresql":
             return self.get_response(request)
-        with transaction.atomic(using=using):
+        with request_transaction(using):
             # the session names the user; it must be set before request.user loads the row
             session_user = (
                 _as_uuid(request.session.get(SESSION_KEY)) if hasattr(request, "session") else None
@@ -79,7 +87,33 @@ class RlsIdentityMiddleware:
             response = self.get_response(request)
             if response.status_code >= 500:
                 transaction.set_rollback(True, using=using)
+            elif _streams_from_code(response):
+                # the body is made after this transaction ends: give it one of its own, with
+                # the identity the view ended with (on the primary: no routing context then)
+                with connections[using].cursor() as cursor:
+                    cursor.execute(
+                        "SELECT current_setting('app.user_id', true), "
+                        "current_setting('app.role', true)"
+                    )
+                    user_id, role = cursor.fetchone()
+                response.streaming_content = _with_identity(
+                    response.streaming_content, user_id=user_id, role=role or "", using=using
+                )
             return response
+
+
+def _streams_from_code(response) -> bool:
+    """A streaming body made by the view's generator (not a file, not async)."""
+    return (
+        isinstance(response, StreamingHttpResponse)
+        and not isinstance(response, FileResponse)
+        and not response.is_async
+    )
+
+
+def _with_identity(content, *, user_id: str | None, role: str, using: str):
+    with db_identity(user_id=user_id or None, role=role, using=using):
+        yield from content
 
 
 class RlsModelBackend(ModelBackend):

@@ -11,11 +11,13 @@ run as root); settings go into postgresql.conf, so ``restart()`` keeps them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import psycopg
@@ -46,7 +48,7 @@ def give_to_postgres(*paths: Path, mode: int | None = None) -> None:
             shutil.chown(path, "postgres")
 
 
-def _conf_value(value) -> str:
+def conf_value(value) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, int | float):
@@ -108,7 +110,7 @@ class PrivateCluster:
         """Append settings to postgresql.conf (the last line wins); restart() applies them."""
         with (self.data / "postgresql.conf").open("a") as conf_file:
             for key, value in settings.items():
-                conf_file.write(f"{key} = {_conf_value(value)}\n")
+                conf_file.write(f"{key} = {conf_value(value)}\n")
 
     def include(self, conf_file: Path) -> None:
         """Append a copy of conf_file (e.g. deploy/'s documented settings) to postgresql.conf."""
@@ -180,6 +182,49 @@ class PrivateCluster:
         config = {**base, "HOST": HOST, "PORT": self.port, "NAME": database, "CONN_MAX_AGE": 0}
         config["OPTIONS"] = {k: v for k, v in config.get("OPTIONS", {}).items() if k != "pool"}
         return config
+
+
+# --- a primary and its streaming standby ----------------------------------------------------
+
+
+def start_server(data: Path, port: int, sockets: Path) -> None:
+    """Start the cluster in data on port (its log beside it), sockets in sockets."""
+    as_postgres(
+        find_pg_bin("pg_ctl"), "-D", str(data), "-l", str(data.parent / f"{port}.log"), "-w",
+        "-o", f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off", "start",
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def streaming_pair(prefix: str):
+    """A private primary and a streaming standby on free ports; yield (root, ports), then
+    stop both and remove them."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o755)
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+    primary, standby = root / "primary", root / "standby"
+    p_port, s_port = free_port(), free_port()
+    try:
+        as_postgres(find_pg_bin("initdb"), "-D", str(primary), "-U", "postgres", "-A", "trust")
+        start_server(primary, p_port, root)
+        as_postgres(
+            find_pg_bin("pg_basebackup"), "-h", "127.0.0.1", "-p", str(p_port), "-U",
+            "postgres", "-D", str(standby), "-R", "-X", "stream",
+        )  # fmt: skip
+        start_server(standby, s_port, root)
+        url = f"host=127.0.0.1 port={p_port} user=postgres dbname=postgres"
+        with psycopg.connect(url, autocommit=True) as conn:
+            for _ in range(100):
+                if conn.execute("SELECT count(*) FROM pg_stat_replication").fetchone()[0]:
+                    break
+                time.sleep(0.1)
+        yield root, p_port, s_port
+    finally:
+        for data in (standby, primary):
+            if (data / "postmaster.pid").exists():
+                as_postgres(find_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # --- certificates ------------------------------------------------------------------------------

@@ -13,8 +13,7 @@ from django.core.management import call_command
 from django.test import override_settings
 
 from accounts.models import Organisation, User
-from tests.test_copy import bad_copy, make_people
-from tests.test_migrate_data import prepared
+from tests.sources import bad_copy, make_people, prepared
 
 pytestmark = pytest.mark.django_db(databases="__all__", transaction=True)
 

@@ -23,37 +23,7 @@ from dbmigration import backup
 from dbmigration.errors import BackupError, SourceError
 from dbmigration.preflight import code_migrations, conninfo_from_settings
 from dbmigration.sqlite_source import file_sha256, row_counts
-
-BASE_DIR = Path(__file__).resolve().parent.parent
-
-
-def make_source(path: Path, *, rows: int = 50, wal: bool = False, migrations=None) -> Path:
-    """A SQLite file with awkward values and the code's django_migrations rows."""
-    conn = sqlite3.connect(path)
-    if wal:
-        conn.execute("PRAGMA journal_mode=WAL")
-    conn.executescript(
-        """
-        CREATE TABLE django_migrations (id INTEGER PRIMARY KEY, app TEXT, name TEXT,
-                                        applied TEXT);
-        CREATE TABLE item (id INTEGER PRIMARY KEY, name TEXT, data BLOB, price REAL);
-        CREATE TABLE note (id INTEGER PRIMARY KEY, item_id INTEGER, body TEXT);
-        """
-    )
-    names = code_migrations() if migrations is None else migrations
-    conn.executemany(
-        "INSERT INTO django_migrations (app, name, applied) VALUES (?, ?, '2026-01-01')",
-        [n.split(".", 1) for n in names],
-    )
-    conn.executemany(
-        "INSERT INTO item (name, data, price) VALUES (?, ?, ?)",
-        [(f"item {i} ünïcode", bytes([i % 256, 0, 255]), i * 1.5) for i in range(rows)],
-    )
-    # invalid UTF-8 stored as text: the logical export must keep the bytes
-    conn.execute("INSERT INTO note (item_id, body) VALUES (1, CAST(x'ff00fe' AS TEXT))")
-    conn.commit()
-    conn.close()
-    return path
+from tests.sources import BASE_DIR, big_source, corrupt, make_source
 
 
 def test_backup_two_formats_manifest_and_verification(tmp_path):
@@ -249,16 +219,6 @@ def test_restore_refuses_tampered_files_and_other_migrations(tmp_path):
     assert file_sha256(source) == before
 
 
-def _corrupt(path: Path) -> Path:
-    if not path.exists():
-        make_source(path, rows=2000)
-    data = bytearray(path.read_bytes())
-    page = 4096
-    data[page * 2 : page * 6] = os.urandom(page * 4)  # table pages, schema page intact
-    path.write_bytes(bytes(data))
-    return path
-
-
 @pytest.mark.parametrize(
     "kind, message",
     [
@@ -274,7 +234,7 @@ def test_bad_sources_fail_clearly_and_leave_nothing(tmp_path, kind, message):
     if kind == "not_sqlite":
         path.write_text("id,name\n1,not a database\n")
     elif kind == "corrupt":
-        _corrupt(path)
+        corrupt(path)
     elif kind == "locked":
         make_source(path)
         holder = sqlite3.connect(path, isolation_level=None)
@@ -318,22 +278,9 @@ def test_disk_full_removes_partial_backup(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
-def _big_source(path: Path) -> Path:
-    make_source(path, rows=0)
-    conn = sqlite3.connect(path)
-    text = "x" * 200
-    conn.executemany(
-        "INSERT INTO item (name, data, price) VALUES (?, ?, ?)",
-        ((f"{text}{i}", b"\x00" * 64, i / 7) for i in range(300_000)),
-    )
-    conn.commit()
-    conn.close()
-    return path
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_mid_backup_removes_partial(tmp_path, sig):
-    source = _big_source(tmp_path / "big.sqlite3")
+    source = big_source(tmp_path / "big.sqlite3")
     db_dir = tmp_path / "db"
     env = {
         **os.environ,
@@ -411,7 +358,7 @@ def test_restore_dry_run_writes_nothing_and_a_corrupt_database_is_replaced(tmp_p
     backup_dir = tmp_path / "b"
     source = make_source(tmp_path / "src.sqlite3", rows=2000)
     info = backup.create_sqlite_backup(sqlite_path=source, backup_dir=backup_dir)
-    _corrupt(source)
+    corrupt(source)
     damaged = source.read_bytes()
     monkeypatch.setattr("builtins.input", lambda prompt: "src.sqlite3")  # the typed file name
     with override_settings(

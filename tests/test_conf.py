@@ -39,21 +39,38 @@ def test_nothing_in_the_engine_imports_the_project():
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
-# the copy's stages, lowest first: each may import only the ones before it (lazily or not)
+# the copy's stages, lowest first: each may import only the ones before it (lazily or not);
+# the runbook steps, last, are siblings: none imports another
 COPY_LAYERS = [
     *("rows", "rejections", "schema_rebuild", "source_scan", "done_marks"),
-    *("copy", "sync", "migrate"),
+    *("copy", "sync", ("migrate", "cutover", "rollback")),
 ]
+
+
+def _layered(layers: list) -> list[tuple[str, set[str]]]:
+    """Each module with the modules it must not import: its own layer's and the ones above."""
+    groups = [layer if isinstance(layer, tuple) else (layer,) for layer in layers]
+    return [
+        (name, {f"dbmigration.{m}" for g in groups[i:] for m in g if m != name})
+        for i, group in enumerate(groups)
+        for name in group
+    ]
 
 
 def test_the_copy_stages_import_only_downwards():
     upward = {}
-    for i, name in enumerate(COPY_LAYERS):
-        above = {f"dbmigration.{m}" for m in COPY_LAYERS[i + 1 :]}
+    for name, above in _layered(COPY_LAYERS):
         found = _imported_modules(ENGINE / f"{name}.py") & above
         if found:
             upward[name] = sorted(found)
     assert upward == {}
+
+
+def test_the_layer_check_sees_an_upward_import():
+    checked = dict(_layered(["rows", "sync", ("migrate", "cutover")]))
+    assert checked["rows"] == {"dbmigration.sync", "dbmigration.migrate", "dbmigration.cutover"}
+    assert checked["sync"] == {"dbmigration.migrate", "dbmigration.cutover"}
+    assert checked["migrate"] == {"dbmigration.cutover"}
 
 
 def test_paths_come_from_the_dict_then_the_top_level_setting_then_state_dir(tmp_path):

@@ -4,23 +4,19 @@ import datetime as dt
 import decimal
 import json
 import sqlite3
-from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import Group, Permission
 from django.contrib.contenttypes.models import ContentType
 from django.db import connections
 
-from accounts.models import KycVerification, LoginEvent, Membership, Organisation, User
+from accounts.models import KycVerification, LoginEvent, User
 from dbmigration.copy import RowsRejected, copy_data
 from dbmigration.source_scan import scan_source
 from dbmigration.sqlite_source import content_sha256, file_sha256
+from tests.sources import bad_copy, make_people, source_path
 
 ALL = pytest.mark.django_db(databases="__all__", transaction=True)
-
-
-def source_path() -> Path:
-    return Path(connections["sqlite"].settings_dict["NAME"])
 
 
 def raw_sql(sql: str, params=()) -> None:
@@ -29,35 +25,6 @@ def raw_sql(sql: str, params=()) -> None:
     conn.execute(sql, params)
     conn.commit()
     conn.close()
-
-
-def make_people(n: int = 3) -> list[User]:
-    org = Organisation.objects.using("sqlite").create(
-        name="Acme Homes", kind="developer", metadata={"tier": 2, "ok": True}
-    )
-    users = []
-    boss = None
-    for i in range(n):
-        user = User.objects.db_manager("sqlite").create_user(
-            f"u{i}@example.ie", "pw", first_name=f"Ú{i}", invited_by=boss, organisation=org
-        )
-        boss = boss or user
-        users.append(user)
-    Membership.objects.using("sqlite").create(user=users[0], organisation=org, role="owner")
-    KycVerification.objects.using("sqlite").create(
-        user=users[0],
-        document_type="passport",
-        document_reference="P123",
-        expires_on=dt.date(2030, 1, 2),
-        risk_score=decimal.Decimal("12.30"),
-        reviewed_at=dt.datetime(2026, 1, 2, 3, 4, 5, 600, tzinfo=dt.UTC),
-    )
-    LoginEvent.objects.using("sqlite").create(
-        user=users[0], email_attempted="u0@example.ie", ip_address="10.0.0.1", success=True
-    )
-    group = Group.objects.using("sqlite").create(name="agents")
-    users[0].groups.add(group)
-    return users
 
 
 @ALL
@@ -91,20 +58,6 @@ def test_copy_round_trip(tmp_path):
     # sequences above max(pk): a new row gets a fresh id
     event = LoginEvent.objects.using("postgresql").create(success=False)
     assert event.pk > LoginEvent.objects.using("sqlite").get().pk
-
-
-def bad_copy(tmp_path, *statements: str) -> Path:
-    """Copy the test source to tmp_path and damage it there (schema changes stay local)."""
-    path = tmp_path / "source.sqlite3"
-    src, dst = sqlite3.connect(source_path()), sqlite3.connect(path)
-    src.backup(dst)
-    src.close()
-    dst.execute("PRAGMA ignore_check_constraints = ON")  # old databases lack these CHECKs
-    for statement in statements:
-        dst.execute(statement)
-    dst.commit()
-    dst.close()
-    return path
 
 
 def admin_entry(user: User) -> None:

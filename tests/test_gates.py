@@ -219,7 +219,7 @@ def test_encrypt_without_its_key_is_a_settings_error(monkeypatch, state_file, co
 def live_sqlite(settings, state_file, tmp_path):
     """A live SQLite file with 10 rows, a verified backup of it, then 7 rows deleted."""
     from dbmigration.backup import create_sqlite_backup
-    from tests.test_backup import make_source
+    from tests.sources import make_source
 
     source = make_source(tmp_path / "live.sqlite3", rows=10)
     info = create_sqlite_backup(sqlite_path=source, backup_dir=settings.BACKUP_DIR)

@@ -1,18 +1,9 @@
 """dbmigration.health: the checks, the db_health_check command, and /health/."""
 
-import contextlib
 import json
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
 from datetime import UTC, datetime, timedelta
 from io import StringIO
-from pathlib import Path
 
-import psycopg
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import connections
@@ -21,7 +12,7 @@ from dbmigration import freeze as fz
 from dbmigration import health
 from dbmigration.state import MigrationState, write_state
 from propcore import middleware
-from propcore.pgserver import find_pg_bin
+from tests.clusters import streaming_pair
 
 pytestmark = pytest.mark.django_db(databases="__all__", transaction=True)
 
@@ -244,57 +235,6 @@ def test_health_page_down_is_500(client, state_file, postgres_down):
 
 
 # --- replication lag against a real streaming replica (private primary + standby) ---
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _run(*cmd: str) -> None:
-    if os.geteuid() == 0:  # the server refuses to run as root
-        cmd = ("runuser", "-u", "postgres", "--", *cmd)
-    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-
-
-def _start(data: Path, port: int, sockets: Path) -> None:
-    _run(
-        find_pg_bin("pg_ctl"), "-D", str(data), "-l", str(data.parent / f"{port}.log"), "-w",
-        "-o", f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off", "start",
-    )  # fmt: skip
-
-
-@contextlib.contextmanager
-def streaming_pair(prefix: str):
-    """A private primary and a streaming standby on free ports; yield (root, ports), then
-    stop both and remove them."""
-    root = Path(tempfile.mkdtemp(prefix=prefix))
-    root.chmod(0o755)
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-    primary, standby = root / "primary", root / "standby"
-    p_port, s_port = _free_port(), _free_port()
-    try:
-        _run(find_pg_bin("initdb"), "-D", str(primary), "-U", "postgres", "-A", "trust")
-        _start(primary, p_port, root)
-        _run(
-            find_pg_bin("pg_basebackup"), "-h", "127.0.0.1", "-p", str(p_port), "-U",
-            "postgres", "-D", str(standby), "-R", "-X", "stream",
-        )  # fmt: skip
-        _start(standby, s_port, root)
-        url = f"host=127.0.0.1 port={p_port} user=postgres dbname=postgres"
-        with psycopg.connect(url, autocommit=True) as conn:
-            for _ in range(100):
-                if conn.execute("SELECT count(*) FROM pg_stat_replication").fetchone()[0]:
-                    break
-                time.sleep(0.1)
-        yield root, p_port, s_port
-    finally:
-        for data in (standby, primary):
-            if (data / "postmaster.pid").exists():
-                _run(find_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ from dbmigration import state as state_mod
 from dbmigration.copy import copy_data
 from dbmigration.done_marks import done_tables
 from dbmigration.plan import build_plan
-from dbmigration.sqlite_source import content_sha256, file_sha256, source_fingerprint
+from dbmigration.sqlite_source import content_sha256, file_sha256
 from dbmigration.verify import Side, verify
-from tests.test_copy import bad_copy, make_people, source_path
+from tests.sources import bad_copy, make_people, prepared, source_path
 
 ALL = pytest.mark.django_db(databases="__all__", transaction=True)
 
@@ -32,13 +32,6 @@ def dirs(tmp_path):
         SQLITE_PATH=source_path(),
     ):
         yield tmp_path
-
-
-def prepared(path, state_file, **fingerprint):
-    state = state_mod.MigrationState(
-        phase="prepared", source_fingerprint={**source_fingerprint(path), **fingerprint}
-    )
-    state_mod.write_state(state_file, state)
 
 
 def run(*args, **kwargs) -> str:

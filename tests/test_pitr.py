@@ -5,13 +5,13 @@ restart, full backup, rows (T1), a mistaken delete (T2), restore to between them
 scratch cluster; then an unwritable repository turns the health check degraded.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import json
 import os
 import re
 import shutil
-import socket
-import subprocess
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
@@ -29,75 +29,59 @@ from dbmigration import backup, health, pitr
 from dbmigration.errors import RestoreTargetError
 from dbmigration.state import MigrationState, write_state
 from propcore.pgserver import find_pg_bin
+from tests.clusters import HOST, PrivateCluster, as_postgres, conf_value, give_to_postgres
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _as_postgres(*cmd: str) -> subprocess.CompletedProcess:
-    if os.geteuid() == 0:  # the server refuses to run as root
-        cmd = ("runuser", "-u", "postgres", "--", *cmd)
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
-
-
-def _pg_ctl(data: Path, *args: str) -> None:
-    _as_postgres(find_pg_bin("pg_ctl"), "-D", str(data), *args)
 
 
 FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"  # Debian's faketime
 LIVE_DB = "propcore_live"  # the application's database; 'postgres' stays for maintenance
 
 
-class Cluster:
-    def __init__(self, root: Path):
-        self.root, self.data, self.port = root, root / "live", _free_port()
+class DebianCluster(PrivateCluster):
+    """A private cluster with its config files outside the data directory, as Debian keeps them
+    (the layout of the server on 127.0.0.1:5432 here, which db_pitr setup must handle)."""
 
-    def debian_layout(self) -> None:
-        """Move the config files out of the data directory, as Debian's clusters keep them."""
-        etc = self.root / "etc"
-        etc.mkdir()
+    @property
+    def etc(self) -> Path:
+        return self.root / "etc"
+
+    def init(self) -> DebianCluster:
+        super().init()
+        self.etc.mkdir()
         for name in ("postgresql.conf", "pg_hba.conf", "pg_ident.conf"):
-            shutil.move(self.data / name, etc / name)
-        with (etc / "postgresql.conf").open("a") as conf_file:
-            conf_file.write(
-                f"data_directory = '{self.data}'\nhba_file = '{etc}/pg_hba.conf'\n"
-                f"ident_file = '{etc}/pg_ident.conf'\n"
-            )
-        if os.geteuid() == 0:
-            for path in (etc, *etc.iterdir()):
-                shutil.chown(path, "postgres")
+            shutil.move(self.data / name, self.etc / name)
+        self.configure(
+            data_directory=str(self.data),
+            hba_file=str(self.etc / "pg_hba.conf"),
+            ident_file=str(self.etc / "pg_ident.conf"),
+            autovacuum=False,  # the tests' "quiet" instants must see no commit after them
+        )
+        give_to_postgres(self.etc, *self.etc.iterdir())
+        return self
+
+    def configure(self, **settings) -> None:
+        conf_file = self.etc / "postgresql.conf"
+        if not conf_file.exists():  # before init() moved it
+            return super().configure(**settings)
+        with conf_file.open("a") as out:
+            out.writelines(f"{key} = {conf_value(value)}\n" for key, value in settings.items())
 
     def start(self) -> None:
-        _pg_ctl(
-            self.data, "-l", str(self.root / "live.log"), "-w",
-            "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
-            f" -c autovacuum=off -c config_file={self.root}/etc/postgresql.conf", "start",
+        as_postgres(
+            find_pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w",
+            "-o", f"-c config_file={self.etc / 'postgresql.conf'}", "start",
         )  # fmt: skip
 
-    def restart(self) -> None:
-        _pg_ctl(self.data, "-m", "fast", "-w", "stop")
-        self.start()
-
     def sql(self, query: str, *params, dbname: str = LIVE_DB):
-        url = f"host=127.0.0.1 port={self.port} user=postgres dbname={dbname}"
-        with psycopg.connect(url, autocommit=True) as conn:
-            cur = conn.execute(query, params or None)
-            return cur.fetchall() if cur.description else None
+        return super().sql(query, *params, database=dbname)
 
 
 @pytest.fixture(scope="module")
 def cluster():
     """A private cluster the postgresql alias points at, with PITR settings under a temp dir."""
-    root = Path(tempfile.mkdtemp(prefix="propcore_pitr_"))
-    root.chmod(0o755)
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-    node = Cluster(root)
+    node = DebianCluster("propcore_pitr_")
+    root = node.root
     alias = connections.settings["postgresql"]
     saved = alias["HOST"], alias["PORT"], alias["NAME"]
     pitr_settings = {
@@ -113,19 +97,17 @@ def cluster():
         LOG_DIR=root / "logs",
     )
     try:
-        _as_postgres(find_pg_bin("initdb"), "-D", str(node.data), "-U", "postgres", "-A", "trust")
-        node.debian_layout()  # the layout of the server on 127.0.0.1:5432 here
-        node.start()
+        node.init().start()
         node.sql(f"CREATE DATABASE {LIVE_DB}", dbname="postgres")
-        alias["HOST"], alias["PORT"], alias["NAME"] = "127.0.0.1", node.port, LIVE_DB
+        alias["HOST"], alias["PORT"], alias["NAME"] = HOST, node.port, LIVE_DB
         override.enable()
         yield node
     finally:
         override.disable()
         alias["HOST"], alias["PORT"], alias["NAME"] = saved
-        for data in root.iterdir():
+        for data in root.iterdir():  # the live cluster and any restored scratch cluster
             if (data / "postmaster.pid").exists():
-                _pg_ctl(data, "-m", "immediate", "stop")
+                as_postgres(find_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -27,7 +27,7 @@ from dbmigration.preflight import (
 )
 from propcore.pgserver import _free_port
 from tests.clusters import PrivateCluster
-from tests.test_backup import make_source
+from tests.sources import make_source
 
 ADMIN_PW = "admin-pw-9f2"
 GOOD_PW = "right-horse-battery"
@@ -194,10 +194,10 @@ def test_sqlite_checks_find_fk_violations_and_unapplied_migrations(tmp_path):
 
 
 def test_sqlite_integrity_failure_raises(tmp_path):
-    from tests.test_backup import _corrupt
+    from tests.sources import corrupt
 
     with pytest.raises(SourceError, match="corrupt|integrity_check"):
-        check_sqlite_source(sqlite_path=_corrupt(tmp_path / "c.sqlite3"))
+        check_sqlite_source(sqlite_path=corrupt(tmp_path / "c.sqlite3"))
 
 
 def test_sqlite_check_never_writes(tmp_path):

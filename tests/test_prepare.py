@@ -20,7 +20,7 @@ from dbmigration.errors import DataError, PhaseError, SourceError, TargetError
 from dbmigration.prepare import run_prepare
 from dbmigration.sqlite_source import file_sha256
 from propcore.pgserver import _free_port
-from tests.test_backup import _corrupt
+from tests.sources import corrupt
 
 pytestmark = pytest.mark.django_db(databases="__all__", transaction=True)
 
@@ -175,7 +175,7 @@ def test_bad_sources_refused_by_the_command(tmp_path, kind, message):
     if kind == "not_sqlite":
         path.write_bytes(b"PK\x03\x04 a zip file, not a database")
     elif kind == "corrupt":
-        _corrupt(path)
+        corrupt(path)
     elif kind == "locked":
         path = migrated_source(tmp_path)
         holder = sqlite3.connect(path, isolation_level=None)
@@ -268,9 +268,9 @@ def test_sigterm_during_prepare_leaves_nothing_marked(tmp_path):
     import sys
     import time
 
-    from tests.test_backup import BASE_DIR, _big_source
+    from tests.sources import BASE_DIR, big_source
 
-    source = _big_source(tmp_path / "big.sqlite3")
+    source = big_source(tmp_path / "big.sqlite3")
     pg = connections["postgresql"].settings_dict
     db_dir = tmp_path / "db"
     env = {

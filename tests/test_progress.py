@@ -15,7 +15,7 @@ from django.test import override_settings
 from dbmigration import state as state_mod
 from dbmigration.management.progress import ProgressRenderer
 from dbmigration.sqlite_source import source_fingerprint
-from tests.test_copy import make_people, source_path
+from tests.sources import make_people, source_path
 
 
 def test_plain_lines_name_stage_item_counts_rate_and_eta():

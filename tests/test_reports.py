@@ -13,7 +13,7 @@ from django.db import connections
 from django.test import override_settings
 
 from dbmigration.reports import RunReport
-from tests.test_backup import make_source
+from tests.sources import make_source
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -352,6 +352,19 @@ def test_staff_see_every_user_in_the_admin(app_default, people):
         assert people[key].email in response.content.decode()
 
 
+def test_a_streaming_body_reads_with_the_requests_identity(app_default, people):
+    """The audit export's rows are read after the request's transaction ended: it gets one of
+    its own with the same identity (before, it read with none and sent the header alone)."""
+    response = logged_in(people["staff"]).get("/admin/auditlog/logentry/export.csv")
+    assert response.status_code == 200
+    lines = b"".join(response.streaming_content).decode().splitlines()
+    assert len(lines) > 10, lines
+    assert any(people["c"].email in line for line in lines[1:])
+    with app_default.cursor() as cursor:
+        cursor.execute("SELECT current_setting('app.user_id', true)")
+        assert cursor.fetchone()[0] == ""
+
+
 def test_login_finds_the_user_under_row_level_security(roles, app_default, people):
     client = Client()
     response = client.post(

@@ -15,8 +15,8 @@ from django.core.management import CommandError, call_command, get_commands, loa
 from dbmigration import backup
 from dbmigration.management.runbook import DEFAULT_KEEP, resolve_keep
 from dbmigration.state import MigrationState, write_state
+from tests.sources import source_path
 from tests.subprojects import must, subproject, unique_db_name
-from tests.test_copy import source_path
 
 OUR_APPS = ("dbmigration", "accounts", "propcore")
 # options every Django command has; Django words their help

@@ -11,7 +11,7 @@ from django.core.management import CommandError, call_command
 
 from dbmigration import state as state_mod
 from dbmigration.sqlite_source import source_fingerprint
-from tests.test_backup import make_source
+from tests.sources import make_source
 
 
 def test_transitions_record_history_and_refuse_out_of_order(tmp_path):

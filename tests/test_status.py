@@ -15,7 +15,7 @@ from dbmigration import state as state_mod
 from dbmigration.backup import create_sqlite_backup
 from dbmigration.sqlite_source import source_fingerprint
 from dbmigration.status import migration_status
-from tests.test_backup import make_source
+from tests.sources import make_source
 
 
 def _status(tmp_path, source) -> str:

@@ -10,7 +10,7 @@ from dbmigration.plan import build_plan
 from dbmigration.sqlite_source import content_sha256
 from dbmigration.sync import diff_table, sync_to_postgresql
 from dbmigration.verify import Side, verify
-from tests.test_copy import make_people, source_path
+from tests.sources import make_people, source_path
 
 ALL = pytest.mark.django_db(databases="__all__", transaction=True)
 

@@ -17,9 +17,8 @@ from dbmigration import cutover, schema_rebuild
 from dbmigration import freeze as fz
 from dbmigration.errors import TargetError
 from dbmigration.state import read_state, write_state
-from tests.test_copy import make_people, source_path
+from tests.sources import make_people, prepared, source_path
 from tests.test_cutover import migrated_state
-from tests.test_migrate_data import prepared
 from tests.test_rollback import assert_same_everywhere, seed_both
 
 pytestmark = pytest.mark.django_db(databases="__all__", transaction=True)

@@ -6,7 +6,7 @@ from django.db import connections
 from accounts.models import LoginEvent, User
 from dbmigration.copy import copy_data
 from dbmigration.verify import Side, canonical, verify
-from tests.test_copy import make_people, source_path
+from tests.sources import make_people, source_path
 
 ALL = pytest.mark.django_db(databases="__all__", transaction=True)
 

@@ -11,9 +11,10 @@ from collections.abc import Iterator
 from django.core.management.base import CommandError
 
 from dbmigration import conf
-from dbmigration.errors import MigrationError, PhaseError
+from dbmigration.errors import MigrationError, NotConfirmed, PhaseError
 from dbmigration.management.progress import ProgressRenderer
 from dbmigration.reports import refusals_recorded
+from dbmigration.state import StateError, read_state, why_precious
 
 # newest verified backups kept per kind (SQLite, PostgreSQL) after a backup; "all" keeps every
 # one. Three: the last good one, the one before it, and the one a rollback or restore kept.
@@ -72,6 +73,38 @@ def add_noinput(
     parser.add_argument(
         "--noinput", "--no-input", action="store_false", dest="interactive", help=help
     )
+
+
+def precious_reason(state_file, backend: str) -> str | None:
+    """Why replacing this store would lose what the application keeps there (None: nothing)."""
+    try:
+        return why_precious(read_state(state_file), backend)
+    except StateError as exc:
+        raise CommandError(str(exc), returncode=PhaseError.returncode) from exc
+
+
+def confirm_by_typing(
+    stdout,
+    *,
+    name: str,
+    kind: str,
+    refusing: str,
+    reason: str,
+    interactive: bool,
+    warning: str,
+    to: str = "continue",
+    cancelled: str,
+) -> None:
+    """Go on only once the operator has typed ``name`` at a terminal; never under --noinput."""
+    if not interactive:
+        raise CommandError(
+            f"{refusing} under --noinput: {reason}. Run the command at a terminal and type "
+            f"the {kind} to confirm.",
+            returncode=NotConfirmed.returncode,
+        )
+    stdout.write(warning)
+    if input(f"    Type the {kind} '{name}' to {to}: ") != name:
+        raise CommandError(f"Cancelled: {cancelled}", returncode=NotConfirmed.returncode)
 
 
 def add_json(parser, *, what: str = "the result") -> None:

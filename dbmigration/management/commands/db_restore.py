@@ -8,11 +8,16 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
 
 from dbmigration import backup, conf, pitr
-from dbmigration.errors import MigrationError, NotConfirmed, PhaseError, RestoreTargetError
-from dbmigration.management.runbook import add_lock_timeout, add_noinput, engine_errors
+from dbmigration.errors import MigrationError, NotConfirmed, RestoreTargetError
+from dbmigration.management.runbook import (
+    add_lock_timeout,
+    add_noinput,
+    confirm_by_typing,
+    engine_errors,
+    precious_reason,
+)
 from dbmigration.preflight import code_migrations
 from dbmigration.reports import command_run
-from dbmigration.state import StateError, read_state, why_precious
 
 
 class Command(BaseCommand):
@@ -121,10 +126,7 @@ class Command(BaseCommand):
 
     def _confirm_replace(self, checked, opts) -> None:
         """Refuse to replace the SQLite file the application runs on, unless typed out."""
-        try:
-            reason = why_precious(read_state(conf.state_file()), "sqlite")
-        except StateError as exc:
-            raise CommandError(str(exc), returncode=PhaseError.returncode) from exc
+        reason = precious_reason(conf.state_file(), "sqlite")
         live = conf.sqlite_path()
         if reason is None or not live.exists():
             return  # nothing the application still writes would be lost
@@ -134,21 +136,18 @@ class Command(BaseCommand):
                 f"{opts['backup']} --replace-live-database and type its file name.",
                 returncode=NotConfirmed.returncode,
             )
-        if not opts["interactive"]:
-            raise CommandError(
-                f"Refusing to replace {live} under --noinput: {reason}. Run the command at a "
-                "terminal and type the file name to confirm.",
-                returncode=NotConfirmed.returncode,
-            )
         rows = sum(checked.row_counts.values())
-        self.stdout.write(
-            f"Backup {checked.restored_from.name} verified ({rows} rows). This REPLACES "
-            f"{live}: {reason}.\nThe current file is kept as a backup first."
+        confirm_by_typing(
+            self.stdout,
+            name=live.name,
+            kind="file name",
+            refusing=f"Refusing to replace {live}",
+            reason=reason,
+            interactive=opts["interactive"],
+            warning=f"Backup {checked.restored_from.name} verified ({rows} rows). This REPLACES "
+            f"{live}: {reason}.\nThe current file is kept as a backup first.",
+            cancelled="nothing was restored.",
         )
-        if input(f"    Type the file name '{live.name}' to continue: ") != live.name:
-            raise CommandError(
-                "Cancelled: nothing was restored.", returncode=NotConfirmed.returncode
-            )
 
     def _restore_to_time(self, opts) -> None:
         """Point-in-time restore of the PostgreSQL database through pgBackRest."""
@@ -241,23 +240,18 @@ class Command(BaseCommand):
 
     def _confirm_replace_postgres(self, live: str, opts) -> None:
         """Refuse to replace the live PostgreSQL database unless its name is typed."""
-        try:
-            reason = why_precious(read_state(conf.state_file()), "postgresql")
-        except StateError as exc:
-            raise CommandError(str(exc), returncode=PhaseError.returncode) from exc
+        reason = precious_reason(conf.state_file(), "postgresql")
         if reason is None:
             return  # the application neither runs on it nor is about to
-        if not opts["interactive"]:
-            raise CommandError(
-                f"Refusing to replace database {live} under --noinput: {reason}. Run the "
-                "command at a terminal and type the database name to confirm.",
-                returncode=NotConfirmed.returncode,
-            )
-        self.stdout.write(
-            f"This REPLACES database {live} with its state as of {opts['to_time']}: {reason}; "
-            "writes since then are lost from it.\nThe current database is kept under another name."
+        confirm_by_typing(
+            self.stdout,
+            name=live,
+            kind="database name",
+            refusing=f"Refusing to replace database {live}",
+            reason=reason,
+            interactive=opts["interactive"],
+            warning=f"This REPLACES database {live} with its state as of {opts['to_time']}: "
+            f"{reason}; writes since then are lost from it.\nThe current database is kept "
+            "under another name.",
+            cancelled="nothing was restored.",
         )
-        if input(f"    Type the database name '{live}' to continue: ") != live:
-            raise CommandError(
-                "Cancelled: nothing was restored.", returncode=NotConfirmed.returncode
-            )

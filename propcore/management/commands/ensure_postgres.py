@@ -1,9 +1,8 @@
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from dbmigration.errors import NotConfirmed, PhaseError, TargetError
-from dbmigration.management.runbook import add_noinput
-from dbmigration.state import StateError, read_state, why_precious
+from dbmigration.errors import NotConfirmed, TargetError
+from dbmigration.management.runbook import add_noinput, confirm_by_typing, precious_reason
 from propcore.pgserver import database_name, drop_database, ensure_database, redact_url
 
 
@@ -47,10 +46,7 @@ class Command(BaseCommand):
 
     def _confirm_drop(self, url: str, *, allowed: bool, interactive: bool) -> None:
         """Refuse to drop a database that holds the migration's data, unless typed out."""
-        try:
-            reason = why_precious(read_state(settings.STATE_FILE), "postgresql")
-        except StateError as exc:
-            raise CommandError(str(exc), returncode=PhaseError.returncode) from exc
+        reason = precious_reason(settings.STATE_FILE, "postgresql")
         if reason is None:
             return
         name = database_name(url)
@@ -60,17 +56,15 @@ class Command(BaseCommand):
                 "ensure_postgres --recreate --drop-live-database and type its name.",
                 returncode=NotConfirmed.returncode,
             )
-        if not interactive:
-            raise CommandError(
-                f"Refusing to drop database '{name}' under --noinput: {reason}. Run the command "
-                "at a terminal and type the database name to confirm.",
-                returncode=NotConfirmed.returncode,
-            )
-        self.stdout.write(
-            f"This DROPS database '{name}' at {redact_url(url)} and creates it empty: {reason}.\n"
-            "Nothing is backed up first (db_backup --backend postgresql does that)."
+        confirm_by_typing(
+            self.stdout,
+            name=name,
+            kind="database name",
+            refusing=f"Refusing to drop database '{name}'",
+            reason=reason,
+            interactive=interactive,
+            warning=f"This DROPS database '{name}' at {redact_url(url)} and creates it empty: "
+            f"{reason}.\nNothing is backed up first (db_backup --backend postgresql does that).",
+            to="drop it",
+            cancelled="nothing was dropped.",
         )
-        if input(f"    Type the database name '{name}' to drop it: ") != name:
-            raise CommandError(
-                "Cancelled: nothing was dropped.", returncode=NotConfirmed.returncode
-            )
