@@ -243,8 +243,8 @@ def _rowid_halves(sqlite_path: Path, table: PlannedTable) -> list[str]:
     return [f" WHERE rowid <= {middle}", f" WHERE rowid > {middle}"]
 
 
-ROW_CHUNK_BUCKETS = 64  # integer ranges hashed row by row at once (bounded memory)
-ROW_CHUNK_PREFIXES = 256  # UUID prefixes at once: about 1/16 of the table
+ROW_CHUNK_BUCKETS = 16  # integer ranges hashed row by row at once (bounded memory)
+ROW_CHUNK_PREFIXES = 64  # UUID prefixes at once: 1/64 of the table
 
 
 def row_diff(
