@@ -479,6 +479,31 @@ class PeakConnections(threading.Thread):
                 self.peak = max(self.peak, count)
 
 
+def warm_caches(p_port: int, s_port: int) -> None:
+    """Read every table and index of the app into the OS cache on both servers.
+
+    Without it the first mode measured after a start pays the cold cache, and the standby
+    (its own copy of the files) starts cold while the primary is warm from the build.
+    """
+    with psycopg.connect(url(p_port), autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_prewarm")
+        lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+    with psycopg.connect(url(s_port), autocommit=True) as conn:
+        for _ in range(600):  # the extension must have replayed on the standby
+            if conn.execute("SELECT pg_last_wal_replay_lsn() >= %s", [lsn]).fetchone()[0]:
+                break
+            time.sleep(0.1)
+    for port in (p_port, s_port):
+        with psycopg.connect(url(port), autocommit=True) as conn:
+            pages = conn.execute(
+                "SELECT coalesce(sum(pg_prewarm(c.oid::regclass, 'read')), 0) FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public' "
+                "AND c.relkind IN ('r', 'i') "
+                "AND (c.relname LIKE 'accounts%%' OR c.relname LIKE 'django_session%%')"
+            ).fetchone()[0]
+        say(f"  warmed {pages * 8 // 1024:,} MB on port {port}")
+
+
 def hot_statements(p_port: int, limit: int = 6) -> list[dict]:
     with psycopg.connect(url(p_port), autocommit=True) as conn:
         rows = conn.execute(
@@ -685,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
             start_pair(root, p_port, s_port)
             migrate(p_port)
         sessions = make_sessions(p_port, args.users)
+        warm_caches(p_port, s_port)
         by_mode: dict[str, list[dict]] = {m: [] for m in modes}
         for round_ in range(args.repeat):
             for mode in modes:  # modes alternate, so machine noise falls on each
