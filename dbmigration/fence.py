@@ -511,7 +511,7 @@ def start_change_log(alias: str, tables: Iterable[tuple[str, str]], *, lock_time
 
     A table a transaction holds past lock_timeout is not logged (returned in ``not_logged``):
     the rollback then compares it in full under its freeze, rather than end that session."""
-    from django.db import OperationalError, connections
+    from django.db import OperationalError, connections, transaction
 
     tables = list(tables)
     not_logged = []
@@ -519,7 +519,8 @@ def start_change_log(alias: str, tables: Iterable[tuple[str, str]], *, lock_time
     drop_change_log(alias)  # a killed rollback's log: its keys mean nothing now
     with connections[alias].cursor() as cur:
         cur.execute(f"CREATE SCHEMA {LOG_SCHEMA}")
-        cur.execute(f"CREATE TABLE {LOG_TABLE} (tbl text NOT NULL, pk text NOT NULL)")
+        # pk NULL: the table was truncated (a statement trigger), so it is compared in full
+        cur.execute(f"CREATE TABLE {LOG_TABLE} (tbl text NOT NULL, pk text)")
         cur.execute(f"CREATE INDEX ON {LOG_TABLE} (tbl, pk)")
         # SECURITY DEFINER: the application's role writes the log without a grant on it
         cur.execute(
@@ -536,11 +537,17 @@ def start_change_log(alias: str, tables: Iterable[tuple[str, str]], *, lock_time
             # one table per statement (autocommit): no lock held while waiting for another
             for table, key in tables:
                 try:
-                    cur.execute(
-                        f"CREATE TRIGGER {LOG_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON "
-                        f"{_qi(table)} FOR EACH ROW EXECUTE FUNCTION "
-                        f"{LOG_FUNCTION}({_literal(key)})"
-                    )
+                    with transaction.atomic(using=alias):  # both triggers or neither
+                        cur.execute(
+                            f"CREATE TRIGGER {LOG_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON "
+                            f"{_qi(table)} FOR EACH ROW EXECUTE FUNCTION "
+                            f"{LOG_FUNCTION}({_literal(key)})"
+                        )
+                        cur.execute(
+                            f"CREATE TRIGGER {LOG_TRIGGER}_truncate AFTER TRUNCATE ON "
+                            f"{_qi(table)} FOR EACH STATEMENT EXECUTE FUNCTION "
+                            f"{LOG_FUNCTION}({_literal(key)})"
+                        )
                 except OperationalError as exc:
                     if _sqlstate(exc) != LOCK_NOT_AVAILABLE:
                         raise
@@ -552,6 +559,12 @@ def start_change_log(alias: str, tables: Iterable[tuple[str, str]], *, lock_time
         "not_logged": not_logged,
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def truncated_tables(cur) -> set[str]:
+    """The tables TRUNCATEd since the log began (no row keys: compare them in full)."""
+    cur.execute(f"SELECT DISTINCT tbl FROM {LOG_TABLE} WHERE pk IS NULL")
+    return {row[0] for row in cur.fetchall()}
 
 
 def read_change_log(cur) -> dict[str, set[str]]:

@@ -40,8 +40,10 @@ Why the freeze holds only what changed during the rollback (issue 16):
 7. Only then does the state flip back to SQLite; the change log is dropped; PostgreSQL
    keeps its fence unless the rollback failed.
 
-Not covered: a process writing the rollback's private working copy between 4 and 6, or
-TRUNCATE on PostgreSQL (the log has no statement trigger; the fence refuses it at 5).
+A TRUNCATE logs no row: a statement trigger logs the table instead (a NULL key), and the
+frozen stage compares that table in full.
+
+Not covered: a process writing the rollback's private working copy between 4 and 6.
 """
 
 from __future__ import annotations
@@ -811,6 +813,7 @@ def _frozen_stage(
         fz.pause_point("rollback_catch_up")
         with connections[PG_ALIAS].cursor() as cur:
             logged = fence.read_change_log(cur)  # fenced and drained: nothing more comes
+            full = full | fence.truncated_tables(cur)  # their rows went without a key logged
         then = {
             t.db_table: (
                 find_changes(t, source=PG, target=Side(sqlite_path=copy))

@@ -578,6 +578,27 @@ def test_deletes_in_stage_1_and_at_the_freeze_and_an_update_at_the_freeze_all_ar
         assert cursor.fetchone()[0] is None
 
 
+def test_a_table_truncated_on_postgresql_before_the_freeze_is_emptied_in_sqlite(state_file):
+    org, users = seed_both()
+    write_state(state_file, MigrationState(phase="switched", active_backend="postgresql"))
+    write_on_postgresql(org, users)
+    assert LoginEvent.objects.using("postgresql").exists()
+
+    def operator_truncates(message):
+        if message == "write freeze on":  # after the unlogged rows were summed, before the fence
+            with connections["postgresql"].cursor() as cursor:
+                cursor.execute("TRUNCATE accounts_loginevent")
+
+    result = rollback.rollback_to_sqlite(
+        state_file=state_file, drain_seconds=0, progress=operator_truncates
+    )
+    assert result.state.active_backend == "sqlite"
+    assert not LoginEvent.objects.using("sqlite").exists()
+    assert_same_everywhere()
+    steps = {s["name"]: s for s in json.loads(result.report_path.read_text())["steps"]}
+    assert "accounts_loginevent" in steps["verify"]["details"]["tables_compared_in_full"]
+
+
 def corrupt(sql: str) -> None:
     conn = sqlite3.connect(live_copy())
     conn.execute(sql)
