@@ -6,13 +6,20 @@ the key of every row written from then on: fence.start_sqlite_change_log), snaps
 range checksums.  This is the slow part (a full scan of both sides), so it happens before
 the freeze.  Every row that differs between the live file and the snapshot was written
 after the snapshot, so after the log began: its key is logged.
-Stage 2, frozen: take SQLite's write lock (the drain: see fence.py), compare the logged rows
-of the live file with the snapshot's inside SQLite (exact stored values, C speed), write
-only those that changed to PostgreSQL with the copy's own conversion, verify (every
-table's count, every changed row's digest, deletions, foreign keys, sequences, migrations),
-fence SQLite in the same transaction as the lock (which drops the log), flip the active
-backend, lift the freeze.  Without a log (SQLite's write lock stayed busy for 2 s when it
-was to begin) the catch-up compares every row, as before.
+Stage 1b, writes still going on: a second snapshot; the rows its log names are compared
+with the first snapshot, written to PostgreSQL and verified, exactly as stage 2 does.  The
+log's rowids follow the commits (one writer at a time, append only), so the second
+snapshot's last entry (the watermark) divides the writes it holds from the later ones.
+Stage 2, frozen: take SQLite's write lock (the drain: see fence.py), compare the rows logged
+after the watermark in the live file with the second snapshot's inside SQLite (exact stored
+values, C speed), write only those that changed to PostgreSQL with the copy's own
+conversion, verify (every table's count, every changed row's digest, deletions, foreign
+keys, sequences, migrations), fence SQLite in the same transaction as the lock (which drops
+the log), flip the active backend, lift the freeze.  So the freeze holds what was written
+since the second snapshot, not what stage 1 took to sync.  Materialized views are refreshed
+after the freeze (derived data: they lag the last rows for that moment).
+Without a log (SQLite's write lock stayed busy for 2 s when it was to begin) there is no
+stage 1b and the frozen catch-up compares every row, as before.
 The lock and the freeze are released in a ``finally``: whatever fails, the application goes
 on writing to SQLite with the state file untouched (it is written only as the last step,
 atomically) and no fence left behind.
@@ -45,6 +52,7 @@ SWITCH_STEPS = (
     "check that migrate_data finished and verified",
     "log the keys of the rows SQLite writes from now on (triggers); snapshot SQLite; "
     "migrate_data --sync from the snapshot; verify all tables (writes go on)",
+    "a second snapshot; carry and verify the rows logged since the first (writes go on)",
     "write freeze on (writes answer 503, reads go on)",
     "drain: take SQLite's write lock (transactions in flight commit first; nothing commits after)",
     "final catch-up, under the lock: the logged rows that changed since the snapshot",
@@ -249,12 +257,15 @@ def _qi(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _read_log(sqlite_path: Path) -> dict[str, list]:
+def _read_log(sqlite_path: Path, *, after: int = 0) -> tuple[dict[str, list], int]:
+    """The keys logged in this file after entry ``after``, and its last entry."""
     from dbmigration.sqlite_source import open_readonly
 
     conn = open_readonly(sqlite_path)
     try:
-        return fence.read_sqlite_change_log(conn)
+        conn.execute("BEGIN")  # one read: the keys and the watermark agree
+        logged = fence.read_sqlite_change_log(conn, after=after)
+        return logged, fence.sqlite_log_watermark(conn)
     finally:
         conn.close()
 
@@ -278,8 +289,12 @@ def apply_source_changes(
     plan,
     progress: Progress,
     rows_progress: RowsProgress = None,
+    refresh_views: bool = True,
 ) -> dict:
-    """Write the changed rows to PostgreSQL in one transaction, converted as migrate_data does."""
+    """Write the changed rows to PostgreSQL in one transaction, converted as migrate_data does.
+
+    refresh_views=False leaves the materialized views to the caller (the switch refreshes
+    them after its freeze: they are derived data, not writes)."""
     import psycopg
     from django.core.management.color import no_style
     from django.db import DatabaseError, transaction
@@ -287,7 +302,13 @@ def apply_source_changes(
     from dbmigration.rejections import RowConverter, RowRejected, refused_row
     from dbmigration.source_scan import plan_targets
     from dbmigration.sqlite_source import open_readonly
-    from dbmigration.sync import ApplyResult, CopyWriter, TableDiff, apply_changes
+    from dbmigration.sync import (
+        ApplyResult,
+        CopyWriter,
+        TableDiff,
+        apply_changes,
+        refresh_materialized_views,
+    )
 
     pg, lite = connections["postgresql"], connections["sqlite"]
     by_table = {c.table: c for c in changes}
@@ -345,10 +366,9 @@ def apply_source_changes(
                     report()
             for statement in pg.ops.sequence_reset_sql(no_style(), plan.models):
                 cur.execute(statement)
-        with pg.cursor() as cur:
-            cur.execute("SELECT schemaname, matviewname FROM pg_matviews WHERE ispopulated")
-            for schema, view in cur.fetchall():
-                cur.execute(f"REFRESH MATERIALIZED VIEW {_qi(schema)}.{_qi(view)}")
+        if refresh_views:
+            with pg.cursor() as cur:
+                refresh_materialized_views(cur)
     except (psycopg.Error, DatabaseError) as exc:
         if postgres_lost(exc) is not None:
             raise
@@ -551,7 +571,13 @@ def switch_to_postgresql(
         read_state(state_file).extra.get("target"),
         conninfo_from_settings(connections.settings["postgresql"]),
     )
-    from dbmigration.sqlite_source import remove_copy, remove_leftover_copies, temp_copy_path
+    from dbmigration.sqlite_source import (
+        remove_copy,
+        remove_leftover_copies,
+        snapshot_to,
+        temp_copy_path,
+    )
+    from dbmigration.sync import refresh_materialized_views
 
     tables = build_plan()
     note = progress or (lambda message: None)
@@ -564,6 +590,8 @@ def switch_to_postgresql(
     flag = fz.freeze_path_for(state_file)
     run.facts["leftovers_removed"] = remove_leftover_copies(sqlite_path)  # of killed runs
     snapshot = temp_copy_path(sqlite_path, "cutover")
+    copies = [snapshot]  # removed at the end, whatever happens
+    watermark = 0  # the change log's last entry the snapshot holds
     freeze = None
     lock: fence.SqliteWriteLock | None = None
     frozen_for = 0.0
@@ -607,6 +635,34 @@ def switch_to_postgresql(
                 "verified_tables": len(checked.tables),
                 "verified_rows": sum(t.target_rows for t in checked.tables),
             }
+        covered = {t.db_table for t in tables.tables if not t.composite} if logging else set()
+        if logging:
+            with run.step("catch_up_unfrozen") as step:
+                # writes go on: carry what changed during stage 1 from a second snapshot, so
+                # the freeze holds only what is written from that snapshot on
+                note("stage 1b (writes go on): carry the rows changed since the snapshot")
+                second = temp_copy_path(sqlite_path, "cutover")
+                copies.append(second)
+                snapshot_to(sqlite_path, second)
+                logged, second_watermark = _read_log(second)
+                changes = source_changes(
+                    sqlite_path=second, snapshot=snapshot, plan=tables, logged=logged,
+                    covered=covered,
+                )  # fmt: skip
+                carried = apply_source_changes(
+                    sqlite_path=second, changes=changes, plan=tables, progress=note,
+                    rows_progress=rows_progress,
+                )  # fmt: skip
+                checked_rows = verify_source_changes(
+                    sqlite_path=second, changes=changes, plan=tables, covered=covered
+                )
+                snapshot, watermark = second, second_watermark
+                step.details = {
+                    **carried,
+                    "keys_logged": sum(map(len, logged.values())),
+                    "verified": checked_rows,
+                }
+                note(f"stage 1b: carried {carried['rows_written']} rows")
         with run.step("write_freeze_on") as step:
             freeze = fz.freeze_on(
                 flag,
@@ -627,9 +683,9 @@ def switch_to_postgresql(
             fz.pause_point("switch_catch_up")
             note("stage 2 (frozen): final catch-up of what changed since the snapshot")
             found = time.perf_counter()
-            # the lock is held: nothing more is written
-            logged = _read_log(sqlite_path) if logging else None
-            covered = {t.db_table for t in tables.tables if not t.composite} if logging else set()
+            # the lock is held: nothing more is written; what the snapshot holds is on
+            # PostgreSQL, so only the keys logged after it are compared
+            logged = _read_log(sqlite_path, after=watermark)[0] if logging else None
             changes = source_changes(
                 sqlite_path=sqlite_path,
                 snapshot=snapshot,
@@ -644,6 +700,7 @@ def switch_to_postgresql(
                 plan=tables,
                 progress=note,
                 rows_progress=rows_progress,
+                refresh_views=False,  # after the freeze
             )
             step.details = {**caught_up, "find_seconds": found}
             step.details["keys_logged"] = sum(map(len, (logged or {}).values()))
@@ -705,7 +762,8 @@ def switch_to_postgresql(
                 fence.stop_sqlite_change_log(sqlite_path)
             except Exception as exc:  # the next switch or the fence drops it
                 run.facts["change_log_left"] = str(exc)
-        remove_copy(snapshot)
+        for copy in copies:
+            remove_copy(copy)
         if freeze is not None:
             frozen_for = fz.freeze_off(flag, freeze) or 0.0
             note(f"write freeze off after {frozen_for:.2f} s")
@@ -714,6 +772,12 @@ def switch_to_postgresql(
         if run.status == "running" and "error" in run.facts:
             run.finish("failed")
     run.facts["active_backend"] = "postgresql"
+    try:  # derived data, refreshed after the freeze: the views lag its last rows for a moment
+        with connections["postgresql"].cursor() as cur:
+            run.facts["views_refreshed"] = refresh_materialized_views(cur)
+    except Exception as exc:  # noqa: BLE001 the switch stands; refresh_analytics redoes it
+        run.facts["views_not_refreshed"] = error_text(exc)
+        note(f"materialized views not refreshed ({error_text(exc)}): run refresh_analytics")
     run.facts["refills"] = refill_reminders(state="was not copied to PostgreSQL")
     report_path = run.finish("ok")
     return SwitchResult(

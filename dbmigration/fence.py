@@ -199,12 +199,22 @@ def start_sqlite_change_log(
         conn.close()
 
 
-def read_sqlite_change_log(conn: sqlite3.Connection) -> dict[str, list]:
-    """The keys (as stored) logged so far, per table."""
+def read_sqlite_change_log(conn: sqlite3.Connection, *, after: int = 0) -> dict[str, list]:
+    """The keys (as stored) logged so far, per table; with after, only those logged later.
+
+    The log is only ever appended to by one writer at a time, so its rowids follow the
+    order of the commits: an entry past ``sqlite_log_watermark()`` of a snapshot was written
+    after that snapshot."""
     found: dict[str, list] = {}
-    for table, key in conn.execute(f"SELECT DISTINCT tbl, k FROM {SQLITE_LOG_TABLE}"):
+    query = f"SELECT DISTINCT tbl, k FROM {SQLITE_LOG_TABLE} WHERE rowid > ?"
+    for table, key in conn.execute(query, [after]):
         found.setdefault(table, []).append(key)
     return found
+
+
+def sqlite_log_watermark(conn: sqlite3.Connection) -> int:
+    """The last entry of the change log as this connection sees it (0: none)."""
+    return conn.execute(f"SELECT coalesce(max(rowid), 0) FROM {SQLITE_LOG_TABLE}").fetchone()[0]
 
 
 def stop_sqlite_change_log(path: Path, *, timeout: float = 20.0) -> bool:

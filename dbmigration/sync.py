@@ -362,9 +362,7 @@ def sync_to_postgresql(
         sink.close()
         result.reject_file = reject_file
     with connections[alias].cursor() as cur:
-        cur.execute("SELECT schemaname, matviewname FROM pg_matviews WHERE ispopulated")
-        for schema, view in cur.fetchall():
-            cur.execute(f"REFRESH MATERIALIZED VIEW {qi(schema)}.{qi(view)}")
+        refresh_materialized_views(cur)
     marks = read_marks(state_file)
     done = dict(marks.get("done", {}))
     for table, diff in zip(plan.tables, diffs, strict=True):
@@ -493,3 +491,12 @@ class _SyncRejected(Exception):
     def __init__(self, rows: list[RejectedRow]):
         super().__init__(rows[0].reason)
         self.rows = rows
+
+
+def refresh_materialized_views(cur) -> list[str]:
+    """Refresh every populated materialized view (derived from the rows just written)."""
+    cur.execute("SELECT schemaname, matviewname FROM pg_matviews WHERE ispopulated")
+    views = [f"{qi(schema)}.{qi(view)}" for schema, view in cur.fetchall()]
+    for view in views:
+        cur.execute(f"REFRESH MATERIALIZED VIEW {view}")
+    return views

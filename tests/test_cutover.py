@@ -239,36 +239,50 @@ def writes_on_sqlite(org, users):
 def test_switch_catches_up_verifies_and_flips(state_file, migrated, settings):
     org, users = migrated
     early = User.objects.db_manager("sqlite").create_user("early@example.ie", "pw")
-    late = []
+    late, last = [], []
 
     def app_writes_during_stage_1(message):
-        # after the snapshot, before the freeze: only the frozen catch-up can carry these
+        # after the first snapshot: the unfrozen second pass (stage 1b) carries these
         if message.startswith("pre-sync:") and not late:
             late.append(writes_on_sqlite(org, users))
+        # after the second snapshot, before the freeze: only the frozen catch-up can
+        if message.startswith("stage 1b: carried") and not last:
+            last.append(User.objects.db_manager("sqlite").create_user("last@example.ie", "pw"))
+            User.all_objects.using("sqlite").filter(pk=users[1].pk).update(last_name="Ní Bhriain")
+            # a row stage 1b carried, written again: logged again, past the watermark
+            User.all_objects.using("sqlite").filter(pk=users[0].pk).update(first_name="Siobhán")
 
     result = cutover.switch_to_postgresql(drain_seconds=0, progress=app_writes_during_stage_1)
     state = read_state(state_file)
     assert (state.phase, state.active_backend) == ("switched", "postgresql")
     assert not fz.freeze_path_for(state_file).exists()
-    for user in (early, late[0]):
+    for user in (early, late[0], last[0]):
         assert User.objects.using("postgresql").get(pk=user.pk).email == user.email
     assert User.all_objects.using("postgresql").get(pk=users[0].pk).last_name == "Ó Briain"
+    assert User.all_objects.using("postgresql").get(pk=users[1].pk).last_name == "Ní Bhriain"
+    assert User.all_objects.using("postgresql").get(pk=users[0].pk).first_name == "Siobhán"
     assert not LoginEvent.objects.using("postgresql").filter(pk=3).exists()
     report = json.loads(result.report_path.read_text())
     assert report["status"] == "ok"
     assert 0 < report["facts"]["write_freeze_seconds"] < 30
     steps = {s["name"]: s for s in report["steps"]}
     assert steps["presync"]["details"]["changed"] == 2  # the early user and its audit entry
+    unfrozen = steps["catch_up_unfrozen"]["details"]["tables"]
+    assert unfrozen["accounts_user"] == [1, 1, 0] and unfrozen["accounts_loginevent"] == [0, 0, 1]
+    assert unfrozen["auditlog_logentry"] == [2, 0, 0]  # the audit trail of the late writes
+    # frozen: only what was written after the second snapshot (a user made, two updated in
+    # bulk: the updates have no audit entry, the creation one)
     tables = steps["catch_up"]["details"]["tables"]
-    assert tables["accounts_user"] == [1, 1, 0] and tables["accounts_loginevent"] == [0, 0, 1]
-    assert tables["auditlog_logentry"] == [2, 0, 0]  # the audit trail of the late writes
+    assert tables["accounts_user"] == [1, 2, 0] and "accounts_loginevent" not in tables
+    assert tables["auditlog_logentry"] == [1, 0, 0]
     assert steps["verify"]["details"]["changed_rows_compared"] == 4
     assert steps["verify"]["details"]["ok"] is True
     # the frozen catch-up compared the logged rows only, and the fence dropped the log
     assert steps["change_log"]["details"] == {"logging": True}
     composite = [t for t in build_plan().tables if t.composite]
     assert steps["verify"]["details"]["tables_counted"] == len(composite)  # others: logged
-    assert 4 <= steps["catch_up"]["details"]["keys_logged"] < 20
+    assert 4 <= steps["catch_up_unfrozen"]["details"]["keys_logged"] < 20
+    assert steps["catch_up"]["details"]["keys_logged"] == 4  # past the second snapshot only
     assert not sqlite_log_objects()
 
 
@@ -330,8 +344,8 @@ def test_the_switch_shows_the_catch_ups_rows_carried_and_rate(
     assert late and read_state(state_file).active_backend == "postgresql"
     # 1 + 1 users, 2 audit entries written, 1 login event deleted: 5 rows carried
     lines = [line for line in out.splitlines() if line.startswith("catch-up: rows ")]
-    assert lines[0].startswith("catch-up: rows 0/5"), out
-    assert lines[-1].startswith("catch-up: rows 5/5 (") and " rows/s" in lines[-1], out
+    assert lines[0].startswith("catch-up: rows 0/5"), out  # stage 1b carries them
+    assert any(line.startswith("catch-up: rows 5/5 (") and " rows/s" in line for line in lines)
 
 
 @pytest.mark.django_db(databases="__all__", transaction=True)
@@ -340,9 +354,9 @@ def test_interrupted_switch_stays_on_sqlite_and_loses_nothing(state_file, migrat
     late = []
 
     def killed(message):
-        if message.startswith("pre-sync:") and not late:
-            late.append(writes_on_sqlite(org, users))  # after the snapshot
-        if message.startswith("catch-up: accounts_user"):
+        if message.startswith("stage 1b: carried") and not late:
+            late.append(writes_on_sqlite(org, users))  # after the second snapshot
+        if message.startswith("catch-up: accounts_user") and late:
             raise KeyboardInterrupt  # Ctrl-C in the middle of the frozen catch-up
 
     with pytest.raises(KeyboardInterrupt):
