@@ -108,9 +108,12 @@ def test_switch_catch_up_gives_one_line_and_stays_on_sqlite(state_file, cut):
     seed_both()
     write_state(state_file, migrated_state())
 
+    frozen = []
+
     def progress(message: str) -> None:
-        if message.startswith("catch-up: accounts_user"):
-            cut()
+        frozen.append(message == "write freeze on" or bool(frozen and frozen[-1]))
+        if frozen[-1] and message.startswith("catch-up: accounts_user"):
+            cut()  # in the frozen catch-up, not stage 1b's
 
     with pytest.raises(TargetError) as exc:
         cutover.switch_to_postgresql(drain_seconds=0, progress=progress)
