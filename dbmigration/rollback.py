@@ -566,6 +566,7 @@ def rollback_to_sqlite(
     freeze = None
     pg_fenced = False
     frozen_for = 0.0
+    clean_up_after_freeze: Path | None = None
     run.facts.update(phase_before=state.phase, active_before=state.active_backend)
     run.facts.update(took_over_freeze=took_over, leftovers_removed=leftovers)
     try:
@@ -634,12 +635,13 @@ def rollback_to_sqlite(
                     run, state_file, sqlite_path, copy, build_plan(),
                     discard_postgres_writes, hold_freeze, note, backup_file,
                 )  # fmt: skip
-            finally:
-                remove_copy(copy)
-                try:  # the log's triggers cost every write on PostgreSQL: gone at once
-                    fence.drop_change_log(PG_ALIAS)
-                except Exception as exc:  # PostgreSQL lost: the next runbook step drops it
-                    run.facts["change_log_left"] = str(exc)
+            except BaseException:
+                # PostgreSQL takes writes again: the log's triggers go before the freeze lifts
+                _remove_working_files(copy, run)
+                raise
+            # done: SQLite is live and PostgreSQL fenced, so they go after the freeze lifts
+            # (at 1M users unlinking the copy and dropping the log's triggers took ~5 s)
+            clean_up_after_freeze = copy
             if pg_fenced:  # SQLite is live: the fence on PostgreSQL outlives this command
                 with run.step("keep_postgresql_fence") as step:
                     try:
@@ -684,6 +686,8 @@ def rollback_to_sqlite(
         run.facts["seconds"] = round(time.perf_counter() - start, 3)
         if "error" in run.facts:
             run.finish("failed")
+    if clean_up_after_freeze is not None:
+        _remove_working_files(clean_up_after_freeze, run)
     refills = []
     if was_switched:  # SQLite's copies of the skipped models predate the switch
         refills = refill_reminders(state="was not carried back: SQLite holds its rows from before")
@@ -788,6 +792,15 @@ def _carry_back(run, state_file, sqlite_path, copy, plan, discard, hold_freeze, 
             except Exception as exc:  # noqa: BLE001 said in the report; a rerun still works
                 run.facts["live_file_restore_failed"] = str(exc)
         raise
+
+
+def _remove_working_files(copy: Path, run) -> None:
+    """Delete the rollback's working copy and its change log on PostgreSQL."""
+    remove_copy(copy)
+    try:  # the log's triggers cost every write on PostgreSQL
+        fence.drop_change_log(PG_ALIAS)
+    except Exception as exc:  # PostgreSQL lost: the next runbook step drops it
+        run.facts["change_log_left"] = str(exc)
 
 
 def _backup_database(info) -> Path | None:
