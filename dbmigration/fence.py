@@ -510,9 +510,11 @@ def lift_postgres_fence(alias: str) -> bool:
 # write the log misses committed before the log began on that table: a snapshot taken after
 # start_change_log returns sees it.  Its own schema: never mistaken for the application's data.
 
-LOG_SCHEMA = "propcore_rollback"
-LOG_TABLE = f"{LOG_SCHEMA}.changes"
-LOG_FUNCTION = f"{LOG_SCHEMA}.log_change"
+# In the application's schema beside the fence, under its own prefix: the runbook's role
+# owns the tables and may create in their schema, but not a schema of its own (CREATE on the
+# database is not granted: db_roles).
+LOG_TABLE = "propcore_rollback_changes"
+LOG_FUNCTION = "propcore_rollback_log_change"
 LOG_TRIGGER = "propcore_rollback_log"
 
 
@@ -528,7 +530,8 @@ def start_change_log(alias: str, tables: Iterable[tuple[str, str]], *, lock_time
     started = time.perf_counter()
     drop_change_log(alias)  # a killed rollback's log: its keys mean nothing now
     with connections[alias].cursor() as cur:
-        cur.execute(f"CREATE SCHEMA {LOG_SCHEMA}")
+        cur.execute("SELECT current_schema()")
+        log_table = f"{_qi(cur.fetchone()[0])}.{LOG_TABLE}"  # the function's search_path is empty
         # pk NULL: the table was truncated (a statement trigger), so it is compared in full
         cur.execute(f"CREATE TABLE {LOG_TABLE} (tbl text NOT NULL, pk text)")
         cur.execute(f"CREATE INDEX ON {LOG_TABLE} (tbl, pk)")
@@ -536,9 +539,9 @@ def start_change_log(alias: str, tables: Iterable[tuple[str, str]], *, lock_time
         cur.execute(
             f"CREATE FUNCTION {LOG_FUNCTION}() RETURNS trigger LANGUAGE plpgsql "
             "SECURITY DEFINER SET search_path = pg_catalog AS $$BEGIN "
-            f"IF TG_OP <> 'INSERT' THEN INSERT INTO {LOG_TABLE} "
+            f"IF TG_OP <> 'INSERT' THEN INSERT INTO {log_table} "
             "VALUES (TG_TABLE_NAME, to_jsonb(OLD) ->> TG_ARGV[0]); END IF; "
-            f"IF TG_OP <> 'DELETE' THEN INSERT INTO {LOG_TABLE} "
+            f"IF TG_OP <> 'DELETE' THEN INSERT INTO {log_table} "
             "VALUES (TG_TABLE_NAME, to_jsonb(NEW) ->> TG_ARGV[0]); END IF; "
             "RETURN NULL; END$$"
         )
@@ -587,14 +590,18 @@ def read_change_log(cur) -> dict[str, set[str]]:
 
 
 def drop_change_log(alias: str) -> bool:
-    """Remove the change log (schema, table, function and every trigger calling it)."""
+    """Remove the change log (table, function and every trigger calling it)."""
     from django.db import connections
 
     with connections[alias].cursor() as cur:
-        cur.execute("SELECT to_regnamespace(%s) IS NOT NULL", [LOG_SCHEMA])
+        cur.execute(
+            "SELECT to_regproc(%s) IS NOT NULL OR to_regclass(%s) IS NOT NULL",
+            [LOG_FUNCTION, LOG_TABLE],
+        )
         had = cur.fetchone()[0]
         if had:
-            cur.execute(f"DROP SCHEMA {LOG_SCHEMA} CASCADE")
+            cur.execute(f"DROP FUNCTION IF EXISTS {LOG_FUNCTION}() CASCADE")  # and its triggers
+            cur.execute(f"DROP TABLE IF EXISTS {LOG_TABLE}")
     return bool(had)
 
 

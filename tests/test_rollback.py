@@ -574,7 +574,7 @@ def test_deletes_in_stage_1_and_at_the_freeze_and_an_update_at_the_freeze_all_ar
     assert steps["catch_up"]["details"]["accounts_user"] == [0, 1, 0]
     assert fence.postgres_fence(pg) is not None  # the fence stays, the change log is gone
     with connections[pg].cursor() as cursor:
-        cursor.execute("SELECT to_regnamespace(%s)", [fence.LOG_SCHEMA])
+        cursor.execute("SELECT to_regclass(%s)", [fence.LOG_TABLE])
         assert cursor.fetchone()[0] is None
 
 
